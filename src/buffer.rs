@@ -1,0 +1,428 @@
+//! The trace buffer: spans held by trace id until their trace is decided, sharded so that
+//! receivers never take a global lock, plus the cache of recent decisions for late spans.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::otlp::TraceId;
+use crate::otlp::reframe::HeldSpan;
+use crate::otlp::tracestate::Threshold;
+use crate::sampler::{Decision, Sampler, TraceSummary};
+
+/// Number of shards; a power of two well above the core count so that receivers and the
+/// decision sweep rarely meet on one lock.
+const SHARDS: usize = 64;
+
+/// Why a trace was decided when it was; the sweep, eviction and shutdown each say which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecideReason {
+    /// `decision_wait` after the first span, or `root_grace` after the root span.
+    Deadline,
+    /// The buffer was full (`max_traces`): the oldest trace was decided early.
+    Pressure,
+    Shutdown,
+}
+
+/// A trace whose decision was just made, with its spans.
+#[derive(Debug)]
+pub struct DecidedTrace {
+    pub trace_id: TraceId,
+    pub decision: Decision,
+    pub spans: Vec<HeldSpan>,
+    pub bytes: usize,
+    /// First span → decision.
+    pub delay: Duration,
+    pub reason: DecideReason,
+}
+
+/// A remembered decision, packed into 8 bytes: the threshold, and bit 63 for "kept".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedDecision(u64);
+
+const KEPT_BIT: u64 = 1 << 63;
+
+impl CachedDecision {
+    fn new(d: &Decision) -> Self {
+        CachedDecision(d.threshold.value() | if d.keep { KEPT_BIT } else { 0 })
+    }
+
+    pub fn keep(self) -> bool {
+        self.0 & KEPT_BIT != 0
+    }
+
+    pub fn threshold(self) -> Threshold {
+        Threshold::from_value(self.0 & !KEPT_BIT)
+    }
+}
+
+/// What happened to a span handed to [`TraceBuffer::add`].
+#[derive(Debug)]
+pub enum Added {
+    /// Held with its trace.
+    Held,
+    /// Its trace was already decided; the span follows that decision.
+    Late(CachedDecision, HeldSpan),
+}
+
+/// Two generations of decisions: when the current one fills, it becomes the previous one
+/// and the old previous is forgotten. Bounded at `capacity` entries, O(1) per operation.
+struct DecisionCache {
+    current: HashMap<TraceId, CachedDecision>,
+    previous: HashMap<TraceId, CachedDecision>,
+    generation_capacity: usize,
+}
+
+impl DecisionCache {
+    fn new(capacity: usize) -> Self {
+        DecisionCache {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            generation_capacity: capacity / 2,
+        }
+    }
+
+    fn get(&self, id: &TraceId) -> Option<CachedDecision> {
+        self.current
+            .get(id)
+            .or_else(|| self.previous.get(id))
+            .copied()
+    }
+
+    fn insert(&mut self, id: TraceId, d: CachedDecision) {
+        if self.generation_capacity == 0 {
+            return;
+        }
+        if self.current.len() >= self.generation_capacity {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(id, d);
+    }
+}
+
+struct TraceEntry {
+    first_seen: Instant,
+    deadline: Instant,
+    summary: TraceSummary,
+    spans: Vec<HeldSpan>,
+    bytes: usize,
+}
+
+struct Shard {
+    traces: HashMap<TraceId, TraceEntry>,
+    /// Deadlines; an entry whose time no longer equals its trace's deadline is stale.
+    deadlines: BinaryHeap<Reverse<(Instant, TraceId)>>,
+    /// Traces in arrival order, for deciding the oldest first under pressure; entries of
+    /// already-decided traces are skipped lazily.
+    arrivals: VecDeque<(Instant, TraceId)>,
+    decided: DecisionCache,
+}
+
+/// Timing and bounds of the buffer.
+#[derive(Debug, Clone)]
+pub struct BufferLimits {
+    pub decision_wait: Duration,
+    pub root_grace: Duration,
+    pub max_traces: usize,
+    pub decision_cache_size: usize,
+}
+
+/// One span's contribution to its trace, from the scanner and the LLM facts.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanSummary {
+    pub trace_id: TraceId,
+    pub is_root: bool,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub error: bool,
+    pub llm_latency_ms: Option<f64>,
+    pub cost_usd: Option<f64>,
+}
+
+pub struct TraceBuffer {
+    shards: Box<[Mutex<Shard>]>,
+    limits: BufferLimits,
+    max_traces_per_shard: usize,
+    sampler: Sampler,
+    /// Held now, for the gauges.
+    traces: AtomicUsize,
+    spans: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl TraceBuffer {
+    pub fn new(limits: BufferLimits, sampler: Sampler) -> TraceBuffer {
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    traces: HashMap::new(),
+                    deadlines: BinaryHeap::new(),
+                    arrivals: VecDeque::new(),
+                    decided: DecisionCache::new(limits.decision_cache_size.div_ceil(SHARDS)),
+                })
+            })
+            .collect();
+        TraceBuffer {
+            shards,
+            max_traces_per_shard: limits.max_traces.div_ceil(SHARDS).max(1),
+            limits,
+            sampler,
+            traces: AtomicUsize::new(0),
+            spans: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    fn shard(&self, id: &TraceId) -> &Mutex<Shard> {
+        &self.shards[(id.shard_key() >> 58) as usize % SHARDS]
+    }
+
+    /// Holds `span` with its trace, or returns the decision its trace already had. Traces
+    /// decided early because the buffer is full are appended to `evicted`.
+    pub fn add(&self, s: SpanSummary, span: HeldSpan, now: Instant, evicted: &mut Vec<DecidedTrace>) -> Added {
+        let mut shard = self.shard(&s.trace_id).lock();
+        if let Some(d) = shard.decided.get(&s.trace_id) {
+            return Added::Late(d, span);
+        }
+        let len = span.bytes.len();
+        let limits = &self.limits;
+        let mut is_new = false;
+        let entry = shard.traces.entry(s.trace_id).or_insert_with(|| {
+            is_new = true;
+            TraceEntry {
+                first_seen: now,
+                deadline: now + limits.decision_wait,
+                summary: TraceSummary::default(),
+                spans: Vec::new(),
+                bytes: 0,
+            }
+        });
+        entry.summary.add_span(s.start_ns, s.end_ns, s.error, s.llm_latency_ms, s.cost_usd);
+        entry.spans.push(span);
+        entry.bytes += len;
+        let mut new_deadline = None;
+        if s.is_root && now + limits.root_grace < entry.deadline {
+            entry.deadline = now + limits.root_grace;
+            new_deadline = Some(entry.deadline);
+        }
+        if is_new {
+            let deadline = entry.deadline;
+            shard.deadlines.push(Reverse((deadline, s.trace_id)));
+            shard.arrivals.push_back((now, s.trace_id));
+            self.traces.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(deadline) = new_deadline {
+            shard.deadlines.push(Reverse((deadline, s.trace_id)));
+        }
+        self.spans.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(len, Ordering::Relaxed);
+        while shard.traces.len() > self.max_traces_per_shard {
+            match self.evict_oldest(&mut shard, now) {
+                Some(decided) => evicted.push(decided),
+                None => break,
+            }
+        }
+        Added::Held
+    }
+
+    fn evict_oldest(&self, shard: &mut Shard, now: Instant) -> Option<DecidedTrace> {
+        while let Some((first_seen, id)) = shard.arrivals.pop_front() {
+            if shard.traces.get(&id).is_some_and(|e| e.first_seen == first_seen) {
+                return Some(self.decide(shard, id, now, DecideReason::Pressure));
+            }
+        }
+        None
+    }
+
+    /// Removes a held trace, decides it and remembers the decision, all under the shard
+    /// lock so a span arriving meanwhile sees either the trace or its decision.
+    fn decide(&self, shard: &mut Shard, id: TraceId, now: Instant, reason: DecideReason) -> DecidedTrace {
+        let entry = shard
+            .traces
+            .remove(&id)
+            .expect("decide is only called for a held trace");
+        let decision = self.sampler.decide(&id, &entry.summary);
+        shard.decided.insert(id, CachedDecision::new(&decision));
+        self.traces.fetch_sub(1, Ordering::Relaxed);
+        self.spans.fetch_sub(entry.spans.len(), Ordering::Relaxed);
+        self.bytes.fetch_sub(entry.bytes, Ordering::Relaxed);
+        DecidedTrace {
+            trace_id: id,
+            decision,
+            bytes: entry.bytes,
+            spans: entry.spans,
+            delay: now.saturating_duration_since(entry.first_seen),
+            reason,
+        }
+    }
+
+    /// Decides every trace whose deadline has passed.
+    pub fn decide_due(&self, now: Instant, out: &mut Vec<DecidedTrace>) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            while let Some(Reverse((deadline, id))) = shard.deadlines.peek().copied() {
+                if deadline > now {
+                    break;
+                }
+                shard.deadlines.pop();
+                if shard.traces.get(&id).is_some_and(|e| e.deadline == deadline) {
+                    out.push(self.decide(&mut shard, id, now, DecideReason::Deadline));
+                }
+            }
+            // Drop arrival records of traces decided by deadline, so the queue stays small.
+            while let Some((first_seen, id)) = shard.arrivals.front().copied() {
+                if shard.traces.get(&id).is_some_and(|e| e.first_seen == first_seen) {
+                    break;
+                }
+                shard.arrivals.pop_front();
+            }
+        }
+    }
+
+    /// Decides every held trace (shutdown).
+    pub fn decide_all(&self, now: Instant, out: &mut Vec<DecidedTrace>) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let ids: Vec<TraceId> = shard.traces.keys().copied().collect();
+            for id in ids {
+                out.push(self.decide(&mut shard, id, now, DecideReason::Shutdown));
+            }
+            shard.deadlines.clear();
+            shard.arrivals.clear();
+        }
+    }
+
+    /// (traces, spans, bytes) held now.
+    pub fn held(&self) -> (usize, usize, usize) {
+        (
+            self.traces.load(Ordering::Relaxed),
+            self.spans.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::otlp::reframe::Origin;
+
+    fn buffer(max_traces: usize, cache: usize) -> TraceBuffer {
+        let cfg = Config::parse("exporter:\n  file:\n    path: x\nsampling:\n  base_rate: 1.0\n").unwrap();
+        TraceBuffer::new(
+            BufferLimits {
+                decision_wait: Duration::from_secs(10),
+                root_grace: Duration::from_secs(1),
+                max_traces,
+                decision_cache_size: cache,
+            },
+            Sampler::new(&cfg.sampling),
+        )
+    }
+
+    fn span() -> HeldSpan {
+        HeldSpan {
+            origin: Arc::new(Origin {
+                resource: Bytes::new(),
+                resource_schema_url: Bytes::new(),
+                scope: Bytes::new(),
+                scope_schema_url: Bytes::new(),
+                service: Arc::from("svc"),
+            }),
+            bytes: Bytes::from_static(b"0123456789"),
+            trace_state: None,
+        }
+    }
+
+    fn summary(id: u8, is_root: bool) -> SpanSummary {
+        SpanSummary {
+            trace_id: TraceId([id; 16]),
+            is_root,
+            start_ns: 0,
+            end_ns: 1,
+            error: false,
+            llm_latency_ms: None,
+            cost_usd: None,
+        }
+    }
+
+    #[test]
+    fn decided_at_decision_wait_or_root_grace() {
+        let b = buffer(1000, 1000);
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        b.add(summary(1, false), span(), t0, &mut ev);
+        b.add(summary(2, false), span(), t0, &mut ev);
+        b.add(summary(2, true), span(), t0 + Duration::from_secs(2), &mut ev);
+        assert_eq!(b.held(), (2, 3, 30));
+        let mut out = Vec::new();
+        b.decide_due(t0 + Duration::from_millis(2999), &mut out);
+        assert!(out.is_empty());
+        b.decide_due(t0 + Duration::from_secs(3), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].trace_id, TraceId([2; 16]));
+        assert_eq!(out[0].spans.len(), 2);
+        assert_eq!(out[0].delay, Duration::from_secs(3));
+        b.decide_due(t0 + Duration::from_secs(10), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(b.held(), (0, 0, 0));
+    }
+
+    #[test]
+    fn late_span_follows_the_cached_decision() {
+        let b = buffer(1000, 1000);
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        b.add(summary(7, true), span(), t0, &mut ev);
+        let mut out = Vec::new();
+        b.decide_due(t0 + Duration::from_secs(1), &mut out);
+        assert!(out[0].decision.keep);
+        match b.add(summary(7, false), span(), t0 + Duration::from_secs(2), &mut ev) {
+            Added::Late(d, _) => {
+                assert!(d.keep());
+                assert_eq!(d.threshold(), Threshold::ALWAYS);
+            }
+            Added::Held => panic!("a span of a decided trace must be late"),
+        }
+    }
+
+    #[test]
+    fn full_buffer_decides_oldest_first_and_never_drops_silently() {
+        // max_traces 1 → one trace per shard; ids 1 and 2 must land in one shard for this
+        // test, so find two ids that share a shard.
+        let b = buffer(1, 1000);
+        let shard_of = |id: u8| (TraceId([id; 16]).shard_key() >> 58) as usize % SHARDS;
+        let first = 1u8;
+        let second = (2..=255).find(|i| shard_of(*i) == shard_of(first)).unwrap();
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        b.add(summary(first, false), span(), t0, &mut ev);
+        b.add(summary(second, false), span(), t0 + Duration::from_millis(1), &mut ev);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].trace_id, TraceId([first; 16]));
+        assert_eq!(ev[0].reason, DecideReason::Pressure);
+        assert_eq!(b.held().0, 1);
+    }
+
+    #[test]
+    fn decision_cache_is_bounded() {
+        let mut c = DecisionCache::new(4);
+        for i in 0..10u8 {
+            c.insert(TraceId([i; 16]), CachedDecision(u64::from(i)));
+        }
+        assert!(c.current.len() + c.previous.len() <= 4);
+        assert!(c.get(&TraceId([9; 16])).is_some());
+        assert!(c.get(&TraceId([0; 16])).is_none());
+    }
+}

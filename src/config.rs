@@ -1,0 +1,889 @@
+//! Configuration: schema with defaults, `${env:…}` substitution, and validation that reports
+//! every problem with its key path and line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use serde_yaml_ng::{Mapping, Value};
+
+use crate::llm::PricingEntry;
+
+/// How many problems one section may report before validation stops repairing it.
+const MAX_PROBLEMS_PER_SECTION: usize = 64;
+
+/// A duration written as `10s`, `500ms`, `2m` (humantime syntax).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration such as \"10s\", \"500ms\" or \"2m\"")
+        })?;
+        humantime::parse_duration(text.trim())
+            .map(Dur)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); use e.g. \"10s\", \"500ms\", \"2m\""
+                ))
+            })
+    }
+}
+
+/// One problem found in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.path, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Config {
+    pub receiver: ReceiverConfig,
+    pub sampling: SamplingConfig,
+    pub exporter: ExporterConfig,
+    pub admin: AdminConfig,
+    pub llm: LlmConfig,
+    /// Longest a graceful shutdown may take to decide and flush everything pending.
+    pub shutdown_timeout: Duration,
+}
+
+// ---------------------------------------------------------------------------- receiver
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiverConfig {
+    pub grpc: GrpcReceiverConfig,
+    /// Accepted for compatibility with the full contract; OTLP/HTTP is not served yet.
+    pub http: Option<HttpReceiverConfig>,
+}
+
+impl Default for ReceiverConfig {
+    fn default() -> Self {
+        ReceiverConfig {
+            grpc: GrpcReceiverConfig::default(),
+            http: None,
+        }
+    }
+}
+
+impl ReceiverConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.grpc.endpoint.parse::<SocketAddr>().is_err() {
+            p.push((
+                "grpc.endpoint".into(),
+                format!("{:?} is not host:port with an IP host, e.g. 0.0.0.0:4317", self.grpc.endpoint),
+            ));
+        }
+        if self.grpc.max_request_bytes < 1024 {
+            p.push(("grpc.max_request_bytes".into(), "must be at least 1024".into()));
+        }
+        if let Some(http) = &self.http
+            && http.endpoint.parse::<SocketAddr>().is_err()
+        {
+            p.push((
+                "http.endpoint".into(),
+                format!("{:?} is not host:port with an IP host, e.g. 0.0.0.0:4318", http.endpoint),
+            ));
+        }
+        p
+    }
+}
+
+/// Default largest accepted gRPC request (after decompression).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcReceiverConfig {
+    pub endpoint: String,
+    /// Requests larger than this (decompressed) are answered RESOURCE_EXHAUSTED.
+    pub max_request_bytes: usize,
+}
+
+impl Default for GrpcReceiverConfig {
+    fn default() -> Self {
+        GrpcReceiverConfig {
+            endpoint: "0.0.0.0:4317".into(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpReceiverConfig {
+    pub endpoint: String,
+}
+
+impl Default for HttpReceiverConfig {
+    fn default() -> Self {
+        HttpReceiverConfig {
+            endpoint: "0.0.0.0:4318".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- sampling
+
+/// Default bound on traces held at once; past it the oldest are decided early.
+pub const DEFAULT_MAX_TRACES: usize = 100_000;
+/// Default number of remembered decisions (about 40 bytes each, so ~40 MB).
+pub const DEFAULT_DECISION_CACHE_SIZE: usize = 1_000_000;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    pub decision_wait: Dur,
+    pub root_grace: Dur,
+    pub base_rate: f64,
+    pub policies: Vec<PolicyConfig>,
+    pub max_traces: usize,
+    pub decision_cache_size: usize,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            decision_wait: Dur(Duration::from_secs(10)),
+            root_grace: Dur(Duration::from_secs(1)),
+            base_rate: 0.1,
+            policies: Vec::new(),
+            max_traces: DEFAULT_MAX_TRACES,
+            decision_cache_size: DEFAULT_DECISION_CACHE_SIZE,
+        }
+    }
+}
+
+impl SamplingConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.decision_wait.0.is_zero() {
+            p.push(("decision_wait".into(), "must be greater than 0".into()));
+        }
+        if self.root_grace.0 > self.decision_wait.0 {
+            p.push(("root_grace".into(), "must not be longer than decision_wait".into()));
+        }
+        if !(0.0..=1.0).contains(&self.base_rate) {
+            p.push(("base_rate".into(), format!("must be between 0 and 1, got {}", self.base_rate)));
+        }
+        if self.max_traces == 0 {
+            p.push(("max_traces".into(), "must be at least 1".into()));
+        }
+        for (i, policy) in self.policies.iter().enumerate() {
+            for (key, msg) in policy.validate() {
+                p.push((format!("policies[{i}].{key}"), msg));
+            }
+            if self.policies[..i].iter().any(|other| other.name == policy.name) {
+                p.push((format!("policies[{i}].name"), format!("duplicate policy name {:?}", policy.name)));
+            }
+        }
+        p
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyType {
+    /// Any span with status ERROR or an `exception` event.
+    Error,
+    /// Trace duration, or any span's `llm.latency_ms`, at or above `threshold_ms`.
+    Latency,
+    /// Sum of the trace's LLM call costs at or above `threshold_usd`.
+    Cost,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: PolicyType,
+    pub threshold_ms: Option<f64>,
+    pub threshold_usd: Option<f64>,
+    #[serde(default = "full_rate")]
+    pub rate: f64,
+}
+
+fn full_rate() -> f64 {
+    1.0
+}
+
+impl PolicyConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.name.trim().is_empty() {
+            p.push(("name".into(), "must not be empty".into()));
+        }
+        if !(0.0..=1.0).contains(&self.rate) {
+            p.push(("rate".into(), format!("must be between 0 and 1, got {}", self.rate)));
+        }
+        let (needed, other) = match self.kind {
+            PolicyType::Error => (None, [("threshold_ms", self.threshold_ms), ("threshold_usd", self.threshold_usd)]),
+            PolicyType::Latency => (
+                Some(("threshold_ms", self.threshold_ms)),
+                [("threshold_usd", self.threshold_usd), ("threshold_usd", None)],
+            ),
+            PolicyType::Cost => (
+                Some(("threshold_usd", self.threshold_usd)),
+                [("threshold_ms", self.threshold_ms), ("threshold_ms", None)],
+            ),
+        };
+        match needed {
+            Some((key, None)) => p.push((key.into(), format!("required for a {:?} policy", self.kind).to_lowercase())),
+            Some((key, Some(v))) if !(v.is_finite() && v >= 0.0) => {
+                p.push((key.into(), format!("must be a number ≥ 0, got {v}")))
+            }
+            _ => {}
+        }
+        for (key, value) in other {
+            if value.is_some() {
+                p.push((key.into(), format!("does not apply to a {:?} policy", self.kind).to_lowercase()));
+            }
+        }
+        p
+    }
+}
+
+// ---------------------------------------------------------------------------- exporter
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExporterConfig {
+    pub otlp: Option<OtlpExporterConfig>,
+    pub file: Option<FileExporterConfig>,
+    pub batch: BatchConfig,
+    pub queue: QueueConfig,
+    pub retry: RetryConfig,
+}
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        ExporterConfig {
+            otlp: None,
+            file: None,
+            batch: BatchConfig::default(),
+            queue: QueueConfig::default(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+impl ExporterConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        match (&self.otlp, &self.file) {
+            (None, None) => p.push(("".into(), "set exactly one of exporter.otlp or exporter.file".into())),
+            (Some(_), Some(_)) => p.push(("file".into(), "set exactly one of exporter.otlp or exporter.file, not both".into())),
+            _ => {}
+        }
+        if let Some(otlp) = &self.otlp {
+            if !otlp.endpoint.starts_with("http://") {
+                p.push((
+                    "otlp.endpoint".into(),
+                    format!("{:?} must be an http:// URL such as http://tempo:4317 (TLS upstreams are not supported yet)", otlp.endpoint),
+                ));
+            }
+            if otlp.timeout.0.is_zero() {
+                p.push(("otlp.timeout".into(), "must be greater than 0".into()));
+            }
+        }
+        if let Some(file) = &self.file
+            && file.path.as_os_str().is_empty()
+        {
+            p.push(("file.path".into(), "must not be empty".into()));
+        }
+        if self.batch.max_spans == 0 {
+            p.push(("batch.max_spans".into(), "must be at least 1".into()));
+        }
+        if self.queue.max_spans < self.batch.max_spans {
+            p.push(("queue.max_spans".into(), "must be at least batch.max_spans".into()));
+        }
+        if self.queue.concurrency == 0 {
+            p.push(("queue.concurrency".into(), "must be at least 1".into()));
+        }
+        if self.retry.initial_interval.0.is_zero() || self.retry.max_interval.0 < self.retry.initial_interval.0 {
+            p.push(("retry".into(), "need 0 < initial_interval ≤ max_interval".into()));
+        }
+        p
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Gzip,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpExporterConfig {
+    /// Upstream OTLP/gRPC endpoint, e.g. `http://tempo:4317`.
+    pub endpoint: String,
+    #[serde(default = "default_export_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_compression")]
+    pub compression: Compression,
+}
+
+fn default_export_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_compression() -> Compression {
+    Compression::Gzip
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileExporterConfig {
+    /// OTLP/JSON lines, one ExportTraceServiceRequest per line, appended.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch is sent once it holds this many spans...
+    pub max_spans: usize,
+    /// ...or this long after its first span.
+    pub timeout: Dur,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_spans: 4096,
+            timeout: Dur(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Kept spans waiting for (or retrying) export; past it new kept spans are lost and
+    /// counted as `llmtail_spans_lost_total{reason="queue_full"}`.
+    pub max_spans: usize,
+    /// Export requests in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_spans: 200_000,
+            concurrency: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub initial_interval: Dur,
+    pub max_interval: Dur,
+    /// Retry horizon: a batch still failing this long after its first attempt is lost
+    /// (`reason="retries_exhausted"`).
+    pub max_elapsed: Dur,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_interval: Dur(Duration::from_millis(200)),
+            max_interval: Dur(Duration::from_secs(5)),
+            max_elapsed: Dur(Duration::from_secs(300)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- admin, llm
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub endpoint: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            endpoint: "0.0.0.0:8888".into(),
+        }
+    }
+}
+
+impl AdminConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        match self.endpoint.parse::<SocketAddr>() {
+            Ok(_) => Vec::new(),
+            Err(_) => vec![(
+                "endpoint".into(),
+                format!("{:?} is not host:port with an IP host, e.g. 0.0.0.0:8888", self.endpoint),
+            )],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LlmConfig {
+    pub pricing: Vec<PricingEntry>,
+}
+
+impl LlmConfig {
+    fn validate(&self) -> Vec<(String, String)> {
+        self.pricing
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| {
+                e.validate()
+                    .into_iter()
+                    .map(move |msg| (format!("pricing[{i}]"), msg))
+            })
+            .collect()
+    }
+}
+
+#[derive(Deserialize)]
+struct TopLevelTimeout(Dur);
+
+/// Default for `shutdown_timeout`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------- loading
+
+const TOP_LEVEL_KEYS: &[&str] = &["receiver", "sampling", "exporter", "admin", "llm", "shutdown_timeout"];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Problem {
+                path: path.display().to_string(),
+                line: None,
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates a config; on failure returns every problem found.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let (text, mut problems) = substitute_env(text, |name| std::env::var(name).ok());
+        let value: Value = match serde_yaml_ng::from_str(&text) {
+            Ok(Value::Null) => Value::Mapping(Mapping::new()),
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(Problem {
+                    path: "(document)".into(),
+                    line: e.location().map(|l| l.line()),
+                    message: format!("not valid YAML: {e}"),
+                });
+                return Err(ConfigErrors(problems));
+            }
+        };
+        let locator = Locator::new(&text);
+        let Value::Mapping(top) = value else {
+            problems.push(Problem {
+                path: "(document)".into(),
+                line: Some(1),
+                message: "the config must be a mapping of sections".into(),
+            });
+            return Err(ConfigErrors(problems));
+        };
+        let report = |path: Vec<String>, message: String, problems: &mut Vec<Problem>| {
+            problems.push(Problem {
+                line: locator.line(&path),
+                path: render(&path),
+                message,
+            });
+        };
+        for key in top.keys() {
+            let name = key.as_str().unwrap_or("");
+            if !TOP_LEVEL_KEYS.contains(&name) {
+                report(
+                    vec![name.to_owned()],
+                    format!("unknown section; allowed: {}", TOP_LEVEL_KEYS.join(", ")),
+                    &mut problems,
+                );
+            }
+        }
+        let section = |name: &str| {
+            top.get(name)
+                .cloned()
+                .unwrap_or(Value::Mapping(Mapping::new()))
+        };
+        let mut cfg = Config {
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            ..Config::default()
+        };
+        macro_rules! load_section {
+            ($field:ident) => {{
+                let name = stringify!($field).to_owned();
+                let (parsed, errs) = deserialize_repairing(section(&name));
+                for (path, msg) in errs {
+                    let mut full = vec![name.clone()];
+                    full.extend(path);
+                    report(full, msg, &mut problems);
+                }
+                if let Some(parsed) = parsed {
+                    cfg.$field = parsed;
+                    for (suffix, msg) in cfg.$field.validate() {
+                        let mut full = vec![name.clone()];
+                        full.extend(split_path(&suffix));
+                        report(full, msg, &mut problems);
+                    }
+                }
+            }};
+        }
+        load_section!(receiver);
+        load_section!(sampling);
+        load_section!(exporter);
+        load_section!(admin);
+        load_section!(llm);
+        if let Some(v) = top.get("shutdown_timeout") {
+            match serde_yaml_ng::from_value::<TopLevelTimeout>(v.clone()) {
+                Ok(TopLevelTimeout(d)) => cfg.shutdown_timeout = d.0,
+                Err(e) => report(vec!["shutdown_timeout".into()], e.to_string(), &mut problems),
+            }
+        }
+        if top.get("exporter").is_none() {
+            problems.retain(|p| !p.path.starts_with("exporter"));
+            problems.push(Problem {
+                path: "exporter".into(),
+                line: None,
+                message: "required: set exporter.otlp.endpoint, or exporter.file.path when there is no upstream".into(),
+            });
+        }
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+}
+
+/// Deserializes `value` as `T`; on an error, records it, removes the offending key and
+/// tries again, so one pass reports every unknown key and every bad value of a section.
+fn deserialize_repairing<T: DeserializeOwned>(mut value: Value) -> (Option<T>, Vec<(Vec<String>, String)>) {
+    let mut errors = Vec::new();
+    while errors.len() < MAX_PROBLEMS_PER_SECTION {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return (Some(parsed), errors),
+            Err(e) => {
+                let path: Vec<String> = e
+                    .path()
+                    .iter()
+                    .filter_map(|seg| match seg {
+                        serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                        serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                        serde_path_to_error::Segment::Enum { variant } => Some(variant.clone()),
+                        serde_path_to_error::Segment::Unknown => None,
+                    })
+                    .collect();
+                let message = e.into_inner().to_string();
+                let removed = remove_at(&mut value, &path);
+                errors.push((path, message));
+                if !removed {
+                    return (None, errors);
+                }
+            }
+        }
+    }
+    (None, errors)
+}
+
+/// Removes the node at `path` (a key of a mapping or an item of a sequence).
+fn remove_at(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for seg in parents {
+        node = match node {
+            Value::Mapping(m) => match m.get_mut(seg.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Sequence(s) => match seg.parse::<usize>().ok().and_then(|i| s.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Mapping(m) => m.remove(last.as_str()).is_some(),
+        Value::Sequence(s) => match last.parse::<usize>() {
+            Ok(i) if i < s.len() => {
+                s.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn split_path(suffix: &str) -> Vec<String> {
+    suffix
+        .split(['.', '[', ']'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `["sampling", "policies", "0", "rate"]` → `sampling.policies[0].rate`.
+fn render(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+/// Replaces `${env:NAME}` and `${env:NAME:-default}`; `$${` stays a literal `${`.
+/// Returns the new text and a problem for every variable that is unset with no default.
+pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> (String, Vec<Problem>) {
+    let mut out = String::with_capacity(text.len());
+    let mut problems = Vec::new();
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(i) = rest.find("${") {
+            if rest[..i].ends_with('$') {
+                out.push_str(&rest[..i - 1]);
+                out.push_str("${");
+                rest = &rest[i + 2..];
+                continue;
+            }
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let Some(end) = after.find('}') else {
+                out.push_str(&rest[i..]);
+                rest = "";
+                break;
+            };
+            let inner = &after[..end];
+            match inner.strip_prefix("env:") {
+                Some(spec) => {
+                    let (name, default) = match spec.split_once(":-") {
+                        Some((n, d)) => (n, Some(d)),
+                        None => (spec, None),
+                    };
+                    match (lookup(name), default) {
+                        (Some(v), _) => out.push_str(&v),
+                        (None, Some(d)) => out.push_str(d),
+                        (None, None) => problems.push(Problem {
+                            path: format!("${{env:{name}}}"),
+                            line: Some(line_no + 1),
+                            message: format!(
+                                "environment variable {name} is not set; set it or write ${{env:{name}:-default}}"
+                            ),
+                        }),
+                    }
+                }
+                None => problems.push(Problem {
+                    path: format!("${{{inner}}}"),
+                    line: Some(line_no + 1),
+                    message: "only ${env:NAME} and ${env:NAME:-default} are substituted; write $${ for a literal ${".into(),
+                }),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    (out, problems)
+}
+
+/// Finds the line of a key path in the YAML text, for error messages.
+struct Locator {
+    lines: Vec<(Vec<String>, usize)>,
+}
+
+impl Locator {
+    fn new(text: &str) -> Locator {
+        use yaml_rust2::parser::{Event, Parser};
+        enum Frame {
+            Map { key: Option<String> },
+            Seq { index: usize },
+        }
+        let mut lines = Vec::new();
+        let mut stack: Vec<Frame> = Vec::new();
+        let mut parser = Parser::new_from_str(text);
+        let path_of = |stack: &[Frame]| -> Vec<String> {
+            stack
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Map { key } => key.clone(),
+                    Frame::Seq { index } => Some(index.to_string()),
+                })
+                .collect()
+        };
+        // Called when a value (scalar or container) completes at the current level.
+        fn advance(stack: &mut [Frame]) {
+            match stack.last_mut() {
+                Some(Frame::Map { key }) => *key = None,
+                Some(Frame::Seq { index }) => *index += 1,
+                None => {}
+            }
+        }
+        while let Ok((event, mark)) = parser.next_token() {
+            let line = mark.line().max(1);
+            match event {
+                Event::StreamEnd => break,
+                Event::Scalar(s, ..) => {
+                    if let Some(Frame::Map { key: key @ None }) = stack.last_mut() {
+                        *key = Some(s);
+                        lines.push((path_of(&stack), line));
+                    } else {
+                        if matches!(stack.last(), Some(Frame::Seq { .. })) {
+                            lines.push((path_of(&stack), line));
+                        }
+                        advance(&mut stack);
+                    }
+                }
+                Event::MappingStart(..) | Event::SequenceStart(..) => {
+                    if matches!(stack.last(), Some(Frame::Seq { .. })) {
+                        lines.push((path_of(&stack), line));
+                    }
+                    stack.push(if matches!(event, Event::MappingStart(..)) {
+                        Frame::Map { key: None }
+                    } else {
+                        Frame::Seq { index: 0 }
+                    });
+                }
+                Event::MappingEnd | Event::SequenceEnd => {
+                    stack.pop();
+                    advance(&mut stack);
+                }
+                _ => {}
+            }
+        }
+        Locator { lines }
+    }
+
+    /// The line of the deepest prefix of `path` that appears in the file.
+    fn line(&self, path: &[String]) -> Option<usize> {
+        (1..=path.len()).rev().find_map(|n| {
+            self.lines
+                .iter()
+                .find(|(p, _)| p.as_slice() == &path[..n])
+                .map(|(_, line)| *line)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config.yaml");
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let cfg = Config::parse(SHIPPED).expect("config.yaml must validate");
+        assert!(cfg.exporter.file.is_some());
+        assert_eq!(cfg.sampling.policies.len(), 3);
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let cfg = Config::parse("exporter:\n  otlp:\n    endpoint: http://x:4317\n").unwrap();
+        assert_eq!(cfg.receiver.grpc.endpoint, "0.0.0.0:4317");
+        assert_eq!(cfg.receiver.grpc.max_request_bytes, 16 * 1024 * 1024);
+        assert_eq!(cfg.sampling.decision_wait.0, Duration::from_secs(10));
+        assert_eq!(cfg.sampling.root_grace.0, Duration::from_secs(1));
+        assert_eq!(cfg.sampling.base_rate, 0.1);
+        assert_eq!(cfg.sampling.decision_cache_size, 1_000_000);
+        assert_eq!(cfg.admin.endpoint, "0.0.0.0:8888");
+        assert_eq!(cfg.shutdown_timeout, Duration::from_secs(20));
+        assert_eq!(cfg.exporter.otlp.unwrap().compression, Compression::Gzip);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_path_and_line() {
+        let text = "\
+receiver:
+  grpc:
+    endpoint: nowhere
+    colour: blue
+sampling:
+  base_rate: 2
+  decision_wait: soon
+  policies:
+    - name: slow
+      type: latency
+    - name: pricey
+      type: cost
+      threshold_usd: 0.1
+      bogus: 1
+exporter:
+  otlp:
+    endpoint: http://x:4317
+extra: 1
+";
+        let errs = Config::parse(text).unwrap_err().0;
+        let find = |path: &str| {
+            errs.iter()
+                .find(|p| p.path == path)
+                .unwrap_or_else(|| panic!("no problem at {path}: {errs:#?}"))
+        };
+        assert_eq!(find("receiver.grpc.colour").line, Some(4));
+        assert!(find("receiver.grpc.colour").message.contains("endpoint"));
+        assert_eq!(find("receiver.grpc.endpoint").line, Some(3));
+        assert_eq!(find("sampling.decision_wait").line, Some(7));
+        assert_eq!(find("sampling.policies[1].bogus").line, Some(14));
+        assert_eq!(find("extra").line, Some(18));
+        assert!(find("extra").message.contains("allowed"));
+        // decision_wait was removed as invalid, so the rest of the section is still validated
+        // with its default.
+        assert!(find("sampling.base_rate").message.contains("between 0 and 1"));
+        assert_eq!(find("sampling.policies[0].threshold_ms").line, Some(9));
+    }
+
+    #[test]
+    fn env_substitution() {
+        let lookup = |name: &str| (name == "HOST").then(|| "tempo".to_owned());
+        let (text, problems) = substitute_env(
+            "a: ${env:HOST}:4317\nb: ${env:PORT:-99}\nc: $${env:HOST}\nd: ${env:MISSING}\n",
+            lookup,
+        );
+        assert_eq!(text, "a: tempo:4317\nb: 99\nc: ${env:HOST}\nd: \n");
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].line, Some(4));
+    }
+
+    #[test]
+    fn missing_exporter_is_reported() {
+        let errs = Config::parse("admin:\n  endpoint: 127.0.0.1:1\n").unwrap_err().0;
+        assert!(errs.iter().any(|p| p.path == "exporter"), "{errs:?}");
+    }
+}

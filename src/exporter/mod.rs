@@ -1,0 +1,261 @@
+//! Exporting kept spans: a bounded queue, batching by size and time, a fixed number of
+//! requests in flight, and retries with exponential backoff and jitter.
+
+pub mod file;
+pub mod otlp;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BatchConfig, RetryConfig};
+use crate::otlp::reframe::{KeptSpan, encode_request};
+use crate::telemetry::{Metrics, lost};
+
+/// How an upstream answered an export request it did not fully accept.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Worth trying again (e.g. UNAVAILABLE, a broken connection), optionally after the
+    /// delay the upstream asked for.
+    #[error("{0}")]
+    Retryable(String, Option<Duration>),
+    /// Will fail the same way every time (e.g. INVALID_ARGUMENT).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Where kept spans go.
+pub enum Sink {
+    Otlp(otlp::OtlpSink),
+    File(file::FileSink),
+}
+
+impl Sink {
+    /// Sends one encoded `ExportTraceServiceRequest`; on success returns how many of its
+    /// spans the upstream rejected (OTLP partial success).
+    async fn send(&self, request: Bytes) -> Result<u64, SendError> {
+        match self {
+            Sink::Otlp(s) => s.send(request).await,
+            Sink::File(s) => s.send(request).await,
+        }
+    }
+}
+
+/// The receiving end's handle: kept spans enter here, never blocking the caller.
+pub struct ExportQueue {
+    tx: mpsc::UnboundedSender<Vec<KeptSpan>>,
+    /// Spans submitted and not yet exported or lost; bounded by `max_spans`.
+    queued: Arc<AtomicUsize>,
+    max_spans: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl ExportQueue {
+    /// Queues the spans of one kept trace (or late spans); when the queue is full they are
+    /// counted as lost with reason `queue_full`.
+    pub fn submit(&self, spans: Vec<KeptSpan>) {
+        let n = spans.len();
+        if n == 0 {
+            return;
+        }
+        let admitted = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= self.max_spans).then_some(q + n)
+            })
+            .is_ok();
+        if !admitted {
+            self.metrics
+                .spans_lost
+                .with_label_values(&[lost::QUEUE_FULL])
+                .inc_by(n as u64);
+            return;
+        }
+        self.metrics.export_queue_spans.add(n as i64);
+        if self.tx.send(spans).is_err() {
+            // The exporter has already stopped (only after shutdown has flushed).
+            self.release(n, lost::SHUTDOWN);
+        }
+    }
+
+    fn release(&self, n: usize, lost_reason: &str) {
+        self.metrics
+            .spans_lost
+            .with_label_values(&[lost_reason])
+            .inc_by(n as u64);
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.metrics.export_queue_spans.sub(n as i64);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// Tuning of the exporter task.
+#[derive(Debug, Clone)]
+pub struct ExporterSettings {
+    pub batch: BatchConfig,
+    pub retry: RetryConfig,
+    pub max_spans: usize,
+    pub concurrency: usize,
+}
+
+/// The exporter task's controls: `flush` asks it to send what is queued and stop;
+/// `abort` (shutdown timeout) makes retries give up, counting what they held as lost.
+#[derive(Clone, Default)]
+pub struct ExporterControl {
+    pub flush: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+/// Starts the exporter; returns the queue handle and the task, which ends after `flush`
+/// once everything queued has been exported or counted as lost.
+pub fn start(
+    sink: Sink,
+    settings: ExporterSettings,
+    metrics: Arc<Metrics>,
+    control: ExporterControl,
+) -> (Arc<ExportQueue>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queue = Arc::new(ExportQueue {
+        tx,
+        queued: Arc::new(AtomicUsize::new(0)),
+        max_spans: settings.max_spans,
+        metrics: metrics.clone(),
+    });
+    let worker = Worker {
+        sink: Arc::new(sink),
+        retry: settings.retry.clone(),
+        metrics,
+        queue: queue.clone(),
+        abort: control.abort.clone(),
+    };
+    let task = tokio::spawn(run_batcher(rx, settings, worker, control.flush));
+    (queue, task)
+}
+
+#[derive(Clone)]
+struct Worker {
+    sink: Arc<Sink>,
+    retry: RetryConfig,
+    metrics: Arc<Metrics>,
+    queue: Arc<ExportQueue>,
+    abort: CancellationToken,
+}
+
+async fn run_batcher(
+    mut rx: mpsc::UnboundedReceiver<Vec<KeptSpan>>,
+    settings: ExporterSettings,
+    worker: Worker,
+    flush: CancellationToken,
+) {
+    let in_flight = Arc::new(Semaphore::new(settings.concurrency));
+    let max = settings.batch.max_spans;
+    let mut pending: Vec<KeptSpan> = Vec::new();
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            () = flush.cancelled() => break,
+            item = rx.recv() => {
+                let Some(spans) = item else { break };
+                if pending.is_empty() {
+                    deadline = tokio::time::Instant::now() + settings.batch.timeout.0;
+                }
+                pending.extend(spans);
+                while pending.len() >= max {
+                    let rest = pending.split_off(max);
+                    send_batch(&worker, &in_flight, std::mem::replace(&mut pending, rest)).await;
+                    deadline = tokio::time::Instant::now() + settings.batch.timeout.0;
+                }
+            }
+            () = tokio::time::sleep_until(deadline), if !pending.is_empty() => {
+                send_batch(&worker, &in_flight, std::mem::take(&mut pending)).await;
+            }
+        }
+    }
+    // Flush: everything submitted before the flush signal is in the channel by now.
+    while let Ok(spans) = rx.try_recv() {
+        pending.extend(spans);
+    }
+    while !pending.is_empty() {
+        let rest = pending.split_off(pending.len().min(max));
+        send_batch(&worker, &in_flight, std::mem::replace(&mut pending, rest)).await;
+    }
+    // Wait for every request in flight to finish (each honours `abort`).
+    let _all = in_flight.acquire_many(settings.concurrency as u32).await;
+}
+
+/// Waits for a free slot, then sends the batch on its own task.
+async fn send_batch(worker: &Worker, in_flight: &Arc<Semaphore>, batch: Vec<KeptSpan>) {
+    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        return;
+    };
+    let worker = worker.clone();
+    tokio::spawn(async move {
+        worker.export(batch).await;
+        drop(permit);
+    });
+}
+
+impl Worker {
+    async fn export(&self, batch: Vec<KeptSpan>) {
+        let n = batch.len();
+        let request = encode_request(&batch);
+        drop(batch);
+        let started = Instant::now();
+        let mut backoff = self.retry.initial_interval.0;
+        let mut attempt = 0u32;
+        let outcome: Result<u64, &'static str> = loop {
+            attempt += 1;
+            match self.sink.send(request.clone()).await {
+                Ok(rejected) => break Ok(rejected),
+                Err(SendError::Permanent(msg)) => {
+                    tracing::warn!(spans = n, error = %msg, "upstream rejected an export request permanently; spans lost");
+                    break Err(lost::REJECTED);
+                }
+                Err(SendError::Retryable(msg, hint)) => {
+                    let wait = jittered(hint.unwrap_or(backoff));
+                    if started.elapsed() + wait > self.retry.max_elapsed.0 {
+                        tracing::warn!(spans = n, attempts = attempt, error = %msg, "export retries exhausted; spans lost");
+                        break Err(lost::RETRIES_EXHAUSTED);
+                    }
+                    if attempt == 1 {
+                        tracing::warn!(spans = n, error = %msg, retry_in = ?wait, "export failed; retrying");
+                    } else {
+                        tracing::debug!(spans = n, attempt, error = %msg, retry_in = ?wait, "export failed again");
+                    }
+                    tokio::select! {
+                        biased;
+                        () = self.abort.cancelled() => break Err(lost::SHUTDOWN),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    backoff = (backoff * 2).min(self.retry.max_interval.0);
+                }
+            }
+        };
+        match outcome {
+            Ok(rejected) => {
+                let rejected = (rejected as usize).min(n);
+                self.metrics.spans_exported.inc_by((n - rejected) as u64);
+                self.queue.queued.fetch_sub(n - rejected, Ordering::AcqRel);
+                self.metrics.export_queue_spans.sub((n - rejected) as i64);
+                if rejected > 0 {
+                    self.queue.release(rejected, lost::PARTIAL);
+                }
+            }
+            Err(reason) => self.queue.release(n, reason),
+        }
+    }
+}
+
+/// Full backoff ± 50%, so replicas that failed together do not retry together.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.5..1.5))
+}

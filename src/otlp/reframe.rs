@@ -1,0 +1,175 @@
+//! Re-framing: kept spans, still as their original wire bytes, are written into a new
+//! `ExportTraceServiceRequest`. Only the `trace_state` field of each span is replaced; every
+//! other byte of the span, its resource and its scope is copied verbatim.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::scan::TraceStateField;
+use super::tracestate::{Threshold, with_threshold};
+use super::wire::{put_len_field, put_varint};
+
+const REQUEST_RESOURCE_SPANS: u32 = 1;
+const RESOURCE_SPANS_RESOURCE: u32 = 1;
+const RESOURCE_SPANS_SCOPE_SPANS: u32 = 2;
+const RESOURCE_SPANS_SCHEMA_URL: u32 = 3;
+const SCOPE_SPANS_SCOPE: u32 = 1;
+const SCOPE_SPANS_SPANS: u32 = 2;
+const SCOPE_SPANS_SCHEMA_URL: u32 = 3;
+const SPAN_TRACE_STATE: u32 = 3;
+
+/// The resource and instrumentation scope a span arrived with, shared (not copied) by every
+/// span of one `ScopeSpans`; the bytes are slices of the original request.
+#[derive(Debug)]
+pub struct Origin {
+    pub resource: Bytes,
+    pub resource_schema_url: Bytes,
+    pub scope: Bytes,
+    pub scope_schema_url: Bytes,
+    /// `service.name` of the resource, for LLM metric labels.
+    pub service: Arc<str>,
+}
+
+/// A span held for a decision: its raw bytes and where its tracestate sits.
+#[derive(Debug, Clone)]
+pub struct HeldSpan {
+    pub origin: Arc<Origin>,
+    pub bytes: Bytes,
+    pub trace_state: Option<TraceStateField>,
+}
+
+impl HeldSpan {
+    fn trace_state_value(&self) -> &[u8] {
+        self.trace_state
+            .as_ref()
+            .map_or(&[][..], |ts| &self.bytes[ts.value.clone()])
+    }
+}
+
+/// A kept span and the threshold of its trace's decision.
+#[derive(Debug, Clone)]
+pub struct KeptSpan {
+    pub span: HeldSpan,
+    pub threshold: Threshold,
+}
+
+fn len_field_size(field: u32, len: usize) -> usize {
+    varint_size(u64::from(field) << 3) + varint_size(len as u64) + len
+}
+
+fn varint_size(v: u64) -> usize {
+    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+}
+
+/// One span as it will be written: the bytes around its old tracestate field, and the new
+/// tracestate value.
+struct SpanPlan<'a> {
+    before: &'a [u8],
+    after: &'a [u8],
+    trace_state: Vec<u8>,
+}
+
+impl SpanPlan<'_> {
+    fn len(&self) -> usize {
+        let ts = if self.trace_state.is_empty() {
+            0
+        } else {
+            len_field_size(SPAN_TRACE_STATE, self.trace_state.len())
+        };
+        self.before.len() + ts + self.after.len()
+    }
+
+    fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.before);
+        if !self.trace_state.is_empty() {
+            put_len_field(out, SPAN_TRACE_STATE, &self.trace_state);
+        }
+        out.extend_from_slice(self.after);
+    }
+}
+
+fn plan(kept: &KeptSpan) -> SpanPlan<'_> {
+    let bytes = &kept.span.bytes[..];
+    let trace_state = with_threshold(kept.span.trace_state_value(), kept.threshold);
+    match &kept.span.trace_state {
+        Some(ts) => SpanPlan {
+            before: &bytes[..ts.field.start],
+            after: &bytes[ts.field.end..],
+            trace_state,
+        },
+        None => SpanPlan {
+            before: bytes,
+            after: &[],
+            trace_state,
+        },
+    }
+}
+
+/// Writes `spans` as one encoded `ExportTraceServiceRequest`, grouping spans that share an
+/// [`Origin`] under one `ResourceSpans`/`ScopeSpans`.
+pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
+    let mut groups: Vec<(&Arc<Origin>, Vec<SpanPlan<'_>>)> = Vec::new();
+    for kept in spans {
+        let origin = &kept.span.origin;
+        match groups.iter_mut().find(|(o, _)| Arc::ptr_eq(o, origin)) {
+            Some((_, plans)) => plans.push(plan(kept)),
+            None => groups.push((origin, vec![plan(kept)])),
+        }
+    }
+    let mut out = Vec::with_capacity(spans.iter().map(|k| k.span.bytes.len() + 32).sum::<usize>() + 256);
+    for (origin, plans) in &groups {
+        let scope_spans_len = optional_len(SCOPE_SPANS_SCOPE, &origin.scope)
+            + plans.iter().map(|p| len_field_size(SCOPE_SPANS_SPANS, p.len())).sum::<usize>()
+            + optional_len(SCOPE_SPANS_SCHEMA_URL, &origin.scope_schema_url);
+        let resource_spans_len = optional_len(RESOURCE_SPANS_RESOURCE, &origin.resource)
+            + len_field_size(RESOURCE_SPANS_SCOPE_SPANS, scope_spans_len)
+            + optional_len(RESOURCE_SPANS_SCHEMA_URL, &origin.resource_schema_url);
+
+        put_key_len(&mut out, REQUEST_RESOURCE_SPANS, resource_spans_len);
+        put_optional(&mut out, RESOURCE_SPANS_RESOURCE, &origin.resource);
+        put_key_len(&mut out, RESOURCE_SPANS_SCOPE_SPANS, scope_spans_len);
+        put_optional(&mut out, SCOPE_SPANS_SCOPE, &origin.scope);
+        for p in plans {
+            put_key_len(&mut out, SCOPE_SPANS_SPANS, p.len());
+            p.write(&mut out);
+        }
+        put_optional(&mut out, SCOPE_SPANS_SCHEMA_URL, &origin.scope_schema_url);
+        put_optional(&mut out, RESOURCE_SPANS_SCHEMA_URL, &origin.resource_schema_url);
+    }
+    Bytes::from(out)
+}
+
+/// Size of a length-delimited field that is omitted when empty (proto3 default).
+fn optional_len(field: u32, payload: &[u8]) -> usize {
+    if payload.is_empty() {
+        0
+    } else {
+        len_field_size(field, payload.len())
+    }
+}
+
+fn put_optional(out: &mut Vec<u8>, field: u32, payload: &[u8]) {
+    if !payload.is_empty() {
+        put_len_field(out, field, payload);
+    }
+}
+
+fn put_key_len(out: &mut Vec<u8>, field: u32, len: usize) {
+    put_varint(out, (u64::from(field) << 3) | 2);
+    put_varint(out, len as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varint_sizes() {
+        for v in [0u64, 1, 127, 128, 16383, 16384, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(varint_size(v), out.len(), "{v}");
+        }
+    }
+}

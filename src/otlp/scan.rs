@@ -1,0 +1,299 @@
+//! The span scanner: reads, straight from a span's wire bytes, only what sampling and LLM
+//! metrics need, without allocating and without decoding the rest.
+
+use std::ops::Range;
+
+use thiserror::Error;
+
+use super::TraceId;
+use super::wire::{Malformed, Reader, WireType};
+use crate::llm::{self, LlmField};
+
+// Field numbers of opentelemetry.proto.trace.v1.Span and the messages inside it.
+const SPAN_TRACE_ID: u32 = 1;
+const SPAN_SPAN_ID: u32 = 2;
+const SPAN_TRACE_STATE: u32 = 3;
+const SPAN_PARENT_SPAN_ID: u32 = 4;
+const SPAN_START: u32 = 7;
+const SPAN_END: u32 = 8;
+const SPAN_ATTRIBUTES: u32 = 9;
+const SPAN_EVENTS: u32 = 11;
+const SPAN_STATUS: u32 = 15;
+const EVENT_NAME: u32 = 2;
+const STATUS_CODE: u32 = 3;
+const KEY_VALUE_KEY: u32 = 1;
+const KEY_VALUE_VALUE: u32 = 2;
+const ANY_STRING: u32 = 1;
+const ANY_BOOL: u32 = 2;
+const ANY_INT: u32 = 3;
+const ANY_DOUBLE: u32 = 4;
+const RESOURCE_ATTRIBUTES: u32 = 1;
+
+/// `Status.code` value for STATUS_CODE_ERROR.
+pub const STATUS_CODE_ERROR: u64 = 2;
+/// The event name the OpenTelemetry semantic conventions use for recorded exceptions.
+const EXCEPTION_EVENT: &[u8] = b"exception";
+
+/// Why a span was refused; the label of `llmtail_spans_rejected_total{reason}`.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    #[error("trace id must be 16 bytes and not all zero")]
+    InvalidTraceId,
+    #[error("span id must be 8 bytes and not all zero")]
+    InvalidSpanId,
+    #[error("span is not valid protobuf")]
+    Malformed,
+}
+
+impl Reject {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::InvalidTraceId => "invalid_trace_id",
+            Reject::InvalidSpanId => "invalid_span_id",
+            Reject::Malformed => "malformed_span",
+        }
+    }
+}
+
+impl From<Malformed> for Reject {
+    fn from(_: Malformed) -> Self {
+        Reject::Malformed
+    }
+}
+
+/// An attribute value as far as LLM facts care.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    /// Byte range of a string value inside the span.
+    Str(Range<usize>),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+}
+
+/// The LLM attributes found on a span: for each field, the value of the highest-precedence
+/// key that carried it (see [`llm::classify`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LlmAttrs {
+    slots: [Option<(u8, AttrValue)>; LlmField::COUNT],
+}
+
+impl LlmAttrs {
+    pub fn get(&self, field: LlmField) -> Option<&AttrValue> {
+        self.slots[field as usize].as_ref().map(|(_, v)| v)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.iter().all(Option::is_none)
+    }
+
+    /// Keeps `value` unless a key of better (lower) precedence already set this field.
+    pub fn offer(&mut self, field: LlmField, precedence: u8, value: AttrValue) {
+        let slot = &mut self.slots[field as usize];
+        if slot.as_ref().is_none_or(|(p, _)| precedence < *p) {
+            *slot = Some((precedence, value));
+        }
+    }
+}
+
+/// What the sampler and the metrics need to know about one span.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanFacts {
+    pub trace_id: TraceId,
+    pub span_id: [u8; 8],
+    /// True when the parent span id is empty (or all zero): the trace's root.
+    pub is_root: bool,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Status code ERROR, or an `exception` event.
+    pub status_error: bool,
+    pub has_exception_event: bool,
+    /// The whole `trace_state` field (key, length, value) and its value, as byte ranges.
+    pub trace_state: Option<TraceStateField>,
+    pub llm: LlmAttrs,
+}
+
+/// Where a span's `trace_state` field sits, so it can be replaced without re-encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceStateField {
+    pub field: Range<usize>,
+    pub value: Range<usize>,
+}
+
+impl SpanFacts {
+    pub fn is_error(&self) -> bool {
+        self.status_error || self.has_exception_event
+    }
+
+    pub fn trace_state<'a>(&self, span: &'a [u8]) -> &'a [u8] {
+        self.trace_state
+            .as_ref()
+            .map_or(&[][..], |ts| &span[ts.value.clone()])
+    }
+}
+
+/// Scans one encoded `Span`.
+pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
+    let mut r = Reader::new(span);
+    let mut trace_id: &[u8] = &[];
+    let mut span_id: &[u8] = &[];
+    let mut parent: &[u8] = &[];
+    let mut facts = SpanFacts {
+        trace_id: TraceId([0; 16]),
+        span_id: [0; 8],
+        is_root: true,
+        start_ns: 0,
+        end_ns: 0,
+        status_error: false,
+        has_exception_event: false,
+        trace_state: None,
+        llm: LlmAttrs::default(),
+    };
+    while !r.is_empty() {
+        let field_start = r.pos();
+        let (field, wire) = r.tag()?;
+        match (field, wire) {
+            (SPAN_TRACE_ID, WireType::Len) => trace_id = r.len_delimited()?.1,
+            (SPAN_SPAN_ID, WireType::Len) => span_id = r.len_delimited()?.1,
+            (SPAN_PARENT_SPAN_ID, WireType::Len) => parent = r.len_delimited()?.1,
+            (SPAN_TRACE_STATE, WireType::Len) => {
+                let (start, value) = r.len_delimited()?;
+                facts.trace_state = Some(TraceStateField {
+                    field: field_start..r.pos(),
+                    value: start..start + value.len(),
+                });
+            }
+            (SPAN_START, WireType::Fixed64) => facts.start_ns = r.fixed64()?,
+            (SPAN_END, WireType::Fixed64) => facts.end_ns = r.fixed64()?,
+            (SPAN_ATTRIBUTES, WireType::Len) => {
+                let (offset, kv) = r.len_delimited()?;
+                scan_llm_attribute(kv, offset, &mut facts.llm)?;
+            }
+            (SPAN_EVENTS, WireType::Len) => {
+                if event_is_exception(r.len_delimited()?.1)? {
+                    facts.has_exception_event = true;
+                }
+            }
+            (SPAN_STATUS, WireType::Len) => {
+                if let Some(code) = status_code(r.len_delimited()?.1)? {
+                    facts.status_error = code == STATUS_CODE_ERROR;
+                }
+            }
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    facts.trace_id = TraceId(
+        trace_id
+            .try_into()
+            .ok()
+            .filter(|id: &[u8; 16]| id != &[0; 16])
+            .ok_or(Reject::InvalidTraceId)?,
+    );
+    facts.span_id = span_id
+        .try_into()
+        .ok()
+        .filter(|id: &[u8; 8]| id != &[0; 8])
+        .ok_or(Reject::InvalidSpanId)?;
+    facts.is_root = parent.iter().all(|b| *b == 0);
+    Ok(facts)
+}
+
+fn event_is_exception(event: &[u8]) -> Result<bool, Malformed> {
+    let mut r = Reader::new(event);
+    let mut is_exception = false;
+    while !r.is_empty() {
+        match r.tag()? {
+            (EVENT_NAME, WireType::Len) => is_exception = r.len_delimited()?.1 == EXCEPTION_EVENT,
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    Ok(is_exception)
+}
+
+fn status_code(status: &[u8]) -> Result<Option<u64>, Malformed> {
+    let mut r = Reader::new(status);
+    let mut code = None;
+    while !r.is_empty() {
+        match r.tag()? {
+            (STATUS_CODE, WireType::Varint) => code = Some(r.varint()?),
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    Ok(code)
+}
+
+/// Reads one `KeyValue`; records it when its key is an LLM attribute. `offset` is where the
+/// KeyValue starts inside the span, so string values are kept as span byte ranges.
+fn scan_llm_attribute(kv: &[u8], offset: usize, out: &mut LlmAttrs) -> Result<(), Malformed> {
+    let mut r = Reader::new(kv);
+    let mut key: &[u8] = &[];
+    let mut value: Option<(usize, &[u8])> = None;
+    while !r.is_empty() {
+        match r.tag()? {
+            (KEY_VALUE_KEY, WireType::Len) => key = r.len_delimited()?.1,
+            (KEY_VALUE_VALUE, WireType::Len) => value = Some(r.len_delimited()?),
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    let Some((field, precedence)) = llm::classify(key) else {
+        return Ok(());
+    };
+    if let Some((start, any)) = value
+        && let Some(v) = any_value(any, offset + start)?
+    {
+        out.offer(field, precedence, v);
+    }
+    Ok(())
+}
+
+/// Reads an `AnyValue`'s scalar (the last one set, as protobuf's oneof rule says).
+fn any_value(any: &[u8], offset: usize) -> Result<Option<AttrValue>, Malformed> {
+    let mut r = Reader::new(any);
+    let mut value = None;
+    while !r.is_empty() {
+        value = match r.tag()? {
+            (ANY_STRING, WireType::Len) => {
+                let (start, s) = r.len_delimited()?;
+                Some(AttrValue::Str(offset + start..offset + start + s.len()))
+            }
+            (ANY_BOOL, WireType::Varint) => Some(AttrValue::Bool(r.varint()? != 0)),
+            (ANY_INT, WireType::Varint) => Some(AttrValue::Int(r.varint()? as i64)),
+            (ANY_DOUBLE, WireType::Fixed64) => Some(AttrValue::Double(f64::from_bits(r.fixed64()?))),
+            (_, wire) => {
+                r.skip(wire)?;
+                None
+            }
+        };
+    }
+    Ok(value)
+}
+
+/// Reads `service.name` from an encoded `Resource`.
+pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
+    let mut r = Reader::new(resource);
+    let mut name = None;
+    while !r.is_empty() {
+        match r.tag()? {
+            (RESOURCE_ATTRIBUTES, WireType::Len) => {
+                let kv = r.len_delimited()?.1;
+                let mut kr = Reader::new(kv);
+                let mut key: &[u8] = &[];
+                let mut value: &[u8] = &[];
+                while !kr.is_empty() {
+                    match kr.tag()? {
+                        (KEY_VALUE_KEY, WireType::Len) => key = kr.len_delimited()?.1,
+                        (KEY_VALUE_VALUE, WireType::Len) => value = kr.len_delimited()?.1,
+                        (_, wire) => kr.skip(wire)?,
+                    }
+                }
+                if key == b"service.name"
+                    && let Some(AttrValue::Str(range)) = any_value(value, 0)?
+                {
+                    name = Some(&value[range]);
+                }
+            }
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    Ok(name)
+}

@@ -1,0 +1,114 @@
+//! OTLP/gRPC receiver: `opentelemetry.proto.collector.trace.v1.TraceService/Export`, with the
+//! request body taken as raw bytes for the zero-copy pipeline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceResponse,
+};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codec::CompressionEncoding;
+use tonic::codegen::{BoxFuture, Service, StdError, http};
+use tonic::server::{NamedService, UnaryService};
+
+use crate::otlp::codec::{Prost, RawCodec};
+use crate::pipeline::{IngestError, Pipeline, Protocol};
+
+const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// gRPC status codes as they appear in the `grpc-status` header.
+const GRPC_OUT_OF_RANGE: &str = "11";
+const GRPC_RESOURCE_EXHAUSTED: &str = "8";
+
+/// The gRPC trace service, mounted on a tonic server.
+#[derive(Clone)]
+pub struct TraceService {
+    pipeline: Arc<Pipeline>,
+    max_request_bytes: usize,
+}
+
+impl TraceService {
+    pub fn new(pipeline: Arc<Pipeline>, max_request_bytes: usize) -> Self {
+        TraceService {
+            pipeline,
+            max_request_bytes,
+        }
+    }
+}
+
+impl NamedService for TraceService {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+struct Export(Arc<Pipeline>);
+
+impl UnaryService<Bytes> for Export {
+    type Response = Prost<ExportTraceServiceResponse>;
+    type Future = BoxFuture<tonic::Response<Self::Response>, Status>;
+
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        let pipeline = self.0.clone();
+        Box::pin(async move {
+            let outcome = pipeline
+                .ingest(request.into_inner(), Protocol::Grpc)
+                .map_err(|e: IngestError| Status::invalid_argument(e.to_string()))?;
+            let partial_success = (outcome.rejected > 0).then(|| ExportTracePartialSuccess {
+                rejected_spans: outcome.rejected as i64,
+                error_message: outcome.error_message,
+            });
+            Ok(tonic::Response::new(Prost(ExportTraceServiceResponse {
+                partial_success,
+            })))
+        })
+    }
+}
+
+impl<B> Service<http::Request<B>> for TraceService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != EXPORT_PATH {
+            let status = Status::unimplemented(format!(
+                "{} is not served here; llmtail accepts {EXPORT_PATH}",
+                req.uri().path()
+            ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        let export = Export(self.pipeline.clone());
+        let max = self.max_request_bytes;
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec::<Prost<ExportTraceServiceResponse>, Bytes>::default())
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip)
+                .max_decoding_message_size(max);
+            let mut response = grpc.unary(export, req).await;
+            // tonic refuses an oversized uncompressed message with OUT_OF_RANGE (and an
+            // oversized decompressed one with RESOURCE_EXHAUSTED); OTLP asks for
+            // RESOURCE_EXHAUSTED in both cases. The handler itself never says OUT_OF_RANGE.
+            if response
+                .headers()
+                .get("grpc-status")
+                .is_some_and(|v| v == GRPC_OUT_OF_RANGE)
+            {
+                response.headers_mut().insert(
+                    "grpc-status",
+                    http::HeaderValue::from_static(GRPC_RESOURCE_EXHAUSTED),
+                );
+            }
+            Ok(response)
+        })
+    }
+}

@@ -1,0 +1,3 @@
+//! Receivers: the protocols spans arrive by. Each hands raw request bytes to the pipeline.
+
+pub mod grpc;

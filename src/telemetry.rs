@@ -1,0 +1,188 @@
+//! llmtail's own telemetry: the Prometheus metrics and the admin server that serves them
+//! with the health and readiness probes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder, CounterVec,
+};
+use tokio_util::sync::CancellationToken;
+
+/// Buckets for the decision delay: from well under `root_grace` to past `decision_wait`.
+const DECISION_DELAY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0];
+/// Buckets for LLM call latency: fast completions to long reasoning calls.
+const LLM_LATENCY_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
+
+/// Every metric llmtail publishes; names and labels are part of the contract (README).
+pub struct Metrics {
+    pub registry: Registry,
+    pub spans_received: IntCounterVec,
+    pub spans_rejected: IntCounterVec,
+    pub traces: IntCounterVec,
+    pub late_spans: IntCounterVec,
+    pub spans_dropped: IntCounterVec,
+    pub spans_exported: IntCounter,
+    pub spans_lost: IntCounterVec,
+    pub buffer_traces: IntGauge,
+    pub buffer_spans: IntGauge,
+    pub buffer_bytes: IntGauge,
+    pub export_queue_spans: IntGauge,
+    pub decision_delay: Histogram,
+    pub llm_requests: IntCounterVec,
+    pub llm_tokens: IntCounterVec,
+    pub llm_cost: CounterVec,
+    pub llm_latency: HistogramVec,
+    pub llm_unpriced: IntCounterVec,
+}
+
+/// Reasons of `llmtail_spans_lost_total`.
+pub mod lost {
+    /// The export queue was full when a kept trace was decided.
+    pub const QUEUE_FULL: &str = "queue_full";
+    /// The upstream answered with a permanent error (not retried).
+    pub const REJECTED: &str = "upstream_rejected";
+    /// The upstream accepted the request but rejected some spans (partial success).
+    pub const PARTIAL: &str = "upstream_partial_rejection";
+    /// Retries went on past `exporter.retry.max_elapsed`.
+    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+    /// Still queued when `shutdown_timeout` ran out.
+    pub const SHUTDOWN: &str = "shutdown";
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        macro_rules! reg {
+            ($m:expr) => {{
+                let m = $m.expect("metric definitions are static and valid");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric names are unique");
+                m
+            }};
+        }
+        let m = Metrics {
+            spans_received: reg!(IntCounterVec::new(
+                Opts::new("llmtail_spans_received_total", "Spans accepted by a receiver."),
+                &["protocol"]
+            )),
+            spans_rejected: reg!(IntCounterVec::new(
+                Opts::new("llmtail_spans_rejected_total", "Spans refused as invalid."),
+                &["reason"]
+            )),
+            traces: reg!(IntCounterVec::new(
+                Opts::new("llmtail_traces_total", "Decided traces, by decision and the policy that set the probability."),
+                &["decision", "policy"]
+            )),
+            late_spans: reg!(IntCounterVec::new(
+                Opts::new("llmtail_late_spans_total", "Spans that arrived after their trace's decision."),
+                &["decision"]
+            )),
+            spans_dropped: reg!(IntCounterVec::new(
+                Opts::new("llmtail_spans_dropped_total", "Spans not exported because their trace was not sampled."),
+                &["reason"]
+            )),
+            spans_exported: reg!(IntCounter::new(
+                "llmtail_spans_exported_total",
+                "Spans acknowledged by the upstream."
+            )),
+            spans_lost: reg!(IntCounterVec::new(
+                Opts::new("llmtail_spans_lost_total", "Spans of kept traces that never reached the upstream."),
+                &["reason"]
+            )),
+            buffer_traces: reg!(IntGauge::new("llmtail_buffer_traces", "Traces held awaiting a decision.")),
+            buffer_spans: reg!(IntGauge::new("llmtail_buffer_spans", "Spans held awaiting a decision.")),
+            buffer_bytes: reg!(IntGauge::new("llmtail_buffer_bytes", "Wire bytes of the spans held.")),
+            export_queue_spans: reg!(IntGauge::new(
+                "llmtail_export_queue_spans",
+                "Kept spans waiting for or retrying export."
+            )),
+            decision_delay: reg!(Histogram::with_opts(
+                HistogramOpts::new("llmtail_decision_delay_seconds", "First span of a trace to its decision.")
+                    .buckets(DECISION_DELAY_BUCKETS.to_vec())
+            )),
+            llm_requests: reg!(IntCounterVec::new(
+                Opts::new("llmtail_llm_requests_total", "Every LLM call seen, kept or not."),
+                &["service", "model", "status"]
+            )),
+            llm_tokens: reg!(IntCounterVec::new(
+                Opts::new("llmtail_llm_tokens_total", "Tokens of every LLM call."),
+                &["service", "model", "type"]
+            )),
+            llm_cost: reg!(CounterVec::new(
+                Opts::new("llmtail_llm_cost_usd_total", "Cost in USD of every LLM call."),
+                &["service", "model"]
+            )),
+            llm_latency: reg!(HistogramVec::new(
+                HistogramOpts::new("llmtail_llm_latency_seconds", "LLM call latency.")
+                    .buckets(LLM_LATENCY_BUCKETS.to_vec()),
+                &["service", "model"]
+            )),
+            llm_unpriced: reg!(IntCounterVec::new(
+                Opts::new("llmtail_llm_unpriced_calls_total", "LLM calls with neither a cost attribute nor a price for their model."),
+                &["model"]
+            )),
+            registry,
+        };
+        Arc::new(m)
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding our own registry into a Vec cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+/// Shared state of the admin endpoints.
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    /// True once receivers are bound, false again when shutdown begins.
+    pub ready: Arc<AtomicBool>,
+}
+
+async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.render(),
+    )
+}
+
+async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
+    if admin.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is cancelled.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    admin: Admin,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(admin);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}
+
+/// Binds the admin listener (done early so `/healthz` answers during startup).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
