@@ -8,6 +8,7 @@ pub mod config;
 pub mod daemon;
 pub mod exporter;
 pub mod llm;
+pub mod loadgen;
 pub mod otlp;
 pub mod pipeline;
 pub mod receiver;
