@@ -2,6 +2,8 @@
 //! re-framing of kept spans into new export requests.
 
 pub mod codec;
+#[cfg(test)]
+mod proptests;
 pub mod reframe;
 pub mod scan;
 pub mod tracestate;
