@@ -36,6 +36,7 @@ impl Body for Bytes {
 }
 
 /// Any prost message is a body, encoded and decoded with prost.
+#[derive(Debug)]
 pub struct Prost<M>(pub M);
 
 impl<M: prost::Message + Default + Send + 'static> Body for Prost<M> {

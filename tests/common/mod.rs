@@ -1,0 +1,327 @@
+//! Test harness: the real `llmtail` binary on ephemeral ports, an OTLP sink built on
+//! opentelemetry-proto's tonic server, a client, and a Prometheus text reader.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// How the sink answers.
+pub const SINK_OK: u32 = 0;
+/// Every request is refused with INVALID_ARGUMENT (a permanent error).
+pub const SINK_INVALID_ARGUMENT: u32 = 1;
+
+#[derive(Clone, Default)]
+struct SinkState {
+    requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    calls: Arc<AtomicU64>,
+    mode: Arc<AtomicU32>,
+}
+
+#[tonic::async_trait]
+impl TraceService for SinkState {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.mode.load(Ordering::SeqCst) == SINK_INVALID_ARGUMENT {
+            return Err(tonic::Status::invalid_argument("sink refuses everything"));
+        }
+        self.requests.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// An OTLP/gRPC upstream that records what it receives.
+pub struct Sink {
+    pub port: u16,
+    state: SinkState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Sink {
+    pub async fn start(port: u16) -> Sink {
+        let state = SinkState::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("sink port free");
+        let svc = TraceServiceServer::new(state.clone())
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(64 * 1024 * 1024);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                ),
+        );
+        Sink {
+            port,
+            state,
+            stop: Some(tx),
+        }
+    }
+
+    /// A sink that is not listening (yet): only its port is reserved by the caller.
+    pub fn unstarted(port: u16) -> Sink {
+        Sink {
+            port,
+            state: SinkState::default(),
+            stop: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_mode(&self, mode: u32) {
+        self.state.mode.store(mode, Ordering::SeqCst);
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    pub fn spans(&self) -> Vec<Span> {
+        self.requests()
+            .into_iter()
+            .flat_map(|r| r.resource_spans)
+            .flat_map(|rs| rs.scope_spans)
+            .flat_map(|ss| ss.spans)
+            .collect()
+    }
+
+    pub fn traces(&self) -> HashMap<Vec<u8>, Vec<Span>> {
+        let mut out: HashMap<Vec<u8>, Vec<Span>> = HashMap::new();
+        for s in self.spans() {
+            out.entry(s.trace_id.clone()).or_default().push(s);
+        }
+        out
+    }
+
+    /// Waits until the sink holds at least `n` spans (or the timeout passes).
+    pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            let got = self.spans().len();
+            if got >= n || Instant::now() > end {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The real daemon, started from a config written for the test.
+pub struct Daemon {
+    pub grpc: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_llmtail"))
+}
+
+impl Daemon {
+    /// Starts llmtail with `body` (YAML for every section but receiver and admin, which get
+    /// ephemeral ports) and waits until `/readyz` answers 200.
+    pub fn start(body: &str) -> Daemon {
+        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "receiver:\n  grpc:\n    endpoint: {grpc}\n    max_request_bytes: 1000000\nadmin:\n  endpoint: {admin}\n{body}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("llmtail.log")).unwrap();
+        let child = Command::new(binary())
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("llmtail starts");
+        let mut d = Daemon {
+            grpc,
+            admin,
+            child,
+            dir,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while http_get(admin, "/readyz").map(|(code, _)| code) != Some(200) {
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("llmtail exited with {status}: {}", d.log());
+            }
+            assert!(Instant::now() < end, "llmtail not ready: {}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("llmtail.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let (code, body) = http_get(self.admin, "/metrics").expect("metrics answer");
+        assert_eq!(code, 200);
+        Metrics::parse(&body)
+    }
+
+    /// Polls the metrics until `pred` holds.
+    pub async fn wait_metrics(&self, timeout: Duration, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+        let end = Instant::now() + timeout;
+        loop {
+            let m = self.metrics();
+            if pred(&m) || Instant::now() > end {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "llmtail did not exit: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.0 GET; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let code = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// Prometheus text exposition, parsed into series.
+pub struct Metrics {
+    series: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut series = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (head, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (head, ""),
+            };
+            let labels = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .map(|l| {
+                    let (k, v) = l.split_once('=').unwrap();
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            series.push((name.to_owned(), labels, value.parse().unwrap()));
+        }
+        Metrics { series }
+    }
+
+    /// Sum of every series of `name` whose labels include all of `filter`.
+    pub fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.series
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+}
+
+pub async fn client(endpoint: &str) -> TraceServiceClient<tonic::transport::Channel> {
+    TraceServiceClient::connect(endpoint.to_owned())
+        .await
+        .expect("connect to llmtail")
+}
+
+/// Threshold arithmetic of the consistent rule, written out independently of llmtail:
+/// keep iff R ≥ round((1 − p) · 2^56), R = the trace id's last 7 bytes.
+pub fn consistent_keep(trace_id: &[u8], p: f64) -> bool {
+    let mut r: u64 = 0;
+    for b in &trace_id[9..16] {
+        r = (r << 8) | u64::from(*b);
+    }
+    let t = ((1.0 - p) * 2f64.powi(56)).round();
+    (r as f64) >= t
+}
