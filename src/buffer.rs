@@ -186,7 +186,13 @@ impl TraceBuffer {
 
     /// Holds `span` with its trace, or returns the decision its trace already had. Traces
     /// decided early because the buffer is full are appended to `evicted`.
-    pub fn add(&self, s: SpanSummary, span: HeldSpan, now: Instant, evicted: &mut Vec<DecidedTrace>) -> Added {
+    pub fn add(
+        &self,
+        s: SpanSummary,
+        span: HeldSpan,
+        now: Instant,
+        evicted: &mut Vec<DecidedTrace>,
+    ) -> Added {
         let mut shard = self.shard(&s.trace_id).lock();
         if let Some(d) = shard.decided.get(&s.trace_id) {
             return Added::Late(d, span);
@@ -204,7 +210,9 @@ impl TraceBuffer {
                 bytes: 0,
             }
         });
-        entry.summary.add_span(s.start_ns, s.end_ns, s.error, s.llm_latency_ms, s.cost_usd);
+        entry
+            .summary
+            .add_span(s.start_ns, s.end_ns, s.error, s.llm_latency_ms, s.cost_usd);
         entry.spans.push(span);
         entry.bytes += len;
         let mut new_deadline = None;
@@ -233,7 +241,11 @@ impl TraceBuffer {
 
     fn evict_oldest(&self, shard: &mut Shard, now: Instant) -> Option<DecidedTrace> {
         while let Some((first_seen, id)) = shard.arrivals.pop_front() {
-            if shard.traces.get(&id).is_some_and(|e| e.first_seen == first_seen) {
+            if shard
+                .traces
+                .get(&id)
+                .is_some_and(|e| e.first_seen == first_seen)
+            {
                 return Some(self.decide(shard, id, now, DecideReason::Pressure));
             }
         }
@@ -242,7 +254,13 @@ impl TraceBuffer {
 
     /// Removes a held trace, decides it and remembers the decision, all under the shard
     /// lock so a span arriving meanwhile sees either the trace or its decision.
-    fn decide(&self, shard: &mut Shard, id: TraceId, now: Instant, reason: DecideReason) -> DecidedTrace {
+    fn decide(
+        &self,
+        shard: &mut Shard,
+        id: TraceId,
+        now: Instant,
+        reason: DecideReason,
+    ) -> DecidedTrace {
         let entry = shard
             .traces
             .remove(&id)
@@ -271,13 +289,21 @@ impl TraceBuffer {
                     break;
                 }
                 shard.deadlines.pop();
-                if shard.traces.get(&id).is_some_and(|e| e.deadline == deadline) {
+                if shard
+                    .traces
+                    .get(&id)
+                    .is_some_and(|e| e.deadline == deadline)
+                {
                     out.push(self.decide(&mut shard, id, now, DecideReason::Deadline));
                 }
             }
             // Drop arrival records of traces decided by deadline, so the queue stays small.
             while let Some((first_seen, id)) = shard.arrivals.front().copied() {
-                if shard.traces.get(&id).is_some_and(|e| e.first_seen == first_seen) {
+                if shard
+                    .traces
+                    .get(&id)
+                    .is_some_and(|e| e.first_seen == first_seen)
+                {
                     break;
                 }
                 shard.arrivals.pop_front();
@@ -319,7 +345,8 @@ mod tests {
     use crate::otlp::reframe::Origin;
 
     fn buffer(max_traces: usize, cache: usize) -> TraceBuffer {
-        let cfg = Config::parse("exporter:\n  file:\n    path: x\nsampling:\n  base_rate: 1.0\n").unwrap();
+        let cfg = Config::parse("exporter:\n  file:\n    path: x\nsampling:\n  base_rate: 1.0\n")
+            .unwrap();
         TraceBuffer::new(
             BufferLimits {
                 decision_wait: Duration::from_secs(10),
@@ -364,7 +391,12 @@ mod tests {
         let mut ev = Vec::new();
         b.add(summary(1, false), span(), t0, &mut ev);
         b.add(summary(2, false), span(), t0, &mut ev);
-        b.add(summary(2, true), span(), t0 + Duration::from_secs(2), &mut ev);
+        b.add(
+            summary(2, true),
+            span(),
+            t0 + Duration::from_secs(2),
+            &mut ev,
+        );
         assert_eq!(b.held(), (2, 3, 30));
         let mut out = Vec::new();
         b.decide_due(t0 + Duration::from_millis(2999), &mut out);
@@ -388,7 +420,12 @@ mod tests {
         let mut out = Vec::new();
         b.decide_due(t0 + Duration::from_secs(1), &mut out);
         assert!(out[0].decision.keep);
-        match b.add(summary(7, false), span(), t0 + Duration::from_secs(2), &mut ev) {
+        match b.add(
+            summary(7, false),
+            span(),
+            t0 + Duration::from_secs(2),
+            &mut ev,
+        ) {
             Added::Late(d, _) => {
                 assert!(d.keep());
                 assert_eq!(d.threshold(), Threshold::ALWAYS);
@@ -408,7 +445,12 @@ mod tests {
         let t0 = Instant::now();
         let mut ev = Vec::new();
         b.add(summary(first, false), span(), t0, &mut ev);
-        b.add(summary(second, false), span(), t0 + Duration::from_millis(1), &mut ev);
+        b.add(
+            summary(second, false),
+            span(),
+            t0 + Duration::from_millis(1),
+            &mut ev,
+        );
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].trace_id, TraceId([first; 16]));
         assert_eq!(ev[0].reason, DecideReason::Pressure);

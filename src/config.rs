@@ -68,21 +68,12 @@ pub struct Config {
 
 // ---------------------------------------------------------------------------- receiver
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReceiverConfig {
     pub grpc: GrpcReceiverConfig,
     /// Accepted for compatibility with the full contract; OTLP/HTTP is not served yet.
     pub http: Option<HttpReceiverConfig>,
-}
-
-impl Default for ReceiverConfig {
-    fn default() -> Self {
-        ReceiverConfig {
-            grpc: GrpcReceiverConfig::default(),
-            http: None,
-        }
-    }
 }
 
 impl ReceiverConfig {
@@ -91,18 +82,27 @@ impl ReceiverConfig {
         if self.grpc.endpoint.parse::<SocketAddr>().is_err() {
             p.push((
                 "grpc.endpoint".into(),
-                format!("{:?} is not host:port with an IP host, e.g. 0.0.0.0:4317", self.grpc.endpoint),
+                format!(
+                    "{:?} is not host:port with an IP host, e.g. 0.0.0.0:4317",
+                    self.grpc.endpoint
+                ),
             ));
         }
         if self.grpc.max_request_bytes < 1024 {
-            p.push(("grpc.max_request_bytes".into(), "must be at least 1024".into()));
+            p.push((
+                "grpc.max_request_bytes".into(),
+                "must be at least 1024".into(),
+            ));
         }
         if let Some(http) = &self.http
             && http.endpoint.parse::<SocketAddr>().is_err()
         {
             p.push((
                 "http.endpoint".into(),
-                format!("{:?} is not host:port with an IP host, e.g. 0.0.0.0:4318", http.endpoint),
+                format!(
+                    "{:?} is not host:port with an IP host, e.g. 0.0.0.0:4318",
+                    http.endpoint
+                ),
             ));
         }
         p
@@ -181,10 +181,16 @@ impl SamplingConfig {
             p.push(("decision_wait".into(), "must be greater than 0".into()));
         }
         if self.root_grace.0 > self.decision_wait.0 {
-            p.push(("root_grace".into(), "must not be longer than decision_wait".into()));
+            p.push((
+                "root_grace".into(),
+                "must not be longer than decision_wait".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.base_rate) {
-            p.push(("base_rate".into(), format!("must be between 0 and 1, got {}", self.base_rate)));
+            p.push((
+                "base_rate".into(),
+                format!("must be between 0 and 1, got {}", self.base_rate),
+            ));
         }
         if self.max_traces == 0 {
             p.push(("max_traces".into(), "must be at least 1".into()));
@@ -193,8 +199,14 @@ impl SamplingConfig {
             for (key, msg) in policy.validate() {
                 p.push((format!("policies[{i}].{key}"), msg));
             }
-            if self.policies[..i].iter().any(|other| other.name == policy.name) {
-                p.push((format!("policies[{i}].name"), format!("duplicate policy name {:?}", policy.name)));
+            if self.policies[..i]
+                .iter()
+                .any(|other| other.name == policy.name)
+            {
+                p.push((
+                    format!("policies[{i}].name"),
+                    format!("duplicate policy name {:?}", policy.name),
+                ));
             }
         }
         p
@@ -235,13 +247,25 @@ impl PolicyConfig {
             p.push(("name".into(), "must not be empty".into()));
         }
         if !(0.0..=1.0).contains(&self.rate) {
-            p.push(("rate".into(), format!("must be between 0 and 1, got {}", self.rate)));
+            p.push((
+                "rate".into(),
+                format!("must be between 0 and 1, got {}", self.rate),
+            ));
         }
         let (needed, other) = match self.kind {
-            PolicyType::Error => (None, [("threshold_ms", self.threshold_ms), ("threshold_usd", self.threshold_usd)]),
+            PolicyType::Error => (
+                None,
+                [
+                    ("threshold_ms", self.threshold_ms),
+                    ("threshold_usd", self.threshold_usd),
+                ],
+            ),
             PolicyType::Latency => (
                 Some(("threshold_ms", self.threshold_ms)),
-                [("threshold_usd", self.threshold_usd), ("threshold_usd", None)],
+                [
+                    ("threshold_usd", self.threshold_usd),
+                    ("threshold_usd", None),
+                ],
             ),
             PolicyType::Cost => (
                 Some(("threshold_usd", self.threshold_usd)),
@@ -249,7 +273,10 @@ impl PolicyConfig {
             ),
         };
         match needed {
-            Some((key, None)) => p.push((key.into(), format!("required for a {:?} policy", self.kind).to_lowercase())),
+            Some((key, None)) => p.push((
+                key.into(),
+                format!("required for a {:?} policy", self.kind).to_lowercase(),
+            )),
             Some((key, Some(v))) if !(v.is_finite() && v >= 0.0) => {
                 p.push((key.into(), format!("must be a number ≥ 0, got {v}")))
             }
@@ -257,7 +284,10 @@ impl PolicyConfig {
         }
         for (key, value) in other {
             if value.is_some() {
-                p.push((key.into(), format!("does not apply to a {:?} policy", self.kind).to_lowercase()));
+                p.push((
+                    key.into(),
+                    format!("does not apply to a {:?} policy", self.kind).to_lowercase(),
+                ));
             }
         }
         p
@@ -266,7 +296,7 @@ impl PolicyConfig {
 
 // ---------------------------------------------------------------------------- exporter
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExporterConfig {
     pub otlp: Option<OtlpExporterConfig>,
@@ -276,24 +306,18 @@ pub struct ExporterConfig {
     pub retry: RetryConfig,
 }
 
-impl Default for ExporterConfig {
-    fn default() -> Self {
-        ExporterConfig {
-            otlp: None,
-            file: None,
-            batch: BatchConfig::default(),
-            queue: QueueConfig::default(),
-            retry: RetryConfig::default(),
-        }
-    }
-}
-
 impl ExporterConfig {
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         match (&self.otlp, &self.file) {
-            (None, None) => p.push(("".into(), "set exactly one of exporter.otlp or exporter.file".into())),
-            (Some(_), Some(_)) => p.push(("file".into(), "set exactly one of exporter.otlp or exporter.file, not both".into())),
+            (None, None) => p.push((
+                "".into(),
+                "set exactly one of exporter.otlp or exporter.file".into(),
+            )),
+            (Some(_), Some(_)) => p.push((
+                "file".into(),
+                "set exactly one of exporter.otlp or exporter.file, not both".into(),
+            )),
             _ => {}
         }
         if let Some(otlp) = &self.otlp {
@@ -316,13 +340,21 @@ impl ExporterConfig {
             p.push(("batch.max_spans".into(), "must be at least 1".into()));
         }
         if self.queue.max_spans < self.batch.max_spans {
-            p.push(("queue.max_spans".into(), "must be at least batch.max_spans".into()));
+            p.push((
+                "queue.max_spans".into(),
+                "must be at least batch.max_spans".into(),
+            ));
         }
         if self.queue.concurrency == 0 {
             p.push(("queue.concurrency".into(), "must be at least 1".into()));
         }
-        if self.retry.initial_interval.0.is_zero() || self.retry.max_interval.0 < self.retry.initial_interval.0 {
-            p.push(("retry".into(), "need 0 < initial_interval ≤ max_interval".into()));
+        if self.retry.initial_interval.0.is_zero()
+            || self.retry.max_interval.0 < self.retry.initial_interval.0
+        {
+            p.push((
+                "retry".into(),
+                "need 0 < initial_interval ≤ max_interval".into(),
+            ));
         }
         p
     }
@@ -440,7 +472,10 @@ impl AdminConfig {
             Ok(_) => Vec::new(),
             Err(_) => vec![(
                 "endpoint".into(),
-                format!("{:?} is not host:port with an IP host, e.g. 0.0.0.0:8888", self.endpoint),
+                format!(
+                    "{:?} is not host:port with an IP host, e.g. 0.0.0.0:8888",
+                    self.endpoint
+                ),
             )],
         }
     }
@@ -474,7 +509,14 @@ pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------- loading
 
-const TOP_LEVEL_KEYS: &[&str] = &["receiver", "sampling", "exporter", "admin", "llm", "shutdown_timeout"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "receiver",
+    "sampling",
+    "exporter",
+    "admin",
+    "llm",
+    "shutdown_timeout",
+];
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
@@ -565,7 +607,11 @@ impl Config {
         if let Some(v) = top.get("shutdown_timeout") {
             match serde_yaml_ng::from_value::<TopLevelTimeout>(v.clone()) {
                 Ok(TopLevelTimeout(d)) => cfg.shutdown_timeout = d.0,
-                Err(e) => report(vec!["shutdown_timeout".into()], e.to_string(), &mut problems),
+                Err(e) => report(
+                    vec!["shutdown_timeout".into()],
+                    e.to_string(),
+                    &mut problems,
+                ),
             }
         }
         if top.get("exporter").is_none() {
@@ -586,7 +632,9 @@ impl Config {
 
 /// Deserializes `value` as `T`; on an error, records it, removes the offending key and
 /// tries again, so one pass reports every unknown key and every bad value of a section.
-fn deserialize_repairing<T: DeserializeOwned>(mut value: Value) -> (Option<T>, Vec<(Vec<String>, String)>) {
+fn deserialize_repairing<T: DeserializeOwned>(
+    mut value: Value,
+) -> (Option<T>, Vec<(Vec<String>, String)>) {
     let mut errors = Vec::new();
     while errors.len() < MAX_PROBLEMS_PER_SECTION {
         match serde_path_to_error::deserialize::<_, T>(value.clone()) {
@@ -672,7 +720,10 @@ fn render(path: &[String]) -> String {
 
 /// Replaces `${env:NAME}` and `${env:NAME:-default}`; `$${` stays a literal `${`.
 /// Returns the new text and a problem for every variable that is unset with no default.
-pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> (String, Vec<Problem>) {
+pub fn substitute_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> (String, Vec<Problem>) {
     let mut out = String::with_capacity(text.len());
     let mut problems = Vec::new();
     for (line_no, line) in text.split_inclusive('\n').enumerate() {
@@ -865,7 +916,11 @@ extra: 1
         assert!(find("extra").message.contains("allowed"));
         // decision_wait was removed as invalid, so the rest of the section is still validated
         // with its default.
-        assert!(find("sampling.base_rate").message.contains("between 0 and 1"));
+        assert!(
+            find("sampling.base_rate")
+                .message
+                .contains("between 0 and 1")
+        );
         assert_eq!(find("sampling.policies[0].threshold_ms").line, Some(9));
     }
 
@@ -883,7 +938,9 @@ extra: 1
 
     #[test]
     fn missing_exporter_is_reported() {
-        let errs = Config::parse("admin:\n  endpoint: 127.0.0.1:1\n").unwrap_err().0;
+        let errs = Config::parse("admin:\n  endpoint: 127.0.0.1:1\n")
+            .unwrap_err()
+            .0;
         assert!(errs.iter().any(|p| p.path == "exporter"), "{errs:?}");
     }
 }

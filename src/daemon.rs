@@ -32,11 +32,15 @@ pub enum Ended {
 }
 
 fn parse_addr(s: &str, key: &str) -> anyhow::Result<SocketAddr> {
-    s.parse().with_context(|| format!("{key}: {s:?} is not host:port"))
+    s.parse()
+        .with_context(|| format!("{key}: {s:?} is not host:port"))
 }
 
 /// Runs the daemon until `shutdown` completes (a signal in production, a token in tests).
-pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<Ended> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<Ended> {
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -59,7 +63,9 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
         (None, Some(file)) => Sink::File(
             exporter::file::FileSink::open(&file.path)
                 .await
-                .with_context(|| format!("cannot open exporter.file.path {}", file.path.display()))?,
+                .with_context(|| {
+                    format!("cannot open exporter.file.path {}", file.path.display())
+                })?,
         ),
         (None, None) => anyhow::bail!("no exporter configured"),
     };
@@ -148,11 +154,17 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
     pipeline.decide_all();
     control.flush.cancel();
     let mut export_task = export_task;
-    if tokio::time::timeout_at(deadline, &mut export_task).await.is_err() {
+    if tokio::time::timeout_at(deadline, &mut export_task)
+        .await
+        .is_err()
+    {
         control.abort.cancel();
         let _ = export_task.await;
     }
-    let lost_at_shutdown = metrics.spans_lost.with_label_values(&[lost::SHUTDOWN]).get();
+    let lost_at_shutdown = metrics
+        .spans_lost
+        .with_label_values(&[lost::SHUTDOWN])
+        .get();
     stop_admin.cancel();
     let _ = admin_task.await;
     let ended = if lost_at_shutdown == 0 && export.queued() == 0 {
@@ -162,7 +174,11 @@ pub async fn run(cfg: Config, shutdown: impl std::future::Future<Output = ()>) -
             lost_spans: lost_at_shutdown,
         }
     };
-    tracing::info!(?ended, exported = metrics.spans_exported.get(), "llmtail stopped");
+    tracing::info!(
+        ?ended,
+        exported = metrics.spans_exported.get(),
+        "llmtail stopped"
+    );
     Ok(ended)
 }
 
@@ -171,7 +187,10 @@ pub async fn termination_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {},

@@ -88,7 +88,12 @@ pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Opti
         Some(AttrValue::Str(range)) => Some(String::from_utf8_lossy(&span[range.clone()])),
         _ => None,
     };
-    let tokens = |field| attrs.get(field).and_then(|v| number(span, v)).map(|n| n as u64);
+    let tokens = |field| {
+        attrs
+            .get(field)
+            .and_then(|v| number(span, v))
+            .map(|n| n as u64)
+    };
     let input = tokens(LlmField::InputTokens);
     let output = tokens(LlmField::OutputTokens);
     if model.is_none() && input.is_none() && output.is_none() {
@@ -318,7 +323,10 @@ mod tests {
             },
         ]);
         assert_eq!(
-            pricing.lookup("claude-3-5-sonnet-20241022").unwrap().input_per_mtok,
+            pricing
+                .lookup("claude-3-5-sonnet-20241022")
+                .unwrap()
+                .input_per_mtok,
             1.0
         );
         assert_eq!(pricing.lookup("gpt-4o").unwrap().input_per_mtok, 2.5);

@@ -101,36 +101,67 @@ fn span_id(rng: &mut impl Rng) -> Vec<u8> {
 }
 
 /// Builds one trace of the given kind, starting at `start_ns`.
-pub fn trace(rng: &mut impl Rng, kind: Kind, convention: Convention, start_ns: u64) -> GeneratedTrace {
+pub fn trace(
+    rng: &mut impl Rng,
+    kind: Kind,
+    convention: Convention,
+    start_ns: u64,
+) -> GeneratedTrace {
     const MS: u64 = 1_000_000;
     let trace_id = random_trace_id(rng);
     let root_id = span_id(rng);
     let (model, input_tokens, output_tokens) = match kind {
         Kind::ExpensiveTokens => ("claude-opus-4-20250514", 5_000, 2_000),
-        _ => ("gpt-4o-mini-2024-07-18", rng.random_range(200..1500), rng.random_range(50..400)),
+        _ => (
+            "gpt-4o-mini-2024-07-18",
+            rng.random_range(200..1500),
+            rng.random_range(50..400),
+        ),
     };
-    let root_ms = if kind == Kind::SlowDuration { 6_000 } else { rng.random_range(300..1_500) };
+    let root_ms = if kind == Kind::SlowDuration {
+        6_000
+    } else {
+        rng.random_range(300..1_500)
+    };
     let llm_ms = root_ms * 6 / 10;
-    let base = |name: &str, id: Vec<u8>, parent: Vec<u8>, kind: SpanKind, from: u64, to: u64| Span {
-        trace_id: trace_id.to_vec(),
-        span_id: id,
-        parent_span_id: parent,
-        name: name.to_owned(),
-        kind: kind as i32,
-        start_time_unix_nano: start_ns + from * MS,
-        end_time_unix_nano: start_ns + to * MS,
-        flags: 0x101,
-        ..Default::default()
-    };
-    let mut root = base("POST /v1/chat", root_id.clone(), Vec::new(), SpanKind::Server, 0, root_ms);
+    let base =
+        |name: &str, id: Vec<u8>, parent: Vec<u8>, kind: SpanKind, from: u64, to: u64| Span {
+            trace_id: trace_id.to_vec(),
+            span_id: id,
+            parent_span_id: parent,
+            name: name.to_owned(),
+            kind: kind as i32,
+            start_time_unix_nano: start_ns + from * MS,
+            end_time_unix_nano: start_ns + to * MS,
+            flags: 0x101,
+            ..Default::default()
+        };
+    let mut root = base(
+        "POST /v1/chat",
+        root_id.clone(),
+        Vec::new(),
+        SpanKind::Server,
+        0,
+        root_ms,
+    );
     root.attributes = vec![
         s("http.request.method", "POST"),
         s("http.route", "/v1/chat"),
-        i("http.response.status_code", if kind == Kind::Error { 500 } else { 200 }),
+        i(
+            "http.response.status_code",
+            if kind == Kind::Error { 500 } else { 200 },
+        ),
         s("url.scheme", "https"),
         s("user_agent.original", "chat-web/3.2"),
     ];
-    let mut llm = base("chat", span_id(rng), root_id.clone(), SpanKind::Client, 40, 40 + llm_ms);
+    let mut llm = base(
+        "chat",
+        span_id(rng),
+        root_id.clone(),
+        SpanKind::Client,
+        40,
+        40 + llm_ms,
+    );
     llm.attributes = match convention {
         Convention::GenAi => vec![
             s("gen_ai.operation.name", "chat"),
@@ -164,7 +195,10 @@ pub fn trace(rng: &mut impl Rng, kind: Kind, convention: Convention, start_ns: u
             s("llm.provider", "openai"),
             i("llm.token_count.prompt", input_tokens as i64),
             i("llm.token_count.completion", output_tokens as i64),
-            i("llm.token_count.total", (input_tokens + output_tokens) as i64),
+            i(
+                "llm.token_count.total",
+                (input_tokens + output_tokens) as i64,
+            ),
             s("llm.invocation_parameters", "{\"temperature\":0.2}"),
             s("input.mime_type", "application/json"),
             s("output.mime_type", "application/json"),
@@ -203,9 +237,26 @@ pub fn trace(rng: &mut impl Rng, kind: Kind, convention: Convention, start_ns: u
         }
         _ => {}
     }
-    let mut tool = base("tool search_docs", span_id(rng), root_id.clone(), SpanKind::Internal, 40 + llm_ms, 60 + llm_ms);
-    tool.attributes = vec![s("gen_ai.tool.name", "search_docs"), s("gen_ai.operation.name", "execute_tool")];
-    let mut db = base("SELECT documents", span_id(rng), root_id, SpanKind::Client, 10, 30);
+    let mut tool = base(
+        "tool search_docs",
+        span_id(rng),
+        root_id.clone(),
+        SpanKind::Internal,
+        40 + llm_ms,
+        60 + llm_ms,
+    );
+    tool.attributes = vec![
+        s("gen_ai.tool.name", "search_docs"),
+        s("gen_ai.operation.name", "execute_tool"),
+    ];
+    let mut db = base(
+        "SELECT documents",
+        span_id(rng),
+        root_id,
+        SpanKind::Client,
+        10,
+        30,
+    );
     db.attributes = vec![
         s("db.system.name", "postgresql"),
         s("db.operation.name", "SELECT"),

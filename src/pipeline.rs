@@ -100,7 +100,10 @@ impl Pipeline {
                                 .with_label_values(&[reject.label()])
                                 .inc();
                             first_reject.get_or_insert_with(|| {
-                                (reject, format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]"))
+                                (
+                                    reject,
+                                    format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]"),
+                                )
                             });
                             continue;
                         }
@@ -124,7 +127,9 @@ impl Pipeline {
                         bytes: span,
                         trace_state: facts.trace_state,
                     };
-                    if let Added::Late(decision, span) = self.buffer.add(summary, held, now, &mut evicted) {
+                    if let Added::Late(decision, span) =
+                        self.buffer.add(summary, held, now, &mut evicted)
+                    {
                         let label = if decision.keep() { "kept" } else { "dropped" };
                         self.metrics.late_spans.with_label_values(&[label]).inc();
                         if decision.keep() {
@@ -133,7 +138,10 @@ impl Pipeline {
                                 threshold: decision.threshold(),
                             }]);
                         } else {
-                            self.metrics.spans_dropped.with_label_values(&["late"]).inc();
+                            self.metrics
+                                .spans_dropped
+                                .with_label_values(&["late"])
+                                .inc();
                         }
                     }
                 }
@@ -158,7 +166,9 @@ impl Pipeline {
         let m = &self.metrics;
         let model: &str = &call.model;
         let status = if call.error { "error" } else { "ok" };
-        m.llm_requests.with_label_values(&[service, model, status]).inc();
+        m.llm_requests
+            .with_label_values(&[service, model, status])
+            .inc();
         m.llm_tokens
             .with_label_values(&[service, model, "input"])
             .inc_by(call.input_tokens);

@@ -30,7 +30,14 @@ impl Default for TraceSummary {
 }
 
 impl TraceSummary {
-    pub fn add_span(&mut self, start_ns: u64, end_ns: u64, error: bool, llm_latency_ms: Option<f64>, cost_usd: Option<f64>) {
+    pub fn add_span(
+        &mut self,
+        start_ns: u64,
+        end_ns: u64,
+        error: bool,
+        llm_latency_ms: Option<f64>,
+        cost_usd: Option<f64>,
+    ) {
         self.min_start_ns = self.min_start_ns.min(start_ns);
         self.max_end_ns = self.max_end_ns.max(end_ns);
         self.has_error |= error;

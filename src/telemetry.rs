@@ -11,13 +11,15 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder, CounterVec,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
 /// Buckets for the decision delay: from well under `root_grace` to past `decision_wait`.
-const DECISION_DELAY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0];
+const DECISION_DELAY_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0,
+];
 /// Buckets for LLM call latency: fast completions to long reasoning calls.
 const LLM_LATENCY_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 
@@ -71,7 +73,10 @@ impl Metrics {
         }
         let m = Metrics {
             spans_received: reg!(IntCounterVec::new(
-                Opts::new("llmtail_spans_received_total", "Spans accepted by a receiver."),
+                Opts::new(
+                    "llmtail_spans_received_total",
+                    "Spans accepted by a receiver."
+                ),
                 &["protocol"]
             )),
             spans_rejected: reg!(IntCounterVec::new(
@@ -79,15 +84,24 @@ impl Metrics {
                 &["reason"]
             )),
             traces: reg!(IntCounterVec::new(
-                Opts::new("llmtail_traces_total", "Decided traces, by decision and the policy that set the probability."),
+                Opts::new(
+                    "llmtail_traces_total",
+                    "Decided traces, by decision and the policy that set the probability."
+                ),
                 &["decision", "policy"]
             )),
             late_spans: reg!(IntCounterVec::new(
-                Opts::new("llmtail_late_spans_total", "Spans that arrived after their trace's decision."),
+                Opts::new(
+                    "llmtail_late_spans_total",
+                    "Spans that arrived after their trace's decision."
+                ),
                 &["decision"]
             )),
             spans_dropped: reg!(IntCounterVec::new(
-                Opts::new("llmtail_spans_dropped_total", "Spans not exported because their trace was not sampled."),
+                Opts::new(
+                    "llmtail_spans_dropped_total",
+                    "Spans not exported because their trace was not sampled."
+                ),
                 &["reason"]
             )),
             spans_exported: reg!(IntCounter::new(
@@ -95,22 +109,40 @@ impl Metrics {
                 "Spans acknowledged by the upstream."
             )),
             spans_lost: reg!(IntCounterVec::new(
-                Opts::new("llmtail_spans_lost_total", "Spans of kept traces that never reached the upstream."),
+                Opts::new(
+                    "llmtail_spans_lost_total",
+                    "Spans of kept traces that never reached the upstream."
+                ),
                 &["reason"]
             )),
-            buffer_traces: reg!(IntGauge::new("llmtail_buffer_traces", "Traces held awaiting a decision.")),
-            buffer_spans: reg!(IntGauge::new("llmtail_buffer_spans", "Spans held awaiting a decision.")),
-            buffer_bytes: reg!(IntGauge::new("llmtail_buffer_bytes", "Wire bytes of the spans held.")),
+            buffer_traces: reg!(IntGauge::new(
+                "llmtail_buffer_traces",
+                "Traces held awaiting a decision."
+            )),
+            buffer_spans: reg!(IntGauge::new(
+                "llmtail_buffer_spans",
+                "Spans held awaiting a decision."
+            )),
+            buffer_bytes: reg!(IntGauge::new(
+                "llmtail_buffer_bytes",
+                "Wire bytes of the spans held."
+            )),
             export_queue_spans: reg!(IntGauge::new(
                 "llmtail_export_queue_spans",
                 "Kept spans waiting for or retrying export."
             )),
             decision_delay: reg!(Histogram::with_opts(
-                HistogramOpts::new("llmtail_decision_delay_seconds", "First span of a trace to its decision.")
-                    .buckets(DECISION_DELAY_BUCKETS.to_vec())
+                HistogramOpts::new(
+                    "llmtail_decision_delay_seconds",
+                    "First span of a trace to its decision."
+                )
+                .buckets(DECISION_DELAY_BUCKETS.to_vec())
             )),
             llm_requests: reg!(IntCounterVec::new(
-                Opts::new("llmtail_llm_requests_total", "Every LLM call seen, kept or not."),
+                Opts::new(
+                    "llmtail_llm_requests_total",
+                    "Every LLM call seen, kept or not."
+                ),
                 &["service", "model", "status"]
             )),
             llm_tokens: reg!(IntCounterVec::new(
@@ -118,7 +150,10 @@ impl Metrics {
                 &["service", "model", "type"]
             )),
             llm_cost: reg!(CounterVec::new(
-                Opts::new("llmtail_llm_cost_usd_total", "Cost in USD of every LLM call."),
+                Opts::new(
+                    "llmtail_llm_cost_usd_total",
+                    "Cost in USD of every LLM call."
+                ),
                 &["service", "model"]
             )),
             llm_latency: reg!(HistogramVec::new(
@@ -127,7 +162,10 @@ impl Metrics {
                 &["service", "model"]
             )),
             llm_unpriced: reg!(IntCounterVec::new(
-                Opts::new("llmtail_llm_unpriced_calls_total", "LLM calls with neither a cost attribute nor a price for their model."),
+                Opts::new(
+                    "llmtail_llm_unpriced_calls_total",
+                    "LLM calls with neither a cost attribute nor a price for their model."
+                ),
                 &["model"]
             )),
             registry,

@@ -20,7 +20,10 @@ const POLICIES: &str = "  policies:
 ";
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn generate(rng: &mut StdRng, kinds: &[(Kind, usize)]) -> Vec<GeneratedTrace> {
@@ -42,7 +45,11 @@ async fn send_split(endpoint: &str, traces: &[GeneratedTrace]) {
         let second: Vec<Span> = chunk.iter().flat_map(|t| t.spans[2..].to_vec()).collect();
         let first: Vec<Span> = chunk.iter().flat_map(|t| t.spans[..2].to_vec()).collect();
         for spans in [second, first] {
-            let resp = client.export(loadgen::request(spans)).await.unwrap().into_inner();
+            let resp = client
+                .export(loadgen::request(spans))
+                .await
+                .unwrap()
+                .into_inner();
             assert!(resp.partial_success.is_none(), "{resp:?}");
         }
     }
@@ -89,7 +96,11 @@ async fn interesting_traces_arrive_whole_and_the_rest_follow_the_consistent_rule
     for t in &traces {
         let arrived = got.get(&t.trace_id[..]);
         if !expected.contains(&t.trace_id[..]) {
-            assert!(arrived.is_none(), "{:?} trace should have been dropped", t.kind);
+            assert!(
+                arrived.is_none(),
+                "{:?} trace should have been dropped",
+                t.kind
+            );
             continue;
         }
         let arrived = arrived.unwrap_or_else(|| panic!("{:?} trace missing", t.kind));
@@ -99,22 +110,69 @@ async fn interesting_traces_arrive_whole_and_the_rest_follow_the_consistent_rule
         want.sort();
         assert_eq!(ids, want, "{:?} trace must arrive whole", t.kind);
         // p = 0.3 (the f64 just below 0.3): T = round(0.7000…011 · 2^56) = 0xb3333333333334.
-        let th = if t.kind.is_interesting() { "ot=th:0" } else { "ot=th:b3333333333334" };
-        assert!(arrived.iter().all(|s| s.trace_state == th), "{:?}", arrived[0].trace_state);
+        let th = if t.kind.is_interesting() {
+            "ot=th:0"
+        } else {
+            "ot=th:b3333333333334"
+        };
+        assert!(
+            arrived.iter().all(|s| s.trace_state == th),
+            "{:?}",
+            arrived[0].trace_state
+        );
     }
 
     // Metrics equal what was sent.
     let n = traces.len() as f64;
     let kept_normal = expected.len() - 150;
-    assert_eq!(m.sum("llmtail_spans_received_total", &[("protocol", "grpc")]), n * 4.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "errors")]), 30.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "slow")]), 60.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "expensive")]), 60.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "base_rate")]), kept_normal as f64);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "dropped")]), (400 - kept_normal) as f64);
-    assert_eq!(m.sum("llmtail_spans_dropped_total", &[]), ((400 - kept_normal) * 4) as f64);
-    assert_eq!(m.sum("llmtail_llm_requests_total", &[("service", "chat-api")]), n);
-    assert_eq!(m.sum("llmtail_llm_requests_total", &[("status", "error")]), 30.0);
+    assert_eq!(
+        m.sum("llmtail_spans_received_total", &[("protocol", "grpc")]),
+        n * 4.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "errors")]
+        ),
+        30.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "slow")]
+        ),
+        60.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "expensive")]
+        ),
+        60.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "base_rate")]
+        ),
+        kept_normal as f64
+    );
+    assert_eq!(
+        m.sum("llmtail_traces_total", &[("decision", "dropped")]),
+        (400 - kept_normal) as f64
+    );
+    assert_eq!(
+        m.sum("llmtail_spans_dropped_total", &[]),
+        ((400 - kept_normal) * 4) as f64
+    );
+    assert_eq!(
+        m.sum("llmtail_llm_requests_total", &[("service", "chat-api")]),
+        n
+    );
+    assert_eq!(
+        m.sum("llmtail_llm_requests_total", &[("status", "error")]),
+        30.0
+    );
     let mut per_model: HashMap<&str, (f64, f64, f64)> = HashMap::new();
     for t in &traces {
         let e = per_model.entry(t.model).or_default();
@@ -124,10 +182,21 @@ async fn interesting_traces_arrive_whole_and_the_rest_follow_the_consistent_rule
     }
     for (model, (input, output, cost)) in per_model {
         let labels = |ty| [("model", model), ("type", ty)];
-        assert_eq!(m.sum("llmtail_llm_tokens_total", &labels("input")), input, "{model}");
-        assert_eq!(m.sum("llmtail_llm_tokens_total", &labels("output")), output, "{model}");
+        assert_eq!(
+            m.sum("llmtail_llm_tokens_total", &labels("input")),
+            input,
+            "{model}"
+        );
+        assert_eq!(
+            m.sum("llmtail_llm_tokens_total", &labels("output")),
+            output,
+            "{model}"
+        );
         let got_cost = m.sum("llmtail_llm_cost_usd_total", &[("model", model)]);
-        assert!((got_cost - cost).abs() < 1e-9, "{model}: {got_cost} vs {cost}");
+        assert!(
+            (got_cost - cost).abs() < 1e-9,
+            "{model}: {got_cost} vs {cost}"
+        );
     }
     assert_eq!(m.sum("llmtail_llm_latency_seconds_count", &[]), n);
     assert_eq!(m.sum("llmtail_decision_delay_seconds_count", &[]), n);
@@ -143,23 +212,48 @@ async fn late_spans_follow_their_traces_decision_both_ways() {
     let kept = loadgen::trace(&mut rng, Kind::Error, Convention::GenAi, now_ns());
     let dropped = loadgen::trace(&mut rng, Kind::Normal, Convention::Seed, now_ns());
     let mut c = client(&daemon.endpoint()).await;
-    let early: Vec<Span> = kept.spans[..2].iter().chain(&dropped.spans[..2]).cloned().collect();
+    let early: Vec<Span> = kept.spans[..2]
+        .iter()
+        .chain(&dropped.spans[..2])
+        .cloned()
+        .collect();
     c.export(loadgen::request(early)).await.unwrap();
     daemon
-        .wait_metrics(Duration::from_secs(10), |m| m.sum("llmtail_traces_total", &[]) == 2.0)
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_traces_total", &[]) == 2.0
+        })
         .await;
-    let late: Vec<Span> = kept.spans[2..].iter().chain(&dropped.spans[2..]).cloned().collect();
+    let late: Vec<Span> = kept.spans[2..]
+        .iter()
+        .chain(&dropped.spans[2..])
+        .cloned()
+        .collect();
     c.export(loadgen::request(late)).await.unwrap();
     let m = daemon
-        .wait_metrics(Duration::from_secs(10), |m| m.sum("llmtail_spans_exported_total", &[]) == 4.0)
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) == 4.0
+        })
         .await;
-    assert_eq!(m.sum("llmtail_late_spans_total", &[("decision", "kept")]), 2.0);
-    assert_eq!(m.sum("llmtail_late_spans_total", &[("decision", "dropped")]), 2.0);
-    assert_eq!(m.sum("llmtail_spans_dropped_total", &[("reason", "late")]), 2.0);
+    assert_eq!(
+        m.sum("llmtail_late_spans_total", &[("decision", "kept")]),
+        2.0
+    );
+    assert_eq!(
+        m.sum("llmtail_late_spans_total", &[("decision", "dropped")]),
+        2.0
+    );
+    assert_eq!(
+        m.sum("llmtail_spans_dropped_total", &[("reason", "late")]),
+        2.0
+    );
     let got = sink.traces();
     assert_eq!(got.len(), 1);
     assert_eq!(got[&kept.trace_id[..]].len(), 4);
-    assert!(got[&kept.trace_id[..]].iter().all(|s| s.trace_state == "ot=th:0"));
+    assert!(
+        got[&kept.trace_id[..]]
+            .iter()
+            .all(|s| s.trace_state == "ot=th:0")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,13 +265,26 @@ async fn upstream_down_for_ten_seconds_loses_nothing() {
     let traces = generate(&mut rng, &[(Kind::Error, 50), (Kind::Normal, 50)]);
     send_split(&daemon.endpoint(), &traces).await;
     daemon
-        .wait_metrics(Duration::from_secs(10), |m| m.sum("llmtail_traces_total", &[]) == 100.0)
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_traces_total", &[]) == 100.0
+        })
         .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(daemon.metrics().sum("llmtail_spans_exported_total", &[]), 0.0);
-    assert_eq!(daemon.metrics().sum("llmtail_export_queue_spans", &[]), 200.0);
+    assert_eq!(
+        daemon.metrics().sum("llmtail_spans_exported_total", &[]),
+        0.0
+    );
+    assert_eq!(
+        daemon.metrics().sum("llmtail_export_queue_spans", &[]),
+        200.0
+    );
     let sink = Sink::start(port).await;
-    assert_eq!(sink.wait_for_spans(200, Duration::from_secs(20)).await, 200, "{}", daemon.log());
+    assert_eq!(
+        sink.wait_for_spans(200, Duration::from_secs(20)).await,
+        200,
+        "{}",
+        daemon.log()
+    );
     let m = daemon.metrics();
     assert_eq!(m.sum("llmtail_spans_exported_total", &[]), 200.0);
     assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
@@ -217,13 +324,25 @@ async fn invalid_spans_are_rejected_one_by_one_and_bad_requests_get_grpc_errors(
     no_span_id.span_id = Vec::new();
     spans.extend([short_trace_id, zero_span_id, no_span_id]);
     let mut c = client(&daemon.endpoint()).await;
-    let resp = c.export(loadgen::request(spans)).await.unwrap().into_inner();
+    let resp = c
+        .export(loadgen::request(spans))
+        .await
+        .unwrap()
+        .into_inner();
     let partial = resp.partial_success.expect("partial success");
     assert_eq!(partial.rejected_spans, 3);
-    assert!(partial.error_message.contains("trace id must be 16 bytes"), "{}", partial.error_message);
+    assert!(
+        partial.error_message.contains("trace id must be 16 bytes"),
+        "{}",
+        partial.error_message
+    );
 
     // Undecodable body → INVALID_ARGUMENT; the daemon keeps serving.
-    let channel = tonic::transport::Endpoint::from_shared(daemon.endpoint()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(daemon.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut raw = tonic::client::Grpc::new(channel.clone());
     raw.ready().await.unwrap();
     let path = tonic::codegen::http::uri::PathAndQuery::from_static(
@@ -231,7 +350,11 @@ async fn invalid_spans_are_rejected_one_by_one_and_bad_requests_get_grpc_errors(
     );
     let garbage = bytes::Bytes::from_static(&[0x0a, 0xff, 0xff, 0xff, 0x0f, 0x01]);
     let err = raw
-        .unary(tonic::Request::new(garbage), path.clone(), RawCodec::<bytes::Bytes, Prost<ExportTraceServiceResponse>>::default())
+        .unary(
+            tonic::Request::new(garbage),
+            path.clone(),
+            RawCodec::<bytes::Bytes, Prost<ExportTraceServiceResponse>>::default(),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
@@ -242,7 +365,9 @@ async fn invalid_spans_are_rejected_one_by_one_and_bad_requests_get_grpc_errors(
     let err = c.export(loadgen::request(big.spans)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     // The same oversized request gzip-compressed is refused after decompression too.
-    let mut gz = client(&daemon.endpoint()).await.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let mut gz = client(&daemon.endpoint())
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
     let mut big = loadgen::trace(&mut rng, Kind::Normal, Convention::GenAi, now_ns());
     big.spans[0].name = "x".repeat(1_100_000);
     let err = gz.export(loadgen::request(big.spans)).await.unwrap_err();
@@ -250,14 +375,32 @@ async fn invalid_spans_are_rejected_one_by_one_and_bad_requests_get_grpc_errors(
 
     // A gzip request within limits is accepted.
     let zipped = loadgen::trace(&mut rng, Kind::Error, Convention::Seed, now_ns());
-    let resp = gz.export(loadgen::request(zipped.spans.clone())).await.unwrap().into_inner();
+    let resp = gz
+        .export(loadgen::request(zipped.spans.clone()))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(resp.partial_success.is_none());
 
     let m = daemon
-        .wait_metrics(Duration::from_secs(10), |m| m.sum("llmtail_spans_exported_total", &[]) == 8.0)
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) == 8.0
+        })
         .await;
-    assert_eq!(m.sum("llmtail_spans_rejected_total", &[("reason", "invalid_trace_id")]), 1.0);
-    assert_eq!(m.sum("llmtail_spans_rejected_total", &[("reason", "invalid_span_id")]), 2.0);
+    assert_eq!(
+        m.sum(
+            "llmtail_spans_rejected_total",
+            &[("reason", "invalid_trace_id")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_spans_rejected_total",
+            &[("reason", "invalid_span_id")]
+        ),
+        2.0
+    );
     assert_eq!(m.sum("llmtail_spans_received_total", &[]), 8.0);
     assert_eq!(sink.traces().len(), 2);
 }
@@ -271,9 +414,17 @@ async fn permanent_upstream_errors_are_not_retried_but_counted_as_lost() {
     let traces = generate(&mut rng, &[(Kind::Error, 5)]);
     send_split(&daemon.endpoint(), &traces).await;
     let m = daemon
-        .wait_metrics(Duration::from_secs(10), |m| m.sum("llmtail_spans_lost_total", &[]) == 20.0)
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_lost_total", &[]) == 20.0
+        })
         .await;
-    assert_eq!(m.sum("llmtail_spans_lost_total", &[("reason", "upstream_rejected")]), 20.0);
+    assert_eq!(
+        m.sum(
+            "llmtail_spans_lost_total",
+            &[("reason", "upstream_rejected")]
+        ),
+        20.0
+    );
     let calls = sink.calls();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(sink.calls(), calls, "a permanent error must not be retried");
@@ -289,19 +440,30 @@ async fn file_exporter_writes_otlp_json_lines() {
     let traces = generate(&mut rng, &[(Kind::Error, 3), (Kind::Normal, 3)]);
     send_split(&daemon.endpoint(), &traces).await;
     daemon
-        .wait_metrics(Duration::from_secs(10), |m| m.sum("llmtail_spans_exported_total", &[]) == 12.0)
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) == 12.0
+        })
         .await;
     let text = std::fs::read_to_string(daemon.dir.path().join("out.jsonl")).unwrap();
     let mut ids = HashSet::new();
     for line in text.lines() {
         let req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
             serde_json::from_str(line).unwrap();
-        for s in req.resource_spans.iter().flat_map(|r| &r.scope_spans).flat_map(|s| &s.spans) {
+        for s in req
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .flat_map(|s| &s.spans)
+        {
             ids.insert(s.trace_id.clone());
             assert_eq!(s.trace_state, "ot=th:0");
         }
     }
-    let want: HashSet<Vec<u8>> = traces.iter().filter(|t| t.kind == Kind::Error).map(|t| t.trace_id.to_vec()).collect();
+    let want: HashSet<Vec<u8>> = traces
+        .iter()
+        .filter(|t| t.kind == Kind::Error)
+        .map(|t| t.trace_id.to_vec())
+        .collect();
     assert_eq!(ids, want);
 }
 
@@ -314,7 +476,11 @@ fn validate_lists_every_problem_with_path_and_line() {
         "sampling:\n  base_rate: 7\n  colour: red\nexporter:\n  otlp:\n    endpoint: tempo:4317\n",
     )
     .unwrap();
-    let out = std::process::Command::new(binary()).args(["--validate", "--config"]).arg(&bad).output().unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["--validate", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2: sampling.base_rate"), "{err}");
@@ -322,6 +488,15 @@ fn validate_lists_every_problem_with_path_and_line() {
     assert!(err.contains("line 6: exporter.otlp.endpoint"), "{err}");
 
     let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
-    let out = std::process::Command::new(binary()).args(["--validate", "--config"]).arg(&shipped).output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(binary())
+        .args(["--validate", "--config"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

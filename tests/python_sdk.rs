@@ -62,7 +62,9 @@ exporter:
     let expected: HashSet<&str> = sent
         .iter()
         .filter(|s| {
-            let id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&s.trace_id[2 * i..2 * i + 2], 16).unwrap()).collect();
+            let id: Vec<u8> = (0..16)
+                .map(|i| u8::from_str_radix(&s.trace_id[2 * i..2 * i + 2], 16).unwrap())
+                .collect();
             s.kind != "normal" || consistent_keep(&id, 0.25)
         })
         .map(|s| s.trace_id.as_str())
@@ -77,14 +79,44 @@ exporter:
     let got_ids: HashSet<String> = got.keys().map(|k| hex(k)).collect();
     let expected_ids: HashSet<String> = expected.iter().map(|s| s.to_string()).collect();
     assert_eq!(got_ids, expected_ids, "{}", daemon.log());
-    assert!(got.values().all(|spans| spans.len() == 3), "every kept trace arrives whole");
+    assert!(
+        got.values().all(|spans| spans.len() == 3),
+        "every kept trace arrives whole"
+    );
 
-    assert_eq!(m.sum("llmtail_spans_received_total", &[("protocol", "grpc")]), 900.0);
-    assert_eq!(m.sum("llmtail_llm_requests_total", &[("service", "py-agent")]), 300.0);
-    assert_eq!(m.sum("llmtail_llm_requests_total", &[("status", "error")]), 15.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "errors")]), 15.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "slow")]), 15.0);
-    assert_eq!(m.sum("llmtail_traces_total", &[("decision", "kept"), ("policy", "expensive")]), 30.0);
+    assert_eq!(
+        m.sum("llmtail_spans_received_total", &[("protocol", "grpc")]),
+        900.0
+    );
+    assert_eq!(
+        m.sum("llmtail_llm_requests_total", &[("service", "py-agent")]),
+        300.0
+    );
+    assert_eq!(
+        m.sum("llmtail_llm_requests_total", &[("status", "error")]),
+        15.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "errors")]
+        ),
+        15.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "slow")]
+        ),
+        15.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "expensive")]
+        ),
+        30.0
+    );
     let mut tokens: HashMap<&str, (f64, f64)> = HashMap::new();
     for s in &sent {
         let e = tokens.entry(s.model.as_str()).or_default();
@@ -92,8 +124,20 @@ exporter:
         e.1 += s.output as f64;
     }
     for (model, (input, output)) in tokens {
-        assert_eq!(m.sum("llmtail_llm_tokens_total", &[("model", model), ("type", "input")]), input);
-        assert_eq!(m.sum("llmtail_llm_tokens_total", &[("model", model), ("type", "output")]), output);
+        assert_eq!(
+            m.sum(
+                "llmtail_llm_tokens_total",
+                &[("model", model), ("type", "input")]
+            ),
+            input
+        );
+        assert_eq!(
+            m.sum(
+                "llmtail_llm_tokens_total",
+                &[("model", model), ("type", "output")]
+            ),
+            output
+        );
     }
     // claude-opus-4 is priced from the table: 15 × 5000 + 75 × 2000 per million = $0.225.
     let opus = m.sum("llmtail_llm_cost_usd_total", &[("model", "claude-opus-4")]);

@@ -112,12 +112,24 @@ async fn main() -> anyhow::Result<()> {
                     let due = started + Duration::from_secs_f64(first as f64 / args.rate);
                     tokio::time::sleep_until(due.into()).await;
                 }
-                let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+                let now_ns = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
                 let mut spans = Vec::new();
                 let mut kinds = Vec::new();
                 for n in 0..count {
-                    let kind = loadgen::pick_kind(&mut rng, args.error_share, args.slow_share, args.expensive_share);
-                    let t = loadgen::trace(&mut rng, kind, loadgen::convention_for((first + n) as usize), now_ns);
+                    let kind = loadgen::pick_kind(
+                        &mut rng,
+                        args.error_share,
+                        args.slow_share,
+                        args.expensive_share,
+                    );
+                    let t = loadgen::trace(
+                        &mut rng,
+                        kind,
+                        loadgen::convention_for((first + n) as usize),
+                        now_ns,
+                    );
                     kinds.push(kind);
                     spans.extend(t.spans);
                 }
@@ -151,7 +163,10 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let t = totals.lock().await;
     let traces: u64 = t.by_kind.values().sum();
-    println!("sent {traces} traces ({} spans) in {} requests over {elapsed:.2}s", t.spans, t.requests);
+    println!(
+        "sent {traces} traces ({} spans) in {} requests over {elapsed:.2}s",
+        t.spans, t.requests
+    );
     println!(
         "rate: {:.0} traces/s, {:.0} spans/s; failed requests: {}; rejected spans: {}",
         traces as f64 / elapsed,

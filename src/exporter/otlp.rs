@@ -75,7 +75,11 @@ impl OtlpSink {
 /// RESOURCE_EXHAUSTED is retried: the upstream is shedding load, and losing kept traces
 /// to a momentary overload is worse than one more attempt.
 fn classify(status: &tonic::Status) -> SendError {
-    let msg = format!("upstream answered {:?}: {}", status.code(), status.message());
+    let msg = format!(
+        "upstream answered {:?}: {}",
+        status.code(),
+        status.message()
+    );
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded

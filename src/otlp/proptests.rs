@@ -46,13 +46,23 @@ fn any_value() -> impl Strategy<Value = Option<AnyValue>> {
     prop_oneof![
         Just(None),
         Just(Some(AnyValue { value: None })),
-        "[a-z0-9.\\-]{0,12}".prop_map(|s| Some(AnyValue { value: Some(Value::StringValue(s)) })),
-        any::<i64>().prop_map(|i| Some(AnyValue { value: Some(Value::IntValue(i)) })),
-        any::<f64>().prop_map(|d| Some(AnyValue { value: Some(Value::DoubleValue(d)) })),
-        any::<bool>().prop_map(|b| Some(AnyValue { value: Some(Value::BoolValue(b)) })),
+        "[a-z0-9.\\-]{0,12}".prop_map(|s| Some(AnyValue {
+            value: Some(Value::StringValue(s))
+        })),
+        any::<i64>().prop_map(|i| Some(AnyValue {
+            value: Some(Value::IntValue(i))
+        })),
+        any::<f64>().prop_map(|d| Some(AnyValue {
+            value: Some(Value::DoubleValue(d))
+        })),
+        any::<bool>().prop_map(|b| Some(AnyValue {
+            value: Some(Value::BoolValue(b))
+        })),
         Just(Some(AnyValue {
             value: Some(Value::ArrayValue(ArrayValue {
-                values: vec![AnyValue { value: Some(Value::IntValue(3)) }],
+                values: vec![AnyValue {
+                    value: Some(Value::IntValue(3))
+                }],
             })),
         })),
     ]
@@ -89,37 +99,47 @@ fn span() -> impl Strategy<Value = Span> {
         prop::option::of(0i32..4),
         "[ -~]{0,16}",
     )
-        .prop_map(|((trace_id, span_id, parent), trace_state, (start, end, flags, kind), attributes, events, status, name)| Span {
-            trace_id,
-            span_id,
-            parent_span_id: parent,
-            trace_state,
-            flags,
-            name,
-            kind,
-            start_time_unix_nano: start,
-            end_time_unix_nano: end,
-            attributes,
-            dropped_attributes_count: 1,
-            events: events
-                .into_iter()
-                .map(|n| Event {
-                    name: n.to_owned(),
-                    time_unix_nano: 5,
+        .prop_map(
+            |(
+                (trace_id, span_id, parent),
+                trace_state,
+                (start, end, flags, kind),
+                attributes,
+                events,
+                status,
+                name,
+            )| Span {
+                trace_id,
+                span_id,
+                parent_span_id: parent,
+                trace_state,
+                flags,
+                name,
+                kind,
+                start_time_unix_nano: start,
+                end_time_unix_nano: end,
+                attributes,
+                dropped_attributes_count: 1,
+                events: events
+                    .into_iter()
+                    .map(|n| Event {
+                        name: n.to_owned(),
+                        time_unix_nano: 5,
+                        ..Default::default()
+                    })
+                    .collect(),
+                links: vec![Link {
+                    trace_id: vec![1; 16],
+                    span_id: vec![2; 8],
                     ..Default::default()
-                })
-                .collect(),
-            links: vec![Link {
-                trace_id: vec![1; 16],
-                span_id: vec![2; 8],
+                }],
+                status: status.map(|code| Status {
+                    code,
+                    message: "m".into(),
+                }),
                 ..Default::default()
-            }],
-            status: status.map(|code| Status {
-                code,
-                message: "m".into(),
-            }),
-            ..Default::default()
-        })
+            },
+        )
 }
 
 /// What the scanner must find, computed from the fully decoded span.

@@ -59,7 +59,7 @@ fn len_field_size(field: u32, len: usize) -> usize {
 }
 
 fn varint_size(v: u64) -> usize {
-    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// One span as it will be written: the bytes around its old tracestate field, and the new
@@ -117,10 +117,14 @@ pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
             None => groups.push((origin, vec![plan(kept)])),
         }
     }
-    let mut out = Vec::with_capacity(spans.iter().map(|k| k.span.bytes.len() + 32).sum::<usize>() + 256);
+    let mut out =
+        Vec::with_capacity(spans.iter().map(|k| k.span.bytes.len() + 32).sum::<usize>() + 256);
     for (origin, plans) in &groups {
         let scope_spans_len = optional_len(SCOPE_SPANS_SCOPE, &origin.scope)
-            + plans.iter().map(|p| len_field_size(SCOPE_SPANS_SPANS, p.len())).sum::<usize>()
+            + plans
+                .iter()
+                .map(|p| len_field_size(SCOPE_SPANS_SPANS, p.len()))
+                .sum::<usize>()
             + optional_len(SCOPE_SPANS_SCHEMA_URL, &origin.scope_schema_url);
         let resource_spans_len = optional_len(RESOURCE_SPANS_RESOURCE, &origin.resource)
             + len_field_size(RESOURCE_SPANS_SCOPE_SPANS, scope_spans_len)
@@ -135,7 +139,11 @@ pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
             p.write(&mut out);
         }
         put_optional(&mut out, SCOPE_SPANS_SCHEMA_URL, &origin.scope_schema_url);
-        put_optional(&mut out, RESOURCE_SPANS_SCHEMA_URL, &origin.resource_schema_url);
+        put_optional(
+            &mut out,
+            RESOURCE_SPANS_SCHEMA_URL,
+            &origin.resource_schema_url,
+        );
     }
     Bytes::from(out)
 }

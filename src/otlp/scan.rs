@@ -258,7 +258,9 @@ fn any_value(any: &[u8], offset: usize) -> Result<Option<AttrValue>, Malformed> 
             }
             (ANY_BOOL, WireType::Varint) => Some(AttrValue::Bool(r.varint()? != 0)),
             (ANY_INT, WireType::Varint) => Some(AttrValue::Int(r.varint()? as i64)),
-            (ANY_DOUBLE, WireType::Fixed64) => Some(AttrValue::Double(f64::from_bits(r.fixed64()?))),
+            (ANY_DOUBLE, WireType::Fixed64) => {
+                Some(AttrValue::Double(f64::from_bits(r.fixed64()?)))
+            }
             (_, wire) => {
                 r.skip(wire)?;
                 None

@@ -164,7 +164,9 @@ mod tests {
         assert_eq!(Threshold::from_probability(0.0).encode(), None);
         // The smallest representable probability, 2^-56, is T = 2^56 - 1.
         assert_eq!(
-            Threshold::from_probability(1.0 / MAX_THRESHOLD as f64).encode().as_deref(),
+            Threshold::from_probability(1.0 / MAX_THRESHOLD as f64)
+                .encode()
+                .as_deref(),
             Some("ffffffffffffff")
         );
     }

@@ -55,7 +55,7 @@ impl UnaryService<Bytes> for Export {
             let outcome = pipeline
                 .ingest(request.into_inner(), Protocol::Grpc)
                 .map_err(|e: IngestError| Status::invalid_argument(e.to_string()))?;
-            let partial_success = (outcome.rejected > 0).then(|| ExportTracePartialSuccess {
+            let partial_success = (outcome.rejected > 0).then_some(ExportTracePartialSuccess {
                 rejected_spans: outcome.rejected as i64,
                 error_message: outcome.error_message,
             });
@@ -90,10 +90,13 @@ where
         let export = Export(self.pipeline.clone());
         let max = self.max_request_bytes;
         Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(RawCodec::<Prost<ExportTraceServiceResponse>, Bytes>::default())
-                .accept_compressed(CompressionEncoding::Gzip)
-                .send_compressed(CompressionEncoding::Gzip)
-                .max_decoding_message_size(max);
+            let mut grpc = tonic::server::Grpc::new(RawCodec::<
+                Prost<ExportTraceServiceResponse>,
+                Bytes,
+            >::default())
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip)
+            .max_decoding_message_size(max);
             let mut response = grpc.unary(export, req).await;
             // tonic refuses an oversized uncompressed message with OUT_OF_RANGE (and an
             // oversized decompressed one with RESOURCE_EXHAUSTED); OTLP asks for

@@ -217,7 +217,11 @@ impl Daemon {
     }
 
     /// Polls the metrics until `pred` holds.
-    pub async fn wait_metrics(&self, timeout: Duration, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+    pub async fn wait_metrics(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&Metrics) -> bool,
+    ) -> Metrics {
         let end = Instant::now() + timeout;
         loop {
             let m = self.metrics();
@@ -275,7 +279,10 @@ pub struct Metrics {
 impl Metrics {
     pub fn parse(text: &str) -> Metrics {
         let mut series = Vec::new();
-        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (head, value) = line.rsplit_once(' ').unwrap();
             let (name, labels) = match head.split_once('{') {
                 Some((n, rest)) => (n, rest.trim_end_matches('}')),
