@@ -9,6 +9,7 @@ use common::*;
 use llmtail::loadgen::{self, Convention, GeneratedTrace, Kind};
 use llmtail::otlp::codec::{Prost, RawCodec};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -498,5 +499,97 @@ fn validate_lists_every_problem_with_path_and_line() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpriced_calls_are_counted_and_config_prices_apply() {
+    let sink = Sink::start(free_port()).await;
+    let daemon = Daemon::start(&format!(
+        "{}llm:\n  pricing:\n    - {{match: \"acme-large*\", input_per_mtok: 2.0, output_per_mtok: 4.0}}\n    - {{match: \"gpt-4o-mini*\", input_per_mtok: 1.0, output_per_mtok: 1.0}}\n",
+        sampler_config(&sink, 1.0, "1s", "100ms")
+    ));
+    let mut rng = StdRng::seed_from_u64(8);
+    let mut spans = Vec::new();
+    for (model, input, output) in [
+        ("acme-large-2", 1_000_000, 500_000),
+        ("my-fine-tune", 10, 20),
+        ("gpt-4o-mini", 1_000_000, 1_000_000),
+    ] {
+        let mut t = loadgen::trace(&mut rng, Kind::Normal, Convention::GenAi, now_ns());
+        for kv in &mut t.spans[1].attributes {
+            let value = match kv.key.as_str() {
+                "gen_ai.request.model" | "gen_ai.response.model" => {
+                    Value::StringValue(model.into())
+                }
+                "gen_ai.usage.input_tokens" => Value::IntValue(input),
+                "gen_ai.usage.output_tokens" => Value::IntValue(output),
+                _ => continue,
+            };
+            kv.value = Some(AnyValue { value: Some(value) });
+        }
+        spans.extend(t.spans);
+    }
+    client(&daemon.endpoint())
+        .await
+        .export(loadgen::request(spans))
+        .await
+        .unwrap();
+    let m = daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_llm_requests_total", &[]) == 3.0
+        })
+        .await;
+    assert_eq!(
+        m.sum("llmtail_llm_cost_usd_total", &[("model", "acme-large-2")]),
+        4.0
+    );
+    // The config entry overrides the built-in gpt-4o-mini price (0.15/0.60).
+    assert_eq!(
+        m.sum("llmtail_llm_cost_usd_total", &[("model", "gpt-4o-mini")]),
+        2.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_llm_unpriced_calls_total",
+            &[("model", "my-fine-tune")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.sum("llmtail_llm_cost_usd_total", &[("model", "my-fine-tune")]),
+        0.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_llm_tokens_total",
+            &[("model", "my-fine-tune"), ("type", "output")]
+        ),
+        20.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_timeout_with_upstream_down_exits_nonzero_and_counts_the_loss() {
+    let placeholder = Sink::unstarted(free_port());
+    let mut daemon = Daemon::start(&format!(
+        "{}shutdown_timeout: 3s\n",
+        sampler_config(&placeholder, 0.0, "30s", "10s")
+    ));
+    assert_eq!(http_get(daemon.admin, "/healthz").map(|r| r.0), Some(200));
+    let mut rng = StdRng::seed_from_u64(9);
+    let traces = generate(&mut rng, &[(Kind::Error, 10)]);
+    send_split(&daemon.endpoint(), &traces).await;
+    daemon.sigterm();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Still flushing (the upstream is down): alive, but no longer ready.
+    assert_eq!(http_get(daemon.admin, "/readyz").map(|r| r.0), Some(503));
+    assert_eq!(http_get(daemon.admin, "/healthz").map(|r| r.0), Some(200));
+    let status = daemon.wait_exit(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("40 kept spans could not be exported"),
+        "{}",
+        daemon.log()
     );
 }

@@ -214,7 +214,12 @@ impl Worker {
         let mut attempt = 0u32;
         let outcome: Result<u64, &'static str> = loop {
             attempt += 1;
-            match self.sink.send(request.clone()).await {
+            let sent = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => break Err(lost::SHUTDOWN),
+                sent = self.sink.send(request.clone()) => sent,
+            };
+            match sent {
                 Ok(rejected) => break Ok(rejected),
                 Err(SendError::Permanent(msg)) => {
                     tracing::warn!(spans = n, error = %msg, "upstream rejected an export request permanently; spans lost");
@@ -258,4 +263,89 @@ impl Worker {
 /// Full backoff ± 50%, so replicas that failed together do not retry together.
 fn jittered(d: Duration) -> Duration {
     d.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::config::{Compression, Dur, OtlpExporterConfig};
+    use crate::otlp::reframe::{HeldSpan, Origin};
+    use crate::otlp::tracestate::Threshold;
+
+    fn kept(n: usize) -> Vec<KeptSpan> {
+        let origin = Arc::new(Origin {
+            resource: Bytes::new(),
+            resource_schema_url: Bytes::new(),
+            scope: Bytes::new(),
+            scope_schema_url: Bytes::new(),
+            service: Arc::from("svc"),
+        });
+        (0..n)
+            .map(|_| KeptSpan {
+                span: HeldSpan {
+                    origin: origin.clone(),
+                    bytes: Bytes::from_static(b"\x0a\x10aaaaaaaaaaaaaaaa"),
+                    trace_state: None,
+                },
+                threshold: Threshold::ALWAYS,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_counts_what_it_cannot_take_as_lost() {
+        // Port 9 (discard) on loopback: nothing listens, so every attempt fails and retries
+        // hold the admitted spans in the queue.
+        let sink = Sink::Otlp(
+            otlp::OtlpSink::new(&OtlpExporterConfig {
+                endpoint: "http://127.0.0.1:9".into(),
+                timeout: Dur(Duration::from_secs(1)),
+                compression: Compression::None,
+            })
+            .unwrap(),
+        );
+        let metrics = Metrics::new();
+        let control = ExporterControl::default();
+        let (queue, task) = start(
+            sink,
+            ExporterSettings {
+                batch: BatchConfig {
+                    max_spans: 4,
+                    timeout: crate::config::Dur(Duration::from_millis(10)),
+                },
+                retry: RetryConfig::default(),
+                max_spans: 10,
+                concurrency: 1,
+            },
+            metrics.clone(),
+            control.clone(),
+        );
+        queue.submit(kept(8));
+        queue.submit(kept(5));
+        assert_eq!(queue.queued(), 8);
+        assert_eq!(
+            metrics
+                .spans_lost
+                .with_label_values(&[lost::QUEUE_FULL])
+                .get(),
+            5
+        );
+        queue.submit(kept(2));
+        assert_eq!(queue.queued(), 10);
+        // Shutdown with the upstream still down: abort turns the held spans into losses.
+        control.flush.cancel();
+        control.abort.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            metrics
+                .spans_lost
+                .with_label_values(&[lost::SHUTDOWN])
+                .get(),
+            10
+        );
+        assert_eq!(queue.queued(), 0);
+        assert_eq!(metrics.export_queue_spans.get(), 0);
+    }
 }
