@@ -28,6 +28,11 @@ impl LlmField {
 /// was billed) wins over the requested one.
 pub fn classify(key: &[u8]) -> Option<(LlmField, u8)> {
     use LlmField::*;
+    // Most attributes of a span are not LLM facts; every LLM key has one of two prefixes,
+    // so one comparison turns them away before the table is searched.
+    if !(key.starts_with(b"gen_ai.") || key.starts_with(b"llm.")) {
+        return None;
+    }
     Some(match key {
         b"gen_ai.response.model" => (Model, 0),
         b"gen_ai.request.model" => (Model, 1),

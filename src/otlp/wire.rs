@@ -30,16 +30,31 @@ impl<'a> Reader<'a> {
         Reader { buf, pos: 0 }
     }
 
+    #[inline]
     pub fn is_empty(&self) -> bool {
         self.pos >= self.buf.len()
     }
 
     /// Offset of the next unread byte.
+    #[inline]
     pub fn pos(&self) -> usize {
         self.pos
     }
 
+    #[inline]
     pub fn varint(&mut self) -> Result<u64, Malformed> {
+        // Tags and most lengths are a single byte.
+        if let Some(&byte) = self.buf.get(self.pos)
+            && byte < 0x80
+        {
+            self.pos += 1;
+            return Ok(u64::from(byte));
+        }
+        self.varint_slow()
+    }
+
+    #[cold]
+    fn varint_slow(&mut self) -> Result<u64, Malformed> {
         let mut value: u64 = 0;
         for i in 0..10 {
             let byte = *self
@@ -56,6 +71,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a field key; returns the field number and wire type.
+    #[inline]
     pub fn tag(&mut self) -> Result<(u32, WireType), Malformed> {
         let key = self.varint()?;
         let field = key >> 3;
@@ -72,6 +88,7 @@ impl<'a> Reader<'a> {
         Ok((field as u32, wire))
     }
 
+    #[inline]
     pub fn fixed64(&mut self) -> Result<u64, Malformed> {
         let end = self.pos + 8;
         let bytes = self
@@ -84,6 +101,7 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(le))
     }
 
+    #[inline]
     pub fn fixed32(&mut self) -> Result<u32, Malformed> {
         let end = self.pos + 4;
         let bytes = self
@@ -97,6 +115,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a length-delimited payload and returns it with its start offset.
+    #[inline]
     pub fn len_delimited(&mut self) -> Result<(usize, &'a [u8]), Malformed> {
         let len = self.varint()?;
         let start = self.pos;
@@ -110,6 +129,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Skips one field's value of the given wire type.
+    #[inline]
     pub fn skip(&mut self, wire: WireType) -> Result<(), Malformed> {
         match wire {
             WireType::Varint => self.varint().map(drop),
