@@ -89,29 +89,23 @@ impl<'a> Reader<'a> {
     }
 
     #[inline]
-    pub fn fixed64(&mut self) -> Result<u64, Malformed> {
-        let end = self.pos + 8;
-        let bytes = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(Malformed("truncated fixed64"))?;
+    fn fixed<const N: usize>(&mut self, truncated: &'static str) -> Result<[u8; N], Malformed> {
+        let end = self.pos + N;
+        let bytes = self.buf.get(self.pos..end).ok_or(Malformed(truncated))?;
         self.pos = end;
-        let mut le = [0u8; 8];
+        let mut le = [0u8; N];
         le.copy_from_slice(bytes);
-        Ok(u64::from_le_bytes(le))
+        Ok(le)
+    }
+
+    #[inline]
+    pub fn fixed64(&mut self) -> Result<u64, Malformed> {
+        self.fixed("truncated fixed64").map(u64::from_le_bytes)
     }
 
     #[inline]
     pub fn fixed32(&mut self) -> Result<u32, Malformed> {
-        let end = self.pos + 4;
-        let bytes = self
-            .buf
-            .get(self.pos..end)
-            .ok_or(Malformed("truncated fixed32"))?;
-        self.pos = end;
-        let mut le = [0u8; 4];
-        le.copy_from_slice(bytes);
-        Ok(u32::from_le_bytes(le))
+        self.fixed("truncated fixed32").map(u32::from_le_bytes)
     }
 
     /// Reads a length-delimited payload and returns it with its start offset.
