@@ -59,7 +59,8 @@ pub struct ConfigErrors(pub Vec<Problem>);
 pub struct Config {
     pub receiver: ReceiverConfig,
     pub sampling: SamplingConfig,
-    pub exporter: ExporterConfig,
+    /// From `exporter:` (one, named "default") or `exporters:` (several, each named).
+    pub exporters: Vec<ExporterConfig>,
     pub admin: AdminConfig,
     pub llm: LlmConfig,
     /// Longest a graceful shutdown may take to decide and flush everything pending.
@@ -72,49 +73,63 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct ReceiverConfig {
     pub grpc: GrpcReceiverConfig,
-    /// Accepted for compatibility with the full contract; OTLP/HTTP is not served yet.
-    pub http: Option<HttpReceiverConfig>,
+    pub http: HttpReceiverConfig,
+}
+
+fn socket_problem(key: &str, endpoint: &str, example: &str) -> Option<(String, String)> {
+    endpoint.parse::<SocketAddr>().is_err().then(|| {
+        (
+            key.to_owned(),
+            format!("{endpoint:?} is not host:port with an IP host, e.g. {example}"),
+        )
+    })
 }
 
 impl ReceiverConfig {
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        if self.grpc.endpoint.parse::<SocketAddr>().is_err() {
-            p.push((
-                "grpc.endpoint".into(),
-                format!(
-                    "{:?} is not host:port with an IP host, e.g. 0.0.0.0:4317",
-                    self.grpc.endpoint
-                ),
-            ));
+        if self.grpc.enabled {
+            p.extend(socket_problem("grpc.endpoint", &self.grpc.endpoint, "0.0.0.0:4317"));
+            if self.grpc.max_request_bytes < MIN_REQUEST_BYTES {
+                p.push(("grpc.max_request_bytes".into(), format!("must be at least {MIN_REQUEST_BYTES}")));
+            }
         }
-        if self.grpc.max_request_bytes < 1024 {
-            p.push((
-                "grpc.max_request_bytes".into(),
-                "must be at least 1024".into(),
-            ));
+        if self.http.enabled {
+            p.extend(socket_problem("http.endpoint", &self.http.endpoint, "0.0.0.0:4318"));
+            if !self.http.path.starts_with('/') {
+                p.push(("http.path".into(), format!("{:?} must start with /", self.http.path)));
+            }
+            if self.http.max_request_bytes < MIN_REQUEST_BYTES {
+                p.push(("http.max_request_bytes".into(), format!("must be at least {MIN_REQUEST_BYTES}")));
+            }
+            for (i, origin) in self.http.cors.allowed_origins.iter().enumerate() {
+                if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                    p.push((
+                        format!("http.cors.allowed_origins[{i}]"),
+                        format!("{origin:?} must be \"*\" or an origin such as https://app.example.com"),
+                    ));
+                }
+            }
         }
-        if let Some(http) = &self.http
-            && http.endpoint.parse::<SocketAddr>().is_err()
-        {
-            p.push((
-                "http.endpoint".into(),
-                format!(
-                    "{:?} is not host:port with an IP host, e.g. 0.0.0.0:4318",
-                    http.endpoint
-                ),
-            ));
+        if self.grpc.enabled && self.http.enabled && self.grpc.endpoint == self.http.endpoint {
+            p.push(("http.endpoint".into(), "must differ from receiver.grpc.endpoint".into()));
+        }
+        if !self.grpc.enabled && !self.http.enabled {
+            p.push(("".into(), "enable at least one of receiver.grpc and receiver.http".into()));
         }
         p
     }
 }
 
-/// Default largest accepted gRPC request (after decompression).
+/// Default largest accepted request (after decompression), both protocols.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// Smallest `max_request_bytes` that still admits a realistic request.
+const MIN_REQUEST_BYTES: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcReceiverConfig {
+    pub enabled: bool,
     pub endpoint: String,
     /// Requests larger than this (decompressed) are answered RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
@@ -123,6 +138,7 @@ pub struct GrpcReceiverConfig {
 impl Default for GrpcReceiverConfig {
     fn default() -> Self {
         GrpcReceiverConfig {
+            enabled: true,
             endpoint: "0.0.0.0:4317".into(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
@@ -132,13 +148,45 @@ impl Default for GrpcReceiverConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpReceiverConfig {
+    pub enabled: bool,
     pub endpoint: String,
+    /// Where OTLP/HTTP exports are posted.
+    pub path: String,
+    /// Bodies larger than this, before or after decompression, are answered 413.
+    pub max_request_bytes: usize,
+    pub cors: CorsConfig,
 }
 
 impl Default for HttpReceiverConfig {
     fn default() -> Self {
         HttpReceiverConfig {
+            enabled: true,
             endpoint: "0.0.0.0:4318".into(),
+            path: "/v1/traces".into(),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            cors: CorsConfig::default(),
+        }
+    }
+}
+
+/// Cross-origin access for browser instrumentation; off while `allowed_origins` is empty.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CorsConfig {
+    /// Origins allowed to post traces, e.g. `https://app.example.com`, or `*`.
+    pub allowed_origins: Vec<String>,
+    /// Request headers allowed beyond Content-Type, Content-Encoding and Authorization.
+    pub allowed_headers: Vec<String>,
+    /// How long browsers may cache a preflight answer.
+    pub max_age: Dur,
+}
+
+impl Default for CorsConfig {
+    fn default() -> Self {
+        CorsConfig {
+            allowed_origins: Vec::new(),
+            allowed_headers: Vec::new(),
+            max_age: Dur(Duration::from_secs(7200)),
         }
     }
 }
@@ -296,9 +344,12 @@ impl PolicyConfig {
 
 // ---------------------------------------------------------------------------- exporter
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// One exporter: where kept traces go, with its own batching, queue and retry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExporterConfig {
+    /// Names the exporter in metrics and logs; required in `exporters:`.
+    pub name: String,
     pub otlp: Option<OtlpExporterConfig>,
     pub file: Option<FileExporterConfig>,
     pub batch: BatchConfig,
@@ -306,29 +357,36 @@ pub struct ExporterConfig {
     pub retry: RetryConfig,
 }
 
+/// Name of the exporter given as the single `exporter:` section.
+pub const DEFAULT_EXPORTER_NAME: &str = "default";
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        ExporterConfig {
+            name: DEFAULT_EXPORTER_NAME.into(),
+            otlp: None,
+            file: None,
+            batch: BatchConfig::default(),
+            queue: QueueConfig::default(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
 impl ExporterConfig {
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
+        if self.name.trim().is_empty() {
+            p.push(("name".into(), "must not be empty".into()));
+        }
         match (&self.otlp, &self.file) {
-            (None, None) => p.push((
-                "".into(),
-                "set exactly one of exporter.otlp or exporter.file".into(),
-            )),
-            (Some(_), Some(_)) => p.push((
-                "file".into(),
-                "set exactly one of exporter.otlp or exporter.file, not both".into(),
-            )),
+            (None, None) => p.push(("".into(), "set exactly one of otlp or file".into())),
+            (Some(_), Some(_)) => p.push(("file".into(), "set exactly one of otlp or file, not both".into())),
             _ => {}
         }
         if let Some(otlp) = &self.otlp {
-            if !otlp.endpoint.starts_with("http://") {
-                p.push((
-                    "otlp.endpoint".into(),
-                    format!("{:?} must be an http:// URL such as http://tempo:4317 (TLS upstreams are not supported yet)", otlp.endpoint),
-                ));
-            }
-            if otlp.timeout.0.is_zero() {
-                p.push(("otlp.timeout".into(), "must be greater than 0".into()));
+            for (key, msg) in otlp.validate() {
+                p.push((format!("otlp.{key}"), msg));
             }
         }
         if let Some(file) = &self.file
@@ -340,21 +398,13 @@ impl ExporterConfig {
             p.push(("batch.max_spans".into(), "must be at least 1".into()));
         }
         if self.queue.max_spans < self.batch.max_spans {
-            p.push((
-                "queue.max_spans".into(),
-                "must be at least batch.max_spans".into(),
-            ));
+            p.push(("queue.max_spans".into(), "must be at least batch.max_spans".into()));
         }
         if self.queue.concurrency == 0 {
             p.push(("queue.concurrency".into(), "must be at least 1".into()));
         }
-        if self.retry.initial_interval.0.is_zero()
-            || self.retry.max_interval.0 < self.retry.initial_interval.0
-        {
-            p.push((
-                "retry".into(),
-                "need 0 < initial_interval ≤ max_interval".into(),
-            ));
+        if self.retry.initial_interval.0.is_zero() || self.retry.max_interval.0 < self.retry.initial_interval.0 {
+            p.push(("retry".into(), "need 0 < initial_interval ≤ max_interval".into()));
         }
         p
     }
@@ -367,15 +417,103 @@ pub enum Compression {
     None,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ExportProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OtlpExporterConfig {
-    /// Upstream OTLP/gRPC endpoint, e.g. `http://tempo:4317`.
+    /// Upstream endpoint: `http://tempo:4317` (gRPC), or for `http/protobuf` the base URL
+    /// that `/v1/traces` is appended to.
     pub endpoint: String,
+    #[serde(default = "default_export_protocol")]
+    pub protocol: ExportProtocol,
     #[serde(default = "default_export_timeout")]
     pub timeout: Dur,
     #[serde(default = "default_compression")]
     pub compression: Compression,
+    /// Sent with every export (API keys); never logged.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub tls: TlsClientConfig,
+}
+
+/// TLS towards the upstream (rustls). `https://` endpoints use TLS with the bundled Mozilla
+/// roots unless `ca_file` names the CA to trust.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsClientConfig {
+    /// Plain text. Defaults to true for `http://` endpoints and false for `https://` ones.
+    pub insecure: Option<bool>,
+    /// PEM file of the CA certificate(s) to trust instead of the bundled roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and key, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl OtlpExporterConfig {
+    /// Whether the connection is TLS.
+    pub fn uses_tls(&self) -> bool {
+        match self.tls.insecure {
+            Some(insecure) => !insecure,
+            None => self.endpoint.starts_with("https://"),
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let scheme_ok = self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://");
+        if !scheme_ok || self.endpoint.parse::<http::Uri>().is_err() {
+            p.push((
+                "endpoint".into(),
+                format!("{:?} must be an http:// or https:// URL such as http://tempo:4317", self.endpoint),
+            ));
+        }
+        if self.endpoint.starts_with("https://") && self.tls.insecure == Some(true) {
+            p.push(("tls.insecure".into(), "an https:// endpoint cannot be plain text; use http:// or drop tls.insecure".into()));
+        }
+        if self.timeout.0.is_zero() {
+            p.push(("timeout".into(), "must be greater than 0".into()));
+        }
+        for (name, value) in &self.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.push((format!("headers.{name}"), "is not a valid HTTP header name".into()));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                // The value may be a secret: say what is wrong without echoing it.
+                p.push((format!("headers.{name}"), "value is not a valid HTTP header value".into()));
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            p.push(("tls".into(), "cert_file and key_file go together (mutual TLS)".into()));
+        }
+        for (key, file) in [
+            ("tls.ca_file", &self.tls.ca_file),
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+        ] {
+            if let Some(f) = file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                p.push((key.into(), format!("cannot read {}: {e}", f.display())));
+            }
+        }
+        if (self.tls.ca_file.is_some() || self.tls.cert_file.is_some()) && !self.uses_tls() {
+            p.push(("tls".into(), "TLS files are set but the connection is plain text; use an https:// endpoint".into()));
+        }
+        p
+    }
+}
+
+fn default_export_protocol() -> ExportProtocol {
+    ExportProtocol::Grpc
 }
 
 fn default_export_timeout() -> Dur {
@@ -513,6 +651,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "receiver",
     "sampling",
     "exporter",
+    "exporters",
     "admin",
     "llm",
     "shutdown_timeout",
@@ -580,30 +719,55 @@ impl Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             ..Config::default()
         };
-        macro_rules! load_section {
-            ($field:ident) => {{
-                let name = stringify!($field).to_owned();
-                let (parsed, errs) = deserialize_repairing(section(&name));
-                for (path, msg) in errs {
-                    let mut full = vec![name.clone()];
-                    full.extend(path);
-                    report(full, msg, &mut problems);
+        if let Some(c) = load_section(vec!["receiver".into()], section("receiver"), &mut problems, &report) {
+            cfg.receiver = c;
+        }
+        if let Some(c) = load_section(vec!["sampling".into()], section("sampling"), &mut problems, &report) {
+            cfg.sampling = c;
+        }
+        if let Some(c) = load_section(vec!["admin".into()], section("admin"), &mut problems, &report) {
+            cfg.admin = c;
+        }
+        if let Some(c) = load_section(vec!["llm".into()], section("llm"), &mut problems, &report) {
+            cfg.llm = c;
+        }
+        match (top.get("exporter"), top.get("exporters")) {
+            (Some(_), Some(_)) => report(
+                vec!["exporters".into()],
+                "use either exporter (one) or exporters (a list), not both".into(),
+                &mut problems,
+            ),
+            (None, None) => problems.push(Problem {
+                path: "exporter".into(),
+                line: None,
+                message: "required: set exporter.otlp.endpoint, or exporter.file.path when there is no upstream".into(),
+            }),
+            (Some(one), None) => {
+                if let Some(mut c) = load_section::<ExporterConfig>(vec!["exporter".into()], one.clone(), &mut problems, &report) {
+                    c.name = DEFAULT_EXPORTER_NAME.into();
+                    cfg.exporters = vec![c];
                 }
-                if let Some(parsed) = parsed {
-                    cfg.$field = parsed;
-                    for (suffix, msg) in cfg.$field.validate() {
-                        let mut full = vec![name.clone()];
-                        full.extend(split_path(&suffix));
-                        report(full, msg, &mut problems);
+            }
+            (None, Some(Value::Sequence(list))) if !list.is_empty() => {
+                for (i, item) in list.iter().enumerate() {
+                    let path = vec!["exporters".to_owned(), i.to_string()];
+                    if item.get("name").is_none() {
+                        report(path.clone(), "every entry of exporters needs a name".into(), &mut problems);
+                    }
+                    if let Some(c) = load_section::<ExporterConfig>(path.clone(), item.clone(), &mut problems, &report) {
+                        if cfg.exporters.iter().any(|e| e.name == c.name) {
+                            report([path, vec!["name".into()]].concat(), format!("duplicate exporter name {:?}", c.name), &mut problems);
+                        }
+                        cfg.exporters.push(c);
                     }
                 }
-            }};
+            }
+            (None, Some(_)) => report(
+                vec!["exporters".into()],
+                "must be a non-empty list of exporters, each with a name".into(),
+                &mut problems,
+            ),
         }
-        load_section!(receiver);
-        load_section!(sampling);
-        load_section!(exporter);
-        load_section!(admin);
-        load_section!(llm);
         if let Some(v) = top.get("shutdown_timeout") {
             match serde_yaml_ng::from_value::<TopLevelTimeout>(v.clone()) {
                 Ok(TopLevelTimeout(d)) => cfg.shutdown_timeout = d.0,
@@ -614,20 +778,47 @@ impl Config {
                 ),
             }
         }
-        if top.get("exporter").is_none() {
-            problems.retain(|p| !p.path.starts_with("exporter"));
-            problems.push(Problem {
-                path: "exporter".into(),
-                line: None,
-                message: "required: set exporter.otlp.endpoint, or exporter.file.path when there is no upstream".into(),
-            });
-        }
         if problems.is_empty() {
             Ok(cfg)
         } else {
             Err(ConfigErrors(problems))
         }
     }
+}
+
+/// A config section that checks its own values.
+trait Validate {
+    /// Problems as (key path relative to the section, message).
+    fn validate(&self) -> Vec<(String, String)>;
+}
+
+macro_rules! validated {
+    ($($t:ty),*) => {$(
+        impl Validate for $t {
+            fn validate(&self) -> Vec<(String, String)> {
+                <$t>::validate(self)
+            }
+        }
+    )*};
+}
+validated!(ReceiverConfig, SamplingConfig, ExporterConfig, AdminConfig, LlmConfig);
+
+/// Deserializes and validates one section, reporting every problem under `path`.
+fn load_section<T: DeserializeOwned + Validate>(
+    path: Vec<String>,
+    value: Value,
+    problems: &mut Vec<Problem>,
+    report: &impl Fn(Vec<String>, String, &mut Vec<Problem>),
+) -> Option<T> {
+    let (parsed, errs) = deserialize_repairing::<T>(value);
+    for (rel, msg) in errs {
+        report([path.clone(), rel].concat(), msg, problems);
+    }
+    let parsed = parsed?;
+    for (suffix, msg) in parsed.validate() {
+        report([path.clone(), split_path(&suffix)].concat(), msg, problems);
+    }
+    Some(parsed)
 }
 
 /// Deserializes `value` as `T`; on an error, records it, removes the offending key and
@@ -861,7 +1052,7 @@ mod tests {
     #[test]
     fn shipped_config_is_valid() {
         let cfg = Config::parse(SHIPPED).expect("config.yaml must validate");
-        assert!(cfg.exporter.file.is_some());
+        assert!(cfg.exporters[0].file.is_some());
         assert_eq!(cfg.sampling.policies.len(), 3);
     }
 
@@ -876,7 +1067,11 @@ mod tests {
         assert_eq!(cfg.sampling.decision_cache_size, 1_000_000);
         assert_eq!(cfg.admin.endpoint, "0.0.0.0:8888");
         assert_eq!(cfg.shutdown_timeout, Duration::from_secs(20));
-        assert_eq!(cfg.exporter.otlp.unwrap().compression, Compression::Gzip);
+        assert_eq!(cfg.exporters[0].otlp.as_ref().unwrap().compression, Compression::Gzip);
+        assert_eq!(cfg.exporters[0].name, "default");
+        assert!(cfg.receiver.http.enabled);
+        assert_eq!(cfg.receiver.http.endpoint, "0.0.0.0:4318");
+        assert_eq!(cfg.receiver.http.path, "/v1/traces");
     }
 
     #[test]

@@ -58,29 +58,28 @@ pub async fn run(
         stop_admin.clone(),
     ));
 
-    let sink = match (&cfg.exporter.otlp, &cfg.exporter.file) {
-        (Some(otlp), _) => Sink::Otlp(exporter::otlp::OtlpSink::new(otlp)?),
-        (None, Some(file)) => Sink::File(
-            exporter::file::FileSink::open(&file.path)
-                .await
-                .with_context(|| {
-                    format!("cannot open exporter.file.path {}", file.path.display())
-                })?,
-        ),
-        (None, None) => anyhow::bail!("no exporter configured"),
-    };
     let control = ExporterControl::default();
-    let (export, export_task) = exporter::start(
-        sink,
-        ExporterSettings {
-            batch: cfg.exporter.batch.clone(),
-            retry: cfg.exporter.retry.clone(),
-            max_spans: cfg.exporter.queue.max_spans,
-            concurrency: cfg.exporter.queue.concurrency,
-        },
-        metrics.clone(),
-        control.clone(),
-    );
+    let mut exporters = Vec::new();
+    let mut export_tasks = Vec::new();
+    for ec in &cfg.exporters {
+        let sink = Sink::from_config(ec)
+            .await
+            .with_context(|| format!("exporter {:?}", ec.name))?;
+        let (queue, task) = exporter::start(
+            &ec.name,
+            sink,
+            ExporterSettings {
+                batch: ec.batch.clone(),
+                retry: ec.retry.clone(),
+                max_spans: ec.queue.max_spans,
+                concurrency: ec.queue.concurrency,
+            },
+            metrics.clone(),
+            control.clone(),
+        );
+        exporters.push(queue);
+        export_tasks.push(task);
+    }
 
     let s = &cfg.sampling;
     let pipeline = Arc::new(Pipeline {
@@ -95,29 +94,50 @@ pub async fn run(
         ),
         pricing: Pricing::new(&cfg.llm.pricing),
         metrics: metrics.clone(),
-        export: export.clone(),
+        exporters: exporters.clone(),
     });
 
-    let grpc_addr = parse_addr(&cfg.receiver.grpc.endpoint, "receiver.grpc.endpoint")?;
-    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("cannot listen on receiver.grpc.endpoint {grpc_addr}"))?;
-    if let Some(http) = &cfg.receiver.http {
-        tracing::warn!(endpoint = %http.endpoint, "receiver.http is configured but OTLP/HTTP is not served by this version; only OTLP/gRPC is");
-    }
     let stop_receivers = CancellationToken::new();
-    let grpc_task = {
+    let mut receivers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut bound = Vec::new();
+    if cfg.receiver.grpc.enabled {
+        let addr = parse_addr(&cfg.receiver.grpc.endpoint, "receiver.grpc.endpoint")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on receiver.grpc.endpoint {addr}"))?;
+        bound.push(format!("grpc={addr}"));
         let stop = stop_receivers.clone();
         let service = TraceService::new(pipeline.clone(), cfg.receiver.grpc.max_request_bytes);
-        tokio::spawn(
-            tonic::transport::Server::builder()
+        receivers.push(tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(grpc_listener),
+                    tonic::transport::server::TcpIncoming::from(listener),
                     async move { stop.cancelled().await },
-                ),
-        )
-    };
+                )
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "gRPC receiver failed");
+            }
+        }));
+    }
+    if cfg.receiver.http.enabled {
+        let addr = parse_addr(&cfg.receiver.http.endpoint, "receiver.http.endpoint")?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on receiver.http.endpoint {addr}"))?;
+        bound.push(format!("http={addr}{}", cfg.receiver.http.path));
+        let stop = stop_receivers.clone();
+        let app = crate::receiver::http::router(pipeline.clone(), &cfg.receiver.http);
+        receivers.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP receiver failed");
+            }
+        }));
+    }
 
     let stop_ticker = CancellationToken::new();
     let ticker_task = {
@@ -137,49 +157,57 @@ pub async fn run(
     };
 
     ready.store(true, Ordering::SeqCst);
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, "llmtail is ready");
+    tracing::info!(receivers = %bound.join(" "), admin = %admin_addr, exporters = cfg.exporters.len(), "llmtail is ready");
 
     shutdown.await;
     tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: deciding pending traces and flushing");
     let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
     ready.store(false, Ordering::SeqCst);
     stop_receivers.cancel();
-    match tokio::time::timeout_at(deadline, grpc_task).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC receiver ended with an error"),
-        Err(_) => tracing::warn!("gRPC receiver did not stop before the shutdown timeout"),
-        _ => {}
+    for receiver in receivers {
+        if tokio::time::timeout_at(deadline, receiver).await.is_err() {
+            tracing::warn!("a receiver did not stop before the shutdown timeout");
+        }
     }
     stop_ticker.cancel();
     let _ = ticker_task.await;
     pipeline.decide_all();
     control.flush.cancel();
-    let mut export_task = export_task;
-    if tokio::time::timeout_at(deadline, &mut export_task)
-        .await
-        .is_err()
-    {
+    let mut flushed = join_all(export_tasks);
+    if tokio::time::timeout_at(deadline, &mut flushed).await.is_err() {
         control.abort.cancel();
-        let _ = export_task.await;
+        flushed.await;
     }
-    let lost_at_shutdown = metrics
-        .spans_lost
-        .with_label_values(&[lost::SHUTDOWN])
-        .get();
+    let lost_at_shutdown: u64 = cfg
+        .exporters
+        .iter()
+        .map(|e| {
+            metrics
+                .spans_lost
+                .with_label_values(&[e.name.as_str(), lost::SHUTDOWN])
+                .get()
+        })
+        .sum();
     stop_admin.cancel();
     let _ = admin_task.await;
-    let ended = if lost_at_shutdown == 0 && export.queued() == 0 {
+    let ended = if lost_at_shutdown == 0 && exporters.iter().all(|q| q.queued() == 0) {
         Ended::Flushed
     } else {
         Ended::TimedOut {
             lost_spans: lost_at_shutdown,
         }
     };
-    tracing::info!(
-        ?ended,
-        exported = metrics.spans_exported.get(),
-        "llmtail stopped"
-    );
+    tracing::info!(?ended, "llmtail stopped");
     Ok(ended)
+}
+
+/// Waits for every task, in a future that can be polled again after a timeout.
+fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        for task in tasks {
+            let _ = task.await;
+        }
+    })
 }
 
 /// Completes on the first SIGTERM or SIGINT.

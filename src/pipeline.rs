@@ -22,12 +22,16 @@ const UNKNOWN_SERVICE: &str = "unknown_service";
 #[derive(Debug, Clone, Copy)]
 pub enum Protocol {
     Grpc,
+    HttpProtobuf,
+    HttpJson,
 }
 
 impl Protocol {
-    fn label(self) -> &'static str {
+    pub fn label(self) -> &'static str {
         match self {
             Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http_protobuf",
+            Protocol::HttpJson => "http_json",
         }
     }
 }
@@ -54,7 +58,8 @@ pub struct Pipeline {
     pub buffer: TraceBuffer,
     pub pricing: Pricing,
     pub metrics: Arc<Metrics>,
-    pub export: Arc<ExportQueue>,
+    /// One queue per exporter; every kept span goes to each.
+    pub exporters: Vec<Arc<ExportQueue>>,
 }
 
 impl Pipeline {
@@ -133,7 +138,7 @@ impl Pipeline {
                         let label = if decision.keep() { "kept" } else { "dropped" };
                         self.metrics.late_spans.with_label_values(&[label]).inc();
                         if decision.keep() {
-                            self.export.submit(vec![KeptSpan {
+                            self.submit(vec![KeptSpan {
                                 span,
                                 threshold: decision.threshold(),
                             }]);
@@ -198,7 +203,7 @@ impl Pipeline {
                 .decision_delay
                 .observe(trace.delay.as_secs_f64());
             if decision.keep {
-                self.export.submit(
+                self.submit(
                     trace
                         .spans
                         .into_iter()
@@ -216,6 +221,31 @@ impl Pipeline {
             }
         }
         self.update_gauges();
+    }
+
+    /// Hands kept spans to every exporter (the last one takes them without a copy).
+    fn submit(&self, spans: Vec<KeptSpan>) {
+        if let Some((last, others)) = self.exporters.split_last() {
+            for queue in others {
+                queue.submit(spans.clone());
+            }
+            last.submit(spans);
+        }
+    }
+
+    /// True when no exporter can take more: every export queue is nearly full, so
+    /// receivers push back on senders with a retryable error instead of taking data that
+    /// would be lost. One stalled exporter among several does not stop the others.
+    pub fn overloaded(&self) -> bool {
+        !self.exporters.is_empty() && self.exporters.iter().all(|q| q.is_high())
+    }
+
+    /// Counts a request refused before it was read.
+    pub fn refuse(&self, protocol: Protocol, reason: &str) {
+        self.metrics
+            .requests_refused
+            .with_label_values(&[protocol.label(), reason])
+            .inc();
     }
 
     /// Decides every trace whose deadline has passed.

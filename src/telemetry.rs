@@ -11,8 +11,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -31,12 +31,13 @@ pub struct Metrics {
     pub traces: IntCounterVec,
     pub late_spans: IntCounterVec,
     pub spans_dropped: IntCounterVec,
-    pub spans_exported: IntCounter,
+    pub spans_exported: IntCounterVec,
     pub spans_lost: IntCounterVec,
+    pub requests_refused: IntCounterVec,
     pub buffer_traces: IntGauge,
     pub buffer_spans: IntGauge,
     pub buffer_bytes: IntGauge,
-    pub export_queue_spans: IntGauge,
+    pub export_queue_spans: IntGaugeVec,
     pub decision_delay: Histogram,
     pub llm_requests: IntCounterVec,
     pub llm_tokens: IntCounterVec,
@@ -104,16 +105,23 @@ impl Metrics {
                 ),
                 &["reason"]
             )),
-            spans_exported: reg!(IntCounter::new(
-                "llmtail_spans_exported_total",
-                "Spans acknowledged by the upstream."
+            spans_exported: reg!(IntCounterVec::new(
+                Opts::new("llmtail_spans_exported_total", "Spans acknowledged by the upstream."),
+                &["exporter"]
             )),
             spans_lost: reg!(IntCounterVec::new(
                 Opts::new(
                     "llmtail_spans_lost_total",
                     "Spans of kept traces that never reached the upstream."
                 ),
-                &["reason"]
+                &["exporter", "reason"]
+            )),
+            requests_refused: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_requests_refused_total",
+                    "Export requests refused before reading them, e.g. while overloaded."
+                ),
+                &["protocol", "reason"]
             )),
             buffer_traces: reg!(IntGauge::new(
                 "llmtail_buffer_traces",
@@ -127,9 +135,12 @@ impl Metrics {
                 "llmtail_buffer_bytes",
                 "Wire bytes of the spans held."
             )),
-            export_queue_spans: reg!(IntGauge::new(
-                "llmtail_export_queue_spans",
-                "Kept spans waiting for or retrying export."
+            export_queue_spans: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "llmtail_export_queue_spans",
+                    "Kept spans waiting for or retrying export."
+                ),
+                &["exporter"]
             )),
             decision_delay: reg!(Histogram::with_opts(
                 HistogramOpts::new(

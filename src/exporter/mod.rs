@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod otlp;
+pub mod otlp_http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +14,9 @@ use rand::Rng;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BatchConfig, RetryConfig};
+use prometheus::{IntCounter, IntGauge};
+
+use crate::config::{BatchConfig, ExportProtocol, ExporterConfig, RetryConfig};
 use crate::otlp::reframe::{KeptSpan, encode_request};
 use crate::telemetry::{Metrics, lost};
 
@@ -29,22 +32,46 @@ pub enum SendError {
     Permanent(String),
 }
 
+/// An exporter that cannot be set up (bad endpoint, unreadable TLS files, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SinkError(pub String);
+
 /// Where kept spans go.
 pub enum Sink {
-    Otlp(otlp::OtlpSink),
+    OtlpGrpc(otlp::OtlpGrpcSink),
+    OtlpHttp(otlp_http::OtlpHttpSink),
     File(file::FileSink),
 }
 
 impl Sink {
+    /// Builds the sink an exporter's config describes.
+    pub async fn from_config(cfg: &ExporterConfig) -> Result<Sink, SinkError> {
+        match (&cfg.otlp, &cfg.file) {
+            (Some(otlp), _) => match otlp.protocol {
+                ExportProtocol::Grpc => otlp::OtlpGrpcSink::new(otlp).map(Sink::OtlpGrpc),
+                ExportProtocol::HttpProtobuf => otlp_http::OtlpHttpSink::new(otlp).map(Sink::OtlpHttp),
+            },
+            (None, Some(file)) => file::FileSink::open(&file.path).await.map(Sink::File).map_err(|e| {
+                SinkError(format!("cannot open {}: {e}", file.path.display()))
+            }),
+            (None, None) => Err(SinkError("no otlp or file section".into())),
+        }
+    }
+
     /// Sends one encoded `ExportTraceServiceRequest`; on success returns how many of its
     /// spans the upstream rejected (OTLP partial success).
     async fn send(&self, request: Bytes) -> Result<u64, SendError> {
         match self {
-            Sink::Otlp(s) => s.send(request).await,
+            Sink::OtlpGrpc(s) => s.send(request).await,
+            Sink::OtlpHttp(s) => s.send(request).await,
             Sink::File(s) => s.send(request).await,
         }
     }
 }
+
+/// Share of `queue.max_spans` past which the queue counts as full for backpressure.
+const HIGH_WATER: f64 = 0.9;
 
 /// The receiving end's handle: kept spans enter here, never blocking the caller.
 pub struct ExportQueue {
@@ -52,7 +79,13 @@ pub struct ExportQueue {
     /// Spans submitted and not yet exported or lost; bounded by `max_spans`.
     queued: Arc<AtomicUsize>,
     max_spans: usize,
+    /// The exporter's name, the `exporter` label of its metrics.
+    name: String,
     metrics: Arc<Metrics>,
+    /// `llmtail_export_queue_spans{exporter}` and `llmtail_spans_exported_total{exporter}`,
+    /// resolved once.
+    queue_gauge: IntGauge,
+    exported: IntCounter,
 }
 
 impl ExportQueue {
@@ -70,30 +103,48 @@ impl ExportQueue {
             })
             .is_ok();
         if !admitted {
-            self.metrics
-                .spans_lost
-                .with_label_values(&[lost::QUEUE_FULL])
-                .inc_by(n as u64);
+            self.count_lost(lost::QUEUE_FULL, n);
             return;
         }
-        self.metrics.export_queue_spans.add(n as i64);
+        self.queue_gauge.add(n as i64);
         if self.tx.send(spans).is_err() {
             // The exporter has already stopped (only after shutdown has flushed).
             self.release(n, lost::SHUTDOWN);
         }
     }
 
-    fn release(&self, n: usize, lost_reason: &str) {
+    fn count_lost(&self, reason: &str, n: usize) {
         self.metrics
             .spans_lost
-            .with_label_values(&[lost_reason])
+            .with_label_values(&[self.name.as_str(), reason])
             .inc_by(n as u64);
+    }
+
+    /// Takes `n` spans off the queue as lost for `reason`.
+    fn release(&self, n: usize, reason: &str) {
+        self.count_lost(reason, n);
         self.queued.fetch_sub(n, Ordering::AcqRel);
-        self.metrics.export_queue_spans.sub(n as i64);
+        self.queue_gauge.sub(n as i64);
+    }
+
+    /// Takes `n` spans off the queue as exported.
+    fn exported(&self, n: usize) {
+        self.exported.inc_by(n as u64);
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queue_gauge.sub(n as i64);
     }
 
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// True when the queue is nearly full: receivers then push back on senders.
+    pub fn is_high(&self) -> bool {
+        self.queued() as f64 >= self.max_spans as f64 * HIGH_WATER
     }
 }
 
@@ -117,6 +168,7 @@ pub struct ExporterControl {
 /// Starts the exporter; returns the queue handle and the task, which ends after `flush`
 /// once everything queued has been exported or counted as lost.
 pub fn start(
+    name: &str,
     sink: Sink,
     settings: ExporterSettings,
     metrics: Arc<Metrics>,
@@ -127,12 +179,14 @@ pub fn start(
         tx,
         queued: Arc::new(AtomicUsize::new(0)),
         max_spans: settings.max_spans,
+        name: name.to_owned(),
+        queue_gauge: metrics.export_queue_spans.with_label_values(&[name]),
+        exported: metrics.spans_exported.with_label_values(&[name]),
         metrics: metrics.clone(),
     });
     let worker = Worker {
         sink: Arc::new(sink),
         retry: settings.retry.clone(),
-        metrics,
         queue: queue.clone(),
         abort: control.abort.clone(),
     };
@@ -144,7 +198,6 @@ pub fn start(
 struct Worker {
     sink: Arc<Sink>,
     retry: RetryConfig,
-    metrics: Arc<Metrics>,
     queue: Arc<ExportQueue>,
     abort: CancellationToken,
 }
@@ -222,19 +275,19 @@ impl Worker {
             match sent {
                 Ok(rejected) => break Ok(rejected),
                 Err(SendError::Permanent(msg)) => {
-                    tracing::warn!(spans = n, error = %msg, "upstream rejected an export request permanently; spans lost");
+                    tracing::warn!(exporter = self.queue.name(), spans = n, error = %msg, "upstream rejected an export request permanently; spans lost");
                     break Err(lost::REJECTED);
                 }
                 Err(SendError::Retryable(msg, hint)) => {
                     let wait = jittered(hint.unwrap_or(backoff));
                     if started.elapsed() + wait > self.retry.max_elapsed.0 {
-                        tracing::warn!(spans = n, attempts = attempt, error = %msg, "export retries exhausted; spans lost");
+                        tracing::warn!(exporter = self.queue.name(), spans = n, attempts = attempt, error = %msg, "export retries exhausted; spans lost");
                         break Err(lost::RETRIES_EXHAUSTED);
                     }
                     if attempt == 1 {
-                        tracing::warn!(spans = n, error = %msg, retry_in = ?wait, "export failed; retrying");
+                        tracing::warn!(exporter = self.queue.name(), spans = n, error = %msg, retry_in = ?wait, "export failed; retrying");
                     } else {
-                        tracing::debug!(spans = n, attempt, error = %msg, retry_in = ?wait, "export failed again");
+                        tracing::debug!(exporter = self.queue.name(), spans = n, attempt, error = %msg, retry_in = ?wait, "export failed again");
                     }
                     tokio::select! {
                         biased;
@@ -248,9 +301,7 @@ impl Worker {
         match outcome {
             Ok(rejected) => {
                 let rejected = (rejected as usize).min(n);
-                self.metrics.spans_exported.inc_by((n - rejected) as u64);
-                self.queue.queued.fetch_sub(n - rejected, Ordering::AcqRel);
-                self.metrics.export_queue_spans.sub((n - rejected) as i64);
+                self.queue.exported(n - rejected);
                 if rejected > 0 {
                     self.queue.release(rejected, lost::PARTIAL);
                 }
@@ -270,7 +321,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::config::{Compression, Dur, OtlpExporterConfig};
+    use crate::config::{Compression, Dur, ExportProtocol, OtlpExporterConfig};
     use crate::otlp::reframe::{HeldSpan, Origin};
     use crate::otlp::tracestate::Threshold;
 
@@ -298,17 +349,21 @@ mod tests {
     async fn a_full_queue_counts_what_it_cannot_take_as_lost() {
         // Port 9 (discard) on loopback: nothing listens, so every attempt fails and retries
         // hold the admitted spans in the queue.
-        let sink = Sink::Otlp(
-            otlp::OtlpSink::new(&OtlpExporterConfig {
+        let sink = Sink::OtlpGrpc(
+            otlp::OtlpGrpcSink::new(&OtlpExporterConfig {
                 endpoint: "http://127.0.0.1:9".into(),
+                protocol: ExportProtocol::Grpc,
                 timeout: Dur(Duration::from_secs(1)),
                 compression: Compression::None,
+                headers: Default::default(),
+                tls: Default::default(),
             })
             .unwrap(),
         );
         let metrics = Metrics::new();
         let control = ExporterControl::default();
         let (queue, task) = start(
+            "test",
             sink,
             ExporterSettings {
                 batch: BatchConfig {
@@ -325,27 +380,16 @@ mod tests {
         queue.submit(kept(8));
         queue.submit(kept(5));
         assert_eq!(queue.queued(), 8);
-        assert_eq!(
-            metrics
-                .spans_lost
-                .with_label_values(&[lost::QUEUE_FULL])
-                .get(),
-            5
-        );
+        let lost = |reason| metrics.spans_lost.with_label_values(&["test", reason]).get();
+        assert_eq!(lost(lost::QUEUE_FULL), 5);
         queue.submit(kept(2));
         assert_eq!(queue.queued(), 10);
         // Shutdown with the upstream still down: abort turns the held spans into losses.
         control.flush.cancel();
         control.abort.cancel();
         task.await.unwrap();
-        assert_eq!(
-            metrics
-                .spans_lost
-                .with_label_values(&[lost::SHUTDOWN])
-                .get(),
-            10
-        );
+        assert_eq!(lost(lost::SHUTDOWN), 10);
         assert_eq!(queue.queued(), 0);
-        assert_eq!(metrics.export_queue_spans.get(), 0);
+        assert_eq!(metrics.export_queue_spans.with_label_values(&["test"]).get(), 0);
     }
 }

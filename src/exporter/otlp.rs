@@ -6,46 +6,63 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use tonic::Code;
 use tonic::codec::CompressionEncoding;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use super::SendError;
+use super::{SendError, SinkError};
 use crate::config::{Compression, OtlpExporterConfig};
 use crate::otlp::codec::{Prost, RawCodec};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// How long to wait for a TCP/HTTP2 connection to the upstream before retrying.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest response accepted from the upstream (responses are tiny).
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
-pub struct OtlpSink {
+pub struct OtlpGrpcSink {
     grpc: tonic::client::Grpc<Channel>,
+    /// Configured headers, sent as metadata with every request.
+    metadata: MetadataMap,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("exporter.otlp.endpoint {endpoint:?} is not a valid URI: {source}")]
-pub struct BadEndpoint {
-    endpoint: String,
-    source: tonic::transport::Error,
+fn read(path: &std::path::Path) -> Result<Vec<u8>, SinkError> {
+    std::fs::read(path).map_err(|e| SinkError(format!("cannot read {}: {e}", path.display())))
 }
 
-impl OtlpSink {
-    pub fn new(cfg: &OtlpExporterConfig) -> Result<OtlpSink, BadEndpoint> {
-        let channel = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|source| BadEndpoint {
-                endpoint: cfg.endpoint.clone(),
-                source,
-            })?
+impl OtlpGrpcSink {
+    pub fn new(cfg: &OtlpExporterConfig) -> Result<OtlpGrpcSink, SinkError> {
+        let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
+            .map_err(|e| SinkError(format!("endpoint {:?} is not a valid URI: {e}", cfg.endpoint)))?
             .timeout(cfg.timeout.0)
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect_lazy();
-        let mut grpc = tonic::client::Grpc::new(channel)
+            .connect_timeout(CONNECT_TIMEOUT);
+        if cfg.uses_tls() {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &cfg.tls.ca_file {
+                Some(ca) => tls.ca_certificate(Certificate::from_pem(read(ca)?)),
+                None => tls.with_webpki_roots(),
+            };
+            if let (Some(cert), Some(key)) = (&cfg.tls.cert_file, &cfg.tls.key_file) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| SinkError(format!("TLS setup failed: {e}")))?;
+        }
+        let mut grpc = tonic::client::Grpc::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_RESPONSE_BYTES)
             .accept_compressed(CompressionEncoding::Gzip);
         if cfg.compression == Compression::Gzip {
             grpc = grpc.send_compressed(CompressionEncoding::Gzip);
         }
-        Ok(OtlpSink { grpc })
+        let mut metadata = MetadataMap::new();
+        for (name, value) in &cfg.headers {
+            let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .map_err(|_| SinkError(format!("header name {name:?} is not valid gRPC metadata")))?;
+            let value = MetadataValue::try_from(value.as_str())
+                .map_err(|_| SinkError(format!("the value of header {name:?} is not valid gRPC metadata")))?;
+            metadata.insert(key, value);
+        }
+        Ok(OtlpGrpcSink { grpc, metadata })
     }
 
     pub async fn send(&self, request: Bytes) -> Result<u64, SendError> {
@@ -53,9 +70,11 @@ impl OtlpSink {
         grpc.ready()
             .await
             .map_err(|e| SendError::Retryable(format!("upstream not reachable: {e}"), None))?;
+        let mut request = tonic::Request::new(request);
+        *request.metadata_mut() = self.metadata.clone();
         let response = grpc
             .unary(
-                tonic::Request::new(request),
+                request,
                 http::uri::PathAndQuery::from_static(EXPORT_PATH),
                 RawCodec::<Bytes, Prost<ExportTraceServiceResponse>>::default(),
             )
@@ -75,11 +94,7 @@ impl OtlpSink {
 /// RESOURCE_EXHAUSTED is retried: the upstream is shedding load, and losing kept traces
 /// to a momentary overload is worse than one more attempt.
 fn classify(status: &tonic::Status) -> SendError {
-    let msg = format!(
-        "upstream answered {:?}: {}",
-        status.code(),
-        status.message()
-    );
+    let msg = format!("upstream answered {:?}: {}", status.code(), status.message());
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded

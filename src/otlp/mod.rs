@@ -2,6 +2,7 @@
 //! re-framing of kept spans into new export requests.
 
 pub mod codec;
+pub mod json;
 #[cfg(test)]
 mod proptests;
 pub mod reframe;

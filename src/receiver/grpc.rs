@@ -52,6 +52,12 @@ impl UnaryService<Bytes> for Export {
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let pipeline = self.0.clone();
         Box::pin(async move {
+            if pipeline.overloaded() {
+                pipeline.refuse(Protocol::Grpc, "overloaded");
+                return Err(Status::unavailable(
+                    "llmtail is overloaded (export queue full); retry later",
+                ));
+            }
             let outcome = pipeline
                 .ingest(request.into_inner(), Protocol::Grpc)
                 .map_err(|e: IngestError| Status::invalid_argument(e.to_string()))?;

@@ -1,3 +1,4 @@
 //! Receivers: the protocols spans arrive by. Each hands raw request bytes to the pipeline.
 
 pub mod grpc;
+pub mod http;

@@ -154,6 +154,7 @@ impl Drop for Sink {
 /// The real daemon, started from a config written for the test.
 pub struct Daemon {
     pub grpc: SocketAddr,
+    pub http: SocketAddr,
     pub admin: SocketAddr,
     child: Child,
     pub dir: tempfile::TempDir,
@@ -167,10 +168,16 @@ impl Daemon {
     /// Starts llmtail with `body` (YAML for every section but receiver and admin, which get
     /// ephemeral ports) and waits until `/readyz` answers 200.
     pub fn start(body: &str) -> Daemon {
+        Daemon::start_with("", body)
+    }
+
+    /// Like [`Daemon::start`], with extra keys for `receiver.http` (indented 4 spaces).
+    pub fn start_with(http_extra: &str, body: &str) -> Daemon {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
-            "receiver:\n  grpc:\n    endpoint: {grpc}\n    max_request_bytes: 1000000\nadmin:\n  endpoint: {admin}\n{body}"
+            "receiver:\n  grpc:\n    endpoint: {grpc}\n    max_request_bytes: 1000000\n  http:\n    endpoint: {http}\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: {admin}\n{body}"
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
@@ -187,6 +194,7 @@ impl Daemon {
             .expect("llmtail starts");
         let mut d = Daemon {
             grpc,
+            http,
             admin,
             child,
             dir,

@@ -1,0 +1,252 @@
+//! OTLP/HTTP receiver: `POST /v1/traces` with protobuf or JSON bodies, gzip/deflate/zstd,
+//! answered in the request's content type, per the OTLP/HTTP specification.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceResponse,
+};
+use prost::Message;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::config::{CorsConfig, HttpReceiverConfig};
+use crate::pipeline::{Pipeline, Protocol};
+
+const PROTOBUF: &str = "application/x-protobuf";
+const JSON: &str = "application/json";
+/// Seconds a sender is asked to wait when llmtail is overloaded.
+const RETRY_AFTER_SECS: &str = "2";
+/// Headers a browser may send on a cross-origin export, beyond any configured ones.
+const CORS_DEFAULT_HEADERS: &[&str] = &["content-type", "content-encoding", "authorization"];
+
+/// `google.rpc.Status`, the body of every OTLP/HTTP error response.
+#[derive(Clone, PartialEq, Message, serde::Serialize)]
+pub struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// gRPC code numbers used in `google.rpc.Status` bodies.
+const CODE_INVALID_ARGUMENT: i32 = 3;
+const CODE_RESOURCE_EXHAUSTED: i32 = 8;
+const CODE_UNAVAILABLE: i32 = 14;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+impl Encoding {
+    fn content_type(self) -> &'static str {
+        match self {
+            Encoding::Protobuf => PROTOBUF,
+            Encoding::Json => JSON,
+        }
+    }
+
+    fn protocol(self) -> Protocol {
+        match self {
+            Encoding::Protobuf => Protocol::HttpProtobuf,
+            Encoding::Json => Protocol::HttpJson,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Receiver {
+    pipeline: Arc<Pipeline>,
+    max_request_bytes: usize,
+}
+
+fn error(status: StatusCode, encoding: Encoding, code: i32, message: String) -> Response {
+    let status_body = RpcStatus { code, message };
+    let body = match encoding {
+        Encoding::Protobuf => status_body.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(&status_body).unwrap_or_default(),
+    };
+    (status, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+}
+
+fn content_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    match mime.as_str() {
+        PROTOBUF => Ok(Encoding::Protobuf),
+        JSON => Ok(Encoding::Json),
+        _ => Err(format!(
+            "unsupported Content-Type {ct:?}; send {PROTOBUF} or {JSON}"
+        )),
+    }
+}
+
+/// Why a body could not be read.
+enum BodyError {
+    TooLarge,
+    UnsupportedEncoding(String),
+    Corrupt(String),
+}
+
+/// Decompresses `body` as `Content-Encoding` says, never producing more than `limit` bytes
+/// (a small compressed bomb is refused as soon as its output passes the limit).
+fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, BodyError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    let reader: Box<dyn Read + '_> = match encoding.as_str() {
+        "" | "identity" => return Ok(body),
+        "gzip" | "x-gzip" => Box::new(flate2::read::MultiGzDecoder::new(&body[..])),
+        "deflate" => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
+        "zstd" => Box::new(
+            ruzstd::decoding::StreamingDecoder::new(&body[..])
+                .map_err(|e| BodyError::Corrupt(format!("invalid zstd body: {e}")))?,
+        ),
+        other => {
+            return Err(BodyError::UnsupportedEncoding(format!(
+                "unsupported Content-Encoding {other:?}; use gzip, deflate, zstd or none"
+            )));
+        }
+    };
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit));
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| BodyError::Corrupt(format!("cannot decompress the {encoding} body: {e}")))?;
+    if out.len() > limit {
+        return Err(BodyError::TooLarge);
+    }
+    Ok(Bytes::from(out))
+}
+
+async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> Response {
+    let encoding = match content_encoding(&headers) {
+        Ok(e) => e,
+        Err(msg) => {
+            return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, Encoding::Protobuf, CODE_INVALID_ARGUMENT, msg);
+        }
+    };
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            encoding,
+            CODE_RESOURCE_EXHAUSTED,
+            format!("request body exceeds receiver.http.max_request_bytes ({} bytes)", rx.max_request_bytes),
+        )
+    };
+    if rx.pipeline.overloaded() {
+        rx.pipeline.refuse(encoding.protocol(), "overloaded");
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            encoding,
+            CODE_UNAVAILABLE,
+            "llmtail is overloaded (export queue full); retry later".into(),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        return r;
+    }
+    let raw = match axum::body::to_bytes(body, rx.max_request_bytes).await {
+        Ok(b) => b,
+        Err(_) => return too_large(),
+    };
+    let raw = match decompress(&headers, raw, rx.max_request_bytes) {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(BodyError::UnsupportedEncoding(msg)) => {
+            return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, encoding, CODE_INVALID_ARGUMENT, msg);
+        }
+        Err(BodyError::Corrupt(msg)) => {
+            return error(StatusCode::BAD_REQUEST, encoding, CODE_INVALID_ARGUMENT, msg);
+        }
+    };
+    let protobuf = match encoding {
+        Encoding::Protobuf => raw,
+        Encoding::Json => match crate::otlp::json::to_protobuf(&raw) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    encoding,
+                    CODE_INVALID_ARGUMENT,
+                    format!("the body is not a valid OTLP/JSON ExportTraceServiceRequest: {e}"),
+                );
+            }
+        },
+    };
+    let outcome = match rx.pipeline.ingest(protobuf, encoding.protocol()) {
+        Ok(o) => o,
+        Err(e) => return error(StatusCode::BAD_REQUEST, encoding, CODE_INVALID_ARGUMENT, e.to_string()),
+    };
+    let response = ExportTraceServiceResponse {
+        partial_success: (outcome.rejected > 0).then_some(ExportTracePartialSuccess {
+            rejected_spans: outcome.rejected as i64,
+            error_message: outcome.error_message,
+        }),
+    };
+    let body = match encoding {
+        Encoding::Protobuf => response.encode_to_vec(),
+        Encoding::Json => serde_json::to_vec(&response).unwrap_or_default(),
+    };
+    (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+}
+
+fn cors_layer(cors: &CorsConfig) -> Option<CorsLayer> {
+    if cors.allowed_origins.is_empty() {
+        return None;
+    }
+    let origins = if cors.allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            cors.allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    let headers: Vec<header::HeaderName> = CORS_DEFAULT_HEADERS
+        .iter()
+        .map(|h| h.to_string())
+        .chain(cors.allowed_headers.iter().cloned())
+        .filter_map(|h| h.parse().ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([axum::http::Method::POST])
+            .allow_headers(headers)
+            .max_age(cors.max_age.0),
+    )
+}
+
+/// The receiver's routes: `POST <path>`; any other method on it is answered 405.
+pub fn router(pipeline: Arc<Pipeline>, cfg: &HttpReceiverConfig) -> Router {
+    let state = Receiver {
+        pipeline,
+        max_request_bytes: cfg.max_request_bytes,
+    };
+    let router = Router::new()
+        .route(&cfg.path, post(export))
+        // The body limit is enforced by `export` itself, before and after decompression.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state);
+    match cors_layer(&cfg.cors) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
