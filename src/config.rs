@@ -89,33 +89,60 @@ impl ReceiverConfig {
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         if self.grpc.enabled {
-            p.extend(socket_problem("grpc.endpoint", &self.grpc.endpoint, "0.0.0.0:4317"));
+            p.extend(socket_problem(
+                "grpc.endpoint",
+                &self.grpc.endpoint,
+                "0.0.0.0:4317",
+            ));
             if self.grpc.max_request_bytes < MIN_REQUEST_BYTES {
-                p.push(("grpc.max_request_bytes".into(), format!("must be at least {MIN_REQUEST_BYTES}")));
+                p.push((
+                    "grpc.max_request_bytes".into(),
+                    format!("must be at least {MIN_REQUEST_BYTES}"),
+                ));
             }
         }
         if self.http.enabled {
-            p.extend(socket_problem("http.endpoint", &self.http.endpoint, "0.0.0.0:4318"));
+            p.extend(socket_problem(
+                "http.endpoint",
+                &self.http.endpoint,
+                "0.0.0.0:4318",
+            ));
             if !self.http.path.starts_with('/') {
-                p.push(("http.path".into(), format!("{:?} must start with /", self.http.path)));
+                p.push((
+                    "http.path".into(),
+                    format!("{:?} must start with /", self.http.path),
+                ));
             }
             if self.http.max_request_bytes < MIN_REQUEST_BYTES {
-                p.push(("http.max_request_bytes".into(), format!("must be at least {MIN_REQUEST_BYTES}")));
+                p.push((
+                    "http.max_request_bytes".into(),
+                    format!("must be at least {MIN_REQUEST_BYTES}"),
+                ));
             }
             for (i, origin) in self.http.cors.allowed_origins.iter().enumerate() {
-                if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                if origin != "*"
+                    && !(origin.starts_with("http://") || origin.starts_with("https://"))
+                {
                     p.push((
                         format!("http.cors.allowed_origins[{i}]"),
-                        format!("{origin:?} must be \"*\" or an origin such as https://app.example.com"),
+                        format!(
+                            "{origin:?} must be \"*\" or an origin such as https://app.example.com"
+                        ),
                     ));
                 }
             }
         }
         if self.grpc.enabled && self.http.enabled && self.grpc.endpoint == self.http.endpoint {
-            p.push(("http.endpoint".into(), "must differ from receiver.grpc.endpoint".into()));
+            p.push((
+                "http.endpoint".into(),
+                "must differ from receiver.grpc.endpoint".into(),
+            ));
         }
         if !self.grpc.enabled && !self.http.enabled {
-            p.push(("".into(), "enable at least one of receiver.grpc and receiver.http".into()));
+            p.push((
+                "".into(),
+                "enable at least one of receiver.grpc and receiver.http".into(),
+            ));
         }
         p
     }
@@ -381,7 +408,10 @@ impl ExporterConfig {
         }
         match (&self.otlp, &self.file) {
             (None, None) => p.push(("".into(), "set exactly one of otlp or file".into())),
-            (Some(_), Some(_)) => p.push(("file".into(), "set exactly one of otlp or file, not both".into())),
+            (Some(_), Some(_)) => p.push((
+                "file".into(),
+                "set exactly one of otlp or file, not both".into(),
+            )),
             _ => {}
         }
         if let Some(otlp) = &self.otlp {
@@ -398,13 +428,21 @@ impl ExporterConfig {
             p.push(("batch.max_spans".into(), "must be at least 1".into()));
         }
         if self.queue.max_spans < self.batch.max_spans {
-            p.push(("queue.max_spans".into(), "must be at least batch.max_spans".into()));
+            p.push((
+                "queue.max_spans".into(),
+                "must be at least batch.max_spans".into(),
+            ));
         }
         if self.queue.concurrency == 0 {
             p.push(("queue.concurrency".into(), "must be at least 1".into()));
         }
-        if self.retry.initial_interval.0.is_zero() || self.retry.max_interval.0 < self.retry.initial_interval.0 {
-            p.push(("retry".into(), "need 0 < initial_interval ≤ max_interval".into()));
+        if self.retry.initial_interval.0.is_zero()
+            || self.retry.max_interval.0 < self.retry.initial_interval.0
+        {
+            p.push((
+                "retry".into(),
+                "need 0 < initial_interval ≤ max_interval".into(),
+            ));
         }
         p
     }
@@ -469,30 +507,47 @@ impl OtlpExporterConfig {
 
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        let scheme_ok = self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://");
+        let scheme_ok =
+            self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://");
         if !scheme_ok || self.endpoint.parse::<http::Uri>().is_err() {
             p.push((
                 "endpoint".into(),
-                format!("{:?} must be an http:// or https:// URL such as http://tempo:4317", self.endpoint),
+                format!(
+                    "{:?} must be an http:// or https:// URL such as http://tempo:4317",
+                    self.endpoint
+                ),
             ));
         }
         if self.endpoint.starts_with("https://") && self.tls.insecure == Some(true) {
-            p.push(("tls.insecure".into(), "an https:// endpoint cannot be plain text; use http:// or drop tls.insecure".into()));
+            p.push((
+                "tls.insecure".into(),
+                "an https:// endpoint cannot be plain text; use http:// or drop tls.insecure"
+                    .into(),
+            ));
         }
         if self.timeout.0.is_zero() {
             p.push(("timeout".into(), "must be greater than 0".into()));
         }
         for (name, value) in &self.headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                p.push((format!("headers.{name}"), "is not a valid HTTP header name".into()));
+                p.push((
+                    format!("headers.{name}"),
+                    "is not a valid HTTP header name".into(),
+                ));
             }
             if http::HeaderValue::from_str(value).is_err() {
                 // The value may be a secret: say what is wrong without echoing it.
-                p.push((format!("headers.{name}"), "value is not a valid HTTP header value".into()));
+                p.push((
+                    format!("headers.{name}"),
+                    "value is not a valid HTTP header value".into(),
+                ));
             }
         }
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
-            p.push(("tls".into(), "cert_file and key_file go together (mutual TLS)".into()));
+            p.push((
+                "tls".into(),
+                "cert_file and key_file go together (mutual TLS)".into(),
+            ));
         }
         for (key, file) in [
             ("tls.ca_file", &self.tls.ca_file),
@@ -506,7 +561,11 @@ impl OtlpExporterConfig {
             }
         }
         if (self.tls.ca_file.is_some() || self.tls.cert_file.is_some()) && !self.uses_tls() {
-            p.push(("tls".into(), "TLS files are set but the connection is plain text; use an https:// endpoint".into()));
+            p.push((
+                "tls".into(),
+                "TLS files are set but the connection is plain text; use an https:// endpoint"
+                    .into(),
+            ));
         }
         p
     }
@@ -719,13 +778,28 @@ impl Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             ..Config::default()
         };
-        if let Some(c) = load_section(vec!["receiver".into()], section("receiver"), &mut problems, &report) {
+        if let Some(c) = load_section(
+            vec!["receiver".into()],
+            section("receiver"),
+            &mut problems,
+            &report,
+        ) {
             cfg.receiver = c;
         }
-        if let Some(c) = load_section(vec!["sampling".into()], section("sampling"), &mut problems, &report) {
+        if let Some(c) = load_section(
+            vec!["sampling".into()],
+            section("sampling"),
+            &mut problems,
+            &report,
+        ) {
             cfg.sampling = c;
         }
-        if let Some(c) = load_section(vec!["admin".into()], section("admin"), &mut problems, &report) {
+        if let Some(c) = load_section(
+            vec!["admin".into()],
+            section("admin"),
+            &mut problems,
+            &report,
+        ) {
             cfg.admin = c;
         }
         if let Some(c) = load_section(vec!["llm".into()], section("llm"), &mut problems, &report) {
@@ -801,7 +875,13 @@ macro_rules! validated {
         }
     )*};
 }
-validated!(ReceiverConfig, SamplingConfig, ExporterConfig, AdminConfig, LlmConfig);
+validated!(
+    ReceiverConfig,
+    SamplingConfig,
+    ExporterConfig,
+    AdminConfig,
+    LlmConfig
+);
 
 /// Deserializes and validates one section, reporting every problem under `path`.
 fn load_section<T: DeserializeOwned + Validate>(
@@ -1067,7 +1147,10 @@ mod tests {
         assert_eq!(cfg.sampling.decision_cache_size, 1_000_000);
         assert_eq!(cfg.admin.endpoint, "0.0.0.0:8888");
         assert_eq!(cfg.shutdown_timeout, Duration::from_secs(20));
-        assert_eq!(cfg.exporters[0].otlp.as_ref().unwrap().compression, Compression::Gzip);
+        assert_eq!(
+            cfg.exporters[0].otlp.as_ref().unwrap().compression,
+            Compression::Gzip
+        );
         assert_eq!(cfg.exporters[0].name, "default");
         assert!(cfg.receiver.http.enabled);
         assert_eq!(cfg.receiver.http.endpoint, "0.0.0.0:4318");

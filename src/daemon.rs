@@ -174,7 +174,10 @@ pub async fn run(
     pipeline.decide_all();
     control.flush.cancel();
     let mut flushed = join_all(export_tasks);
-    if tokio::time::timeout_at(deadline, &mut flushed).await.is_err() {
+    if tokio::time::timeout_at(deadline, &mut flushed)
+        .await
+        .is_err()
+    {
         control.abort.cancel();
         flushed.await;
     }
@@ -202,7 +205,9 @@ pub async fn run(
 }
 
 /// Waits for every task, in a future that can be polled again after a timeout.
-fn join_all(tasks: Vec<tokio::task::JoinHandle<()>>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+fn join_all(
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     Box::pin(async move {
         for task in tasks {
             let _ = task.await;

@@ -11,8 +11,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -106,7 +106,10 @@ impl Metrics {
                 &["reason"]
             )),
             spans_exported: reg!(IntCounterVec::new(
-                Opts::new("llmtail_spans_exported_total", "Spans acknowledged by the upstream."),
+                Opts::new(
+                    "llmtail_spans_exported_total",
+                    "Spans acknowledged by the upstream."
+                ),
                 &["exporter"]
             )),
             spans_lost: reg!(IntCounterVec::new(

@@ -40,7 +40,7 @@ pub struct SinkError(pub String);
 /// Where kept spans go.
 pub enum Sink {
     OtlpGrpc(otlp::OtlpGrpcSink),
-    OtlpHttp(otlp_http::OtlpHttpSink),
+    OtlpHttp(Box<otlp_http::OtlpHttpSink>),
     File(file::FileSink),
 }
 
@@ -50,11 +50,14 @@ impl Sink {
         match (&cfg.otlp, &cfg.file) {
             (Some(otlp), _) => match otlp.protocol {
                 ExportProtocol::Grpc => otlp::OtlpGrpcSink::new(otlp).map(Sink::OtlpGrpc),
-                ExportProtocol::HttpProtobuf => otlp_http::OtlpHttpSink::new(otlp).map(Sink::OtlpHttp),
+                ExportProtocol::HttpProtobuf => {
+                    otlp_http::OtlpHttpSink::new(otlp).map(|s| Sink::OtlpHttp(Box::new(s)))
+                }
             },
-            (None, Some(file)) => file::FileSink::open(&file.path).await.map(Sink::File).map_err(|e| {
-                SinkError(format!("cannot open {}: {e}", file.path.display()))
-            }),
+            (None, Some(file)) => file::FileSink::open(&file.path)
+                .await
+                .map(Sink::File)
+                .map_err(|e| SinkError(format!("cannot open {}: {e}", file.path.display()))),
             (None, None) => Err(SinkError("no otlp or file section".into())),
         }
     }
@@ -380,7 +383,12 @@ mod tests {
         queue.submit(kept(8));
         queue.submit(kept(5));
         assert_eq!(queue.queued(), 8);
-        let lost = |reason| metrics.spans_lost.with_label_values(&["test", reason]).get();
+        let lost = |reason| {
+            metrics
+                .spans_lost
+                .with_label_values(&["test", reason])
+                .get()
+        };
         assert_eq!(lost(lost::QUEUE_FULL), 5);
         queue.submit(kept(2));
         assert_eq!(queue.queued(), 10);
@@ -390,6 +398,12 @@ mod tests {
         task.await.unwrap();
         assert_eq!(lost(lost::SHUTDOWN), 10);
         assert_eq!(queue.queued(), 0);
-        assert_eq!(metrics.export_queue_spans.with_label_values(&["test"]).get(), 0);
+        assert_eq!(
+            metrics
+                .export_queue_spans
+                .with_label_values(&["test"])
+                .get(),
+            0
+        );
     }
 }

@@ -32,7 +32,12 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, SinkError> {
 impl OtlpGrpcSink {
     pub fn new(cfg: &OtlpExporterConfig) -> Result<OtlpGrpcSink, SinkError> {
         let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
-            .map_err(|e| SinkError(format!("endpoint {:?} is not a valid URI: {e}", cfg.endpoint)))?
+            .map_err(|e| {
+                SinkError(format!(
+                    "endpoint {:?} is not a valid URI: {e}",
+                    cfg.endpoint
+                ))
+            })?
             .timeout(cfg.timeout.0)
             .connect_timeout(CONNECT_TIMEOUT);
         if cfg.uses_tls() {
@@ -56,10 +61,15 @@ impl OtlpGrpcSink {
         }
         let mut metadata = MetadataMap::new();
         for (name, value) in &cfg.headers {
-            let key = MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes())
-                .map_err(|_| SinkError(format!("header name {name:?} is not valid gRPC metadata")))?;
-            let value = MetadataValue::try_from(value.as_str())
-                .map_err(|_| SinkError(format!("the value of header {name:?} is not valid gRPC metadata")))?;
+            let key =
+                MetadataKey::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| {
+                    SinkError(format!("header name {name:?} is not valid gRPC metadata"))
+                })?;
+            let value = MetadataValue::try_from(value.as_str()).map_err(|_| {
+                SinkError(format!(
+                    "the value of header {name:?} is not valid gRPC metadata"
+                ))
+            })?;
             metadata.insert(key, value);
         }
         Ok(OtlpGrpcSink { grpc, metadata })
@@ -94,7 +104,11 @@ impl OtlpGrpcSink {
 /// RESOURCE_EXHAUSTED is retried: the upstream is shedding load, and losing kept traces
 /// to a momentary overload is worse than one more attempt.
 fn classify(status: &tonic::Status) -> SendError {
-    let msg = format!("upstream answered {:?}: {}", status.code(), status.message());
+    let msg = format!(
+        "upstream answered {:?}: {}",
+        status.code(),
+        status.message()
+    );
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded

@@ -43,7 +43,8 @@ pub fn rustls_config(tls: &TlsClientConfig) -> Result<rustls::ClientConfig, Sink
             for cert in CertificateDer::pem_file_iter(ca)
                 .map_err(|e| SinkError(format!("cannot read tls.ca_file {}: {e}", ca.display())))?
             {
-                let cert = cert.map_err(|e| SinkError(format!("tls.ca_file {}: {e}", ca.display())))?;
+                let cert =
+                    cert.map_err(|e| SinkError(format!("tls.ca_file {}: {e}", ca.display())))?;
                 roots
                     .add(cert)
                     .map_err(|e| SinkError(format!("tls.ca_file {}: {e}", ca.display())))?;
@@ -76,7 +77,12 @@ impl OtlpHttpSink {
     pub fn new(cfg: &OtlpExporterConfig) -> Result<OtlpHttpSink, SinkError> {
         let url: Uri = format!("{}{TRACES_PATH}", cfg.endpoint.trim_end_matches('/'))
             .parse()
-            .map_err(|e| SinkError(format!("endpoint {:?} is not a valid URL: {e}", cfg.endpoint)))?;
+            .map_err(|e| {
+                SinkError(format!(
+                    "endpoint {:?} is not a valid URL: {e}",
+                    cfg.endpoint
+                ))
+            })?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(super::otlp::CONNECT_TIMEOUT));
@@ -116,11 +122,10 @@ impl OtlpHttpSink {
         }
         req.headers_mut().extend(self.headers.clone());
         let exchange = async {
-            let response = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| SendError::Retryable(format!("upstream not reachable: {e}"), None))?;
+            let response =
+                self.client.request(req).await.map_err(|e| {
+                    SendError::Retryable(format!("upstream not reachable: {e}"), None)
+                })?;
             let status = response.status();
             let retry_after = response
                 .headers()
@@ -137,7 +142,9 @@ impl OtlpHttpSink {
         };
         let (status, retry_after, body) = tokio::time::timeout(self.timeout, exchange)
             .await
-            .map_err(|_| SendError::Retryable(format!("no answer within {:?}", self.timeout), None))??;
+            .map_err(|_| {
+                SendError::Retryable(format!("no answer within {:?}", self.timeout), None)
+            })??;
         if status.is_success() {
             return Ok(ExportTraceServiceResponse::decode(body)
                 .ok()
@@ -157,7 +164,10 @@ impl OtlpHttpSink {
 }
 
 fn gzip(data: &[u8]) -> Result<Bytes, SendError> {
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(data.len() / 4), flate2::Compression::fast());
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(data.len() / 4),
+        flate2::Compression::fast(),
+    );
     enc.write_all(data)
         .and_then(|()| enc.finish())
         .map(Bytes::from)

@@ -86,7 +86,12 @@ mod tests {
     #[test]
     fn malformed_json_is_an_error() {
         assert!(to_protobuf(b"{\"resourceSpans\": [").is_err());
-        assert!(to_protobuf(b"{\"resourceSpans\":[{\"scopeSpans\":[{\"spans\":[{\"traceId\":\"xyz\"}]}]}]}").is_err());
+        assert!(
+            to_protobuf(
+                b"{\"resourceSpans\":[{\"scopeSpans\":[{\"spans\":[{\"traceId\":\"xyz\"}]}]}]}"
+            )
+            .is_err()
+        );
     }
 
     #[test]

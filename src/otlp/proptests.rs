@@ -196,7 +196,11 @@ fn origin(n: u8) -> Arc<Origin> {
     };
     Arc::new(Origin {
         resource: Bytes::from(resource.encode_to_vec()),
-        resource_schema_url: Bytes::from(if n % 2 == 0 { "" } else { "https://schema/1" }),
+        resource_schema_url: Bytes::from(if n.is_multiple_of(2) {
+            ""
+        } else {
+            "https://schema/1"
+        }),
         scope: Bytes::from(scope.encode_to_vec()),
         scope_schema_url: Bytes::new(),
         service: Arc::from(format!("svc-{n}")),

@@ -75,7 +75,12 @@ fn error(status: StatusCode, encoding: Encoding, code: i32, message: String) -> 
         Encoding::Protobuf => status_body.encode_to_vec(),
         Encoding::Json => serde_json::to_vec(&status_body).unwrap_or_default(),
     };
-    (status, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, encoding.content_type())],
+        body,
+    )
+        .into_response()
 }
 
 fn content_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
@@ -83,7 +88,12 @@ fn content_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match mime.as_str() {
         PROTOBUF => Ok(Encoding::Protobuf),
         JSON => Ok(Encoding::Json),
@@ -138,7 +148,12 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
     let encoding = match content_encoding(&headers) {
         Ok(e) => e,
         Err(msg) => {
-            return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, Encoding::Protobuf, CODE_INVALID_ARGUMENT, msg);
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Encoding::Protobuf,
+                CODE_INVALID_ARGUMENT,
+                msg,
+            );
         }
     };
     let too_large = || {
@@ -146,7 +161,10 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
             StatusCode::PAYLOAD_TOO_LARGE,
             encoding,
             CODE_RESOURCE_EXHAUSTED,
-            format!("request body exceeds receiver.http.max_request_bytes ({} bytes)", rx.max_request_bytes),
+            format!(
+                "request body exceeds receiver.http.max_request_bytes ({} bytes)",
+                rx.max_request_bytes
+            ),
         )
     };
     if rx.pipeline.overloaded() {
@@ -157,8 +175,10 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
             CODE_UNAVAILABLE,
             "llmtail is overloaded (export queue full); retry later".into(),
         );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        r.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
         return r;
     }
     let raw = match axum::body::to_bytes(body, rx.max_request_bytes).await {
@@ -169,10 +189,20 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
         Ok(b) => b,
         Err(BodyError::TooLarge) => return too_large(),
         Err(BodyError::UnsupportedEncoding(msg)) => {
-            return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, encoding, CODE_INVALID_ARGUMENT, msg);
+            return error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                encoding,
+                CODE_INVALID_ARGUMENT,
+                msg,
+            );
         }
         Err(BodyError::Corrupt(msg)) => {
-            return error(StatusCode::BAD_REQUEST, encoding, CODE_INVALID_ARGUMENT, msg);
+            return error(
+                StatusCode::BAD_REQUEST,
+                encoding,
+                CODE_INVALID_ARGUMENT,
+                msg,
+            );
         }
     };
     let protobuf = match encoding {
@@ -191,7 +221,14 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
     };
     let outcome = match rx.pipeline.ingest(protobuf, encoding.protocol()) {
         Ok(o) => o,
-        Err(e) => return error(StatusCode::BAD_REQUEST, encoding, CODE_INVALID_ARGUMENT, e.to_string()),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                encoding,
+                CODE_INVALID_ARGUMENT,
+                e.to_string(),
+            );
+        }
     };
     let response = ExportTraceServiceResponse {
         partial_success: (outcome.rejected > 0).then_some(ExportTracePartialSuccess {
@@ -203,7 +240,12 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
         Encoding::Protobuf => response.encode_to_vec(),
         Encoding::Json => serde_json::to_vec(&response).unwrap_or_default(),
     };
-    (StatusCode::OK, [(header::CONTENT_TYPE, encoding.content_type())], body).into_response()
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, encoding.content_type())],
+        body,
+    )
+        .into_response()
 }
 
 fn cors_layer(cors: &CorsConfig) -> Option<CorsLayer> {

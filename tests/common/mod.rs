@@ -171,8 +171,17 @@ impl Daemon {
         Daemon::start_with("", body)
     }
 
+    /// Like [`Daemon::start`], with environment variables for `${env:…}` in the config.
+    pub fn start_env(body: &str, envs: &[(&str, &str)]) -> Daemon {
+        Daemon::launch("", body, envs)
+    }
+
     /// Like [`Daemon::start`], with extra keys for `receiver.http` (indented 4 spaces).
     pub fn start_with(http_extra: &str, body: &str) -> Daemon {
+        Daemon::launch(http_extra, body, &[])
+    }
+
+    fn launch(http_extra: &str, body: &str, envs: &[(&str, &str)]) -> Daemon {
         let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -188,6 +197,7 @@ impl Daemon {
             .arg(&path)
             .current_dir(dir.path())
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -351,7 +361,10 @@ pub fn http_request(
 ) -> (u16, HashMap<String, String>, Vec<u8>) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -367,13 +380,23 @@ pub fn http_request(
         .expect("an HTTP response head");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let mut lines = head.lines();
-    let status = lines.next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     let headers = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect::<HashMap<_, _>>();
     let mut body = raw[split + 4..].to_vec();
-    if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t == "chunked")
+    {
         body = dechunk(&body);
     }
     (status, headers, body)
@@ -382,8 +405,11 @@ pub fn http_request(
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
-        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else { break };
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap_or(0);
+        let Some(eol) = data.windows(2).position(|w| w == b"\r\n") else {
+            break;
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16)
+            .unwrap_or(0);
         if size == 0 {
             break;
         }
@@ -397,4 +423,220 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(data).unwrap();
     enc.finish().unwrap()
+}
+
+/// A throwaway PKI: a CA, a server certificate for localhost/127.0.0.1 and a client
+/// certificate, all signed by the CA, written as PEM files.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let server_key = KeyPair::generate().unwrap();
+        let server = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&server_key, &ca)
+            .unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let client = CertificateParams::new(vec!["llmtail".to_owned()])
+            .unwrap()
+            .signed_by(&client_key, &ca)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("client.pem"), client.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("client-key.pem"),
+            client_key.serialize_pem(),
+        )
+        .unwrap();
+        Pki {
+            dir,
+            ca_pem: ca.pem(),
+            server_cert_pem: server.pem(),
+            server_key_pem: server_key.serialize_pem(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+impl Sink {
+    /// A gRPC sink over TLS that requires a client certificate signed by the PKI's CA.
+    pub async fn start_mtls(port: u16, pki: &Pki) -> Sink {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+        let state = SinkState::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(
+                &pki.server_cert_pem,
+                &pki.server_key_pem,
+            ))
+            .client_ca_root(Certificate::from_pem(&pki.ca_pem));
+        let svc = TraceServiceServer::new(state.clone())
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                ),
+        );
+        Sink {
+            port,
+            state,
+            stop: Some(tx),
+        }
+    }
+}
+
+/// An OTLP/HTTP upstream on axum: `POST /otlp/v1/traces`, gzip bodies only, and an
+/// `x-api-key` header that must match; optionally over TLS.
+pub struct HttpSink {
+    pub port: u16,
+    pub requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    /// Requests refused for a wrong or missing key.
+    pub unauthorized: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HttpSink {
+    pub async fn start(port: u16, api_key: &str, tls: Option<&Pki>) -> HttpSink {
+        use axum::http::{HeaderMap, StatusCode};
+        use prost::Message;
+        let requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
+        let unauthorized = Arc::new(AtomicU64::new(0));
+        let (reqs, unauth, key) = (requests.clone(), unauthorized.clone(), api_key.to_owned());
+        let app = axum::Router::new().route(
+            "/otlp/v1/traces",
+            axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+                let (reqs, unauth, key) = (reqs.clone(), unauth.clone(), key.clone());
+                async move {
+                    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(key.as_str())
+                    {
+                        unauth.fetch_add(1, Ordering::SeqCst);
+                        return (StatusCode::UNAUTHORIZED, Vec::new());
+                    }
+                    if headers
+                        .get("content-encoding")
+                        .and_then(|v| v.to_str().ok())
+                        != Some("gzip")
+                    {
+                        return (StatusCode::BAD_REQUEST, Vec::new());
+                    }
+                    let mut raw = Vec::new();
+                    flate2::read::GzDecoder::new(&body[..])
+                        .read_to_end(&mut raw)
+                        .unwrap();
+                    reqs.lock()
+                        .unwrap()
+                        .push(ExportTraceServiceRequest::decode(&raw[..]).unwrap());
+                    (
+                        StatusCode::OK,
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let task = match tls {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+            Some(pki) => {
+                use rustls::pki_types::pem::PemObject;
+                let certs = vec![
+                    rustls::pki_types::CertificateDer::from_pem_slice(
+                        pki.server_cert_pem.as_bytes(),
+                    )
+                    .unwrap(),
+                ];
+                let key =
+                    rustls::pki_types::PrivateKeyDer::from_pem_slice(pki.server_key_pem.as_bytes())
+                        .unwrap();
+                let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap();
+                let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                tokio::spawn(async move {
+                    loop {
+                        let Ok((tcp, _)) = listener.accept().await else {
+                            return;
+                        };
+                        let (acceptor, app) = (acceptor.clone(), app.clone());
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let service = hyper_util::service::TowerToHyperService::new(app);
+                            let _ = hyper_util::server::conn::auto::Builder::new(
+                                hyper_util::rt::TokioExecutor::new(),
+                            )
+                            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                            .await;
+                        });
+                    }
+                })
+            }
+        };
+        HttpSink {
+            port,
+            requests,
+            unauthorized,
+            task,
+        }
+    }
+
+    pub fn spans(&self) -> Vec<Span> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.resource_spans.clone())
+            .flat_map(|rs| rs.scope_spans)
+            .flat_map(|ss| ss.spans)
+            .collect()
+    }
+
+    pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> usize {
+        let end = Instant::now() + timeout;
+        loop {
+            let got = self.spans().len();
+            if got >= n || Instant::now() > end {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for HttpSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
