@@ -132,7 +132,11 @@ impl ReceiverConfig {
                 }
             }
         }
-        if self.grpc.enabled && self.http.enabled && self.grpc.endpoint == self.http.endpoint {
+        if self.grpc.enabled
+            && self.http.enabled
+            && self.grpc.endpoint == self.http.endpoint
+            && !self.grpc.endpoint.ends_with(":0")
+        {
             p.push((
                 "http.endpoint".into(),
                 "must differ from receiver.grpc.endpoint".into(),

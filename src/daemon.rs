@@ -48,6 +48,8 @@ pub async fn run(
     let admin_listener = telemetry::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin.endpoint {admin_addr}"))?;
+    // The bound address, which differs from the configured one for port 0.
+    let admin_addr = admin_listener.local_addr()?;
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(telemetry::serve_admin(
         admin_listener,
@@ -105,7 +107,7 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on receiver.grpc.endpoint {addr}"))?;
-        bound.push(format!("grpc={addr}"));
+        bound.push(format!("grpc={}", listener.local_addr()?));
         let stop = stop_receivers.clone();
         let service = TraceService::new(pipeline.clone(), cfg.receiver.grpc.max_request_bytes);
         receivers.push(tokio::spawn(async move {
@@ -126,7 +128,11 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on receiver.http.endpoint {addr}"))?;
-        bound.push(format!("http={addr}{}", cfg.receiver.http.path));
+        bound.push(format!(
+            "http={}{}",
+            listener.local_addr()?,
+            cfg.receiver.http.path
+        ));
         let stop = stop_receivers.clone();
         let app = crate::receiver::http::router(pipeline.clone(), &cfg.receiver.http);
         receivers.push(tokio::spawn(async move {
@@ -157,7 +163,11 @@ pub async fn run(
     };
 
     ready.store(true, Ordering::SeqCst);
-    tracing::info!(receivers = %bound.join(" "), admin = %admin_addr, exporters = cfg.exporters.len(), "llmtail is ready");
+    tracing::info!(
+        "llmtail is ready: {} admin={admin_addr} exporters={}",
+        bound.join(" "),
+        cfg.exporters.len()
+    );
 
     shutdown.await;
     tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: deciding pending traces and flushing");

@@ -152,7 +152,7 @@ async fn http_upstream_over_tls_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_exporters_each_get_every_kept_trace_and_a_down_one_blocks_no_other() {
-    let grpc = Sink::start(free_port()).await;
+    let grpc = Sink::start(0).await;
     let http_port = free_port();
     let d = Daemon::start(&format!(
         "{SAMPLING}exporters:\n  - name: tempo\n    otlp:\n      endpoint: {}\n{FAST}  - name: vendor\n    otlp:\n      protocol: http/protobuf\n      endpoint: http://127.0.0.1:{http_port}/otlp\n      headers: {{x-api-key: k}}\n{FAST}",

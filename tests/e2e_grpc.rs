@@ -65,7 +65,7 @@ fn sampler_config(sink: &Sink, base_rate: f64, wait: &str, grace: &str) -> Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn interesting_traces_arrive_whole_and_the_rest_follow_the_consistent_rule() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let daemon = Daemon::start(&sampler_config(&sink, 0.3, "3s", "300ms"));
     let mut rng = StdRng::seed_from_u64(1);
     let traces = generate(
@@ -207,7 +207,7 @@ async fn interesting_traces_arrive_whole_and_the_rest_follow_the_consistent_rule
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_spans_follow_their_traces_decision_both_ways() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let daemon = Daemon::start(&sampler_config(&sink, 0.0, "10s", "200ms"));
     let mut rng = StdRng::seed_from_u64(2);
     let kept = loadgen::trace(&mut rng, Kind::Error, Convention::GenAi, now_ns());
@@ -297,7 +297,7 @@ async fn upstream_down_for_ten_seconds_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exports_pending_traces_before_exit() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let mut daemon = Daemon::start(&sampler_config(&sink, 1.0, "60s", "30s"));
     let mut rng = StdRng::seed_from_u64(4);
     let traces = generate(&mut rng, &[(Kind::Error, 20), (Kind::Normal, 20)]);
@@ -312,7 +312,7 @@ async fn sigterm_exports_pending_traces_before_exit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_spans_are_rejected_one_by_one_and_bad_requests_get_grpc_errors() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let daemon = Daemon::start(&sampler_config(&sink, 1.0, "1s", "100ms"));
     let mut rng = StdRng::seed_from_u64(5);
     let good = loadgen::trace(&mut rng, Kind::Normal, Convention::GenAi, now_ns());
@@ -408,7 +408,7 @@ async fn invalid_spans_are_rejected_one_by_one_and_bad_requests_get_grpc_errors(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_upstream_errors_are_not_retried_but_counted_as_lost() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     sink.set_mode(SINK_INVALID_ARGUMENT);
     let daemon = Daemon::start(&sampler_config(&sink, 0.0, "1s", "100ms"));
     let mut rng = StdRng::seed_from_u64(6);
@@ -504,7 +504,7 @@ fn validate_lists_every_problem_with_path_and_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unpriced_calls_are_counted_and_config_prices_apply() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let daemon = Daemon::start(&format!(
         "{}llm:\n  pricing:\n    - {{match: \"acme-large*\", input_per_mtok: 2.0, output_per_mtok: 4.0}}\n    - {{match: \"gpt-4o-mini*\", input_per_mtok: 1.0, output_per_mtok: 1.0}}\n",
         sampler_config(&sink, 1.0, "1s", "100ms")

@@ -61,7 +61,7 @@ fn json_body(trace_id: &str, snake: bool) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_and_json_bodies_in_every_encoding_take_the_same_path() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let d = Daemon::start(&config(&sink, 0.0));
     let mut rng = StdRng::seed_from_u64(21);
     let mut kept = Vec::new();
@@ -186,7 +186,7 @@ async fn protobuf_and_json_bodies_in_every_encoding_take_the_same_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_the_right_status_and_the_daemon_keeps_serving() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let d = Daemon::start(&config(&sink, 1.0));
 
     // Malformed JSON → 400 with a JSON google.rpc.Status.
@@ -311,7 +311,7 @@ async fn bad_requests_get_the_right_status_and_the_daemon_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_preflight_allows_configured_origins_only() {
-    let sink = Sink::start(free_port()).await;
+    let sink = Sink::start(0).await;
     let d = Daemon::start_with(
         "    cors:\n      allowed_origins: [\"https://app.example.com\"]\n      allowed_headers: [x-tenant]\n",
         &config(&sink, 1.0),

@@ -62,12 +62,14 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// Starts a sink on `port` (0: any free port).
     pub async fn start(port: u16) -> Sink {
         let state = SinkState::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("sink port free");
+        let port = listener.local_addr().unwrap().port();
         let svc = TraceServiceServer::new(state.clone())
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(64 * 1024 * 1024);
@@ -182,17 +184,17 @@ impl Daemon {
     }
 
     fn launch(http_extra: &str, body: &str, envs: &[(&str, &str)]) -> Daemon {
-        let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        // Port 0 everywhere: the daemon logs the addresses it bound, so tests never race
+        // each other for ports.
         let config = format!(
-            "receiver:\n  grpc:\n    endpoint: {grpc}\n    max_request_bytes: 1000000\n  http:\n    endpoint: {http}\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: {admin}\n{body}"
+            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n{body}"
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).unwrap();
-        let log = std::fs::File::create(dir.path().join("llmtail.log")).unwrap();
-        let child = Command::new(binary())
+        let log_path = dir.path().join("llmtail.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(binary())
             .arg("--config")
             .arg(&path)
             .current_dir(dir.path())
@@ -202,22 +204,35 @@ impl Daemon {
             .stderr(log)
             .spawn()
             .expect("llmtail starts");
-        let mut d = Daemon {
+        let end = Instant::now() + Duration::from_secs(20);
+        let addr_after = |line: &str, key: &str| -> Option<SocketAddr> {
+            let rest = &line[line.find(key)? + key.len()..];
+            let token = rest.split([' ', '/']).next()?;
+            token.parse().ok()
+        };
+        let (grpc, http, admin) = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("llmtail is ready")) {
+                break (
+                    addr_after(line, "grpc=").expect("grpc address in the ready line"),
+                    addr_after(line, "http=").expect("http address in the ready line"),
+                    addr_after(line, "admin=").expect("admin address in the ready line"),
+                );
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("llmtail exited with {status}: {text}");
+            }
+            assert!(Instant::now() < end, "llmtail not ready: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(http_get(admin, "/readyz").map(|r| r.0), Some(200));
+        Daemon {
             grpc,
             http,
             admin,
             child,
             dir,
-        };
-        let end = Instant::now() + Duration::from_secs(20);
-        while http_get(admin, "/readyz").map(|(code, _)| code) != Some(200) {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                panic!("llmtail exited with {status}: {}", d.log());
-            }
-            assert!(Instant::now() < end, "llmtail not ready: {}", d.log());
-            std::thread::sleep(Duration::from_millis(20));
         }
-        d
     }
 
     pub fn endpoint(&self) -> String {

@@ -1,7 +1,8 @@
 """Emits LLM application traces with the official OpenTelemetry Python SDK.
 
-Usage: emit_traces.py ENDPOINT COUNT MANIFEST
-Sends COUNT traces over OTLP/gRPC to ENDPOINT through the SDK's BatchSpanProcessor, then
+Usage: emit_traces.py ENDPOINT COUNT MANIFEST grpc|http
+Sends COUNT traces to ENDPOINT through the SDK's BatchSpanProcessor, with the OTLP/gRPC or
+the OTLP/HTTP (protobuf) exporter (for HTTP, ENDPOINT is the base URL), then
 writes MANIFEST: one JSON object per trace with its id, kind, model and token counts, so
 the Rust test can check what llmtail kept and counted.
 """
@@ -12,7 +13,8 @@ import sys
 import time
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -22,12 +24,14 @@ KINDS = ["error", "slow", "expensive_attr", "expensive_tokens"]
 
 
 def main() -> None:
-    endpoint, count, manifest_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    endpoint, count, manifest_path, protocol = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     rng = random.Random(11)
+    if protocol == "grpc":
+        exporter = GrpcExporter(endpoint=endpoint, insecure=True)
+    else:
+        exporter = HttpExporter(endpoint=f"{endpoint}/v1/traces")
     provider = TracerProvider(resource=Resource.create({"service.name": "py-agent"}))
-    provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, insecure=True), max_export_batch_size=128)
-    )
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=128))
     tracer = provider.get_tracer("emit_traces", "1.0")
     manifest = []
     for i in range(count):
