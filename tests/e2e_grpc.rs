@@ -470,36 +470,17 @@ async fn file_exporter_writes_otlp_json_lines() {
 
 #[test]
 fn validate_lists_every_problem_with_path_and_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
+    let (code, err) = validate(
         "sampling:\n  base_rate: 7\n  colour: red\nexporter:\n  otlp:\n    endpoint: tempo:4317\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(binary())
-        .args(["--validate", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    );
+    assert_eq!(code, Some(2));
     assert!(err.contains("line 2: sampling.base_rate"), "{err}");
     assert!(err.contains("line 3: sampling.colour"), "{err}");
     assert!(err.contains("line 6: exporter.otlp.endpoint"), "{err}");
 
-    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config.yaml");
-    let out = std::process::Command::new(binary())
-        .args(["--validate", "--config"])
-        .arg(&shipped)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let shipped = include_str!("../config.yaml");
+    let (code, err) = validate(shipped);
+    assert_eq!(code, Some(0), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

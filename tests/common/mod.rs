@@ -27,6 +27,44 @@ pub fn free_port() -> u16 {
         .expect("an ephemeral port")
 }
 
+/// Every span of the requests, in order.
+fn spans_of(requests: &[ExportTraceServiceRequest]) -> Vec<Span> {
+    requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| ss.spans.iter().cloned())
+        .collect()
+}
+
+/// Polls `count` until it reaches `n` or the timeout passes; returns the last count.
+async fn wait_for_count(n: usize, timeout: Duration, count: impl Fn() -> usize) -> usize {
+    let end = Instant::now() + timeout;
+    loop {
+        let got = count();
+        if got >= n || Instant::now() > end {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `llmtail --validate` on `yaml`; returns the exit code and stderr.
+pub fn validate(yaml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(binary())
+        .args(["--validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// How the sink answers.
 pub const SINK_OK: u32 = 0;
 /// Every request is refused with INVALID_ARGUMENT (a permanent error).
@@ -116,12 +154,7 @@ impl Sink {
     }
 
     pub fn spans(&self) -> Vec<Span> {
-        self.requests()
-            .into_iter()
-            .flat_map(|r| r.resource_spans)
-            .flat_map(|rs| rs.scope_spans)
-            .flat_map(|ss| ss.spans)
-            .collect()
+        spans_of(&self.requests())
     }
 
     pub fn traces(&self) -> HashMap<Vec<u8>, Vec<Span>> {
@@ -134,14 +167,7 @@ impl Sink {
 
     /// Waits until the sink holds at least `n` spans (or the timeout passes).
     pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> usize {
-        let end = Instant::now() + timeout;
-        loop {
-            let got = self.spans().len();
-            if got >= n || Instant::now() > end {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_count(n, timeout, || self.spans().len()).await
     }
 }
 
@@ -627,25 +653,11 @@ impl HttpSink {
     }
 
     pub fn spans(&self) -> Vec<Span> {
-        self.requests
-            .lock()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r.resource_spans.clone())
-            .flat_map(|rs| rs.scope_spans)
-            .flat_map(|ss| ss.spans)
-            .collect()
+        spans_of(&self.requests.lock().unwrap())
     }
 
     pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> usize {
-        let end = Instant::now() + timeout;
-        loop {
-            let got = self.spans().len();
-            if got >= n || Instant::now() > end {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_count(n, timeout, || self.spans().len()).await
     }
 }
 
