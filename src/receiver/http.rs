@@ -83,7 +83,7 @@ fn error(status: StatusCode, encoding: Encoding, code: i32, message: String) -> 
         .into_response()
 }
 
-fn content_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
+fn body_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -145,7 +145,7 @@ fn decompress(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, B
 }
 
 async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> Response {
-    let encoding = match content_encoding(&headers) {
+    let encoding = match body_encoding(&headers) {
         Ok(e) => e,
         Err(msg) => {
             return error(
