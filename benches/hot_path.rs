@@ -63,6 +63,8 @@ fn benches(c: &mut Criterion) {
                 origin: origin.clone(),
                 bytes: s.clone(),
                 trace_state: scan_span(s).unwrap().trace_state,
+                is_root: false,
+                extra: None,
             },
             threshold: Threshold::from_probability(0.1),
         })

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use crate::otlp::TraceId;
 use crate::otlp::reframe::HeldSpan;
 use crate::otlp::tracestate::Threshold;
-use crate::sampler::{Decision, Sampler, TraceSummary};
+use crate::sampler::{Decision, Sampler, SpanStats, TraceSummary};
 
 /// Number of shards; a power of two well above the core count so that receivers and the
 /// decision sweep rarely meet on one lock.
@@ -33,6 +33,7 @@ pub struct DecidedTrace {
     pub trace_id: TraceId,
     pub decision: Decision,
     pub spans: Vec<HeldSpan>,
+    pub summary: TraceSummary,
     pub bytes: usize,
     /// First span → decision.
     pub delay: Duration,
@@ -131,15 +132,11 @@ pub struct BufferLimits {
 }
 
 /// One span's contribution to its trace, from the scanner and the LLM facts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SpanSummary {
     pub trace_id: TraceId,
     pub is_root: bool,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub error: bool,
-    pub llm_latency_ms: Option<f64>,
-    pub cost_usd: Option<f64>,
+    pub stats: SpanStats,
 }
 
 pub struct TraceBuffer {
@@ -210,9 +207,7 @@ impl TraceBuffer {
                 bytes: 0,
             }
         });
-        entry
-            .summary
-            .add_span(s.start_ns, s.end_ns, s.error, s.llm_latency_ms, s.cost_usd);
+        entry.summary.add(&s.stats);
         entry.spans.push(span);
         entry.bytes += len;
         let mut new_deadline = None;
@@ -265,7 +260,7 @@ impl TraceBuffer {
             .traces
             .remove(&id)
             .expect("decide is only called for a held trace");
-        let decision = self.sampler.decide(&id, &entry.summary);
+        let decision = self.sampler.decide(&id, &entry.summary, now);
         shard.decided.insert(id, CachedDecision::new(&decision));
         self.traces.fetch_sub(1, Ordering::Relaxed);
         self.spans.fetch_sub(entry.spans.len(), Ordering::Relaxed);
@@ -275,6 +270,7 @@ impl TraceBuffer {
             decision,
             bytes: entry.bytes,
             spans: entry.spans,
+            summary: entry.summary,
             delay: now.saturating_duration_since(entry.first_seen),
             reason,
         }
@@ -354,7 +350,7 @@ mod tests {
                 max_traces,
                 decision_cache_size: cache,
             },
-            Sampler::new(&cfg.sampling),
+            Sampler::new(&cfg.sampling, Arc::new(crate::adaptive::BaseRate::new(1.0))),
         )
     }
 
@@ -369,6 +365,8 @@ mod tests {
             }),
             bytes: Bytes::from_static(b"0123456789"),
             trace_state: None,
+            is_root: false,
+            extra: None,
         }
     }
 
@@ -376,11 +374,11 @@ mod tests {
         SpanSummary {
             trace_id: TraceId([id; 16]),
             is_root,
-            start_ns: 0,
-            end_ns: 1,
-            error: false,
-            llm_latency_ms: None,
-            cost_usd: None,
+            stats: SpanStats {
+                start_ns: 0,
+                end_ns: 1,
+                ..Default::default()
+            },
         }
     }
 

@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_yaml_ng::{Mapping, Value};
 
+use crate::adaptive::{BoostConfig, TargetConfig};
 use crate::llm::PricingEntry;
+use crate::llm::anomaly::AnomalyConfig;
+use crate::otlp::redact::PrivacyConfig;
 
 /// How many problems one section may report before validation stops repairing it.
 const MAX_PROBLEMS_PER_SECTION: usize = 64;
@@ -238,10 +241,19 @@ pub struct SamplingConfig {
     pub policies: Vec<PolicyConfig>,
     pub max_traces: usize,
     pub decision_cache_size: usize,
+    /// Opt-in: keep a service's traces at a higher rate while its calls fail or misbehave.
+    pub boost: Option<BoostConfig>,
+    /// Opt-in: steer the base rate so kept traces come to this many per second.
+    pub target_kept_traces_per_second: Option<f64>,
+    pub min_base_rate: f64,
+    pub max_base_rate: f64,
+    /// How often the target controller adjusts the base rate.
+    pub target_interval: Dur,
 }
 
 impl Default for SamplingConfig {
     fn default() -> Self {
+        let target = TargetConfig::default();
         SamplingConfig {
             decision_wait: Dur(Duration::from_secs(10)),
             root_grace: Dur(Duration::from_secs(1)),
@@ -249,11 +261,26 @@ impl Default for SamplingConfig {
             policies: Vec::new(),
             max_traces: DEFAULT_MAX_TRACES,
             decision_cache_size: DEFAULT_DECISION_CACHE_SIZE,
+            boost: None,
+            target_kept_traces_per_second: None,
+            min_base_rate: target.min_base_rate,
+            max_base_rate: target.max_base_rate,
+            target_interval: target.interval,
         }
     }
 }
 
 impl SamplingConfig {
+    /// The target controller's settings, when a target is set.
+    pub fn target(&self) -> Option<TargetConfig> {
+        self.target_kept_traces_per_second.map(|t| TargetConfig {
+            kept_traces_per_second: t,
+            min_base_rate: self.min_base_rate,
+            max_base_rate: self.max_base_rate,
+            interval: self.target_interval,
+        })
+    }
+
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
         if self.decision_wait.0.is_zero() {
@@ -274,6 +301,24 @@ impl SamplingConfig {
         if self.max_traces == 0 {
             p.push(("max_traces".into(), "must be at least 1".into()));
         }
+        if let Some(target) = self.target() {
+            for (key, msg) in target.validate() {
+                let key = match key.as_str() {
+                    "kept_traces_per_second" => "target_kept_traces_per_second".to_owned(),
+                    "interval" => "target_interval".to_owned(),
+                    other => other.to_owned(),
+                };
+                p.push((key, msg));
+            }
+        }
+        if let Some(boost) = &self.boost {
+            p.extend(
+                boost
+                    .validate()
+                    .into_iter()
+                    .map(|(k, m)| (format!("boost.{k}"), m)),
+            );
+        }
         for (i, policy) in self.policies.iter().enumerate() {
             for (key, msg) in policy.validate() {
                 p.push((format!("policies[{i}].{key}"), msg));
@@ -286,6 +331,15 @@ impl SamplingConfig {
                     format!("policies[{i}].name"),
                     format!("duplicate policy name {:?}", policy.name),
                 ));
+            }
+            for trigger in policy.triggers.iter().flatten() {
+                let known = self.policies.iter().find(|q| &q.name == trigger);
+                if !known.is_some_and(|q| q.kind.can_trigger_session()) {
+                    p.push((
+                        format!("policies[{i}].triggers"),
+                        format!("{trigger:?} is not an error, anomaly, latency or cost policy of this list"),
+                    ));
+                }
             }
         }
         p
@@ -301,7 +355,36 @@ pub enum PolicyType {
     Latency,
     /// Sum of the trace's LLM call costs at or above `threshold_usd`.
     Cost,
+    /// An LLM call of the trace was anomalous (latency, cost or tokens).
+    Anomaly,
+    /// Another trace of the same session was kept by a trigger policy within `window`.
+    Session,
 }
+
+impl PolicyType {
+    fn can_trigger_session(self) -> bool {
+        !matches!(self, PolicyType::Session)
+    }
+
+    /// The optional keys this type takes, and whether each is required.
+    fn keys(self) -> &'static [(&'static str, bool)] {
+        match self {
+            PolicyType::Error | PolicyType::Anomaly => &[],
+            PolicyType::Latency => &[("threshold_ms", true)],
+            PolicyType::Cost => &[("threshold_usd", true)],
+            PolicyType::Session => &[
+                ("window", false),
+                ("triggers", false),
+                ("max_sessions", false),
+            ],
+        }
+    }
+}
+
+/// Default `window` of a session policy.
+pub const DEFAULT_SESSION_WINDOW: Duration = Duration::from_secs(300);
+/// Default `max_sessions` of a session policy.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,6 +396,12 @@ pub struct PolicyConfig {
     pub threshold_usd: Option<f64>,
     #[serde(default = "full_rate")]
     pub rate: f64,
+    /// Session policy: how long after a trigger the session's traces are kept.
+    pub window: Option<Dur>,
+    /// Session policy: the policies whose keeps mark a session (default: all others).
+    pub triggers: Option<Vec<String>>,
+    /// Session policy: sessions remembered at once.
+    pub max_sessions: Option<usize>,
 }
 
 fn full_rate() -> f64 {
@@ -331,42 +420,34 @@ impl PolicyConfig {
                 format!("must be between 0 and 1, got {}", self.rate),
             ));
         }
-        let (needed, other) = match self.kind {
-            PolicyType::Error => (
-                None,
-                [
-                    ("threshold_ms", self.threshold_ms),
-                    ("threshold_usd", self.threshold_usd),
-                ],
-            ),
-            PolicyType::Latency => (
-                Some(("threshold_ms", self.threshold_ms)),
-                [
-                    ("threshold_usd", self.threshold_usd),
-                    ("threshold_usd", None),
-                ],
-            ),
-            PolicyType::Cost => (
-                Some(("threshold_usd", self.threshold_usd)),
-                [("threshold_ms", self.threshold_ms), ("threshold_ms", None)],
-            ),
-        };
-        match needed {
-            Some((key, None)) => p.push((
-                key.into(),
-                format!("required for a {:?} policy", self.kind).to_lowercase(),
-            )),
-            Some((key, Some(v))) if !(v.is_finite() && v >= 0.0) => {
-                p.push((key.into(), format!("must be a number ≥ 0, got {v}")))
+        let kind = format!("{:?}", self.kind).to_lowercase();
+        let present = [
+            ("threshold_ms", self.threshold_ms.is_some()),
+            ("threshold_usd", self.threshold_usd.is_some()),
+            ("window", self.window.is_some()),
+            ("triggers", self.triggers.is_some()),
+            ("max_sessions", self.max_sessions.is_some()),
+        ];
+        let takes = self.kind.keys();
+        for (key, is_set) in present {
+            match takes.iter().find(|(k, _)| *k == key) {
+                None if is_set => {
+                    p.push((key.into(), format!("does not apply to a {kind} policy")))
+                }
+                Some((_, true)) if !is_set => {
+                    p.push((key.into(), format!("required for a {kind} policy")))
+                }
+                _ => {}
             }
-            _ => {}
         }
-        for (key, value) in other {
-            if value.is_some() {
-                p.push((
-                    key.into(),
-                    format!("does not apply to a {:?} policy", self.kind).to_lowercase(),
-                ));
+        for (key, v) in [
+            ("threshold_ms", self.threshold_ms),
+            ("threshold_usd", self.threshold_usd),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                p.push((key.into(), format!("must be a number ≥ 0, got {v}")));
             }
         }
         p
@@ -682,15 +763,64 @@ impl AdminConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LlmConfig {
     pub pricing: Vec<PricingEntry>,
+    /// A YAML list of pricing entries, re-read every `pricing_reload_interval`; its entries
+    /// come before `pricing`'s.
+    pub pricing_file: Option<PathBuf>,
+    pub pricing_reload_interval: Dur,
+    pub anomaly: AnomalyConfig,
+    pub labels: LabelLimits,
+    /// Append the trace's LLM totals and the keeping policy to the root span on export.
+    pub trace_rollup: bool,
+    pub privacy: PrivacyConfig,
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig {
+            pricing: Vec::new(),
+            pricing_file: None,
+            pricing_reload_interval: Dur(Duration::from_secs(30)),
+            anomaly: AnomalyConfig::default(),
+            labels: LabelLimits::default(),
+            trace_rollup: true,
+            privacy: PrivacyConfig::default(),
+        }
+    }
+}
+
+/// Bounds on label values taken from span data.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabelLimits {
+    /// Distinct services with their own label (first seen); later ones are `other`.
+    pub max_services: usize,
+    /// Distinct models (and providers, operations) with their own label.
+    pub max_models: usize,
+    /// Users with their own label: the top K by cost.
+    pub top_users: usize,
+    /// Sessions with their own label: the top K by cost.
+    pub top_sessions: usize,
+}
+
+impl Default for LabelLimits {
+    fn default() -> Self {
+        LabelLimits {
+            max_services: 200,
+            max_models: 200,
+            top_users: 100,
+            top_sessions: 100,
+        }
+    }
 }
 
 impl LlmConfig {
     fn validate(&self) -> Vec<(String, String)> {
-        self.pricing
+        let mut p: Vec<(String, String)> = self
+            .pricing
             .iter()
             .enumerate()
             .flat_map(|(i, e)| {
@@ -698,7 +828,26 @@ impl LlmConfig {
                     .into_iter()
                     .map(move |msg| (format!("pricing[{i}]"), msg))
             })
-            .collect()
+            .collect();
+        if let Some(file) = &self.pricing_file {
+            let pricing = crate::llm::Pricing::default();
+            if let Err(e) = pricing.load_file(file) {
+                p.push(("pricing_file".into(), e.message));
+            }
+        }
+        p.extend(
+            self.anomaly
+                .validate()
+                .into_iter()
+                .map(|(k, m)| (format!("anomaly.{k}"), m)),
+        );
+        p.extend(
+            self.privacy
+                .validate()
+                .into_iter()
+                .map(|(k, m)| (format!("privacy.{k}"), m)),
+        );
+        p
     }
 }
 

@@ -9,10 +9,15 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::atomic::Ordering as AtomicOrdering;
+
+use crate::adaptive::{BaseRate, Boost, TargetController};
 use crate::buffer::{BufferLimits, TraceBuffer};
 use crate::config::Config;
 use crate::exporter::{self, ExporterControl, ExporterSettings, Sink};
 use crate::llm::Pricing;
+use crate::llm::observer::LlmObserver;
+use crate::otlp::redact::Redactor;
 use crate::pipeline::Pipeline;
 use crate::receiver::grpc::TraceService;
 use crate::sampler::Sampler;
@@ -84,6 +89,11 @@ pub async fn run(
     }
 
     let s = &cfg.sampling;
+    let base = Arc::new(BaseRate::new(s.base_rate));
+    let pricing = Arc::new(Pricing::new(&cfg.llm.pricing));
+    if let Some(file) = &cfg.llm.pricing_file {
+        pricing.load_file(file)?;
+    }
     let pipeline = Arc::new(Pipeline {
         buffer: TraceBuffer::new(
             BufferLimits {
@@ -92,12 +102,36 @@ pub async fn run(
                 max_traces: s.max_traces,
                 decision_cache_size: s.decision_cache_size,
             },
-            Sampler::new(s),
+            Sampler::new(s, base.clone()),
         ),
-        pricing: Pricing::new(&cfg.llm.pricing),
+        pricing: pricing.clone(),
+        observer: LlmObserver::new(
+            &cfg.llm,
+            metrics.clone(),
+            s.boost.clone().map(Boost::new),
+            base.clone(),
+        ),
         metrics: metrics.clone(),
         exporters: exporters.clone(),
+        redactor: Redactor::new(&cfg.llm.privacy).context("llm.privacy")?,
+        rollup: cfg.llm.trace_rollup,
     });
+    let stop_background = CancellationToken::new();
+    let mut background = vec![tokio::spawn(adapt(
+        pipeline.clone(),
+        s.target().map(TargetController::new),
+        s.target_interval.0,
+        stop_background.clone(),
+    ))];
+    if let Some(file) = cfg.llm.pricing_file.clone() {
+        background.push(tokio::spawn(reload_pricing(
+            pricing,
+            file,
+            cfg.llm.pricing_reload_interval.0,
+            metrics.clone(),
+            stop_background.clone(),
+        )));
+    }
 
     let stop_receivers = CancellationToken::new();
     let mut receivers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
@@ -181,6 +215,10 @@ pub async fn run(
     }
     stop_ticker.cancel();
     let _ = ticker_task.await;
+    stop_background.cancel();
+    for task in background {
+        let _ = task.await;
+    }
     pipeline.decide_all();
     control.flush.cancel();
     let mut flushed = join_all(export_tasks);
@@ -212,6 +250,75 @@ pub async fn run(
     };
     tracing::info!(?ended, "llmtail stopped");
     Ok(ended)
+}
+
+/// How often `llmtail_sampling_probability` is refreshed.
+const PROBABILITY_TICK: Duration = Duration::from_secs(1);
+
+/// Publishes the sampling probabilities and, with a target, steers the base rate.
+async fn adapt(
+    pipeline: Arc<Pipeline>,
+    mut target: Option<TargetController>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PROBABILITY_TICK);
+    let mut last_adjust = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = tokio::time::Instant::now();
+        if let Some(ctl) = &mut target
+            && now - last_adjust >= interval
+        {
+            let sampler = pipeline.buffer.sampler();
+            let kept = sampler.counts.policy_kept.swap(0, AtomicOrdering::Relaxed);
+            let eligible = sampler.counts.eligible.swap(0, AtomicOrdering::Relaxed);
+            let p = ctl.update(sampler.base().get(), kept, eligible, now - last_adjust);
+            sampler.base().set(p);
+            last_adjust = now;
+        }
+        pipeline.observer.publish_probabilities(now.into_std());
+    }
+}
+
+/// Re-reads the pricing file when it changes; a bad file leaves the last good one in force.
+async fn reload_pricing(
+    pricing: Arc<Pricing>,
+    file: std::path::PathBuf,
+    every: Duration,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let modified = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let mut last = modified(&file);
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = modified(&file);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match pricing.load_file(&file) {
+            Ok(n) => {
+                metrics.pricing_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(file = %file.display(), entries = n, "pricing file reloaded");
+            }
+            Err(e) => {
+                metrics.pricing_reloads.with_label_values(&["error"]).inc();
+                tracing::warn!(error = %e, "pricing file not reloaded; the previous prices stay in force");
+            }
+        }
+    }
 }
 
 /// Waits for every task, in a future that can be polled again after a timeout.

@@ -3,6 +3,7 @@
 //! Data flows one way: `receiver` → `pipeline` (LLM metrics for every span) → `buffer`
 //! (held by trace id) → `sampler` (decided) → `exporter` (kept traces upstream).
 
+pub mod adaptive;
 pub mod buffer;
 pub mod config;
 pub mod daemon;

@@ -1,5 +1,5 @@
-//! The pipeline every receiver feeds: split a request into spans, record LLM metrics for
-//! every span, hold spans in the trace buffer, and hand decided traces to the exporter.
+//! The pipeline every receiver feeds: split a request into spans, observe every LLM call,
+//! hold spans in the trace buffer, and hand decided traces to the exporters.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,10 +9,14 @@ use prost::Message;
 
 use crate::buffer::{Added, DecidedTrace, SpanSummary, TraceBuffer};
 use crate::exporter::ExportQueue;
-use crate::llm::{LlmCall, Pricing};
+use crate::llm::observer::LlmObserver;
+use crate::llm::{LlmField, Pricing};
+use crate::otlp::redact::Redactor;
 use crate::otlp::reframe::{HeldSpan, KeptSpan, Origin};
 use crate::otlp::scan::{self, Reject};
 use crate::otlp::view;
+use crate::otlp::wire::{Value, put_attribute};
+use crate::sampler::{SpanStats, TraceSummary};
 use crate::telemetry::Metrics;
 
 /// Service label for spans whose resource has no `service.name` (the SDKs' own default).
@@ -56,10 +60,15 @@ pub struct IngestOutcome {
 
 pub struct Pipeline {
     pub buffer: TraceBuffer,
-    pub pricing: Pricing,
+    pub pricing: Arc<Pricing>,
     pub metrics: Arc<Metrics>,
+    pub observer: LlmObserver,
     /// One queue per exporter; every kept span goes to each.
     pub exporters: Vec<Arc<ExportQueue>>,
+    /// Privacy rewriting of kept spans, when configured.
+    pub redactor: Option<Redactor>,
+    /// Whether kept roots carry the trace's LLM totals.
+    pub rollup: bool,
 }
 
 impl Pipeline {
@@ -115,22 +124,27 @@ impl Pipeline {
                     };
                     outcome.accepted += 1;
                     let call = crate::llm::call_from_span(&span, &facts, &self.pricing);
-                    if let Some(call) = &call {
-                        self.record_llm_call(&origin.service, call);
-                    }
+                    let stats = SpanStats {
+                        start_ns: facts.start_ns,
+                        end_ns: facts.end_ns,
+                        error: facts.is_error() || call.as_ref().is_some_and(|c| c.error),
+                        call: call
+                            .as_ref()
+                            .map(|c| self.observer.observe(&origin.service, c, now)),
+                        user: crate::llm::text(&span, &facts, LlmField::UserId),
+                        session: crate::llm::text(&span, &facts, LlmField::SessionId),
+                    };
                     let summary = SpanSummary {
                         trace_id: facts.trace_id,
                         is_root: facts.is_root,
-                        start_ns: facts.start_ns,
-                        end_ns: facts.end_ns,
-                        error: facts.is_error(),
-                        llm_latency_ms: call.as_ref().and_then(|c| c.latency_attr_ms),
-                        cost_usd: call.as_ref().and_then(|c| c.cost_usd),
+                        stats,
                     };
                     let held = HeldSpan {
                         origin: origin.clone(),
                         bytes: span,
                         trace_state: facts.trace_state,
+                        is_root: facts.is_root,
+                        extra: None,
                     };
                     if let Added::Late(decision, span) =
                         self.buffer.add(summary, held, now, &mut evicted)
@@ -139,7 +153,7 @@ impl Pipeline {
                         self.metrics.late_spans.with_label_values(&[label]).inc();
                         if decision.keep() {
                             self.submit(vec![KeptSpan {
-                                span,
+                                span: self.redacted(span),
                                 threshold: decision.threshold(),
                             }]);
                         } else {
@@ -167,58 +181,62 @@ impl Pipeline {
         Ok(outcome)
     }
 
-    fn record_llm_call(&self, service: &str, call: &LlmCall) {
-        let m = &self.metrics;
-        let model: &str = &call.model;
-        let status = if call.error { "error" } else { "ok" };
-        m.llm_requests
-            .with_label_values(&[service, model, status])
-            .inc();
-        m.llm_tokens
-            .with_label_values(&[service, model, "input"])
-            .inc_by(call.input_tokens);
-        m.llm_tokens
-            .with_label_values(&[service, model, "output"])
-            .inc_by(call.output_tokens);
-        match call.cost_usd {
-            Some(cost) => m.llm_cost.with_label_values(&[service, model]).inc_by(cost),
-            None => m.llm_unpriced.with_label_values(&[model]).inc(),
+    /// The span with its content redacted (privacy), ready to export.
+    fn redacted(&self, span: HeldSpan) -> HeldSpan {
+        let Some(redactor) = &self.redactor else {
+            return span;
+        };
+        match redactor.rewrite(&span.bytes) {
+            Ok(Some(bytes)) => match scan::trace_state_field(&bytes) {
+                Ok(trace_state) => HeldSpan {
+                    bytes: Bytes::from(bytes),
+                    trace_state,
+                    ..span
+                },
+                Err(_) => span,
+            },
+            _ => span,
         }
-        m.llm_latency
-            .with_label_values(&[service, model])
-            .observe(call.latency_seconds);
     }
 
-    /// Counts decisions and sends kept traces to the exporter.
+    /// Counts decisions, attributes spend, and sends kept traces to the exporters.
     pub fn dispatch(&self, decided: Vec<DecidedTrace>) {
         let sampler = self.buffer.sampler();
+        let now = Instant::now();
         for trace in decided {
             let decision = trace.decision;
             let label = if decision.keep { "kept" } else { "dropped" };
+            let policy = sampler.label(decision.by);
             self.metrics
                 .traces
-                .with_label_values(&[label, sampler.label(decision.by)])
+                .with_label_values(&[label, policy])
                 .inc();
             self.metrics
                 .decision_delay
                 .observe(trace.delay.as_secs_f64());
-            if decision.keep {
-                self.submit(
-                    trace
-                        .spans
-                        .into_iter()
-                        .map(|span| KeptSpan {
-                            span,
-                            threshold: decision.threshold,
-                        })
-                        .collect(),
-                );
-            } else {
+            self.observer.record_spend(&trace.summary, now);
+            if !decision.keep {
                 self.metrics
                     .spans_dropped
                     .with_label_values(&["sampled_out"])
                     .inc_by(trace.spans.len() as u64);
+                continue;
             }
+            let mut spans = trace.spans;
+            if self.rollup
+                && let Some(root) = spans.iter_mut().find(|s| s.is_root)
+            {
+                root.extra = Some(rollup(&trace.summary, policy));
+            }
+            self.submit(
+                spans
+                    .into_iter()
+                    .map(|span| KeptSpan {
+                        span: self.redacted(span),
+                        threshold: decision.threshold,
+                    })
+                    .collect(),
+            );
         }
         self.update_gauges();
     }
@@ -268,4 +286,24 @@ impl Pipeline {
         self.metrics.buffer_spans.set(spans as i64);
         self.metrics.buffer_bytes.set(bytes as i64);
     }
+}
+
+/// The roll-up attributes appended to a kept trace's root span: its LLM totals and the
+/// policy that kept it.
+fn rollup(s: &TraceSummary, policy: &str) -> Bytes {
+    let mut out = Vec::with_capacity(192);
+    put_attribute(&mut out, "llm.trace.cost_usd", Value::Double(s.cost_usd));
+    put_attribute(
+        &mut out,
+        "llm.trace.input_tokens",
+        Value::Int(s.input_tokens as i64),
+    );
+    put_attribute(
+        &mut out,
+        "llm.trace.output_tokens",
+        Value::Int(s.output_tokens as i64),
+    );
+    put_attribute(&mut out, "llm.trace.calls", Value::Int(i64::from(s.calls)));
+    put_attribute(&mut out, "sampling.policy", Value::Str(policy));
+    Bytes::from(out)
 }

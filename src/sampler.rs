@@ -1,20 +1,63 @@
 //! The sampling decision: policies over a whole trace, then OpenTelemetry consistent
 //! probability sampling on the trace id.
 
-use crate::config::{PolicyConfig, PolicyType, SamplingConfig};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::adaptive::BaseRate;
+use crate::config::{
+    DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_WINDOW, PolicyConfig, PolicyType, SamplingConfig,
+};
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::Threshold;
 
+/// What one LLM call adds to its trace.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CallStats {
+    pub latency_attr_ms: Option<f64>,
+    pub cost_usd: Option<f64>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub anomalous: bool,
+    /// The boosted base probability of the call's service, if boosted.
+    pub boost: Option<f64>,
+}
+
+/// What one span adds to its trace.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanStats {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub error: bool,
+    pub call: Option<CallStats>,
+    pub user: Option<Arc<str>>,
+    pub session: Option<Arc<str>>,
+}
+
 /// What a trace looked like, accumulated span by span as it arrives.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TraceSummary {
     pub min_start_ns: u64,
     pub max_end_ns: u64,
     pub has_error: bool,
+    pub has_anomaly: bool,
     /// The largest `llm.latency_ms` attribute seen on any span.
     pub max_llm_latency_ms: f64,
     /// Sum of the trace's known LLM call costs.
     pub cost_usd: f64,
+    pub calls: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// The highest boosted base probability among the trace's LLM calls (0: none).
+    pub boost: f64,
+    /// The first user and session id any span named.
+    pub user: Option<Arc<str>>,
+    pub session: Option<Arc<str>>,
 }
 
 impl Default for TraceSummary {
@@ -23,28 +66,41 @@ impl Default for TraceSummary {
             min_start_ns: u64::MAX,
             max_end_ns: 0,
             has_error: false,
+            has_anomaly: false,
             max_llm_latency_ms: 0.0,
             cost_usd: 0.0,
+            calls: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            boost: 0.0,
+            user: None,
+            session: None,
         }
     }
 }
 
 impl TraceSummary {
-    pub fn add_span(
-        &mut self,
-        start_ns: u64,
-        end_ns: u64,
-        error: bool,
-        llm_latency_ms: Option<f64>,
-        cost_usd: Option<f64>,
-    ) {
-        self.min_start_ns = self.min_start_ns.min(start_ns);
-        self.max_end_ns = self.max_end_ns.max(end_ns);
-        self.has_error |= error;
-        if let Some(ms) = llm_latency_ms {
-            self.max_llm_latency_ms = self.max_llm_latency_ms.max(ms);
+    pub fn add(&mut self, s: &SpanStats) {
+        self.min_start_ns = self.min_start_ns.min(s.start_ns);
+        self.max_end_ns = self.max_end_ns.max(s.end_ns);
+        self.has_error |= s.error;
+        if let Some(c) = &s.call {
+            self.calls += 1;
+            self.input_tokens += c.input_tokens;
+            self.output_tokens += c.output_tokens;
+            self.cost_usd += c.cost_usd.unwrap_or(0.0);
+            self.has_anomaly |= c.anomalous;
+            if let Some(ms) = c.latency_attr_ms {
+                self.max_llm_latency_ms = self.max_llm_latency_ms.max(ms);
+            }
+            self.boost = self.boost.max(c.boost.unwrap_or(0.0));
         }
-        self.cost_usd += cost_usd.unwrap_or(0.0);
+        if self.user.is_none() {
+            self.user.clone_from(&s.user);
+        }
+        if self.session.is_none() {
+            self.session.clone_from(&s.session);
+        }
     }
 
     /// Max end − min start over the trace.
@@ -57,8 +113,15 @@ impl TraceSummary {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Rule {
     Error,
-    Latency { threshold_ms: f64 },
-    Cost { threshold_usd: f64 },
+    Latency {
+        threshold_ms: f64,
+    },
+    Cost {
+        threshold_usd: f64,
+    },
+    Anomaly,
+    /// Matched through the session keeper, not the summary alone.
+    Session,
 }
 
 impl Rule {
@@ -69,6 +132,8 @@ impl Rule {
                 s.duration_ms() >= threshold_ms || s.max_llm_latency_ms >= threshold_ms
             }
             Rule::Cost { threshold_usd } => s.cost_usd >= threshold_usd,
+            Rule::Anomaly => s.has_anomaly,
+            Rule::Session => false,
         }
     }
 }
@@ -90,6 +155,8 @@ impl Policy {
             PolicyType::Cost => Rule::Cost {
                 threshold_usd: cfg.threshold_usd.unwrap_or(f64::INFINITY),
             },
+            PolicyType::Anomaly => Rule::Anomaly,
+            PolicyType::Session => Rule::Session,
         };
         Policy {
             name: cfg.name.clone(),
@@ -104,6 +171,8 @@ impl Policy {
 pub enum DecidedBy {
     /// Index into the sampler's policies.
     Policy(usize),
+    /// A service of the trace was boosted above the base rate.
+    Boost,
     BaseRate,
 }
 
@@ -115,35 +184,141 @@ pub struct Decision {
     pub threshold: Threshold,
 }
 
-#[derive(Debug, Clone)]
+/// Sessions marked by a trigger policy's keep, each until its window ends. Bounded: when
+/// full, expired sessions are forgotten first, then the one closest to expiry.
+struct SessionKeeper {
+    policy: usize,
+    triggers: Vec<usize>,
+    window: Duration,
+    max: usize,
+    hot: Mutex<HashMap<u64, Instant>>,
+}
+
+fn session_key(session: &str) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    session.hash(&mut h);
+    h.finish()
+}
+
+impl SessionKeeper {
+    fn mark(&self, session: &str, now: Instant) {
+        let mut hot = self.hot.lock();
+        if hot.len() >= self.max {
+            hot.retain(|_, until| *until > now);
+            if hot.len() >= self.max
+                && let Some(soonest) = hot.iter().min_by_key(|(_, until)| **until).map(|(k, _)| *k)
+            {
+                hot.remove(&soonest);
+            }
+        }
+        hot.insert(session_key(session), now + self.window);
+    }
+
+    fn is_hot(&self, session: &str, now: Instant) -> bool {
+        self.hot
+            .lock()
+            .get(&session_key(session))
+            .is_some_and(|until| *until > now)
+    }
+}
+
+/// Decisions since the last look, for the target-throughput controller.
+#[derive(Debug, Default)]
+pub struct DecisionCounts {
+    /// Traces kept by a policy (which the base rate does not control).
+    pub policy_kept: AtomicU64,
+    /// Traces left to the base rate (or a boost).
+    pub eligible: AtomicU64,
+}
+
 pub struct Sampler {
     policies: Vec<Policy>,
-    base: Threshold,
+    base: Arc<BaseRate>,
+    sessions: Option<SessionKeeper>,
+    pub counts: DecisionCounts,
 }
 
 impl Sampler {
-    pub fn new(cfg: &SamplingConfig) -> Sampler {
+    pub fn new(cfg: &SamplingConfig, base: Arc<BaseRate>) -> Sampler {
+        let policies: Vec<Policy> = cfg.policies.iter().map(Policy::from_config).collect();
+        let sessions = cfg
+            .policies
+            .iter()
+            .position(|p| p.kind == PolicyType::Session)
+            .map(|i| {
+                let p = &cfg.policies[i];
+                let triggers = match &p.triggers {
+                    Some(names) => names
+                        .iter()
+                        .filter_map(|n| policies.iter().position(|q| &q.name == n))
+                        .collect(),
+                    None => (0..policies.len())
+                        .filter(|j| policies[*j].rule != Rule::Session)
+                        .collect(),
+                };
+                SessionKeeper {
+                    policy: i,
+                    triggers,
+                    window: p.window.map_or(DEFAULT_SESSION_WINDOW, |w| w.0),
+                    max: p.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS),
+                    hot: Mutex::new(HashMap::new()),
+                }
+            });
         Sampler {
-            policies: cfg.policies.iter().map(Policy::from_config).collect(),
-            base: Threshold::from_probability(cfg.base_rate),
+            policies,
+            base,
+            sessions,
+            counts: DecisionCounts::default(),
         }
     }
 
     /// Keep with p = the highest rate among the matching policies (the first such policy
-    /// names the decision), or p = base_rate when none matches; keep iff R ≥ T(p).
-    pub fn decide(&self, trace_id: &TraceId, summary: &TraceSummary) -> Decision {
+    /// names the decision), or — none matching — p = the base rate (raised by a boost of a
+    /// service in the trace); keep iff R ≥ T(p). A keep by a session trigger marks the
+    /// trace's session, so its other traces decided within the window are kept too.
+    pub fn decide(&self, trace_id: &TraceId, summary: &TraceSummary, now: Instant) -> Decision {
         let mut best: Option<(usize, Threshold)> = None;
         for (i, p) in self.policies.iter().enumerate() {
             if p.rule.matches(summary) && best.is_none_or(|(_, t)| p.threshold < t) {
                 best = Some((i, p.threshold));
             }
         }
+        if best.is_none()
+            && let (Some(keeper), Some(session)) = (&self.sessions, &summary.session)
+            && keeper.is_hot(session, now)
+        {
+            best = Some((keeper.policy, self.policies[keeper.policy].threshold));
+        }
         let (by, threshold) = match best {
             Some((i, t)) => (DecidedBy::Policy(i), t),
-            None => (DecidedBy::BaseRate, self.base),
+            None => {
+                let base = self.base.get();
+                if summary.boost > base {
+                    (DecidedBy::Boost, Threshold::from_probability(summary.boost))
+                } else {
+                    (DecidedBy::BaseRate, Threshold::from_probability(base))
+                }
+            }
         };
+        let keep = threshold.keeps(trace_id.randomness());
+        match by {
+            DecidedBy::Policy(i) => {
+                if keep {
+                    self.counts.policy_kept.fetch_add(1, Ordering::Relaxed);
+                }
+                if keep
+                    && let (Some(keeper), Some(session)) = (&self.sessions, &summary.session)
+                    && keeper.triggers.contains(&i)
+                {
+                    keeper.mark(session, now);
+                }
+            }
+            _ => {
+                self.counts.eligible.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Decision {
-            keep: threshold.keeps(trace_id.randomness()),
+            keep,
             by,
             threshold,
         }
@@ -153,15 +328,13 @@ impl Sampler {
     pub fn label(&self, by: DecidedBy) -> &str {
         match by {
             DecidedBy::Policy(i) => &self.policies[i].name,
+            DecidedBy::Boost => "boost",
             DecidedBy::BaseRate => "base_rate",
         }
     }
 
-    pub fn policy_names(&self) -> impl Iterator<Item = &str> {
-        self.policies
-            .iter()
-            .map(|p| p.name.as_str())
-            .chain(std::iter::once("base_rate"))
+    pub fn base(&self) -> &Arc<BaseRate> {
+        &self.base
     }
 }
 
@@ -175,7 +348,10 @@ mod tests {
             "exporter:\n  file:\n    path: x\nsampling:\n{yaml}"
         ))
         .unwrap();
-        Sampler::new(&cfg.sampling)
+        Sampler::new(
+            &cfg.sampling,
+            Arc::new(BaseRate::new(cfg.sampling.base_rate)),
+        )
     }
 
     fn trace_with_r(r: u64) -> TraceId {
@@ -189,46 +365,127 @@ mod tests {
     - {name: errors, type: error}
     - {name: slow, type: latency, threshold_ms: 5000}
     - {name: expensive, type: cost, threshold_usd: 0.1, rate: 0.5}
+    - {name: odd, type: anomaly}
+    - {name: session, type: session, window: 1m, triggers: [errors, odd]}
 ";
+
+    fn with(f: impl FnOnce(&mut SpanStats)) -> TraceSummary {
+        let mut stats = SpanStats {
+            start_ns: 0,
+            end_ns: 1,
+            ..Default::default()
+        };
+        f(&mut stats);
+        let mut s = TraceSummary::default();
+        s.add(&stats);
+        s
+    }
+
+    fn call(f: impl FnOnce(&mut CallStats)) -> Option<CallStats> {
+        let mut c = CallStats::default();
+        f(&mut c);
+        Some(c)
+    }
 
     #[test]
     fn base_rate_is_consistent_on_trace_randomness() {
         let s = sampler(POLICIES);
         let t = Threshold::from_probability(0.25).value();
+        let now = Instant::now();
         let normal = TraceSummary::default();
-        let kept = s.decide(&trace_with_r(t), &normal);
+        let kept = s.decide(&trace_with_r(t), &normal, now);
         assert!(kept.keep);
         assert_eq!(kept.by, DecidedBy::BaseRate);
-        assert!(!s.decide(&trace_with_r(t - 1), &normal).keep);
+        assert!(!s.decide(&trace_with_r(t - 1), &normal, now).keep);
     }
 
     #[test]
     fn policies_keep_and_highest_rate_wins() {
         let s = sampler(POLICIES);
+        let now = Instant::now();
         let low_r = trace_with_r(1);
-        let mut err = TraceSummary::default();
-        err.add_span(0, 1, true, None, None);
-        let d = s.decide(&low_r, &err);
+        let d = s.decide(&low_r, &with(|x| x.error = true), now);
         assert!(d.keep);
         assert_eq!(s.label(d.by), "errors");
         assert_eq!(d.threshold, Threshold::ALWAYS);
-
-        let mut slow = TraceSummary::default();
-        slow.add_span(0, 1, false, Some(6000.0), None);
-        assert_eq!(s.label(s.decide(&low_r, &slow).by), "slow");
-        let mut slow_by_duration = TraceSummary::default();
-        slow_by_duration.add_span(1_000, 5_000_001_000, false, None, None);
-        assert_eq!(s.label(s.decide(&low_r, &slow_by_duration).by), "slow");
+        let slow = with(|x| x.call = call(|c| c.latency_attr_ms = Some(6000.0)));
+        assert_eq!(s.label(s.decide(&low_r, &slow, now).by), "slow");
+        let slow_by_duration = with(|x| (x.start_ns, x.end_ns) = (1_000, 5_000_001_000));
+        assert_eq!(s.label(s.decide(&low_r, &slow_by_duration, now).by), "slow");
+        let odd = with(|x| x.call = call(|c| c.anomalous = true));
+        assert_eq!(s.label(s.decide(&low_r, &odd, now).by), "odd");
 
         // expensive has rate 0.5: kept only when R ≥ 2^55.
-        let mut pricey = TraceSummary::default();
-        pricey.add_span(0, 1, false, None, Some(0.2));
-        let d = s.decide(&low_r, &pricey);
+        let mut pricey = with(|x| x.call = call(|c| c.cost_usd = Some(0.2)));
+        let d = s.decide(&low_r, &pricey, now);
         assert_eq!((d.keep, s.label(d.by)), (false, "expensive"));
-        assert!(s.decide(&trace_with_r(1 << 55), &pricey).keep);
-
+        assert!(s.decide(&trace_with_r(1 << 55), &pricey, now).keep);
         // Matching both expensive (0.5) and errors (1.0): errors sets p.
-        pricey.add_span(0, 1, true, None, None);
-        assert_eq!(s.label(s.decide(&low_r, &pricey).by), "errors");
+        pricey.add(&SpanStats {
+            error: true,
+            ..Default::default()
+        });
+        assert_eq!(s.label(s.decide(&low_r, &pricey, now).by), "errors");
+    }
+
+    #[test]
+    fn a_trigger_keep_keeps_the_sessions_other_traces_within_the_window() {
+        let s = sampler(POLICIES);
+        let t0 = Instant::now();
+        let low_r = trace_with_r(1);
+        let in_session = |id: &str, error: bool| {
+            with(|x| {
+                x.error = error;
+                x.session = Some(Arc::from(id));
+            })
+        };
+        assert!(
+            !s.decide(&low_r, &in_session("s1", false), t0).keep,
+            "not hot yet"
+        );
+        assert!(s.decide(&low_r, &in_session("s1", true), t0).keep);
+        let d = s.decide(
+            &low_r,
+            &in_session("s1", false),
+            t0 + Duration::from_secs(30),
+        );
+        assert_eq!((d.keep, s.label(d.by)), (true, "session"));
+        assert!(
+            !s.decide(&low_r, &in_session("s2", false), t0).keep,
+            "another session"
+        );
+        assert!(
+            !s.decide(
+                &low_r,
+                &in_session("s1", false),
+                t0 + Duration::from_secs(61)
+            )
+            .keep,
+            "window over"
+        );
+        // `expensive` is not a trigger of this session policy.
+        let pricey = with(|x| {
+            x.call = call(|c| c.cost_usd = Some(1.0));
+            x.session = Some(Arc::from("s3"));
+        });
+        s.decide(&trace_with_r(u64::MAX >> 8), &pricey, t0);
+        assert!(!s.decide(&low_r, &in_session("s3", false), t0).keep);
+    }
+
+    #[test]
+    fn a_boost_raises_only_the_base_rate_and_stays_threshold_based() {
+        let s = sampler(POLICIES);
+        let now = Instant::now();
+        let r = Threshold::from_probability(0.5).value();
+        let boosted = with(|x| x.call = call(|c| c.boost = Some(0.5)));
+        let d = s.decide(&trace_with_r(r), &boosted, now);
+        assert_eq!((d.keep, d.by), (true, DecidedBy::Boost));
+        assert!(!s.decide(&trace_with_r(r - 1), &boosted, now).keep);
+        s.base().set(0.75);
+        assert_eq!(
+            s.decide(&trace_with_r(r), &boosted, now).by,
+            DecidedBy::BaseRate,
+            "a boost below the base does nothing"
+        );
     }
 }

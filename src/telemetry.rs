@@ -11,7 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio_util::sync::CancellationToken;
@@ -44,7 +44,32 @@ pub struct Metrics {
     pub llm_cost: CounterVec,
     pub llm_latency: HistogramVec,
     pub llm_unpriced: IntCounterVec,
+    pub llm_anomalies: IntCounterVec,
+    pub user_cost: CounterVec,
+    pub user_tokens: IntCounterVec,
+    pub session_cost: CounterVec,
+    pub sampling_probability: GaugeVec,
+    pub pricing_reloads: IntCounterVec,
+    pub genai_token_usage: HistogramVec,
+    pub genai_duration: HistogramVec,
 }
+
+/// Buckets the GenAI metrics specification recommends for `gen_ai.client.token.usage`.
+const GENAI_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0,
+    16777216.0, 67108864.0,
+];
+/// Buckets the GenAI metrics specification recommends for `gen_ai.client.operation.duration`.
+const GENAI_DURATION_BUCKETS: &[f64] = &[
+    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
+];
+/// Labels of the GenAI semantic-convention metrics (attribute names with `_` for `.`).
+const GENAI_LABELS: &[&str] = &[
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+];
 
 /// Reasons of `llmtail_spans_lost_total`.
 pub mod lost {
@@ -181,6 +206,64 @@ impl Metrics {
                     "LLM calls with neither a cost attribute nor a price for their model."
                 ),
                 &["model"]
+            )),
+            llm_anomalies: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_llm_anomalies_total",
+                    "LLM calls far outside their service and model's baseline."
+                ),
+                &["service", "model", "kind"]
+            )),
+            user_cost: reg!(CounterVec::new(
+                Opts::new(
+                    "llmtail_llm_user_cost_usd_total",
+                    "Cost of LLM calls per user (top K by cost, the rest as other)."
+                ),
+                &["user"]
+            )),
+            user_tokens: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_llm_user_tokens_total",
+                    "Tokens of LLM calls per user (top K by cost, the rest as other)."
+                ),
+                &["user", "type"]
+            )),
+            session_cost: reg!(CounterVec::new(
+                Opts::new(
+                    "llmtail_llm_session_cost_usd_total",
+                    "Cost of LLM calls per session (top K by cost, the rest as other)."
+                ),
+                &["session"]
+            )),
+            sampling_probability: reg!(GaugeVec::new(
+                Opts::new(
+                    "llmtail_sampling_probability",
+                    "Base probability in force for traces no policy keeps (boost included)."
+                ),
+                &["service"]
+            )),
+            pricing_reloads: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_pricing_file_reloads_total",
+                    "Pricing file reads, by result (ok/error)."
+                ),
+                &["result"]
+            )),
+            genai_token_usage: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "gen_ai_client_token_usage",
+                    "Tokens per LLM call (GenAI semantic conventions)."
+                )
+                .buckets(GENAI_TOKEN_BUCKETS.to_vec()),
+                &[GENAI_LABELS, &["gen_ai_token_type"]].concat()
+            )),
+            genai_duration: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "gen_ai_client_operation_duration_seconds",
+                    "Duration of LLM calls (GenAI semantic conventions)."
+                )
+                .buckets(GENAI_DURATION_BUCKETS.to_vec()),
+                &[GENAI_LABELS, &["error_type"]].concat()
             )),
             registry,
         };

@@ -342,6 +342,8 @@ mod tests {
                     origin: origin.clone(),
                     bytes: Bytes::from_static(b"\x0a\x10aaaaaaaaaaaaaaaa"),
                     trace_state: None,
+                    is_root: false,
+                    extra: None,
                 },
                 threshold: Threshold::ALWAYS,
             })

@@ -5,6 +5,7 @@ pub mod codec;
 pub mod json;
 #[cfg(test)]
 mod proptests;
+pub mod redact;
 pub mod reframe;
 pub mod scan;
 pub mod tracestate;

@@ -20,27 +20,14 @@ use super::scan::{AttrValue, LlmAttrs, Reject, scan_span};
 use super::tracestate::{Threshold, with_threshold};
 use crate::llm::classify;
 
-const KEYS: &[&str] = &[
-    "gen_ai.request.model",
-    "gen_ai.response.model",
-    "llm.model",
-    "llm.model_name",
-    "gen_ai.usage.input_tokens",
-    "gen_ai.usage.prompt_tokens",
-    "llm.input_tokens",
-    "llm.token_count.prompt",
-    "gen_ai.usage.output_tokens",
-    "gen_ai.usage.completion_tokens",
-    "llm.output_tokens",
-    "llm.token_count.completion",
-    "llm.cost_usd",
-    "gen_ai.usage.cost",
-    "llm.cost.total",
-    "llm.latency_ms",
-    "http.route",
-    "service.name",
-    "",
-];
+/// Every LLM key, and some that are not.
+fn keys() -> Vec<&'static str> {
+    crate::llm::conventions::CONVENTIONS
+        .iter()
+        .map(|(k, ..)| *k)
+        .chain(["http.route", "service.name", "gen_ai.usage", "llm", ""])
+        .collect()
+}
 
 fn any_value() -> impl Strategy<Value = Option<AnyValue>> {
     prop_oneof![
@@ -69,7 +56,7 @@ fn any_value() -> impl Strategy<Value = Option<AnyValue>> {
 }
 
 fn key_value() -> impl Strategy<Value = KeyValue> {
-    (prop::sample::select(KEYS), any_value()).prop_map(|(k, v)| KeyValue {
+    (prop::sample::select(keys()), any_value()).prop_map(|(k, v)| KeyValue {
         key: k.to_owned(),
         value: v,
         ..Default::default()
@@ -165,8 +152,7 @@ fn expected_llm(span: &Span) -> Vec<Option<String>> {
 }
 
 fn rendered_llm(attrs: &LlmAttrs, bytes: &[u8]) -> Vec<Option<String>> {
-    use crate::llm::LlmField::*;
-    [Model, InputTokens, OutputTokens, CostUsd, LatencyMs]
+    crate::llm::LlmField::ALL
         .into_iter()
         .map(|f| {
             attrs.get(f).map(|v| match v {
@@ -259,7 +245,7 @@ proptest! {
             span.trace_state = String::from_utf8(with_threshold(span.trace_state.as_bytes(), threshold)).unwrap();
             expected.push((o, span));
             kept.push(KeptSpan {
-                span: HeldSpan { origin: origins[o as usize].clone(), bytes, trace_state: facts.trace_state },
+                span: HeldSpan { origin: origins[o as usize].clone(), bytes, trace_state: facts.trace_state, is_root: false, extra: None },
                 threshold,
             });
         }

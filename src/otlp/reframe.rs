@@ -37,6 +37,10 @@ pub struct HeldSpan {
     pub origin: Arc<Origin>,
     pub bytes: Bytes,
     pub trace_state: Option<TraceStateField>,
+    /// The trace's root (empty parent span id): where roll-ups go.
+    pub is_root: bool,
+    /// Encoded fields appended to the span on export (roll-up attributes).
+    pub extra: Option<Bytes>,
 }
 
 impl HeldSpan {
@@ -68,6 +72,7 @@ struct SpanPlan<'a> {
     before: &'a [u8],
     after: &'a [u8],
     trace_state: Vec<u8>,
+    extra: &'a [u8],
 }
 
 impl SpanPlan<'_> {
@@ -77,7 +82,7 @@ impl SpanPlan<'_> {
         } else {
             len_field_size(SPAN_TRACE_STATE, self.trace_state.len())
         };
-        self.before.len() + ts + self.after.len()
+        self.before.len() + ts + self.after.len() + self.extra.len()
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -86,22 +91,26 @@ impl SpanPlan<'_> {
             put_len_field(out, SPAN_TRACE_STATE, &self.trace_state);
         }
         out.extend_from_slice(self.after);
+        out.extend_from_slice(self.extra);
     }
 }
 
 fn plan(kept: &KeptSpan) -> SpanPlan<'_> {
     let bytes = &kept.span.bytes[..];
     let trace_state = with_threshold(kept.span.trace_state_value(), kept.threshold);
+    let extra = kept.span.extra.as_deref().unwrap_or(&[]);
     match &kept.span.trace_state {
         Some(ts) => SpanPlan {
             before: &bytes[..ts.field.start],
             after: &bytes[ts.field.end..],
             trace_state,
+            extra,
         },
         None => SpanPlan {
             before: bytes,
             after: &[],
             trace_state,
+            extra,
         },
     }
 }

@@ -299,3 +299,24 @@ pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
     }
     Ok(name)
 }
+
+/// Where a span's `trace_state` field is, read without scanning anything else (for spans
+/// whose bytes were rewritten after the scan).
+pub fn trace_state_field(span: &[u8]) -> Result<Option<TraceStateField>, Malformed> {
+    let mut r = Reader::new(span);
+    let mut found = None;
+    while !r.is_empty() {
+        let field_start = r.pos();
+        match r.tag()? {
+            (SPAN_TRACE_STATE, WireType::Len) => {
+                let (start, value) = r.len_delimited()?;
+                found = Some(TraceStateField {
+                    field: field_start..r.pos(),
+                    value: start..start + value.len(),
+                });
+            }
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    Ok(found)
+}

@@ -150,6 +150,35 @@ pub fn put_len_field(out: &mut Vec<u8>, field: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// A value of an OTLP `AnyValue`, for attributes llmtail writes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value<'a> {
+    Str(&'a str),
+    Int(i64),
+    Double(f64),
+}
+
+/// Appends one span attribute: field 9, a `KeyValue` with the given `AnyValue`.
+pub fn put_attribute(out: &mut Vec<u8>, key: &str, value: Value<'_>) {
+    const SPAN_ATTRIBUTES: u32 = 9;
+    let mut any = Vec::with_capacity(16);
+    match value {
+        Value::Str(s) => put_len_field(&mut any, 1, s.as_bytes()),
+        Value::Int(i) => {
+            put_varint(&mut any, 3 << 3);
+            put_varint(&mut any, i as u64);
+        }
+        Value::Double(d) => {
+            put_varint(&mut any, (4 << 3) | 1);
+            any.extend_from_slice(&d.to_le_bytes());
+        }
+    }
+    let mut kv = Vec::with_capacity(key.len() + any.len() + 4);
+    put_len_field(&mut kv, 1, key.as_bytes());
+    put_len_field(&mut kv, 2, &any);
+    put_len_field(out, SPAN_ATTRIBUTES, &kv);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
