@@ -3,20 +3,89 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use llmtail::config::Config;
 use llmtail::daemon::{self, Ended};
+use llmtail::llm::{Pricing, Usage};
 
 /// Tail-sampling OTLP trace processor that understands LLM calls.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
     /// Path of the YAML config file.
-    #[arg(long, default_value = "config.yaml")]
+    #[arg(long, default_value = "config.yaml", global = true)]
     config: PathBuf,
     /// Check the config file, print every problem, and exit (0 valid, 2 invalid).
     #[arg(long)]
     validate: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the price entry a model id matches (with the config's pricing, if the config
+    /// file exists) and the cost of a call.
+    Pricing {
+        /// Model id as instrumentations report it, e.g. anthropic.claude-3-5-sonnet-20241022-v2:0
+        model: String,
+        #[arg(long, default_value_t = 0)]
+        input: u64,
+        #[arg(long, default_value_t = 0)]
+        output: u64,
+        #[arg(long, default_value_t = 0)]
+        cache_read: u64,
+        #[arg(long, default_value_t = 0)]
+        cache_write: u64,
+    },
+}
+
+/// `llmtail pricing`: exit 0 with the match, 1 when the model has no price.
+fn pricing(cfg: Option<&Config>, model: &str, usage: Usage) -> ExitCode {
+    let pricing = Pricing::new(cfg.map_or(&[][..], |c| &c.llm.pricing));
+    if let Some(file) = cfg.and_then(|c| c.llm.pricing_file.as_ref())
+        && let Err(e) = pricing.load_file(file)
+    {
+        eprintln!("{e}");
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    let Some(m) = pricing.lookup(model) else {
+        println!(
+            "{model}: no price (normalised: {})",
+            llmtail::llm::pricing::normalize(model)
+        );
+        return ExitCode::FAILURE;
+    };
+    let r = m.price.rates;
+    let opt = |v: Option<f64>| v.map_or("= input".to_owned(), |v| format!("{v}"));
+    println!("model:       {model}");
+    println!("matched:     {}", m.source);
+    println!(
+        "per million: input {}  output {}  cache read {}  cache write {}",
+        r.input_per_mtok,
+        r.output_per_mtok,
+        opt(r.cache_read_per_mtok),
+        opt(r.cache_write_per_mtok)
+    );
+    if let Some(lc) = m.price.long_context {
+        println!(
+            "above {} input tokens: input {}  output {}  cache read {}  cache write {}",
+            lc.above_input_tokens,
+            lc.rates.input_per_mtok,
+            lc.rates.output_per_mtok,
+            opt(lc.rates.cache_read_per_mtok),
+            opt(lc.rates.cache_write_per_mtok)
+        );
+    }
+    println!(
+        "cost:        ${:.6} for {} input ({} cache read, {} cache write) + {} output tokens",
+        m.price.cost(&usage),
+        usage.input,
+        usage.cache_read,
+        usage.cache_write,
+        usage.output
+    );
+    ExitCode::SUCCESS
 }
 
 /// Exit code for an invalid config, as `--validate` documents.
@@ -32,6 +101,31 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Pricing {
+        model,
+        input,
+        output,
+        cache_read,
+        cache_write,
+    }) = &cli.command
+    {
+        let usage = Usage {
+            input: *input,
+            output: *output,
+            cache_read: *cache_read,
+            cache_write: *cache_write,
+        };
+        if !cli.config.exists() {
+            return pricing(None, model, usage);
+        }
+        return match Config::load(&cli.config) {
+            Ok(cfg) => pricing(Some(&cfg), model, usage),
+            Err(errors) => {
+                eprintln!("{}: {errors}", cli.config.display());
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
+        };
+    }
     let cfg = match Config::load(&cli.config) {
         Ok(cfg) => cfg,
         Err(errors) => {
