@@ -89,6 +89,7 @@ pub async fn run(
     }
 
     let s = &cfg.sampling;
+    metrics.buffer_limit_traces.set(s.max_traces as i64);
     let base = Arc::new(BaseRate::new(s.base_rate));
     let pricing = Arc::new(Pricing::new(&cfg.llm.pricing));
     if let Some(file) = &cfg.llm.pricing_file {

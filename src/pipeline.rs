@@ -215,6 +215,12 @@ impl Pipeline {
                 .decision_delay
                 .observe(trace.delay.as_secs_f64());
             self.observer.record_spend(&trace.summary, now);
+            if trace.reason == crate::buffer::DecideReason::Pressure {
+                self.metrics
+                    .early_decisions
+                    .with_label_values(&["pressure"])
+                    .inc();
+            }
             if !decision.keep {
                 self.metrics
                     .spans_dropped

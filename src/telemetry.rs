@@ -26,6 +26,8 @@ const LLM_LATENCY_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0,
 /// Every metric llmtail publishes; names and labels are part of the contract (README).
 pub struct Metrics {
     pub registry: Registry,
+    /// The name of every metric registered, for checks of dashboards and alert rules.
+    pub names: Vec<String>,
     pub spans_received: IntCounterVec,
     pub spans_rejected: IntCounterVec,
     pub traces: IntCounterVec,
@@ -37,6 +39,8 @@ pub struct Metrics {
     pub buffer_traces: IntGauge,
     pub buffer_spans: IntGauge,
     pub buffer_bytes: IntGauge,
+    pub buffer_limit_traces: IntGauge,
+    pub early_decisions: IntCounterVec,
     pub export_queue_spans: IntGaugeVec,
     pub decision_delay: Histogram,
     pub llm_requests: IntCounterVec,
@@ -88,9 +92,15 @@ pub mod lost {
 impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let registry = Registry::new();
+        let mut names = Vec::new();
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("metric definitions are static and valid");
+                names.extend(
+                    prometheus::core::Collector::desc(&m)
+                        .iter()
+                        .map(|d| d.fq_name.clone()),
+                );
                 registry
                     .register(Box::new(m.clone()))
                     .expect("metric names are unique");
@@ -162,6 +172,17 @@ impl Metrics {
             buffer_bytes: reg!(IntGauge::new(
                 "llmtail_buffer_bytes",
                 "Wire bytes of the spans held."
+            )),
+            buffer_limit_traces: reg!(IntGauge::new(
+                "llmtail_buffer_limit_traces",
+                "sampling.max_traces: past it the oldest traces are decided early."
+            )),
+            early_decisions: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_early_decisions_total",
+                    "Traces decided before their deadline, by reason (pressure: the buffer was full)."
+                ),
+                &["reason"]
             )),
             export_queue_spans: reg!(IntGaugeVec::new(
                 Opts::new(
@@ -266,6 +287,7 @@ impl Metrics {
                 &[GENAI_LABELS, &["error_type"]].concat()
             )),
             registry,
+            names,
         };
         Arc::new(m)
     }

@@ -1,6 +1,6 @@
 //! End to end with the official OpenTelemetry SDKs as clients: Python (gRPC and HTTP
 //! exporters) and JavaScript (OTLP/HTTP protobuf and JSON exporters). `.ci/run` installs
-//! them (`tests/install-clients.sh`).
+//! them (`tests/install-deps.sh`).
 //!
 //! Each client sends 300 traces of 3 spans (a request, an LLM call, a tool call): every
 //! fifth is an error, slow (`llm.latency_ms`), expensive by cost attribute or expensive by
@@ -94,7 +94,7 @@ exporter:
     let out = cmd.output().await.expect("the client runs");
     assert!(
         out.status.success(),
-        "{program} {script} failed (run tests/install-clients.sh): {}",
+        "{program} {script} failed (run tests/install-deps.sh): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let sent: Vec<Sent> = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
