@@ -1356,6 +1356,42 @@ extra: 1
     }
 
     #[test]
+    fn llm_and_adaptive_keys_are_validated() {
+        let text = "\
+sampling:
+  target_kept_traces_per_second: -1
+  boost: {rate: 2}
+  policies:
+    - {name: errors, type: error, window: 1m}
+    - {name: conv, type: session, triggers: [errors, nope], threshold_ms: 5}
+exporter:
+  file: {path: x}
+llm:
+  anomaly: {latency_sigmas: 0}
+  privacy:
+    mask: {attributes: [a], patterns: [\"(unclosed\"]}
+";
+        let errs = Config::parse(text).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "sampling.target_kept_traces_per_second",
+            "sampling.boost.rate",
+            "sampling.policies[0].window",
+            "sampling.policies[1].triggers",
+            "sampling.policies[1].threshold_ms",
+            "llm.anomaly.latency_sigmas",
+            "llm.privacy.mask.patterns[0]",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+        let ok = "sampling:\n  target_kept_traces_per_second: 50\n  boost: {}\n  policies:\n    - {name: e, type: error}\n    - {name: s, type: session}\nexporter:\n  file: {path: x}\n";
+        let cfg = Config::parse(ok).unwrap();
+        assert_eq!(cfg.sampling.target().unwrap().kept_traces_per_second, 50.0);
+        assert!(cfg.sampling.boost.is_some());
+        assert!(cfg.llm.trace_rollup);
+    }
+
+    #[test]
     fn env_substitution() {
         let lookup = |name: &str| (name == "HOST").then(|| "tempo".to_owned());
         let (text, problems) = substitute_env(

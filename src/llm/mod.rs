@@ -127,3 +127,125 @@ pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Opti
         error,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message;
+
+    use super::*;
+    use crate::otlp::scan::scan_span;
+
+    fn call(attrs: &[(&str, Value)]) -> Option<LlmCall> {
+        let span = Span {
+            trace_id: vec![1; 16],
+            span_id: vec![2; 8],
+            start_time_unix_nano: 1_000_000_000,
+            end_time_unix_nano: 3_000_000_000,
+            attributes: attrs
+                .iter()
+                .map(|(k, v)| KeyValue {
+                    key: (*k).into(),
+                    value: Some(AnyValue {
+                        value: Some(v.clone()),
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        call_from_span(&span, &scan_span(&span).unwrap(), &Pricing::default())
+    }
+
+    fn s(v: &str) -> Value {
+        Value::StringValue(v.into())
+    }
+
+    #[test]
+    fn precedence_across_conventions() {
+        let c = call(&[
+            ("llm.model_name", s("gpt-4o-mini")),
+            ("llm.model", s("gpt-4o")),
+            ("gen_ai.request.model", s("gpt-4.1")),
+            ("gen_ai.response.model", s("gpt-4.1-2025-04-14")),
+            ("llm.token_count.prompt", Value::IntValue(1)),
+            ("gen_ai.usage.prompt_tokens", Value::IntValue(2)),
+            ("gen_ai.usage.input_tokens", Value::IntValue(1000)),
+            ("llm.output_tokens", Value::StringValue("250".into())),
+            ("gen_ai.system", s("openai")),
+            ("gen_ai.provider.name", s("azure.ai.openai")),
+        ])
+        .unwrap();
+        assert_eq!(&*c.model, "gpt-4.1-2025-04-14", "the response model wins");
+        assert_eq!(&*c.request_model, "gpt-4.1");
+        assert_eq!(
+            c.usage.input, 1000,
+            "current GenAI beats deprecated and OpenInference"
+        );
+        assert_eq!(c.usage.output, 250, "numeric strings count");
+        assert_eq!(c.provider.as_deref(), Some("azure.ai.openai"));
+        assert!((c.cost_usd.unwrap() - (1000.0 * 2.0 + 250.0 * 8.0) / 1e6).abs() < 1e-12);
+        assert_eq!(
+            c.latency_seconds, 2.0,
+            "no llm.latency_ms: the span's duration"
+        );
+
+        let deprecated = call(&[
+            ("gen_ai.usage.prompt_tokens", Value::IntValue(7)),
+            ("llm.token_count.prompt", Value::IntValue(9)),
+        ])
+        .unwrap();
+        assert_eq!(deprecated.usage.input, 7);
+        assert_eq!(&*deprecated.model, UNKNOWN_MODEL);
+        assert_eq!(
+            deprecated.cost_usd, None,
+            "unknown model, no cost attribute: unpriced"
+        );
+
+        let total_only = call(&[
+            ("llm.model", s("gpt-4o")),
+            ("llm.usage.total_tokens", Value::IntValue(120)),
+            ("llm.output_tokens", Value::IntValue(20)),
+        ])
+        .unwrap();
+        assert_eq!((total_only.usage.input, total_only.usage.output), (100, 20));
+
+        let attr_cost = call(&[
+            ("llm.model", s("gpt-4o")),
+            ("gen_ai.usage.cost", Value::DoubleValue(0.5)),
+            ("llm.cost.total", Value::DoubleValue(9.0)),
+        ])
+        .unwrap();
+        assert_eq!(
+            attr_cost.cost_usd,
+            Some(0.5),
+            "OpenLIT's cost beats OpenInference's"
+        );
+
+        let failed = call(&[("llm.model", s("gpt-4o")), ("error.type", s("timeout"))]).unwrap();
+        assert!(failed.error);
+        assert_eq!(failed.error_type.as_deref(), Some("timeout"));
+
+        let cached = call(&[
+            ("gen_ai.request.model", s("claude-3-5-sonnet-20241022")),
+            ("gen_ai.usage.input_tokens", Value::IntValue(10_000)),
+            (
+                "gen_ai.usage.cache_read.input_tokens",
+                Value::IntValue(9_000),
+            ),
+            ("gen_ai.usage.output_tokens", Value::IntValue(0)),
+        ])
+        .unwrap();
+        assert!((cached.cost_usd.unwrap() - (1_000.0 * 3.0 + 9_000.0 * 0.3) / 1e6).abs() < 1e-12);
+        assert!(
+            call(&[("http.route", s("/x"))]).is_none(),
+            "not an LLM call"
+        );
+        assert!(
+            call(&[("session.id", s("abc"))]).is_none(),
+            "a session alone is not an LLM call"
+        );
+    }
+}
