@@ -408,3 +408,37 @@ fn the_pricing_command_prints_the_match_and_the_cost() {
     assert_eq!(code, Some(1));
     assert!(out.contains("no price"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_target_controller_lowers_the_base_rate_to_the_budget() {
+    let sink = Sink::start(0).await;
+    let d = Daemon::start(&format!(
+        "sampling:\n  decision_wait: 1s\n  root_grace: 50ms\n  base_rate: 1.0\n  target_kept_traces_per_second: 20\n  target_interval: 300ms\n  policies:\n{ERRORS}exporter:\n  otlp:\n    endpoint: {}\n",
+        sink.endpoint()
+    ));
+    assert_eq!(
+        d.metrics()
+            .sum("llmtail_sampling_probability", &[("service", "*")]),
+        1.0
+    );
+    // 40 normal traces every ~100 ms for 5 seconds; the budget of 20/s then means
+    // p ≈ 20 / (traces per second sent).
+    let mut rng = StdRng::seed_from_u64(46);
+    let mut c = client(&d.endpoint()).await;
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        let spans = (0..40)
+            .flat_map(|_| trace(&mut rng, Kind::Normal).spans)
+            .collect();
+        c.export(loadgen::request(spans)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let want = 20.0 / (2000.0 / started.elapsed().as_secs_f64());
+    let p = d
+        .metrics()
+        .sum("llmtail_sampling_probability", &[("service", "*")]);
+    assert!(
+        p > want / 2.0 && p < want * 2.0,
+        "base rate {p}, budget says {want}"
+    );
+}
