@@ -416,9 +416,13 @@ async fn the_target_controller_lowers_the_base_rate_to_the_budget() {
         "sampling:\n  decision_wait: 1s\n  root_grace: 50ms\n  base_rate: 1.0\n  target_kept_traces_per_second: 20\n  target_interval: 300ms\n  policies:\n{ERRORS}exporter:\n  otlp:\n    endpoint: {}\n",
         sink.endpoint()
     ));
+    let m = d
+        .wait_metrics(Duration::from_secs(3), |m| {
+            m.sum("llmtail_sampling_probability", &[("service", "*")]) > 0.0
+        })
+        .await;
     assert_eq!(
-        d.metrics()
-            .sum("llmtail_sampling_probability", &[("service", "*")]),
+        m.sum("llmtail_sampling_probability", &[("service", "*")]),
         1.0
     );
     // 40 normal traces every ~100 ms for 5 seconds; the budget of 20/s then means
