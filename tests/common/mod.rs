@@ -102,6 +102,16 @@ pub struct Sink {
 impl Sink {
     /// Starts a sink on `port` (0: any free port).
     pub async fn start(port: u16) -> Sink {
+        Sink::serve(port, None).await
+    }
+
+    /// A gRPC sink over TLS that requires a client certificate signed by the PKI's CA.
+    pub async fn start_mtls(port: u16, pki: &Pki) -> Sink {
+        Sink::serve(port, Some(pki)).await
+    }
+
+    async fn serve(port: u16, mtls: Option<&Pki>) -> Sink {
+        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
         let state = SinkState::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -111,16 +121,22 @@ impl Sink {
         let svc = TraceServiceServer::new(state.clone())
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .max_decoding_message_size(64 * 1024 * 1024);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                ),
-        );
+        let mut server = tonic::transport::Server::builder();
+        if let Some(pki) = mtls {
+            let tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(
+                    &pki.server_cert_pem,
+                    &pki.server_key_pem,
+                ))
+                .client_ca_root(Certificate::from_pem(&pki.ca_pem));
+            server = server.tls_config(tls).unwrap();
+        }
+        tokio::spawn(server.add_service(svc).serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            async {
+                let _ = rx.await;
+            },
+        ));
         Sink {
             port,
             state,
@@ -508,43 +524,6 @@ impl Pki {
 
     pub fn path(&self, name: &str) -> String {
         self.dir.path().join(name).display().to_string()
-    }
-}
-
-impl Sink {
-    /// A gRPC sink over TLS that requires a client certificate signed by the PKI's CA.
-    pub async fn start_mtls(port: u16, pki: &Pki) -> Sink {
-        use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let state = SinkState::default();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
-            .await
-            .unwrap();
-        let tls = ServerTlsConfig::new()
-            .identity(Identity::from_pem(
-                &pki.server_cert_pem,
-                &pki.server_key_pem,
-            ))
-            .client_ca_root(Certificate::from_pem(&pki.ca_pem));
-        let svc = TraceServiceServer::new(state.clone())
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .tls_config(tls)
-                .unwrap()
-                .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    async {
-                        let _ = rx.await;
-                    },
-                ),
-        );
-        Sink {
-            port,
-            state,
-            stop: Some(tx),
-        }
     }
 }
 
