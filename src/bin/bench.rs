@@ -1,0 +1,612 @@
+//! `llmtail-bench`: the side-by-side benchmark. On this machine it starts a counting OTLP
+//! sink, then in turn llmtail (base_rate 1.0 and 0.1) and rotel (a pass-through collector),
+//! drives each with the same pre-encoded LLM traces over several gRPC streams, compression
+//! off, and prints accepted spans/s, the processor's CPU per span, peak RSS, what reached the
+//! sink and the decision delay; then a memory run holding 1,000,000 spans.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Parser;
+use llmtail::loadgen::{self, Kind};
+use llmtail::otlp::codec::{Prost, RawCodec};
+use llmtail::otlp::scan::scan_span;
+use llmtail::otlp::tracestate::Threshold;
+use llmtail::otlp::view;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use parking_lot::Mutex;
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use tonic::codegen::http::uri::PathAndQuery;
+
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Load duration per processor.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    duration: Duration,
+    /// Concurrent gRPC streams (one connection each).
+    #[arg(long, default_value_t = 4)]
+    streams: usize,
+    /// Traces per request (4 spans each).
+    #[arg(long, default_value_t = 25)]
+    traces_per_request: usize,
+    /// The rotel-agent binary (`pip install rotel==0.0.1a15` ships it); `auto` asks python3.
+    #[arg(long, default_value = "auto")]
+    rotel: String,
+    /// Skip the memory run.
+    #[arg(long)]
+    no_memory: bool,
+}
+
+const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// Traces whose id starts with this byte are timed from send to arrival at the sink.
+const TIMED: u8 = 0;
+/// Share of errors, slow and expensive traces in the load.
+const SHARES: (f64, f64, f64) = (0.05, 0.03, 0.02);
+/// Distinct pre-encoded request templates.
+const TEMPLATES: usize = 32;
+
+/// A pre-encoded request and where its trace ids sit, so each send gets fresh ids with a
+/// copy and a few 16-byte writes.
+struct Template {
+    bytes: Vec<u8>,
+    /// Per trace: its kind and the offsets of its id in `bytes`.
+    traces: Vec<(Kind, Vec<usize>)>,
+}
+
+fn templates(traces_per_request: usize) -> Vec<Template> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    (0..TEMPLATES)
+        .map(|_| {
+            let traces: Vec<_> = (0..traces_per_request)
+                .map(|i| {
+                    let kind = loadgen::pick_kind(&mut rng, SHARES.0, SHARES.1, SHARES.2);
+                    loadgen::trace(
+                        &mut rng,
+                        kind,
+                        loadgen::convention_for(i),
+                        1_700_000_000_000_000_000,
+                    )
+                })
+                .collect();
+            let bytes = loadgen::request(traces.iter().flat_map(|t| t.spans.clone()).collect())
+                .encode_to_vec();
+            let traces = traces
+                .iter()
+                .map(|t| {
+                    let offsets = bytes
+                        .windows(16)
+                        .enumerate()
+                        .filter(|(_, w)| *w == t.trace_id)
+                        .map(|(i, _)| i)
+                        .collect();
+                    (t.kind, offsets)
+                })
+                .collect();
+            Template { bytes, traces }
+        })
+        .collect()
+}
+
+/// What the sink saw.
+#[derive(Default)]
+struct SinkStats {
+    spans: AtomicU64,
+    /// Send instants of timed traces, and their measured delays.
+    sent: Mutex<HashMap<[u8; 16], Instant>>,
+    delays: Mutex<Vec<f64>>,
+}
+
+#[derive(Clone)]
+struct SinkService(Arc<SinkStats>);
+
+impl tonic::server::UnaryService<Bytes> for SinkService {
+    type Response = Prost<ExportTraceServiceResponse>;
+    type Future = tonic::codegen::BoxFuture<tonic::Response<Self::Response>, tonic::Status>;
+
+    fn call(&mut self, req: tonic::Request<Bytes>) -> Self::Future {
+        let stats = self.0.clone();
+        Box::pin(async move {
+            let now = Instant::now();
+            let req = view::ExportTraceServiceRequest::decode(req.into_inner())
+                .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+            let mut n = 0;
+            for span in req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+            {
+                n += 1;
+                if let Ok(f) = scan_span(span)
+                    && f.trace_id.0[0] == TIMED
+                    && f.is_root
+                    && let Some(sent) = stats.sent.lock().remove(&f.trace_id.0)
+                {
+                    stats
+                        .delays
+                        .lock()
+                        .push(now.duration_since(sent).as_secs_f64());
+                }
+            }
+            stats.spans.fetch_add(n, Ordering::Relaxed);
+            Ok(tonic::Response::new(Prost(
+                ExportTraceServiceResponse::default(),
+            )))
+        })
+    }
+}
+
+#[derive(Clone)]
+struct SinkServer(Arc<SinkStats>);
+
+impl tonic::server::NamedService for SinkServer {
+    const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
+}
+
+impl<B> tonic::codegen::Service<tonic::codegen::http::Request<B>> for SinkServer
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: tonic::codegen::http::Request<B>) -> Self::Future {
+        let svc = SinkService(self.0.clone());
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(RawCodec::<
+                Prost<ExportTraceServiceResponse>,
+                Bytes,
+            >::default())
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .max_decoding_message_size(256 << 20);
+            Ok(grpc.unary(svc, req).await)
+        })
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// (CPU seconds, peak RSS bytes) of a process.
+fn usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (ticks / 100.0, kb("VmHWM:") * 1024)
+}
+
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+struct Processor {
+    name: String,
+    child: Child,
+    grpc: u16,
+    admin: Option<u16>,
+}
+
+impl Drop for Processor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn llmtail(sink: u16, base_rate: f64, wait: &str, grace: &str, dir: &std::path::Path) -> Processor {
+    let (grpc, admin) = (free_port(), free_port());
+    let config = format!(
+        "receiver:\n  grpc: {{endpoint: 127.0.0.1:{grpc}, max_request_bytes: 67108864}}\n  http: {{enabled: false}}\n\
+         sampling:\n  decision_wait: {wait}\n  root_grace: {grace}\n  base_rate: {base_rate}\n  max_traces: 2000000\n  policies:\n\
+         \x20   - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\n\
+         exporter:\n  otlp: {{endpoint: \"http://127.0.0.1:{sink}\", compression: none}}\n  batch: {{timeout: 20ms}}\n  queue: {{max_spans: 4000000}}\n\
+         admin:\n  endpoint: 127.0.0.1:{admin}\n"
+    );
+    let path = dir.join(format!("llmtail-{base_rate}-{wait}.yaml"));
+    std::fs::write(&path, config).expect("write the config");
+    let exe = std::env::current_exe()
+        .expect("own path")
+        .with_file_name("llmtail");
+    let child = Command::new(exe)
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start llmtail (build it with `cargo build --release`)");
+    Processor {
+        name: format!("llmtail base_rate {base_rate}"),
+        child,
+        grpc,
+        admin: Some(admin),
+    }
+}
+
+fn rotel(bin: &str, sink: u16) -> Processor {
+    let grpc = free_port();
+    let child = Command::new(bin)
+        .args([
+            "start",
+            "--exporter",
+            "otlp",
+            "--otlp-exporter-compression",
+            "none",
+            "--otlp-exporter-traces-compression",
+            "none",
+        ])
+        .args([
+            "--otlp-exporter-endpoint",
+            &format!("http://127.0.0.1:{sink}"),
+        ])
+        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
+        .args([
+            "--otlp-http-endpoint",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::create(std::env::temp_dir().join("llmtail-bench-rotel.log"))
+                .map_or(Stdio::null(), Stdio::from),
+        )
+        .spawn()
+        .expect("start rotel-agent");
+    Processor {
+        name: "rotel (pass-through)".into(),
+        child,
+        grpc,
+        admin: None,
+    }
+}
+
+async fn wait_listening(port: u16) {
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("nothing listens on {port}");
+}
+
+struct Load {
+    spans: u64,
+    expected_kept: u64,
+    bytes: u64,
+    elapsed: f64,
+}
+
+/// Sends as fast as accepted for `duration` (or until `max_spans`) over `streams` streams.
+async fn drive(
+    port: u16,
+    args: &Args,
+    tpl: Arc<Vec<Template>>,
+    stats: Arc<SinkStats>,
+    keep_p: Option<f64>,
+    duration: Duration,
+    max_spans: u64,
+) -> Load {
+    let spans = Arc::new(AtomicU64::new(0));
+    let expected = Arc::new(AtomicU64::new(0));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = started + duration;
+    let mut tasks = Vec::new();
+    for s in 0..args.streams {
+        let (tpl, stats, spans, expected, bytes) = (
+            tpl.clone(),
+            stats.clone(),
+            spans.clone(),
+            expected.clone(),
+            bytes.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .expect("connect");
+            let mut grpc = tonic::client::Grpc::new(channel);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(s as u64 + 99);
+            let mut i = s;
+            while Instant::now() < end && spans.load(Ordering::Relaxed) < max_spans {
+                let t = &tpl[i % tpl.len()];
+                i += 1;
+                let mut body = t.bytes.clone();
+                let now = Instant::now();
+                let mut kept = 0;
+                for (kind, offsets) in &t.traces {
+                    let id: [u8; 16] = rng.random();
+                    for &o in offsets {
+                        body[o..o + 16].copy_from_slice(&id);
+                    }
+                    let keep = match keep_p {
+                        None => true,
+                        Some(p) => {
+                            *kind != Kind::Normal
+                                || Threshold::from_probability(p)
+                                    .keeps(llmtail::otlp::TraceId(id).randomness())
+                        }
+                    };
+                    if keep {
+                        kept += offsets.len() as u64;
+                        if id[0] == TIMED {
+                            stats.sent.lock().insert(id, now);
+                        }
+                    }
+                }
+                let n: u64 = t.traces.iter().map(|(_, o)| o.len() as u64).sum();
+                let len = body.len() as u64;
+                grpc.ready().await.expect("ready");
+                let r = grpc
+                    .unary(
+                        tonic::Request::new(Bytes::from(body)),
+                        PathAndQuery::from_static(EXPORT),
+                        RawCodec::<Bytes, Prost<ExportTraceServiceResponse>>::default(),
+                    )
+                    .await;
+                if r.is_ok() {
+                    spans.fetch_add(n, Ordering::Relaxed);
+                    expected.fetch_add(kept, Ordering::Relaxed);
+                    bytes.fetch_add(len, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Load {
+        spans: spans.load(Ordering::Relaxed),
+        expected_kept: expected.load(Ordering::Relaxed),
+        bytes: bytes.load(Ordering::Relaxed),
+        elapsed: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// Waits until the sink count has not moved for `quiet`.
+async fn settle(stats: &SinkStats, quiet: Duration) {
+    let mut last = stats.spans.load(Ordering::Relaxed);
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = stats.spans.load(Ordering::Relaxed);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() >= quiet {
+            return;
+        }
+    }
+}
+
+fn percentile(v: &mut [f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+struct Row {
+    name: String,
+    spans_per_s: f64,
+    cpu_us: f64,
+    peak_rss_mb: f64,
+    at_sink: u64,
+    expected: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn run(
+    p: Processor,
+    args: &Args,
+    tpl: Arc<Vec<Template>>,
+    keep_p: Option<f64>,
+    stats: Arc<SinkStats>,
+) -> Row {
+    wait_listening(p.grpc).await;
+    stats.spans.store(0, Ordering::Relaxed);
+    stats.delays.lock().clear();
+    stats.sent.lock().clear();
+    let pid = p.child.id();
+    let (cpu0, _) = usage(pid);
+    let load = drive(
+        p.grpc,
+        args,
+        tpl,
+        stats.clone(),
+        keep_p,
+        args.duration,
+        u64::MAX,
+    )
+    .await;
+    settle(&stats, Duration::from_secs(2)).await;
+    let (cpu1, peak) = usage(pid);
+    let mut delays = stats.delays.lock().clone();
+    let _ = p.admin;
+    Row {
+        name: p.name.clone(),
+        spans_per_s: load.spans as f64 / load.elapsed,
+        cpu_us: (cpu1 - cpu0) * 1e6 / load.spans as f64,
+        peak_rss_mb: peak as f64 / 1e6,
+        at_sink: stats.spans.load(Ordering::Relaxed),
+        expected: load.expected_kept,
+        p50_ms: percentile(&mut delays, 0.5) * 1e3,
+        p99_ms: percentile(&mut delays, 0.99) * 1e3,
+    }
+}
+
+fn rotel_path(arg: &str) -> Option<String> {
+    if arg != "auto" {
+        return Some(arg.to_owned());
+    }
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import rotel, os; print(os.path.join(os.path.dirname(rotel.__file__), 'rotel-agent'))",
+        ])
+        .output()
+        .ok()?;
+    let path = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    PathBuf::from(&path).exists().then_some(path)
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let tpl = Arc::new(templates(args.traces_per_request));
+    let wire: usize = tpl.iter().map(|t| t.bytes.len()).sum();
+    let spans_per_tpl = args.traces_per_request * 4;
+    println!(
+        "load: {} streams, {} traces ({} spans) per request, {:.0} bytes/span on the wire, {:?} per processor, compression off",
+        args.streams,
+        args.traces_per_request,
+        spans_per_tpl,
+        wire as f64 / (TEMPLATES * spans_per_tpl) as f64,
+        args.duration
+    );
+    let stats = Arc::new(SinkStats::default());
+    let sink_port = free_port();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", sink_port))
+        .await
+        .unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(SinkServer(stats.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let mut rows = Vec::new();
+    for p in [1.0, 0.1]
+        .into_iter()
+        .filter(|_| std::env::var("BENCH_ROTEL_ONLY").is_err())
+    {
+        let proc_ = llmtail(sink_port, p, "10s", "1s", dir.path());
+        rows.push(run(proc_, &args, tpl.clone(), Some(p), stats.clone()).await);
+    }
+    match rotel_path(&args.rotel) {
+        Some(bin) => rows.push(
+            run(
+                rotel(&bin, sink_port),
+                &args,
+                tpl.clone(),
+                None,
+                stats.clone(),
+            )
+            .await,
+        ),
+        None => println!("rotel-agent not found (pip install rotel==0.0.1a15): skipped"),
+    }
+    println!();
+    println!(
+        "| processor | accepted spans/s | CPU µs/span | peak RSS MB | spans at sink / expected | decision delay p50 / p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {:.3} | {:.0} | {} / {} | {:.0} / {:.0} |",
+            r.name,
+            r.spans_per_s,
+            r.cpu_us,
+            r.peak_rss_mb,
+            r.at_sink,
+            r.expected,
+            r.p50_ms,
+            r.p99_ms
+        );
+    }
+    if let Some(rotel) = rows.iter().find(|r| r.name.starts_with("rotel")) {
+        for r in rows.iter().filter(|r| r.name.starts_with("llmtail")) {
+            println!(
+                "{}: {:.1}x less CPU per span than rotel",
+                r.name,
+                rotel.cpu_us / r.cpu_us
+            );
+        }
+    }
+    if args.no_memory {
+        return;
+    }
+    // Memory: hold 1,000,000 spans (decision_wait and root_grace 120 s) and compare RSS
+    // growth with the wire bytes held.
+    let p = llmtail(sink_port, 1.0, "120s", "120s", dir.path());
+    wait_listening(p.grpc).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = p.child.id();
+    let before = rss(pid);
+    let load = drive(
+        p.grpc,
+        &args,
+        tpl.clone(),
+        stats.clone(),
+        None,
+        Duration::from_secs(120),
+        1_000_000,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss(pid);
+    let growth = after.saturating_sub(before) as f64;
+    let traces = load.spans / 4;
+    println!();
+    println!(
+        "memory: {} spans ({} traces, {:.1} MB on the wire) held; RSS {:.1} → {:.1} MB; growth = {:.2} × wire bytes; {:.0} bytes per trace beyond the wire bytes",
+        load.spans,
+        traces,
+        load.bytes as f64 / 1e6,
+        before as f64 / 1e6,
+        after as f64 / 1e6,
+        growth / load.bytes as f64,
+        (growth - load.bytes as f64) / traces as f64
+    );
+}
