@@ -2,6 +2,7 @@
 //! `ExportTraceServiceRequest`. Only the `trace_state` field of each span is replaced; every
 //! other byte of the span, its resource and its scope is copied verbatim.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -118,27 +119,40 @@ fn plan(kept: &KeptSpan) -> SpanPlan<'_> {
 /// Writes `spans` as one encoded `ExportTraceServiceRequest`, grouping spans that share an
 /// [`Origin`] under one `ResourceSpans`/`ScopeSpans`.
 pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
+    // Group by origin in first-seen order; a map keeps this linear when a batch gathers
+    // spans from thousands of small requests.
+    let mut index: HashMap<*const Origin, usize, foldhash::fast::RandomState> = HashMap::default();
     let mut groups: Vec<(&Arc<Origin>, Vec<SpanPlan<'_>>)> = Vec::new();
     for kept in spans {
         let origin = &kept.span.origin;
-        match groups.iter_mut().find(|(o, _)| Arc::ptr_eq(o, origin)) {
-            Some((_, plans)) => plans.push(plan(kept)),
-            None => groups.push((origin, vec![plan(kept)])),
-        }
+        let i = *index.entry(Arc::as_ptr(origin)).or_insert_with(|| {
+            groups.push((origin, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(plan(kept));
     }
-    let mut out =
-        Vec::with_capacity(spans.iter().map(|k| k.span.bytes.len() + 32).sum::<usize>() + 256);
-    for (origin, plans) in &groups {
-        let scope_spans_len = optional_len(SCOPE_SPANS_SCOPE, &origin.scope)
-            + plans
-                .iter()
-                .map(|p| len_field_size(SCOPE_SPANS_SPANS, p.len()))
-                .sum::<usize>()
-            + optional_len(SCOPE_SPANS_SCHEMA_URL, &origin.scope_schema_url);
-        let resource_spans_len = optional_len(RESOURCE_SPANS_RESOURCE, &origin.resource)
-            + len_field_size(RESOURCE_SPANS_SCOPE_SPANS, scope_spans_len)
-            + optional_len(RESOURCE_SPANS_SCHEMA_URL, &origin.resource_schema_url);
-
+    // Sizes first, so the request is written into one exactly sized buffer.
+    let sizes: Vec<(usize, usize)> = groups
+        .iter()
+        .map(|(origin, plans)| {
+            let scope_spans_len = optional_len(SCOPE_SPANS_SCOPE, &origin.scope)
+                + plans
+                    .iter()
+                    .map(|p| len_field_size(SCOPE_SPANS_SPANS, p.len()))
+                    .sum::<usize>()
+                + optional_len(SCOPE_SPANS_SCHEMA_URL, &origin.scope_schema_url);
+            let resource_spans_len = optional_len(RESOURCE_SPANS_RESOURCE, &origin.resource)
+                + len_field_size(RESOURCE_SPANS_SCOPE_SPANS, scope_spans_len)
+                + optional_len(RESOURCE_SPANS_SCHEMA_URL, &origin.resource_schema_url);
+            (scope_spans_len, resource_spans_len)
+        })
+        .collect();
+    let total = sizes
+        .iter()
+        .map(|(_, rs)| len_field_size(REQUEST_RESOURCE_SPANS, *rs))
+        .sum();
+    let mut out = Vec::with_capacity(total);
+    for ((origin, plans), (scope_spans_len, resource_spans_len)) in groups.iter().zip(sizes) {
         put_key_len(&mut out, REQUEST_RESOURCE_SPANS, resource_spans_len);
         put_optional(&mut out, RESOURCE_SPANS_RESOURCE, &origin.resource);
         put_key_len(&mut out, RESOURCE_SPANS_SCOPE_SPANS, scope_spans_len);
@@ -154,6 +168,7 @@ pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
             &origin.resource_schema_url,
         );
     }
+    debug_assert_eq!(out.len(), total);
     Bytes::from(out)
 }
 
