@@ -7,7 +7,6 @@ use std::collections::{BinaryHeap, VecDeque};
 /// Hash maps keyed by trace id: foldhash is several times cheaper than SipHash on 16-byte
 /// keys and still seeded per process, so chosen trace ids cannot force collisions.
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -124,6 +123,26 @@ struct Shard {
     /// already-decided traces are skipped lazily.
     arrivals: VecDeque<(Instant, TraceId)>,
     decided: DecisionCache,
+    /// Spans and wire bytes held (kept here, under the lock, rather than in shared atomics
+    /// every receiver thread would contend on).
+    spans: usize,
+    bytes: usize,
+}
+
+/// What the buffer holds: traces, spans and wire bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub traces: usize,
+    pub spans: usize,
+    pub bytes: usize,
+}
+
+impl Held {
+    fn add(&mut self, shard: &Shard) {
+        self.traces += shard.traces.len();
+        self.spans += shard.spans;
+        self.bytes += shard.bytes;
+    }
 }
 
 /// Timing and bounds of the buffer.
@@ -148,10 +167,6 @@ pub struct TraceBuffer {
     limits: BufferLimits,
     max_traces_per_shard: usize,
     sampler: Sampler,
-    /// Held now, for the gauges.
-    traces: AtomicUsize,
-    spans: AtomicUsize,
-    bytes: AtomicUsize,
 }
 
 impl TraceBuffer {
@@ -163,6 +178,8 @@ impl TraceBuffer {
                     deadlines: BinaryHeap::new(),
                     arrivals: VecDeque::new(),
                     decided: DecisionCache::new(limits.decision_cache_size.div_ceil(SHARDS)),
+                    spans: 0,
+                    bytes: 0,
                 })
             })
             .collect();
@@ -171,9 +188,6 @@ impl TraceBuffer {
             max_traces_per_shard: limits.max_traces.div_ceil(SHARDS).max(1),
             limits,
             sampler,
-            traces: AtomicUsize::new(0),
-            spans: AtomicUsize::new(0),
-            bytes: AtomicUsize::new(0),
         }
     }
 
@@ -223,12 +237,11 @@ impl TraceBuffer {
             let deadline = entry.deadline;
             shard.deadlines.push(Reverse((deadline, s.trace_id)));
             shard.arrivals.push_back((now, s.trace_id));
-            self.traces.fetch_add(1, Ordering::Relaxed);
         } else if let Some(deadline) = new_deadline {
             shard.deadlines.push(Reverse((deadline, s.trace_id)));
         }
-        self.spans.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(len, Ordering::Relaxed);
+        shard.spans += 1;
+        shard.bytes += len;
         while shard.traces.len() > self.max_traces_per_shard {
             match self.evict_oldest(&mut shard, now) {
                 Some(decided) => evicted.push(decided),
@@ -266,9 +279,8 @@ impl TraceBuffer {
             .expect("decide is only called for a held trace");
         let decision = self.sampler.decide(&id, &entry.summary, now);
         shard.decided.insert(id, CachedDecision::new(&decision));
-        self.traces.fetch_sub(1, Ordering::Relaxed);
-        self.spans.fetch_sub(entry.spans.len(), Ordering::Relaxed);
-        self.bytes.fetch_sub(entry.bytes, Ordering::Relaxed);
+        shard.spans -= entry.spans.len();
+        shard.bytes -= entry.bytes;
         DecidedTrace {
             trace_id: id,
             decision,
@@ -280,8 +292,9 @@ impl TraceBuffer {
         }
     }
 
-    /// Decides every trace whose deadline has passed.
-    pub fn decide_due(&self, now: Instant, out: &mut Vec<DecidedTrace>) {
+    /// Decides every trace whose deadline has passed; returns what is still held.
+    pub fn decide_due(&self, now: Instant, out: &mut Vec<DecidedTrace>) -> Held {
+        let mut held = Held::default();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             while let Some(Reverse((deadline, id))) = shard.deadlines.peek().copied() {
@@ -308,7 +321,9 @@ impl TraceBuffer {
                 }
                 shard.arrivals.pop_front();
             }
+            held.add(&shard);
         }
+        held
     }
 
     /// Decides every held trace (shutdown).
@@ -324,13 +339,13 @@ impl TraceBuffer {
         }
     }
 
-    /// (traces, spans, bytes) held now.
-    pub fn held(&self) -> (usize, usize, usize) {
-        (
-            self.traces.load(Ordering::Relaxed),
-            self.spans.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-        )
+    /// What is held now (takes every shard's lock: not for the hot path).
+    pub fn held(&self) -> Held {
+        let mut held = Held::default();
+        for shard in self.shards.iter() {
+            held.add(&shard.lock());
+        }
+        held
     }
 }
 
@@ -399,7 +414,14 @@ mod tests {
             t0 + Duration::from_secs(2),
             &mut ev,
         );
-        assert_eq!(b.held(), (2, 3, 30));
+        assert_eq!(
+            b.held(),
+            Held {
+                traces: 2,
+                spans: 3,
+                bytes: 30
+            }
+        );
         let mut out = Vec::new();
         b.decide_due(t0 + Duration::from_millis(2999), &mut out);
         assert!(out.is_empty());
@@ -410,7 +432,7 @@ mod tests {
         assert_eq!(out[0].delay, Duration::from_secs(3));
         b.decide_due(t0 + Duration::from_secs(10), &mut out);
         assert_eq!(out.len(), 2);
-        assert_eq!(b.held(), (0, 0, 0));
+        assert_eq!(b.held(), Held::default());
     }
 
     #[test]
@@ -456,7 +478,7 @@ mod tests {
         assert_eq!(ev.len(), 1);
         assert_eq!(ev[0].trace_id, TraceId([first; 16]));
         assert_eq!(ev[0].reason, DecideReason::Pressure);
-        assert_eq!(b.held().0, 1);
+        assert_eq!(b.held().traces, 1);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::otlp::reframe::{HeldSpan, KeptSpan, Origin};
 use crate::otlp::scan::{self, Reject};
 use crate::otlp::view;
 use crate::otlp::wire::{Value, put_attribute};
-use crate::sampler::{SpanStats, TraceSummary};
+use crate::sampler::{DecidedBy, SpanStats, TraceSummary};
 use crate::telemetry::Metrics;
 
 /// Service label for spans whose resource has no `service.name` (the SDKs' own default).
@@ -201,38 +201,39 @@ impl Pipeline {
 
     /// Counts decisions, attributes spend, and sends kept traces to the exporters.
     pub fn dispatch(&self, decided: Vec<DecidedTrace>) {
+        if decided.is_empty() {
+            return;
+        }
         let sampler = self.buffer.sampler();
         let now = Instant::now();
+        // Decisions are counted per batch: a handful of label sets, looked up once each.
+        let mut counts: Vec<(bool, DecidedBy, u64)> = Vec::new();
+        let (mut dropped_spans, mut pressure) = (0u64, 0u64);
         for trace in decided {
             let decision = trace.decision;
-            let label = if decision.keep { "kept" } else { "dropped" };
-            let policy = sampler.label(decision.by);
-            self.metrics
-                .traces
-                .with_label_values(&[label, policy])
-                .inc();
+            match counts
+                .iter_mut()
+                .find(|(k, b, _)| *k == decision.keep && *b == decision.by)
+            {
+                Some((_, _, n)) => *n += 1,
+                None => counts.push((decision.keep, decision.by, 1)),
+            }
             self.metrics
                 .decision_delay
                 .observe(trace.delay.as_secs_f64());
             self.observer.record_spend(&trace.summary, now);
             if trace.reason == crate::buffer::DecideReason::Pressure {
-                self.metrics
-                    .early_decisions
-                    .with_label_values(&["pressure"])
-                    .inc();
+                pressure += 1;
             }
             if !decision.keep {
-                self.metrics
-                    .spans_dropped
-                    .with_label_values(&["sampled_out"])
-                    .inc_by(trace.spans.len() as u64);
+                dropped_spans += trace.spans.len() as u64;
                 continue;
             }
             let mut spans = trace.spans;
             if self.rollup
                 && let Some(root) = spans.iter_mut().find(|s| s.is_root)
             {
-                root.extra = Some(rollup(&trace.summary, policy));
+                root.extra = Some(rollup(&trace.summary, sampler.label(decision.by)));
             }
             self.submit(
                 spans
@@ -244,7 +245,25 @@ impl Pipeline {
                     .collect(),
             );
         }
-        self.update_gauges();
+        for (keep, by, n) in counts {
+            let label = if keep { "kept" } else { "dropped" };
+            self.metrics
+                .traces
+                .with_label_values(&[label, sampler.label(by)])
+                .inc_by(n);
+        }
+        if dropped_spans > 0 {
+            self.metrics
+                .spans_dropped
+                .with_label_values(&["sampled_out"])
+                .inc_by(dropped_spans);
+        }
+        if pressure > 0 {
+            self.metrics
+                .early_decisions
+                .with_label_values(&["pressure"])
+                .inc_by(pressure);
+        }
     }
 
     /// Hands kept spans to every exporter (the last one takes them without a copy).
@@ -272,11 +291,14 @@ impl Pipeline {
             .inc();
     }
 
-    /// Decides every trace whose deadline has passed.
+    /// Decides every trace whose deadline has passed, and refreshes the buffer gauges.
     pub fn decide_due(&self) {
         let mut decided = Vec::new();
-        self.buffer.decide_due(Instant::now(), &mut decided);
+        let held = self.buffer.decide_due(Instant::now(), &mut decided);
         self.dispatch(decided);
+        self.metrics.buffer_traces.set(held.traces as i64);
+        self.metrics.buffer_spans.set(held.spans as i64);
+        self.metrics.buffer_bytes.set(held.bytes as i64);
     }
 
     /// Decides everything still held (shutdown).
@@ -284,13 +306,13 @@ impl Pipeline {
         let mut decided = Vec::new();
         self.buffer.decide_all(Instant::now(), &mut decided);
         self.dispatch(decided);
-    }
-
-    fn update_gauges(&self) {
-        let (traces, spans, bytes) = self.buffer.held();
-        self.metrics.buffer_traces.set(traces as i64);
-        self.metrics.buffer_spans.set(spans as i64);
-        self.metrics.buffer_bytes.set(bytes as i64);
+        for gauge in [
+            &self.metrics.buffer_traces,
+            &self.metrics.buffer_spans,
+            &self.metrics.buffer_bytes,
+        ] {
+            gauge.set(0);
+        }
     }
 }
 

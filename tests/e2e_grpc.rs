@@ -202,6 +202,11 @@ async fn interesting_traces_arrive_whole_and_the_rest_follow_the_consistent_rule
     assert_eq!(m.sum("llmtail_llm_latency_seconds_count", &[]), n);
     assert_eq!(m.sum("llmtail_decision_delay_seconds_count", &[]), n);
     assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
+    let m = daemon
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.sum("llmtail_buffer_traces", &[]) == 0.0
+        })
+        .await;
     assert_eq!(m.sum("llmtail_buffer_traces", &[]), 0.0);
 }
 
@@ -302,7 +307,12 @@ async fn sigterm_exports_pending_traces_before_exit() {
     let mut rng = StdRng::seed_from_u64(4);
     let traces = generate(&mut rng, &[(Kind::Error, 20), (Kind::Normal, 20)]);
     send_split(&daemon.endpoint(), &traces).await;
-    assert_eq!(daemon.metrics().sum("llmtail_buffer_traces", &[]), 40.0);
+    let m = daemon
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.sum("llmtail_buffer_traces", &[]) == 40.0
+        })
+        .await;
+    assert_eq!(m.sum("llmtail_buffer_traces", &[]), 40.0);
     daemon.sigterm();
     let status = daemon.wait_exit(Duration::from_secs(25));
     assert!(status.success(), "exit {status}: {}", daemon.log());

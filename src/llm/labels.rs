@@ -14,7 +14,7 @@ pub const OTHER: &str = "other";
 /// For labels with few, stable values (services, models, providers).
 pub struct FirstSeen {
     max: usize,
-    seen: RwLock<HashSet<Arc<str>>>,
+    seen: RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>,
     other: Arc<str>,
 }
 
@@ -22,7 +22,7 @@ impl FirstSeen {
     pub fn new(max: usize) -> Self {
         FirstSeen {
             max,
-            seen: RwLock::new(HashSet::new()),
+            seen: RwLock::new(HashSet::default()),
             other: Arc::from(OTHER),
         }
     }

@@ -4,6 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use dashmap::DashMap;
+use prometheus::{Counter, Histogram, IntCounter};
+
 use super::LlmCall;
 use super::anomaly::{AnomalyDetector, CallSample};
 use super::labels::{FirstSeen, TopK};
@@ -12,8 +15,33 @@ use crate::config::LlmConfig;
 use crate::sampler::{CallStats, TraceSummary};
 use crate::telemetry::Metrics;
 
+/// The metrics of one (service, model), resolved once: label lookups are the costly part of
+/// a metric update.
+struct CallHandles {
+    ok: IntCounter,
+    error: IntCounter,
+    tokens_in: IntCounter,
+    tokens_out: IntCounter,
+    cost: Counter,
+    unpriced: IntCounter,
+    latency: Histogram,
+}
+
+/// The GenAI semantic-convention metrics of one label set.
+struct GenAiHandles {
+    tokens_in: Histogram,
+    tokens_out: Histogram,
+    duration: Histogram,
+}
+
+/// (operation, provider, request model, response model, error type), all bounded values.
+type GenAiKey = [Arc<str>; 5];
+type Fast = foldhash::fast::RandomState;
+
 pub struct LlmObserver {
     metrics: Arc<Metrics>,
+    handles: DashMap<(Arc<str>, Arc<str>), Arc<CallHandles>, Fast>,
+    genai: DashMap<GenAiKey, Arc<GenAiHandles>, Fast>,
     services: FirstSeen,
     models: FirstSeen,
     /// Providers and operation names (small, stable sets).
@@ -34,6 +62,8 @@ impl LlmObserver {
     ) -> Self {
         LlmObserver {
             metrics,
+            handles: DashMap::default(),
+            genai: DashMap::default(),
             services: FirstSeen::new(cfg.labels.max_services),
             models: FirstSeen::new(cfg.labels.max_models),
             kinds: FirstSeen::new(cfg.labels.max_models),
@@ -47,25 +77,17 @@ impl LlmObserver {
 
     /// Records one call of `service`; returns what it adds to its trace.
     pub fn observe(&self, service: &Arc<str>, call: &LlmCall, now: Instant) -> CallStats {
-        let m = &self.metrics;
         let service = self.services.bound(service);
         let model = self.models.bound(&call.model);
-        let (svc, mdl): (&str, &str) = (&service, &model);
-        let status = if call.error { "error" } else { "ok" };
-        m.llm_requests.with_label_values(&[svc, mdl, status]).inc();
-        m.llm_tokens
-            .with_label_values(&[svc, mdl, "input"])
-            .inc_by(call.usage.input);
-        m.llm_tokens
-            .with_label_values(&[svc, mdl, "output"])
-            .inc_by(call.usage.output);
+        let h = self.call_handles(&service, &model);
+        if call.error { &h.error } else { &h.ok }.inc();
+        h.tokens_in.inc_by(call.usage.input);
+        h.tokens_out.inc_by(call.usage.output);
         match call.cost_usd {
-            Some(cost) => m.llm_cost.with_label_values(&[svc, mdl]).inc_by(cost),
-            None => m.llm_unpriced.with_label_values(&[mdl]).inc(),
+            Some(cost) => h.cost.inc_by(cost),
+            None => h.unpriced.inc(),
         }
-        m.llm_latency
-            .with_label_values(&[svc, mdl])
-            .observe(call.latency_seconds);
+        h.latency.observe(call.latency_seconds);
         self.genai_metrics(call);
 
         let kinds = self.detector.observe(
@@ -78,8 +100,9 @@ impl LlmObserver {
             },
         );
         for kind in &kinds {
-            m.llm_anomalies
-                .with_label_values(&[svc, mdl, kind.label()])
+            self.metrics
+                .llm_anomalies
+                .with_label_values(&[&service, &model, kind.label()])
                 .inc();
         }
         let anomalous = !kinds.is_empty();
@@ -97,35 +120,67 @@ impl LlmObserver {
         }
     }
 
+    fn call_handles(&self, service: &Arc<str>, model: &Arc<str>) -> Arc<CallHandles> {
+        let key = (service.clone(), model.clone());
+        if let Some(h) = self.handles.get(&key) {
+            return h.clone();
+        }
+        let m = &self.metrics;
+        let (s, md): (&str, &str) = (service, model);
+        let h = Arc::new(CallHandles {
+            ok: m.llm_requests.with_label_values(&[s, md, "ok"]),
+            error: m.llm_requests.with_label_values(&[s, md, "error"]),
+            tokens_in: m.llm_tokens.with_label_values(&[s, md, "input"]),
+            tokens_out: m.llm_tokens.with_label_values(&[s, md, "output"]),
+            cost: m.llm_cost.with_label_values(&[s, md]),
+            unpriced: m.llm_unpriced.with_label_values(&[md]),
+            latency: m.llm_latency.with_label_values(&[s, md]),
+        });
+        self.handles.insert(key, h.clone());
+        h
+    }
+
     /// `gen_ai.client.token.usage` and `gen_ai.client.operation.duration`.
     fn genai_metrics(&self, call: &LlmCall) {
-        let bound = |v: &Option<Arc<str>>| v.as_ref().map(|v| self.kinds.bound(v));
-        let operation = bound(&call.operation);
-        let provider = bound(&call.provider);
-        let request = self.models.bound(&call.request_model);
-        let response = call.response_model.as_ref().map(|r| self.models.bound(r));
-        let labels = [
-            operation.as_deref().unwrap_or(""),
-            provider.as_deref().unwrap_or(""),
-            &request,
-            response.as_deref().unwrap_or(""),
+        let empty: Arc<str> = Arc::from("");
+        let bound =
+            |v: &Option<Arc<str>>| v.as_ref().map_or(empty.clone(), |v| self.kinds.bound(v));
+        let key: GenAiKey = [
+            bound(&call.operation),
+            bound(&call.provider),
+            self.models.bound(&call.request_model),
+            call.response_model
+                .as_ref()
+                .map_or(empty.clone(), |r| self.models.bound(r)),
+            bound(&call.error_type),
         ];
-        let m = &self.metrics;
-        for (ty, n) in [("input", call.usage.input), ("output", call.usage.output)] {
-            m.genai_token_usage
-                .with_label_values(&[labels[0], labels[1], labels[2], labels[3], ty])
-                .observe(n as f64);
-        }
-        let error = call.error_type.as_ref().map(|e| self.kinds.bound(e));
-        m.genai_duration
-            .with_label_values(&[
-                labels[0],
-                labels[1],
-                labels[2],
-                labels[3],
-                error.as_deref().unwrap_or(""),
-            ])
-            .observe(call.latency_seconds);
+        let h = match self.genai.get(&key) {
+            Some(h) => h.clone(),
+            None => {
+                let m = &self.metrics;
+                let [op, provider, request, response, error] = &key;
+                let l = |last: &str| {
+                    [
+                        op.as_ref(),
+                        provider.as_ref(),
+                        request.as_ref(),
+                        response.as_ref(),
+                        last,
+                    ]
+                    .map(str::to_owned)
+                };
+                let h = Arc::new(GenAiHandles {
+                    tokens_in: m.genai_token_usage.with_label_values(&l("input")),
+                    tokens_out: m.genai_token_usage.with_label_values(&l("output")),
+                    duration: m.genai_duration.with_label_values(&l(error)),
+                });
+                self.genai.insert(key, h.clone());
+                h
+            }
+        };
+        h.tokens_in.observe(call.usage.input as f64);
+        h.tokens_out.observe(call.usage.output as f64);
+        h.duration.observe(call.latency_seconds);
     }
 
     /// Attributes a decided trace's LLM spend to its user and session (every trace is
