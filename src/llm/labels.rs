@@ -14,7 +14,7 @@ pub const OTHER: &str = "other";
 /// For labels with few, stable values (services, models, providers).
 pub struct FirstSeen {
     max: usize,
-    seen: RwLock<HashSet<Arc<str>, foldhash::fast::RandomState>>,
+    seen: RwLock<HashSet<Arc<str>, Fast>>,
     other: Arc<str>,
 }
 
@@ -56,9 +56,11 @@ pub struct TopK {
     other: Arc<str>,
 }
 
+type Fast = foldhash::fast::RandomState;
+
 struct TopKState {
-    weights: HashMap<Arc<str>, f64>,
-    promoted: HashSet<Arc<str>>,
+    weights: HashMap<Arc<str>, f64, Fast>,
+    promoted: HashSet<Arc<str>, Fast>,
     last_rank: Instant,
 }
 
@@ -73,8 +75,8 @@ impl TopK {
         TopK {
             k,
             state: Mutex::new(TopKState {
-                weights: HashMap::new(),
-                promoted: HashSet::new(),
+                weights: HashMap::default(),
+                promoted: HashSet::default(),
                 last_rank: Instant::now(),
             }),
             other: Arc::from(OTHER),
@@ -111,7 +113,8 @@ impl TopK {
             let mut ranked: Vec<(Arc<str>, f64)> =
                 s.weights.iter().map(|(k, w)| (k.clone(), *w)).collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let top: HashSet<Arc<str>> = ranked.into_iter().take(self.k).map(|(k, _)| k).collect();
+            let top: HashSet<Arc<str>, Fast> =
+                ranked.into_iter().take(self.k).map(|(k, _)| k).collect();
             demoted = s.promoted.difference(&top).cloned().collect();
             s.promoted = top;
         } else if !s.promoted.contains(&key) && s.promoted.len() < self.k {

@@ -2,6 +2,7 @@
 //! `ExportTraceServiceRequest`. Only the `trace_state` field of each span is replaced; every
 //! other byte of the span, its resource and its scope is copied verbatim.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -72,7 +73,7 @@ fn varint_size(v: u64) -> usize {
 struct SpanPlan<'a> {
     before: &'a [u8],
     after: &'a [u8],
-    trace_state: Vec<u8>,
+    trace_state: Cow<'a, [u8]>,
     extra: &'a [u8],
 }
 
@@ -96,9 +97,35 @@ impl SpanPlan<'_> {
     }
 }
 
-fn plan(kept: &KeptSpan) -> SpanPlan<'_> {
+/// The tracestate each threshold gives a span that arrived without one (most spans): worked
+/// out once per batch instead of once per span.
+struct FreshTraceStates(Vec<(Threshold, Vec<u8>)>);
+
+impl FreshTraceStates {
+    fn new(spans: &[KeptSpan]) -> Self {
+        let mut fresh: Vec<(Threshold, Vec<u8>)> = Vec::new();
+        for k in spans {
+            if k.span.trace_state.is_none() && !fresh.iter().any(|(t, _)| *t == k.threshold) {
+                fresh.push((k.threshold, with_threshold(&[], k.threshold)));
+            }
+        }
+        FreshTraceStates(fresh)
+    }
+
+    fn get(&self, t: Threshold) -> Option<&[u8]> {
+        self.0.iter().find(|(x, _)| *x == t).map(|(_, ts)| &ts[..])
+    }
+}
+
+fn plan<'a>(kept: &'a KeptSpan, fresh: &'a FreshTraceStates) -> SpanPlan<'a> {
     let bytes = &kept.span.bytes[..];
-    let trace_state = with_threshold(kept.span.trace_state_value(), kept.threshold);
+    let trace_state = match (&kept.span.trace_state, fresh.get(kept.threshold)) {
+        (None, Some(ts)) => Cow::Borrowed(ts),
+        _ => Cow::Owned(with_threshold(
+            kept.span.trace_state_value(),
+            kept.threshold,
+        )),
+    };
     let extra = kept.span.extra.as_deref().unwrap_or(&[]);
     match &kept.span.trace_state {
         Some(ts) => SpanPlan {
@@ -122,6 +149,7 @@ pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
     // Group by origin in first-seen order; a map keeps this linear when a batch gathers
     // spans from thousands of small requests.
     let mut index: HashMap<*const Origin, usize, foldhash::fast::RandomState> = HashMap::default();
+    let fresh = FreshTraceStates::new(spans);
     let mut groups: Vec<(&Arc<Origin>, Vec<SpanPlan<'_>>)> = Vec::new();
     for kept in spans {
         let origin = &kept.span.origin;
@@ -129,7 +157,7 @@ pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
             groups.push((origin, Vec::new()));
             groups.len() - 1
         });
-        groups[i].1.push(plan(kept));
+        groups[i].1.push(plan(kept, &fresh));
     }
     // Sizes first, so the request is written into one exactly sized buffer.
     let sizes: Vec<(usize, usize)> = groups
