@@ -42,6 +42,9 @@ struct Args {
     /// Skip the memory run.
     #[arg(long)]
     no_memory: bool,
+    /// Only the memory run.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";

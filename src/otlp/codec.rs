@@ -30,8 +30,12 @@ impl Body for Bytes {
     }
 
     fn read(src: &mut DecodeBuf<'_>) -> Result<Self, Status> {
-        // Zero-copy: DecodeBuf hands over its buffer's bytes.
-        Ok(src.copy_to_bytes(src.remaining()))
+        // One copy into an exactly sized buffer: the spans held for a decision are slices
+        // of it, and the decoder's own buffer (grown by doubling) would otherwise stay
+        // allocated, spare capacity and all, until the last of them is exported.
+        let mut exact = bytes::BytesMut::with_capacity(src.remaining());
+        exact.put(src);
+        Ok(exact.freeze())
     }
 }
 
