@@ -1,6 +1,9 @@
 //! Which span attributes describe an LLM call, across the conventions in use: one table,
 //! read by the scanner (through [`classify`]) and mirrored in the README.
 
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
 /// A fact about an LLM call that several conventions spell differently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlmField {
@@ -101,14 +104,25 @@ pub const CONVENTIONS: &[(&str, LlmField, u8, &str)] = &[
 #[inline]
 pub fn classify(key: &[u8]) -> Option<(LlmField, u8)> {
     // Most attributes of a span are not LLM facts; every key in the table starts with one
-    // of these letters, so one byte turns most others away before the table is searched.
+    // of these letters, so one byte turns most others away before the table is consulted.
     if !matches!(key.first(), Some(b'g' | b'l' | b'e' | b'u' | b's')) {
         return None;
     }
-    CONVENTIONS
-        .iter()
-        .find(|(k, ..)| k.len() == key.len() && k.as_bytes() == key)
-        .map(|&(_, field, precedence, _)| (field, precedence))
+    table().get(key).copied()
+}
+
+type Table = HashMap<&'static [u8], (LlmField, u8), foldhash::fast::FixedState>;
+
+/// [`CONVENTIONS`] as a hash map, built once: one hash of the key instead of comparing it
+/// with every entry (the scanner calls this for every attribute of every span).
+fn table() -> &'static Table {
+    static TABLE: OnceLock<Table> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        CONVENTIONS
+            .iter()
+            .map(|&(k, field, precedence, _)| (k.as_bytes(), (field, precedence)))
+            .collect()
+    })
 }
 
 #[cfg(test)]
