@@ -132,6 +132,7 @@ fn benches(c: &mut Criterion) {
         &llm_span,
         &scan_span(&llm_span).unwrap(),
         &Pricing::default(),
+        &mut llmtail::llm::Strings::default(),
     )
     .unwrap();
     let service: Arc<str> = Arc::from("chat-api");

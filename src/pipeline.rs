@@ -95,6 +95,7 @@ impl Pipeline {
         let mut outcome = IngestOutcome::default();
         let mut first_reject: Option<(Reject, String)> = None;
         let mut evicted = Vec::new();
+        let mut strings = crate::llm::Strings::default();
         for ((ri, rs), service) in request.resource_spans.into_iter().enumerate().zip(services) {
             for (si, ss) in rs.scope_spans.into_iter().enumerate() {
                 let origin = Arc::new(Origin {
@@ -123,7 +124,8 @@ impl Pipeline {
                         }
                     };
                     outcome.accepted += 1;
-                    let call = crate::llm::call_from_span(&span, &facts, &self.pricing);
+                    let call =
+                        crate::llm::call_from_span(&span, &facts, &self.pricing, &mut strings);
                     let stats = SpanStats {
                         start_ns: facts.start_ns,
                         end_ns: facts.end_ns,
@@ -131,8 +133,8 @@ impl Pipeline {
                         call: call
                             .as_ref()
                             .map(|c| self.observer.observe(&origin.service, c, now)),
-                        user: crate::llm::text(&span, &facts, LlmField::UserId),
-                        session: crate::llm::text(&span, &facts, LlmField::SessionId),
+                        user: crate::llm::text(&span, &facts, LlmField::UserId, &mut strings),
+                        session: crate::llm::text(&span, &facts, LlmField::SessionId, &mut strings),
                     };
                     let summary = SpanSummary {
                         trace_id: facts.trace_id,

@@ -46,7 +46,7 @@ fn number(span: &[u8], value: &AttrValue) -> Option<f64> {
     let n = match value {
         AttrValue::Int(i) => *i as f64,
         AttrValue::Double(d) => *d,
-        AttrValue::Str(range) => std::str::from_utf8(&span[range.clone()])
+        AttrValue::Str(range) => std::str::from_utf8(crate::otlp::scan::str_at(span, range))
             .ok()?
             .trim()
             .parse()
@@ -56,21 +56,53 @@ fn number(span: &[u8], value: &AttrValue) -> Option<f64> {
     (n.is_finite() && n >= 0.0).then_some(n)
 }
 
+/// Strings already seen in this request (models, providers, users, sessions repeat across
+/// its spans): each distinct value is allocated once per request, not once per span.
+#[derive(Default)]
+pub struct Strings(Vec<Arc<str>>);
+
+/// Distinct strings one [`Strings`] remembers; a request with more starts over.
+const STRINGS_CAPACITY: usize = 64;
+
+impl Strings {
+    pub fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.0.iter().find(|a| a.as_ref() == s) {
+            return a.clone();
+        }
+        if self.0.len() >= STRINGS_CAPACITY {
+            self.0.clear();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.0.push(a.clone());
+        a
+    }
+}
+
 /// A string attribute of the span, trimmed, if non-empty.
-pub fn text(span: &[u8], facts: &SpanFacts, field: LlmField) -> Option<Arc<str>> {
+pub fn text(
+    span: &[u8],
+    facts: &SpanFacts,
+    field: LlmField,
+    strings: &mut Strings,
+) -> Option<Arc<str>> {
     match facts.llm.get(field) {
         Some(AttrValue::Str(range)) => {
-            let s = String::from_utf8_lossy(&span[range.clone()]);
+            let s = String::from_utf8_lossy(crate::otlp::scan::str_at(span, range));
             let s = s.trim();
-            (!s.is_empty()).then(|| Arc::from(s))
+            (!s.is_empty()).then(|| strings.get(s))
         }
-        Some(AttrValue::Int(i)) => Some(Arc::from(i.to_string())),
+        Some(AttrValue::Int(i)) => Some(strings.get(&i.to_string())),
         _ => None,
     }
 }
 
 /// The LLM call a span describes, if any: it names a model or carries token counts.
-pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Option<LlmCall> {
+pub fn call_from_span(
+    span: &[u8],
+    facts: &SpanFacts,
+    pricing: &Pricing,
+    strings: &mut Strings,
+) -> Option<LlmCall> {
     let attrs = &facts.llm;
     let count = |field| {
         attrs
@@ -78,9 +110,9 @@ pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Opti
             .and_then(|v| number(span, v))
             .map(|n| n as u64)
     };
-    let request_model = text(span, facts, LlmField::RequestModel);
-    let response_model = text(span, facts, LlmField::ResponseModel);
-    let other_model = text(span, facts, LlmField::Model);
+    let request_model = text(span, facts, LlmField::RequestModel, strings);
+    let response_model = text(span, facts, LlmField::ResponseModel, strings);
+    let other_model = text(span, facts, LlmField::Model, strings);
     let (input, output, total) = (
         count(LlmField::InputTokens),
         count(LlmField::OutputTokens),
@@ -93,7 +125,7 @@ pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Opti
     if named.is_none() && input.is_none() && output.is_none() && total.is_none() {
         return None;
     }
-    let model = named.unwrap_or_else(|| Arc::from(UNKNOWN_MODEL));
+    let model = named.unwrap_or_else(|| strings.get(UNKNOWN_MODEL));
     // Only a total reported: count it as input, so the call's tokens are not lost.
     let input = input.or_else(|| total.map(|t| t.saturating_sub(output.unwrap_or(0))));
     let usage = Usage {
@@ -108,7 +140,7 @@ pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Opti
         .or_else(|| pricing.price(&model).map(|p| p.cost(&usage)));
     let latency_attr_ms = attrs.get(LlmField::LatencyMs).and_then(|v| number(span, v));
     let duration_ns = facts.end_ns.saturating_sub(facts.start_ns);
-    let error_type = text(span, facts, LlmField::ErrorType);
+    let error_type = text(span, facts, LlmField::ErrorType, strings);
     let error = facts.is_error() || error_type.is_some();
     Some(LlmCall {
         request_model: request_model
@@ -116,14 +148,14 @@ pub fn call_from_span(span: &[u8], facts: &SpanFacts, pricing: &Pricing) -> Opti
             .unwrap_or_else(|| model.clone()),
         response_model,
         model,
-        provider: text(span, facts, LlmField::Provider),
-        operation: text(span, facts, LlmField::Operation),
+        provider: text(span, facts, LlmField::Provider, strings),
+        operation: text(span, facts, LlmField::Operation, strings),
         usage,
         reasoning_tokens: count(LlmField::ReasoningTokens).unwrap_or(0),
         cost_usd,
         latency_seconds: latency_attr_ms.map_or(duration_ns as f64 / 1e9, |ms| ms / 1e3),
         latency_attr_ms,
-        error_type: error_type.or_else(|| error.then(|| Arc::from("_OTHER"))),
+        error_type: error_type.or_else(|| error.then(|| strings.get("_OTHER"))),
         error,
     })
 }
@@ -156,7 +188,12 @@ mod tests {
             ..Default::default()
         }
         .encode_to_vec();
-        call_from_span(&span, &scan_span(&span).unwrap(), &Pricing::default())
+        call_from_span(
+            &span,
+            &scan_span(&span).unwrap(),
+            &Pricing::default(),
+            &mut Strings::default(),
+        )
     }
 
     fn s(v: &str) -> Value {

@@ -156,7 +156,10 @@ fn rendered_llm(attrs: &LlmAttrs, bytes: &[u8]) -> Vec<Option<String>> {
         .into_iter()
         .map(|f| {
             attrs.get(f).map(|v| match v {
-                AttrValue::Str(r) => format!("s:{}", String::from_utf8_lossy(&bytes[r.clone()])),
+                AttrValue::Str(r) => format!(
+                    "s:{}",
+                    String::from_utf8_lossy(super::scan::str_at(bytes, r))
+                ),
                 AttrValue::Int(i) => format!("i:{i}"),
                 AttrValue::Double(d) => format!("d:{}", d.to_bits()),
                 AttrValue::Bool(b) => format!("b:{b}"),

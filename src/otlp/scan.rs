@@ -61,11 +61,17 @@ impl From<Malformed> for Reject {
     }
 }
 
+/// The bytes of a string attribute's range within its span.
+pub fn str_at<'a>(span: &'a [u8], range: &Range<u32>) -> &'a [u8] {
+    &span[range.start as usize..range.end as usize]
+}
+
 /// An attribute value as far as LLM facts care.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrValue {
-    /// Byte range of a string value inside the span.
-    Str(Range<usize>),
+    /// Byte range of a string value inside the span (u32: spans are far smaller than
+    /// 4 GiB, and the 16 slots of [`LlmAttrs`] are written for every span scanned).
+    Str(Range<u32>),
     Int(i64),
     Double(f64),
     Bool(bool),
@@ -254,7 +260,8 @@ fn any_value(any: &[u8], offset: usize) -> Result<Option<AttrValue>, Malformed> 
         value = match r.tag()? {
             (ANY_STRING, WireType::Len) => {
                 let (start, s) = r.len_delimited()?;
-                Some(AttrValue::Str(offset + start..offset + start + s.len()))
+                let start = offset + start;
+                Some(AttrValue::Str(start as u32..(start + s.len()) as u32))
             }
             (ANY_BOOL, WireType::Varint) => Some(AttrValue::Bool(r.varint()? != 0)),
             (ANY_INT, WireType::Varint) => Some(AttrValue::Int(r.varint()? as i64)),
@@ -291,7 +298,7 @@ pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
                 if key == b"service.name"
                     && let Some(AttrValue::Str(range)) = any_value(value, 0)?
                 {
-                    name = Some(&value[range]);
+                    name = Some(&value[range.start as usize..range.end as usize]);
                 }
             }
             (_, wire) => r.skip(wire)?,
