@@ -235,7 +235,7 @@ impl Pipeline {
             if self.rollup
                 && let Some(root) = spans.iter_mut().find(|s| s.is_root)
             {
-                root.extra = Some(rollup(&trace.summary, sampler.label(decision.by)));
+                root.extra = Some(Box::new(rollup(&trace.summary, sampler.label(decision.by))));
             }
             self.submit(
                 spans

@@ -41,15 +41,16 @@ pub struct HeldSpan {
     pub trace_state: Option<TraceStateField>,
     /// The trace's root (empty parent span id): where roll-ups go.
     pub is_root: bool,
-    /// Encoded fields appended to the span on export (roll-up attributes).
-    pub extra: Option<Bytes>,
+    /// Encoded fields appended to the span on export (roll-up attributes; roots only, so
+    /// boxed to keep every other held span small).
+    pub extra: Option<Box<Bytes>>,
 }
 
 impl HeldSpan {
     fn trace_state_value(&self) -> &[u8] {
         self.trace_state
             .as_ref()
-            .map_or(&[][..], |ts| &self.bytes[ts.value.clone()])
+            .map_or(&[][..], |ts| &self.bytes[ts.value()])
     }
 }
 
@@ -126,11 +127,11 @@ fn plan<'a>(kept: &'a KeptSpan, fresh: &'a FreshTraceStates) -> SpanPlan<'a> {
             kept.threshold,
         )),
     };
-    let extra = kept.span.extra.as_deref().unwrap_or(&[]);
+    let extra = kept.span.extra.as_deref().map_or(&[][..], |b| &b[..]);
     match &kept.span.trace_state {
         Some(ts) => SpanPlan {
-            before: &bytes[..ts.field.start],
-            after: &bytes[ts.field.end..],
+            before: &bytes[..ts.field().start],
+            after: &bytes[ts.field().end..],
             trace_state,
             extra,
         },

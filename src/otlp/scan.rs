@@ -119,11 +119,33 @@ pub struct SpanFacts {
     pub llm: LlmAttrs,
 }
 
-/// Where a span's `trace_state` field sits, so it can be replaced without re-encoding.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a span's `trace_state` field sits, so it can be replaced without re-encoding:
+/// the field (key and length included) spans `field_start..end`, its value
+/// `value_start..end`. 32-bit offsets keep every held span small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TraceStateField {
-    pub field: Range<usize>,
-    pub value: Range<usize>,
+    field_start: u32,
+    value_start: u32,
+    end: u32,
+}
+
+impl TraceStateField {
+    fn new(field_start: usize, value_start: usize, end: usize) -> Self {
+        TraceStateField {
+            field_start: field_start as u32,
+            value_start: value_start as u32,
+            end: end as u32,
+        }
+    }
+
+    /// The whole field: key, length and value.
+    pub fn field(&self) -> Range<usize> {
+        self.field_start as usize..self.end as usize
+    }
+
+    pub fn value(&self) -> Range<usize> {
+        self.value_start as usize..self.end as usize
+    }
 }
 
 impl SpanFacts {
@@ -134,7 +156,7 @@ impl SpanFacts {
     pub fn trace_state<'a>(&self, span: &'a [u8]) -> &'a [u8] {
         self.trace_state
             .as_ref()
-            .map_or(&[][..], |ts| &span[ts.value.clone()])
+            .map_or(&[][..], |ts| &span[ts.value()])
     }
 }
 
@@ -164,10 +186,11 @@ pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
             (SPAN_PARENT_SPAN_ID, WireType::Len) => parent = r.len_delimited()?.1,
             (SPAN_TRACE_STATE, WireType::Len) => {
                 let (start, value) = r.len_delimited()?;
-                facts.trace_state = Some(TraceStateField {
-                    field: field_start..r.pos(),
-                    value: start..start + value.len(),
-                });
+                facts.trace_state = Some(TraceStateField::new(
+                    field_start,
+                    start,
+                    start + value.len(),
+                ));
             }
             (SPAN_START, WireType::Fixed64) => facts.start_ns = r.fixed64()?,
             (SPAN_END, WireType::Fixed64) => facts.end_ns = r.fixed64()?,
@@ -317,10 +340,11 @@ pub fn trace_state_field(span: &[u8]) -> Result<Option<TraceStateField>, Malform
         match r.tag()? {
             (SPAN_TRACE_STATE, WireType::Len) => {
                 let (start, value) = r.len_delimited()?;
-                found = Some(TraceStateField {
-                    field: field_start..r.pos(),
-                    value: start..start + value.len(),
-                });
+                found = Some(TraceStateField::new(
+                    field_start,
+                    start,
+                    start + value.len(),
+                ));
             }
             (_, wire) => r.skip(wire)?,
         }
