@@ -19,6 +19,11 @@ use crate::otlp::wire::{Value, put_attribute};
 use crate::sampler::{DecidedBy, SpanStats, TraceSummary};
 use crate::telemetry::Metrics;
 
+/// Kept traces are handed to the exporters in groups of about this many spans (whole traces
+/// only): one channel send per group instead of one per trace, while a full export queue
+/// still refuses little more than what it cannot hold.
+const SUBMIT_SPANS: usize = 1024;
+
 /// Service label for spans whose resource has no `service.name` (the SDKs' own default).
 const UNKNOWN_SERVICE: &str = "unknown_service";
 
@@ -211,6 +216,7 @@ impl Pipeline {
         // Decisions are counted per batch: a handful of label sets, looked up once each.
         let mut counts: Vec<(bool, DecidedBy, u64)> = Vec::new();
         let (mut dropped_spans, mut pressure) = (0u64, 0u64);
+        let mut kept: Vec<KeptSpan> = Vec::new();
         for trace in decided {
             let decision = trace.decision;
             match counts
@@ -237,16 +243,15 @@ impl Pipeline {
             {
                 root.extra = Some(Box::new(rollup(&trace.summary, sampler.label(decision.by))));
             }
-            self.submit(
-                spans
-                    .into_iter()
-                    .map(|span| KeptSpan {
-                        span: self.redacted(span),
-                        threshold: decision.threshold,
-                    })
-                    .collect(),
-            );
+            kept.extend(spans.into_iter().map(|span| KeptSpan {
+                span: self.redacted(span),
+                threshold: decision.threshold,
+            }));
+            if kept.len() >= SUBMIT_SPANS {
+                self.submit(std::mem::take(&mut kept));
+            }
         }
+        self.submit(kept);
         for (keep, by, n) in counts {
             let label = if keep { "kept" } else { "dropped" };
             self.metrics
