@@ -931,33 +931,17 @@ impl Config {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             ..Config::default()
         };
-        if let Some(c) = load_section(
-            vec!["receiver".into()],
-            section("receiver"),
-            &mut problems,
-            &report,
-        ) {
-            cfg.receiver = c;
+        // Each section is deserialised and validated on its own, so one bad section does
+        // not hide the problems of the others.
+        macro_rules! load {
+            ($($field:ident),*) => {$(
+                let name = stringify!($field);
+                if let Some(c) = load_section(vec![name.into()], section(name), &mut problems, &report) {
+                    cfg.$field = c;
+                }
+            )*};
         }
-        if let Some(c) = load_section(
-            vec!["sampling".into()],
-            section("sampling"),
-            &mut problems,
-            &report,
-        ) {
-            cfg.sampling = c;
-        }
-        if let Some(c) = load_section(
-            vec!["admin".into()],
-            section("admin"),
-            &mut problems,
-            &report,
-        ) {
-            cfg.admin = c;
-        }
-        if let Some(c) = load_section(vec!["llm".into()], section("llm"), &mut problems, &report) {
-            cfg.llm = c;
-        }
+        load!(receiver, sampling, admin, llm);
         match (top.get("exporter"), top.get("exporters")) {
             (Some(_), Some(_)) => report(
                 vec!["exporters".into()],
