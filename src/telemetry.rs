@@ -42,6 +42,11 @@ pub struct Metrics {
     pub buffer_limit_traces: IntGauge,
     pub early_decisions: IntCounterVec,
     pub export_queue_spans: IntGaugeVec,
+    pub export_retries: IntCounterVec,
+    pub export_wal_bytes: IntGaugeVec,
+    pub auth_failures: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub buffer_limit_bytes: IntGauge,
     pub decision_delay: Histogram,
     pub llm_requests: IntCounterVec,
     pub llm_tokens: IntCounterVec,
@@ -190,6 +195,38 @@ impl Metrics {
                     "Kept spans waiting for or retrying export."
                 ),
                 &["exporter"]
+            )),
+            export_retries: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_export_retries_total",
+                    "Export attempts that failed with a retryable error and were tried again."
+                ),
+                &["exporter"]
+            )),
+            export_wal_bytes: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "llmtail_export_wal_bytes",
+                    "Bytes of the exporter's write-ahead log on disk (queue.directory)."
+                ),
+                &["exporter"]
+            )),
+            auth_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_auth_failures_total",
+                    "Requests refused for a missing or wrong bearer token / API key."
+                ),
+                &["protocol"]
+            )),
+            config_reloads: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_config_reloads_total",
+                    "Configuration reloads (SIGHUP), by result (applied, rejected)."
+                ),
+                &["result"]
+            )),
+            buffer_limit_bytes: reg!(IntGauge::new(
+                "llmtail_buffer_limit_bytes",
+                "limits.max_buffer_bytes in effect: the hard mark of held span bytes."
             )),
             decision_delay: reg!(Histogram::with_opts(
                 HistogramOpts::new(

@@ -29,7 +29,7 @@ impl FileSink {
         })
     }
 
-    pub async fn send(&self, request: Bytes) -> Result<u64, SendError> {
+    pub async fn send(&self, request: Bytes) -> Result<super::Rejected, SendError> {
         let decoded = ExportTraceServiceRequest::decode(request)
             .map_err(|e| SendError::Permanent(format!("re-framed request does not decode: {e}")))?;
         let mut line = serde_json::to_vec(&decoded)
@@ -43,6 +43,6 @@ impl FileSink {
         written.await.map_err(|e| {
             SendError::Retryable(format!("writing {}: {e}", self.path.display()), None)
         })?;
-        Ok(0)
+        Ok(super::Rejected::default())
     }
 }

@@ -32,6 +32,14 @@ pub enum SendError {
     Permanent(String),
 }
 
+/// The spans of an accepted request that the upstream nevertheless rejected (OTLP partial
+/// success), with its explanation. Not retried, per the specification.
+#[derive(Debug, Default)]
+pub struct Rejected {
+    pub spans: u64,
+    pub message: String,
+}
+
 /// An exporter that cannot be set up (bad endpoint, unreadable TLS files, ...).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -62,9 +70,9 @@ impl Sink {
         }
     }
 
-    /// Sends one encoded `ExportTraceServiceRequest`; on success returns how many of its
-    /// spans the upstream rejected (OTLP partial success).
-    async fn send(&self, request: Bytes) -> Result<u64, SendError> {
+    /// Sends one encoded `ExportTraceServiceRequest`; on success returns what of it the
+    /// upstream rejected (OTLP partial success).
+    async fn send(&self, request: Bytes) -> Result<Rejected, SendError> {
         match self {
             Sink::OtlpGrpc(s) => s.send(request).await,
             Sink::OtlpHttp(s) => s.send(request).await,
@@ -192,6 +200,7 @@ pub fn start(
         retry: settings.retry.clone(),
         queue: queue.clone(),
         abort: control.abort.clone(),
+        retries: metrics.export_retries.with_label_values(&[name]),
     };
     let task = tokio::spawn(run_batcher(rx, settings, worker, control.flush));
     (queue, task)
@@ -203,6 +212,8 @@ struct Worker {
     retry: RetryConfig,
     queue: Arc<ExportQueue>,
     abort: CancellationToken,
+    /// `llmtail_export_retries_total{exporter}`.
+    retries: IntCounter,
 }
 
 async fn run_batcher(
@@ -268,7 +279,7 @@ impl Worker {
         let started = Instant::now();
         let mut backoff = self.retry.initial_interval.0;
         let mut attempt = 0u32;
-        let outcome: Result<u64, &'static str> = loop {
+        let outcome: Result<Rejected, &'static str> = loop {
             attempt += 1;
             let sent = tokio::select! {
                 biased;
@@ -282,7 +293,9 @@ impl Worker {
                     break Err(lost::REJECTED);
                 }
                 Err(SendError::Retryable(msg, hint)) => {
-                    let wait = jittered(hint.unwrap_or(backoff));
+                    self.retries.inc();
+                    // The upstream's own delay (RetryInfo, Retry-After) is the least wait.
+                    let wait = jittered(backoff).max(hint.unwrap_or_default());
                     if started.elapsed() + wait > self.retry.max_elapsed.0 {
                         tracing::warn!(exporter = self.queue.name(), spans = n, attempts = attempt, error = %msg, "export retries exhausted; spans lost");
                         break Err(lost::RETRIES_EXHAUSTED);
@@ -303,10 +316,13 @@ impl Worker {
         };
         match outcome {
             Ok(rejected) => {
-                let rejected = (rejected as usize).min(n);
-                self.queue.exported(n - rejected);
-                if rejected > 0 {
-                    self.queue.release(rejected, lost::PARTIAL);
+                let spans = (rejected.spans as usize).min(n);
+                self.queue.exported(n - spans);
+                if spans > 0 || !rejected.message.is_empty() {
+                    tracing::warn!(exporter = self.queue.name(), spans = n, rejected = spans, message = %rejected.message, "upstream accepted an export request in part");
+                }
+                if spans > 0 {
+                    self.queue.release(spans, lost::PARTIAL);
                 }
             }
             Err(reason) => self.queue.release(n, reason),

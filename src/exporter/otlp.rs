@@ -8,8 +8,9 @@ use tonic::Code;
 use tonic::codec::CompressionEncoding;
 use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic_types::StatusExt;
 
-use super::{SendError, SinkError};
+use super::{Rejected, SendError, SinkError};
 use crate::config::{Compression, OtlpExporterConfig};
 use crate::otlp::codec::{Prost, RawCodec};
 
@@ -75,7 +76,7 @@ impl OtlpGrpcSink {
         Ok(OtlpGrpcSink { grpc, metadata })
     }
 
-    pub async fn send(&self, request: Bytes) -> Result<u64, SendError> {
+    pub async fn send(&self, request: Bytes) -> Result<Rejected, SendError> {
         let mut grpc = self.grpc.clone();
         grpc.ready()
             .await
@@ -94,29 +95,36 @@ impl OtlpGrpcSink {
                 .into_inner()
                 .0
                 .partial_success
-                .map_or(0, |p| p.rejected_spans.max(0) as u64)),
+                .map_or_else(Rejected::default, |p| Rejected {
+                    spans: p.rejected_spans.max(0) as u64,
+                    message: p.error_message,
+                })),
             Err(status) => Err(classify(&status)),
         }
     }
 }
 
-/// The OTLP specification's retryable codes; everything else is permanent.
-/// RESOURCE_EXHAUSTED is retried: the upstream is shedding load, and losing kept traces
-/// to a momentary overload is worse than one more attempt.
-fn classify(status: &tonic::Status) -> SendError {
+/// The OTLP specification's retryable codes; everything else is permanent. The delay in
+/// a `google.rpc.RetryInfo` detail is honoured as the least wait before the next attempt;
+/// RESOURCE_EXHAUSTED is retried only when it carries one (the upstream says recovery is
+/// possible), as the specification requires.
+pub(crate) fn classify(status: &tonic::Status) -> SendError {
     let msg = format!(
         "upstream answered {:?}: {}",
         status.code(),
         status.message()
     );
+    let retry_after = status
+        .get_details_retry_info()
+        .and_then(|info| info.retry_delay);
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
         | Code::Aborted
         | Code::OutOfRange
         | Code::Unavailable
-        | Code::DataLoss
-        | Code::ResourceExhausted => SendError::Retryable(msg, None),
+        | Code::DataLoss => SendError::Retryable(msg, retry_after),
+        Code::ResourceExhausted if retry_after.is_some() => SendError::Retryable(msg, retry_after),
         _ => SendError::Permanent(msg),
     }
 }

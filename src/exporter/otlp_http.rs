@@ -18,7 +18,7 @@ use prost::Message;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::{SendError, SinkError};
+use super::{Rejected, SendError, SinkError};
 use crate::config::{Compression, OtlpExporterConfig, TlsClientConfig};
 
 /// Path appended to the endpoint, per the OTLP/HTTP specification.
@@ -110,7 +110,7 @@ impl OtlpHttpSink {
         })
     }
 
-    pub async fn send(&self, request: Bytes) -> Result<u64, SendError> {
+    pub async fn send(&self, request: Bytes) -> Result<Rejected, SendError> {
         let body = if self.gzip { gzip(&request)? } else { request };
         let mut req = Request::post(&self.url)
             .header(CONTENT_TYPE, "application/x-protobuf")
@@ -149,7 +149,10 @@ impl OtlpHttpSink {
             return Ok(ExportTraceServiceResponse::decode(body)
                 .ok()
                 .and_then(|r| r.partial_success)
-                .map_or(0, |p| p.rejected_spans.max(0) as u64));
+                .map_or_else(Rejected::default, |p| Rejected {
+                    spans: p.rejected_spans.max(0) as u64,
+                    message: p.error_message,
+                }));
         }
         let msg = format!("upstream answered HTTP {status}");
         match status {

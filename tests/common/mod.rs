@@ -70,11 +70,24 @@ pub const SINK_OK: u32 = 0;
 /// Every request is refused with INVALID_ARGUMENT (a permanent error).
 pub const SINK_INVALID_ARGUMENT: u32 = 1;
 
+/// One misbehaviour of the sink, taken by the next call (see `Sink::fault_next`).
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this gRPC error, after `retry_after` in a RetryInfo detail if given.
+    Status(tonic::Code, Option<Duration>),
+    /// Take this long before accepting the request (the exporter's timeout may fire).
+    Slow(Duration),
+    /// Accept and store the request, but report this many spans rejected (partial success).
+    Partial(i64, &'static str),
+}
+
 #[derive(Clone, Default)]
 struct SinkState {
     requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     calls: Arc<AtomicU64>,
     mode: Arc<AtomicU32>,
+    faults: Arc<Mutex<std::collections::VecDeque<Fault>>>,
+    call_times: Arc<Mutex<Vec<Instant>>>,
 }
 
 #[tonic::async_trait]
@@ -84,11 +97,41 @@ impl TraceService for SinkState {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.call_times.lock().unwrap().push(Instant::now());
         if self.mode.load(Ordering::SeqCst) == SINK_INVALID_ARGUMENT {
             return Err(tonic::Status::invalid_argument("sink refuses everything"));
         }
+        let fault = self.faults.lock().unwrap().pop_front();
+        let mut response = ExportTraceServiceResponse::default();
+        match fault {
+            None => {}
+            Some(Fault::Status(code, retry_after)) => {
+                use tonic_types::{ErrorDetails, StatusExt};
+                return Err(match retry_after {
+                    Some(d) => tonic::Status::with_error_details(
+                        code,
+                        "sink says try later",
+                        ErrorDetails::with_retry_info(Some(d)),
+                    ),
+                    None => tonic::Status::new(code, "sink is out of resources"),
+                });
+            }
+            Some(Fault::Slow(d)) => {
+                tokio::time::sleep(d).await;
+                // The client gave up by now; what arrives late is not stored.
+                return Err(tonic::Status::unavailable("too late"));
+            }
+            Some(Fault::Partial(n, message)) => {
+                response.partial_success = Some(
+                    opentelemetry_proto::tonic::collector::trace::v1::ExportTracePartialSuccess {
+                        rejected_spans: n,
+                        error_message: message.into(),
+                    },
+                );
+            }
+        }
         self.requests.lock().unwrap().push(request.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        Ok(tonic::Response::new(response))
     }
 }
 
@@ -163,6 +206,20 @@ impl Sink {
 
     pub fn calls(&self) -> u64 {
         self.state.calls.load(Ordering::SeqCst)
+    }
+
+    /// The next calls misbehave as listed, one fault each, then the sink is well again.
+    pub fn fault_next(&self, faults: &[Fault]) {
+        self.state
+            .faults
+            .lock()
+            .unwrap()
+            .extend(faults.iter().cloned());
+    }
+
+    /// When each call arrived.
+    pub fn call_times(&self) -> Vec<Instant> {
+        self.state.call_times.lock().unwrap().clone()
     }
 
     pub fn requests(&self) -> Vec<ExportTraceServiceRequest> {

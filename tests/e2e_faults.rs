@@ -1,0 +1,138 @@
+//! Upstream faults, each against a sink that misbehaves on purpose: RESOURCE_EXHAUSTED with
+//! and without RetryInfo, an upstream slower than the export timeout, partial success.
+//! (An unreachable upstream: `upstream_down_for_ten_seconds_loses_nothing` in e2e_grpc.rs.)
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use llmtail::loadgen::{self, Kind};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+/// base_rate 0 and an error policy: exactly the error traces are kept; one export request
+/// in flight so the sink sees the batches one after another.
+fn config(sink: &Sink, timeout: &str) -> String {
+    format!(
+        "sampling:\n  decision_wait: 2s\n  root_grace: 100ms\n  base_rate: 0.0\n  policies:\n    - {{name: errors, type: error}}\nexporter:\n  otlp:\n    endpoint: {}\n    timeout: {timeout}\n  batch:\n    timeout: 200ms\n  queue:\n    concurrency: 1\n  retry:\n    initial_interval: 50ms\n    max_interval: 200ms\n",
+        sink.endpoint()
+    )
+}
+
+/// Sends `n` four-span error traces in one request; returns the number of spans.
+async fn send_errors(d: &Daemon, seed: u64, n: usize) -> usize {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let spans: Vec<_> = (0..n)
+        .flat_map(|i| loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now).spans)
+        .collect();
+    let count = spans.len();
+    client(&d.endpoint())
+        .await
+        .export(loadgen::request(spans))
+        .await
+        .unwrap();
+    count
+}
+
+fn lost(m: &Metrics, reason: &str) -> f64 {
+    m.sum("llmtail_spans_lost_total", &[("reason", reason)])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_exhausted_with_retry_info_waits_as_told_then_delivers() {
+    let sink = Sink::start(0).await;
+    let told = Duration::from_millis(800);
+    let code = tonic::Code::ResourceExhausted;
+    sink.fault_next(&[
+        Fault::Status(code, Some(told)),
+        Fault::Status(code, Some(told)),
+    ]);
+    let daemon = Daemon::start(&config(&sink, "5s"));
+    let n = send_errors(&daemon, 1, 5).await;
+    assert_eq!(sink.wait_for_spans(n, Duration::from_secs(15)).await, n);
+    let times = sink.call_times();
+    assert!(times.len() >= 3, "{} calls", times.len());
+    for pair in times[..3].windows(2) {
+        // The retry backoff here is 50–200 ms: only RetryInfo explains the longer waits.
+        assert!(
+            pair[1] - pair[0] >= told,
+            "retried after {:?}",
+            pair[1] - pair[0]
+        );
+    }
+    let m = daemon.metrics();
+    assert_eq!(m.sum("llmtail_export_retries_total", &[]), 2.0);
+    assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
+    assert_eq!(m.sum("llmtail_spans_exported_total", &[]), n as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_exhausted_without_retry_info_is_permanent() {
+    let sink = Sink::start(0).await;
+    sink.fault_next(&[Fault::Status(tonic::Code::ResourceExhausted, None)]);
+    let daemon = Daemon::start(&config(&sink, "5s"));
+    let n = send_errors(&daemon, 2, 5).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_lost_total", &[]) >= n as f64
+        })
+        .await;
+    assert_eq!(lost(&m, "upstream_rejected"), n as f64);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(sink.calls(), 1, "not retried");
+    assert!(sink.spans().is_empty());
+    assert_eq!(
+        daemon.metrics().sum("llmtail_export_retries_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_slower_than_the_timeout_is_retried() {
+    let sink = Sink::start(0).await;
+    sink.fault_next(&[Fault::Slow(Duration::from_secs(3))]);
+    let daemon = Daemon::start(&config(&sink, "500ms"));
+    let n = send_errors(&daemon, 3, 5).await;
+    assert_eq!(sink.wait_for_spans(n, Duration::from_secs(15)).await, n);
+    let times = sink.call_times();
+    // The second attempt came after the 500 ms timeout, long before the slow call ended.
+    let gap = times[1] - times[0];
+    assert!(
+        gap >= Duration::from_millis(450) && gap < Duration::from_secs(3),
+        "{gap:?}"
+    );
+    let m = daemon.metrics();
+    assert!(m.sum("llmtail_export_retries_total", &[]) >= 1.0);
+    assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
+    assert!(
+        daemon.log().contains("no answer")
+            || daemon.log().contains("Timeout")
+            || daemon.log().contains("timed out"),
+        "the timeout is logged: {}",
+        daemon.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_success_counts_the_rejected_spans_and_logs_the_reason() {
+    let sink = Sink::start(0).await;
+    sink.fault_next(&[Fault::Partial(3, "three spans had bad timestamps")]);
+    let daemon = Daemon::start(&config(&sink, "5s"));
+    let n = send_errors(&daemon, 4, 5).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) + m.sum("llmtail_spans_lost_total", &[])
+                >= n as f64
+        })
+        .await;
+    assert_eq!(lost(&m, "upstream_partial_rejection"), 3.0);
+    assert_eq!(m.sum("llmtail_spans_exported_total", &[]), (n - 3) as f64);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.calls(), 1, "a partial success is not retried");
+    assert!(daemon.log().contains("three spans had bad timestamps"));
+}
