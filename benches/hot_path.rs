@@ -99,6 +99,7 @@ fn benches(c: &mut Criterion) {
                         root_grace: Duration::from_secs(1),
                         max_traces: 100_000,
                         decision_cache_size: 100_000,
+                        max_spans_per_trace: 10_000,
                     },
                     Sampler::new(&cfg.sampling, Arc::new(BaseRate::new(0.1))),
                 )

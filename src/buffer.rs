@@ -9,6 +9,8 @@ use std::collections::{BinaryHeap, VecDeque};
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use parking_lot::Mutex;
 
 use crate::otlp::TraceId;
@@ -27,7 +29,24 @@ pub enum DecideReason {
     Deadline,
     /// The buffer was full (`max_traces`): the oldest trace was decided early.
     Pressure,
+    /// Held span memory passed the soft mark of `limits.max_buffer_bytes`: the oldest
+    /// traces were decided early.
+    Memory,
+    /// The trace reached `limits.max_spans_per_trace`.
+    MaxSpans,
     Shutdown,
+}
+
+impl DecideReason {
+    /// The `reason` label of `llmtail_early_decisions_total`, for early decisions.
+    pub fn early_label(self) -> Option<&'static str> {
+        match self {
+            DecideReason::Pressure => Some("pressure"),
+            DecideReason::Memory => Some("memory"),
+            DecideReason::MaxSpans => Some("max_spans"),
+            DecideReason::Deadline | DecideReason::Shutdown => None,
+        }
+    }
 }
 
 /// A trace whose decision was just made, with its spans.
@@ -137,11 +156,23 @@ pub struct Held {
     pub bytes: usize,
 }
 
+/// Bookkeeping memory per held trace beyond its spans' wire bytes (map entry, summary,
+/// deadline and arrival records), and per held span (its slice, origin and tracestate
+/// position). Measured by `llmtail-bench`: ~955 bytes per 4-span trace in all.
+pub const TRACE_OVERHEAD: usize = 512;
+pub const SPAN_OVERHEAD: usize = 112;
+
 impl Held {
     fn add(&mut self, shard: &Shard) {
         self.traces += shard.traces.len();
         self.spans += shard.spans;
         self.bytes += shard.bytes;
+    }
+
+    /// The memory these traces take: wire bytes plus bookkeeping. What
+    /// `limits.max_buffer_bytes` bounds.
+    pub fn memory(&self) -> usize {
+        self.bytes + self.traces * TRACE_OVERHEAD + self.spans * SPAN_OVERHEAD
     }
 }
 
@@ -152,6 +183,38 @@ pub struct BufferLimits {
     pub root_grace: Duration,
     pub max_traces: usize,
     pub decision_cache_size: usize,
+    /// A trace reaching this many spans is decided at once.
+    pub max_spans_per_trace: usize,
+}
+
+/// The limits that a config reload may change, read with relaxed atomics on the hot path.
+struct LiveLimits {
+    decision_wait_ns: AtomicU64,
+    root_grace_ns: AtomicU64,
+    max_traces_per_shard: AtomicUsize,
+    max_spans_per_trace: AtomicUsize,
+}
+
+impl LiveLimits {
+    fn set(&self, l: &BufferLimits) {
+        let nanos = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
+        self.decision_wait_ns
+            .store(nanos(l.decision_wait), Ordering::Relaxed);
+        self.root_grace_ns
+            .store(nanos(l.root_grace), Ordering::Relaxed);
+        self.max_traces_per_shard
+            .store(l.max_traces.div_ceil(SHARDS).max(1), Ordering::Relaxed);
+        self.max_spans_per_trace
+            .store(l.max_spans_per_trace.max(1), Ordering::Relaxed);
+    }
+
+    fn decision_wait(&self) -> Duration {
+        Duration::from_nanos(self.decision_wait_ns.load(Ordering::Relaxed))
+    }
+
+    fn root_grace(&self) -> Duration {
+        Duration::from_nanos(self.root_grace_ns.load(Ordering::Relaxed))
+    }
 }
 
 /// One span's contribution to its trace, from the scanner and the LLM facts.
@@ -164,8 +227,7 @@ pub struct SpanSummary {
 
 pub struct TraceBuffer {
     shards: Box<[Mutex<Shard>]>,
-    limits: BufferLimits,
-    max_traces_per_shard: usize,
+    limits: LiveLimits,
     sampler: Sampler,
 }
 
@@ -183,12 +245,24 @@ impl TraceBuffer {
                 })
             })
             .collect();
+        let live = LiveLimits {
+            decision_wait_ns: AtomicU64::new(0),
+            root_grace_ns: AtomicU64::new(0),
+            max_traces_per_shard: AtomicUsize::new(0),
+            max_spans_per_trace: AtomicUsize::new(0),
+        };
+        live.set(&limits);
         TraceBuffer {
             shards,
-            max_traces_per_shard: limits.max_traces.div_ceil(SHARDS).max(1),
-            limits,
+            limits: live,
             sampler,
         }
+    }
+
+    /// Applies reloaded limits: traces already held keep their deadlines, new ones and
+    /// every later check use the new values. (`decision_cache_size` is fixed at start.)
+    pub fn set_limits(&self, limits: &BufferLimits) {
+        self.limits.set(limits);
     }
 
     pub fn sampler(&self) -> &Sampler {
@@ -213,13 +287,14 @@ impl TraceBuffer {
             return Added::Late(d, span);
         }
         let len = span.bytes.len();
-        let limits = &self.limits;
+        let decision_wait = self.limits.decision_wait();
+        let root_grace = self.limits.root_grace();
         let mut is_new = false;
         let entry = shard.traces.entry(s.trace_id).or_insert_with(|| {
             is_new = true;
             TraceEntry {
                 first_seen: now,
-                deadline: now + limits.decision_wait,
+                deadline: now + decision_wait,
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 bytes: 0,
@@ -229,10 +304,11 @@ impl TraceBuffer {
         entry.spans.push(span);
         entry.bytes += len;
         let mut new_deadline = None;
-        if s.is_root && now + limits.root_grace < entry.deadline {
-            entry.deadline = now + limits.root_grace;
+        if s.is_root && now + root_grace < entry.deadline {
+            entry.deadline = now + root_grace;
             new_deadline = Some(entry.deadline);
         }
+        let full = entry.spans.len() >= self.limits.max_spans_per_trace.load(Ordering::Relaxed);
         if is_new {
             let deadline = entry.deadline;
             shard.deadlines.push(Reverse((deadline, s.trace_id)));
@@ -242,7 +318,13 @@ impl TraceBuffer {
         }
         shard.spans += 1;
         shard.bytes += len;
-        while shard.traces.len() > self.max_traces_per_shard {
+        if full {
+            // One huge trace (an agent loop) is decided now; its later spans follow the
+            // decision as late spans and never hold memory others need.
+            evicted.push(self.decide(&mut shard, s.trace_id, now, DecideReason::MaxSpans));
+        }
+        let max_traces = self.limits.max_traces_per_shard.load(Ordering::Relaxed);
+        while shard.traces.len() > max_traces {
             match self.evict_oldest(&mut shard, now) {
                 Some(decided) => evicted.push(decided),
                 None => break,
@@ -326,6 +408,40 @@ impl TraceBuffer {
         held
     }
 
+    /// Decides the oldest traces early, a shard at a time in turn (trace ids spread evenly
+    /// over shards, so each shard's oldest are close to the oldest overall), until the
+    /// held memory is at most `target`. Returns what is held afterwards.
+    pub fn relieve(
+        &self,
+        mut held: Held,
+        target: usize,
+        now: Instant,
+        out: &mut Vec<DecidedTrace>,
+    ) -> Held {
+        while held.memory() > target && held.traces > 0 {
+            let before = held;
+            for shard in self.shards.iter() {
+                let mut shard = shard.lock();
+                if let Some(t) = self.evict_oldest(&mut shard, now) {
+                    held.traces -= 1;
+                    held.spans -= t.spans.len();
+                    held.bytes -= t.bytes;
+                    out.push(DecidedTrace {
+                        reason: DecideReason::Memory,
+                        ..t
+                    });
+                }
+                if held.memory() <= target {
+                    break;
+                }
+            }
+            if held == before {
+                break;
+            }
+        }
+        held
+    }
+
     /// Decides every held trace (shutdown).
     pub fn decide_all(&self, now: Instant, out: &mut Vec<DecidedTrace>) {
         for shard in self.shards.iter() {
@@ -368,6 +484,7 @@ mod tests {
                 root_grace: Duration::from_secs(1),
                 max_traces,
                 decision_cache_size: cache,
+                max_spans_per_trace: 100,
             },
             Sampler::new(&cfg.sampling, Arc::new(crate::adaptive::BaseRate::new(1.0))),
         )
@@ -455,6 +572,69 @@ mod tests {
                 assert_eq!(d.threshold(), Threshold::ALWAYS);
             }
             Added::Held => panic!("a span of a decided trace must be late"),
+        }
+    }
+
+    #[test]
+    fn a_trace_reaching_max_spans_is_decided_at_once_and_the_rest_follow() {
+        let b = buffer(1000, 1000);
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        for _ in 0..99 {
+            assert!(matches!(
+                b.add(summary(7, false), span(), t0, &mut ev),
+                Added::Held
+            ));
+        }
+        assert!(ev.is_empty());
+        b.add(summary(7, false), span(), t0, &mut ev);
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].reason, DecideReason::MaxSpans);
+        assert_eq!(ev[0].spans.len(), 100);
+        assert_eq!(b.held(), Held::default());
+        // The 101st span follows the decision instead of starting a new trace.
+        assert!(matches!(
+            b.add(summary(7, false), span(), t0, &mut ev),
+            Added::Late(..)
+        ));
+        // Other traces are untouched.
+        b.add(summary(8, false), span(), t0, &mut ev);
+        assert_eq!(b.held().traces, 1);
+    }
+
+    #[test]
+    fn relief_decides_the_oldest_until_memory_is_under_target() {
+        let b = buffer(100_000, 100_000);
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        for id in 0..200u8 {
+            b.add(
+                summary(id, false),
+                span(),
+                t0 + Duration::from_millis(id as u64),
+                &mut ev,
+            );
+        }
+        let held = b.held();
+        assert_eq!(held.traces, 200);
+        assert_eq!(held.memory(), 200 * (10 + TRACE_OVERHEAD + SPAN_OVERHEAD));
+        let target = held.memory() / 2;
+        let after = b.relieve(held, target, t0 + Duration::from_secs(1), &mut ev);
+        assert!(after.memory() <= target, "{after:?}");
+        assert_eq!(after, b.held());
+        assert!(ev.iter().all(|t| t.reason == DecideReason::Memory));
+        // Each shard gave up its oldest: the survivors are younger than what each of
+        // their shards gave up.
+        assert!(ev.len() >= 100 && ev.len() < 200, "{}", ev.len());
+        let decided: std::collections::HashSet<u8> = ev.iter().map(|t| t.trace_id.0[0]).collect();
+        let shard_of = |id: u8| (TraceId([id; 16]).shard_key() >> 58) as usize % SHARDS;
+        for survivor in (0..200u8).filter(|id| !decided.contains(id)) {
+            for gone in decided
+                .iter()
+                .filter(|g| shard_of(**g) == shard_of(survivor))
+            {
+                assert!(*gone < survivor, "{gone} decided before older {survivor}");
+            }
         }
     }
 

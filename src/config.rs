@@ -66,8 +66,139 @@ pub struct Config {
     pub exporters: Vec<ExporterConfig>,
     pub admin: AdminConfig,
     pub llm: LlmConfig,
+    pub limits: LimitsConfig,
     /// Longest a graceful shutdown may take to decide and flush everything pending.
     pub shutdown_timeout: Duration,
+}
+
+// ---------------------------------------------------------------------------- limits
+
+/// A size in bytes, written as a number or with a unit: `512MiB`, `2GiB`, `64KiB`, `1GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        let bad = |text: &str| {
+            serde::de::Error::custom(format!(
+                "invalid size {text:?}; write bytes, or e.g. \"512MiB\", \"2GiB\", \"64KiB\""
+            ))
+        };
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n as usize)),
+            Raw::Text(text) => {
+                let t = text.trim();
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                let (num, unit) = t.split_at(split);
+                let n: u64 = num.parse().map_err(|_| bad(&text))?;
+                let factor: u64 = match unit.trim() {
+                    "" | "B" => 1,
+                    "KiB" => 1 << 10,
+                    "MiB" => 1 << 20,
+                    "GiB" => 1 << 30,
+                    "KB" | "kB" => 1_000,
+                    "MB" => 1_000_000,
+                    "GB" => 1_000_000_000,
+                    _ => return Err(bad(&text)),
+                };
+                n.checked_mul(factor)
+                    .map(|b| ByteSize(b as usize))
+                    .ok_or_else(|| bad(&text))
+            }
+        }
+    }
+}
+
+/// Share of the container's memory limit that held traces may take by default.
+pub const BUFFER_SHARE_OF_CGROUP: f64 = 0.5;
+/// `max_buffer_bytes` when there is no cgroup memory limit.
+pub const DEFAULT_BUFFER_BYTES: usize = 1 << 30;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Hard mark of held trace memory (wire bytes + bookkeeping); `None`: from the cgroup.
+    pub max_buffer_bytes: Option<ByteSize>,
+    /// Share of `max_buffer_bytes` past which the oldest traces are decided early.
+    pub soft_mark: f64,
+    pub max_spans_per_trace: usize,
+    pub max_span_bytes: usize,
+    pub max_attribute_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_buffer_bytes: None,
+            soft_mark: 0.8,
+            max_spans_per_trace: 10_000,
+            max_span_bytes: 4 << 20,
+            max_attribute_bytes: 1 << 20,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The hard mark in force: the configured one, or a share of the cgroup memory limit,
+    /// or a fixed default.
+    pub fn buffer_bytes(&self) -> usize {
+        match self.max_buffer_bytes {
+            Some(b) => b.0,
+            None => cgroup_memory_limit()
+                .map(|limit| (limit as f64 * BUFFER_SHARE_OF_CGROUP) as usize)
+                .unwrap_or(DEFAULT_BUFFER_BYTES),
+        }
+    }
+
+    fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if !(self.soft_mark > 0.0 && self.soft_mark <= 1.0) {
+            p.push(("soft_mark".into(), "must be in (0, 1]".into()));
+        }
+        if self.max_buffer_bytes.is_some_and(|b| b.0 < 1 << 20) {
+            p.push(("max_buffer_bytes".into(), "must be at least 1MiB".into()));
+        }
+        if self.max_spans_per_trace == 0 {
+            p.push(("max_spans_per_trace".into(), "must be at least 1".into()));
+        }
+        if self.max_span_bytes < 64 {
+            p.push(("max_span_bytes".into(), "must be at least 64".into()));
+        }
+        if self.max_attribute_bytes == 0 {
+            p.push(("max_attribute_bytes".into(), "must be at least 1".into()));
+        }
+        p
+    }
+}
+
+/// The memory limit of this process's cgroup (v2 `memory.max`, or v1
+/// `memory.limit_in_bytes`), if there is one.
+pub fn cgroup_memory_limit() -> Option<u64> {
+    let read = |p: &str| std::fs::read_to_string(p).ok();
+    // cgroup v2: the process's own group, from /proc/self/cgroup ("0::/path").
+    let v2_path = read("/proc/self/cgroup").and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .map(|p| format!("/sys/fs/cgroup{}/memory.max", p.trim_end_matches('/')))
+    });
+    let candidates = [
+        v2_path,
+        Some("/sys/fs/cgroup/memory.max".into()),
+        Some("/sys/fs/cgroup/memory/memory.limit_in_bytes".into()),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find_map(|p| read(&p))
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        // v1 reports "no limit" as a number near 2^63.
+        .filter(|&limit| limit < 1 << 60)
 }
 
 // ---------------------------------------------------------------------------- receiver
@@ -866,6 +997,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "exporters",
     "admin",
     "llm",
+    "limits",
     "shutdown_timeout",
 ];
 
@@ -941,7 +1073,7 @@ impl Config {
                 }
             )*};
         }
-        load!(receiver, sampling, admin, llm);
+        load!(receiver, sampling, admin, llm, limits);
         match (top.get("exporter"), top.get("exporters")) {
             (Some(_), Some(_)) => report(
                 vec!["exporters".into()],
@@ -1017,7 +1149,8 @@ validated!(
     SamplingConfig,
     ExporterConfig,
     AdminConfig,
-    LlmConfig
+    LlmConfig,
+    LimitsConfig
 );
 
 /// Deserializes and validates one section, reporting every problem under `path`.

@@ -102,6 +102,7 @@ pub async fn run(
                 root_grace: s.root_grace.0,
                 max_traces: s.max_traces,
                 decision_cache_size: s.decision_cache_size,
+                max_spans_per_trace: cfg.limits.max_spans_per_trace,
             },
             Sampler::new(s, base.clone()),
         ),
@@ -116,7 +117,17 @@ pub async fn run(
         exporters: exporters.clone(),
         redactor: Redactor::new(&cfg.llm.privacy).context("llm.privacy")?,
         rollup: cfg.llm.trace_rollup,
+        limits: Default::default(),
     });
+    pipeline.limits.set(&cfg.limits);
+    metrics
+        .buffer_limit_bytes
+        .set(cfg.limits.buffer_bytes() as i64);
+    tracing::info!(
+        max_buffer_bytes = cfg.limits.buffer_bytes(),
+        cgroup_memory_limit = ?crate::config::cgroup_memory_limit(),
+        "held traces are bounded"
+    );
     let stop_background = CancellationToken::new();
     let mut background = vec![tokio::spawn(adapt(
         pipeline.clone(),

@@ -2,6 +2,7 @@
 //! hold spans in the trace buffer, and hand decided traces to the exporters.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -74,6 +75,61 @@ pub struct Pipeline {
     pub redactor: Option<Redactor>,
     /// Whether kept roots carry the trace's LLM totals.
     pub rollup: bool,
+    /// Memory and size limits (`limits:`), changed live by a reload.
+    pub limits: LiveLimits,
+}
+
+/// `limits:` as the hot path reads it: relaxed atomics, set at start and on reload.
+#[derive(Debug, Default)]
+pub struct LiveLimits {
+    /// Hard mark: held memory at which receivers refuse with retryable errors.
+    pub max_buffer_bytes: AtomicUsize,
+    /// Soft mark: held memory past which the oldest traces are decided early.
+    pub soft_buffer_bytes: AtomicUsize,
+    pub max_span_bytes: AtomicUsize,
+    pub max_attribute_bytes: AtomicUsize,
+    /// Held memory at the last decision tick.
+    pub held_memory: AtomicUsize,
+}
+
+impl LiveLimits {
+    pub fn set(&self, l: &crate::config::LimitsConfig) {
+        let max = l.buffer_bytes();
+        self.max_buffer_bytes.store(max, Ordering::Relaxed);
+        self.soft_buffer_bytes
+            .store((max as f64 * l.soft_mark) as usize, Ordering::Relaxed);
+        self.max_span_bytes
+            .store(l.max_span_bytes, Ordering::Relaxed);
+        self.max_attribute_bytes
+            .store(l.max_attribute_bytes, Ordering::Relaxed);
+    }
+}
+
+/// Why a request is refused unread, the `reason` of `llmtail_requests_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// Every export queue is nearly full.
+    ExportQueue,
+    /// Held traces reached `limits.max_buffer_bytes`.
+    Memory,
+}
+
+impl Overload {
+    pub fn label(self) -> &'static str {
+        match self {
+            Overload::ExportQueue => "overloaded",
+            Overload::Memory => "memory",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Overload::ExportQueue => "llmtail is overloaded (export queue full); retry later",
+            Overload::Memory => {
+                "llmtail is holding as much as limits.max_buffer_bytes allows; retry later"
+            }
+        }
+    }
 }
 
 impl Pipeline {
@@ -101,6 +157,8 @@ impl Pipeline {
         let mut first_reject: Option<(Reject, String)> = None;
         let mut evicted = Vec::new();
         let mut strings = crate::llm::Strings::default();
+        let max_span_bytes = self.limits.max_span_bytes.load(Ordering::Relaxed);
+        let max_attribute_bytes = self.limits.max_attribute_bytes.load(Ordering::Relaxed);
         for ((ri, rs), service) in request.resource_spans.into_iter().enumerate().zip(services) {
             for (si, ss) in rs.scope_spans.into_iter().enumerate() {
                 let origin = Arc::new(Origin {
@@ -111,7 +169,18 @@ impl Pipeline {
                     service: service.clone(),
                 });
                 for (pi, span) in ss.spans.into_iter().enumerate() {
-                    let facts = match scan::scan_span(&span) {
+                    let checked = if span.len() > max_span_bytes {
+                        Err(Reject::SpanTooLarge)
+                    } else {
+                        scan::scan_span(&span).and_then(|facts| {
+                            if facts.largest_attribute as usize > max_attribute_bytes {
+                                Err(Reject::AttributeTooLarge)
+                            } else {
+                                Ok(facts)
+                            }
+                        })
+                    };
+                    let facts = match checked {
                         Ok(facts) => facts,
                         Err(reject) => {
                             outcome.rejected += 1;
@@ -215,7 +284,8 @@ impl Pipeline {
         let now = Instant::now();
         // Decisions are counted per batch: a handful of label sets, looked up once each.
         let mut counts: Vec<(bool, DecidedBy, u64)> = Vec::new();
-        let (mut dropped_spans, mut pressure) = (0u64, 0u64);
+        let mut dropped_spans = 0u64;
+        let mut early: Vec<(&'static str, u64)> = Vec::new();
         let mut kept: Vec<KeptSpan> = Vec::new();
         for trace in decided {
             let decision = trace.decision;
@@ -230,8 +300,15 @@ impl Pipeline {
                 .decision_delay
                 .observe(trace.delay.as_secs_f64());
             self.observer.record_spend(&trace.summary, now);
-            if trace.reason == crate::buffer::DecideReason::Pressure {
-                pressure += 1;
+            if let Some(reason) = trace.reason.early_label() {
+                match early.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, n)) => *n += 1,
+                    None => early.push((reason, 1)),
+                }
+                self.metrics
+                    .early_decision_delay
+                    .with_label_values(&[reason])
+                    .observe(trace.delay.as_secs_f64());
             }
             if !decision.keep {
                 dropped_spans += trace.spans.len() as u64;
@@ -265,11 +342,11 @@ impl Pipeline {
                 .with_label_values(&["sampled_out"])
                 .inc_by(dropped_spans);
         }
-        if pressure > 0 {
+        for (reason, n) in early {
             self.metrics
                 .early_decisions
-                .with_label_values(&["pressure"])
-                .inc_by(pressure);
+                .with_label_values(&[reason])
+                .inc_by(n);
         }
     }
 
@@ -286,22 +363,49 @@ impl Pipeline {
     /// True when no exporter can take more: every export queue is nearly full, so
     /// receivers push back on senders with a retryable error instead of taking data that
     /// would be lost. One stalled exporter among several does not stop the others.
-    pub fn overloaded(&self) -> bool {
-        !self.exporters.is_empty() && self.exporters.iter().all(|q| q.is_high())
+    /// Held memory at the hard mark refuses too, until decisions bring it down.
+    pub fn overloaded(&self) -> Option<Overload> {
+        if self.limits.held_memory.load(Ordering::Relaxed) + self.queued_memory()
+            >= self.limits.max_buffer_bytes.load(Ordering::Relaxed)
+        {
+            return Some(Overload::Memory);
+        }
+        (!self.exporters.is_empty() && self.exporters.iter().all(|q| q.is_high()))
+            .then_some(Overload::ExportQueue)
+    }
+
+    /// Memory of the spans waiting in export queues.
+    fn queued_memory(&self) -> usize {
+        self.exporters.iter().map(|q| q.queued_bytes()).sum()
     }
 
     /// Counts a request refused before it was read.
-    pub fn refuse(&self, protocol: Protocol, reason: &str) {
+    pub fn refuse(&self, protocol: Protocol, why: Overload) {
         self.metrics
             .requests_refused
-            .with_label_values(&[protocol.label(), reason])
+            .with_label_values(&[protocol.label(), why.label()])
             .inc();
     }
 
     /// Decides every trace whose deadline has passed, and refreshes the buffer gauges.
     pub fn decide_due(&self) {
         let mut decided = Vec::new();
-        let held = self.buffer.decide_due(Instant::now(), &mut decided);
+        let now = Instant::now();
+        let mut held = self.buffer.decide_due(now, &mut decided);
+        // Held traces and export queues share the memory budget; the soft mark is
+        // relieved by deciding held traces early, down to a little under it so relief is
+        // not paid on every tick. (Kept spans then wait in the queues; the hard mark
+        // refuses new data until the upstream takes them.)
+        let soft = self.limits.soft_buffer_bytes.load(Ordering::Relaxed);
+        let queued = self.queued_memory();
+        if held.memory() + queued > soft {
+            let target = (soft - soft / 20).saturating_sub(queued);
+            held = self.buffer.relieve(held, target, now, &mut decided);
+        }
+        // Counted before the decided traces move to the queues; the next tick sees them.
+        self.limits
+            .held_memory
+            .store(held.memory(), Ordering::Relaxed);
         self.dispatch(decided);
         self.metrics.buffer_traces.set(held.traces as i64);
         self.metrics.buffer_spans.set(held.spans as i64);

@@ -48,6 +48,7 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     pub buffer_limit_bytes: IntGauge,
     pub decision_delay: Histogram,
+    pub early_decision_delay: HistogramVec,
     pub llm_requests: IntCounterVec,
     pub llm_tokens: IntCounterVec,
     pub llm_cost: CounterVec,
@@ -234,6 +235,14 @@ impl Metrics {
                     "First span of a trace to its decision."
                 )
                 .buckets(DECISION_DELAY_BUCKETS.to_vec())
+            )),
+            early_decision_delay: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "llmtail_early_decision_delay_seconds",
+                    "First span to decision of traces decided early, by reason."
+                )
+                .buckets(DECISION_DELAY_BUCKETS.to_vec()),
+                &["reason"]
             )),
             llm_requests: reg!(IntCounterVec::new(
                 Opts::new(

@@ -89,6 +89,9 @@ pub struct ExportQueue {
     tx: mpsc::UnboundedSender<Vec<KeptSpan>>,
     /// Spans submitted and not yet exported or lost; bounded by `max_spans`.
     queued: Arc<AtomicUsize>,
+    /// Their memory (wire bytes and per-span bookkeeping), counted against
+    /// `limits.max_buffer_bytes` with the held traces.
+    queued_bytes: AtomicUsize,
     max_spans: usize,
     /// The exporter's name, the `exporter` label of its metrics.
     name: String,
@@ -107,6 +110,7 @@ impl ExportQueue {
         if n == 0 {
             return;
         }
+        let bytes = memory_of(&spans);
         let admitted = self
             .queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
@@ -118,9 +122,10 @@ impl ExportQueue {
             return;
         }
         self.queue_gauge.add(n as i64);
+        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if self.tx.send(spans).is_err() {
             // The exporter has already stopped (only after shutdown has flushed).
-            self.release(n, lost::SHUTDOWN);
+            self.release(n, bytes, lost::SHUTDOWN);
         }
     }
 
@@ -131,22 +136,31 @@ impl ExportQueue {
             .inc_by(n as u64);
     }
 
-    /// Takes `n` spans off the queue as lost for `reason`.
-    fn release(&self, n: usize, reason: &str) {
+    /// Takes `n` spans of `bytes` memory off the queue as lost for `reason`.
+    fn release(&self, n: usize, bytes: usize, reason: &str) {
         self.count_lost(reason, n);
-        self.queued.fetch_sub(n, Ordering::AcqRel);
-        self.queue_gauge.sub(n as i64);
+        self.dequeue(n, bytes);
     }
 
-    /// Takes `n` spans off the queue as exported.
-    fn exported(&self, n: usize) {
+    /// Takes `n` spans of `bytes` memory off the queue as exported.
+    fn exported(&self, n: usize, bytes: usize) {
         self.exported.inc_by(n as u64);
+        self.dequeue(n, bytes);
+    }
+
+    fn dequeue(&self, n: usize, bytes: usize) {
         self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.queue_gauge.sub(n as i64);
     }
 
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// Memory of the queued spans.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -189,6 +203,7 @@ pub fn start(
     let queue = Arc::new(ExportQueue {
         tx,
         queued: Arc::new(AtomicUsize::new(0)),
+        queued_bytes: AtomicUsize::new(0),
         max_spans: settings.max_spans,
         name: name.to_owned(),
         queue_gauge: metrics.export_queue_spans.with_label_values(&[name]),
@@ -274,6 +289,7 @@ async fn send_batch(worker: &Worker, in_flight: &Arc<Semaphore>, batch: Vec<Kept
 impl Worker {
     async fn export(&self, batch: Vec<KeptSpan>) {
         let n = batch.len();
+        let bytes = memory_of(&batch);
         let request = encode_request(&batch);
         drop(batch);
         let started = Instant::now();
@@ -317,17 +333,25 @@ impl Worker {
         match outcome {
             Ok(rejected) => {
                 let spans = (rejected.spans as usize).min(n);
-                self.queue.exported(n - spans);
+                self.queue.exported(n - spans, bytes);
                 if spans > 0 || !rejected.message.is_empty() {
                     tracing::warn!(exporter = self.queue.name(), spans = n, rejected = spans, message = %rejected.message, "upstream accepted an export request in part");
                 }
                 if spans > 0 {
-                    self.queue.release(spans, lost::PARTIAL);
+                    self.queue.release(spans, 0, lost::PARTIAL);
                 }
             }
-            Err(reason) => self.queue.release(n, reason),
+            Err(reason) => self.queue.release(n, bytes, reason),
         }
     }
+}
+
+/// Memory of queued spans as `limits.max_buffer_bytes` counts it.
+fn memory_of(spans: &[KeptSpan]) -> usize {
+    spans
+        .iter()
+        .map(|k| k.span.bytes.len() + crate::buffer::SPAN_OVERHEAD)
+        .sum()
 }
 
 /// Full backoff ± 50%, so replicas that failed together do not retry together.

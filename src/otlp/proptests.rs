@@ -208,8 +208,10 @@ proptest! {
         match scan_span(&bytes) {
             Err(Reject::InvalidTraceId) => prop_assert!(!valid_trace),
             Err(Reject::InvalidSpanId) => prop_assert!(valid_trace && !valid_span),
-            Err(Reject::Malformed) => prop_assert!(false, "prost-encoded span must scan"),
+            Err(e) => prop_assert!(false, "prost-encoded span must scan: {e}"),
             Ok(facts) => {
+                let largest = decoded.attributes.iter().map(|kv| kv.encoded_len()).max().unwrap_or(0);
+                prop_assert_eq!(facts.largest_attribute as usize, largest);
                 prop_assert!(valid_trace && valid_span);
                 prop_assert_eq!(&facts.trace_id.0[..], &decoded.trace_id[..]);
                 prop_assert_eq!(&facts.span_id[..], &decoded.span_id[..]);

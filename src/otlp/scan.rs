@@ -43,6 +43,10 @@ pub enum Reject {
     InvalidSpanId,
     #[error("span is not valid protobuf")]
     Malformed,
+    #[error("span is larger than limits.max_span_bytes")]
+    SpanTooLarge,
+    #[error("an attribute is larger than limits.max_attribute_bytes")]
+    AttributeTooLarge,
 }
 
 impl Reject {
@@ -51,6 +55,8 @@ impl Reject {
             Reject::InvalidTraceId => "invalid_trace_id",
             Reject::InvalidSpanId => "invalid_span_id",
             Reject::Malformed => "malformed_span",
+            Reject::SpanTooLarge => "span_too_large",
+            Reject::AttributeTooLarge => "attribute_too_large",
         }
     }
 }
@@ -116,6 +122,8 @@ pub struct SpanFacts {
     pub has_exception_event: bool,
     /// The whole `trace_state` field (key, length, value) and its value, as byte ranges.
     pub trace_state: Option<TraceStateField>,
+    /// Encoded size of the largest attribute (key and value), for `max_attribute_bytes`.
+    pub largest_attribute: u32,
     pub llm: LlmAttrs,
 }
 
@@ -175,6 +183,7 @@ pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
         status_error: false,
         has_exception_event: false,
         trace_state: None,
+        largest_attribute: 0,
         llm: LlmAttrs::default(),
     };
     while !r.is_empty() {
@@ -196,6 +205,7 @@ pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
             (SPAN_END, WireType::Fixed64) => facts.end_ns = r.fixed64()?,
             (SPAN_ATTRIBUTES, WireType::Len) => {
                 let (offset, kv) = r.len_delimited()?;
+                facts.largest_attribute = facts.largest_attribute.max(kv.len() as u32);
                 scan_llm_attribute(kv, offset, &mut facts.llm)?;
             }
             (SPAN_EVENTS, WireType::Len) => {

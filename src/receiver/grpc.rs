@@ -52,11 +52,9 @@ impl UnaryService<Bytes> for Export {
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let pipeline = self.0.clone();
         Box::pin(async move {
-            if pipeline.overloaded() {
-                pipeline.refuse(Protocol::Grpc, "overloaded");
-                return Err(Status::unavailable(
-                    "llmtail is overloaded (export queue full); retry later",
-                ));
+            if let Some(why) = pipeline.overloaded() {
+                pipeline.refuse(Protocol::Grpc, why);
+                return Err(Status::unavailable(why.message()));
             }
             let outcome = pipeline
                 .ingest(request.into_inner(), Protocol::Grpc)

@@ -167,13 +167,13 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
             ),
         )
     };
-    if rx.pipeline.overloaded() {
-        rx.pipeline.refuse(encoding.protocol(), "overloaded");
+    if let Some(why) = rx.pipeline.overloaded() {
+        rx.pipeline.refuse(encoding.protocol(), why);
         let mut r = error(
             StatusCode::SERVICE_UNAVAILABLE,
             encoding,
             CODE_UNAVAILABLE,
-            "llmtail is overloaded (export queue full); retry later".into(),
+            why.message().into(),
         );
         r.headers_mut().insert(
             header::RETRY_AFTER,
