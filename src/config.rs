@@ -208,6 +208,60 @@ pub fn cgroup_memory_limit() -> Option<u64> {
 pub struct ReceiverConfig {
     pub grpc: GrpcReceiverConfig,
     pub http: HttpReceiverConfig,
+    pub auth: AuthConfig,
+}
+
+/// TLS for a receiver: its certificate chain and key, and for mutual TLS the CA that
+/// client certificates must chain to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
+}
+
+impl ServerTlsConfig {
+    fn validate(&self, key: &str) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let files = [
+            ("cert_file", Some(&self.cert_file)),
+            ("key_file", Some(&self.key_file)),
+            ("client_ca_file", self.client_ca_file.as_ref()),
+        ];
+        for (name, file) in files {
+            if let Some(f) = file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                p.push((
+                    format!("{key}.tls.{name}"),
+                    format!("cannot read {}: {e}", f.display()),
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// Who may send: requests must carry one of the bearer tokens (`authorization: Bearer …`)
+/// or one of the API keys (in `api_key_header`). Off when both lists are empty.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub bearer_tokens: Vec<String>,
+    pub api_keys: Vec<String>,
+    pub api_key_header: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            bearer_tokens: Vec::new(),
+            api_keys: Vec::new(),
+            api_key_header: "x-api-key".into(),
+        }
+    }
 }
 
 fn socket_problem(key: &str, endpoint: &str, example: &str) -> Option<(String, String)> {
@@ -222,6 +276,43 @@ fn socket_problem(key: &str, endpoint: &str, example: &str) -> Option<(String, S
 impl ReceiverConfig {
     fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
+        for (i, t) in self.auth.bearer_tokens.iter().enumerate() {
+            if t.len() < 16 {
+                p.push((
+                    format!("auth.bearer_tokens[{i}]"),
+                    "must be at least 16 characters".into(),
+                ));
+            }
+        }
+        for (i, t) in self.auth.api_keys.iter().enumerate() {
+            if t.len() < 16 {
+                p.push((
+                    format!("auth.api_keys[{i}]"),
+                    "must be at least 16 characters".into(),
+                ));
+            }
+        }
+        if http::HeaderName::from_bytes(self.auth.api_key_header.as_bytes()).is_err() {
+            p.push((
+                "auth.api_key_header".into(),
+                format!("{:?} is not a valid header name", self.auth.api_key_header),
+            ));
+        }
+        if let Some(tls) = &self.grpc.tls {
+            p.extend(tls.validate("grpc"));
+        }
+        if let Some(tls) = &self.http.tls {
+            p.extend(tls.validate("http"));
+        }
+        if self.grpc.max_concurrent_streams == 0 {
+            p.push((
+                "grpc.max_concurrent_streams".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.http.max_connections == 0 {
+            p.push(("http.max_connections".into(), "must be at least 1".into()));
+        }
         if self.grpc.enabled {
             p.extend(socket_problem(
                 "grpc.endpoint",
@@ -298,7 +389,15 @@ pub struct GrpcReceiverConfig {
     pub endpoint: String,
     /// Requests larger than this (decompressed) are answered RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
+    pub tls: Option<ServerTlsConfig>,
+    /// HTTP/2 streams (requests) in flight per connection.
+    pub max_concurrent_streams: u32,
+    /// Longest a request may take, body included (slow senders are cut off).
+    pub timeout: Dur,
 }
+
+/// Longest a receiver waits for a request to arrive whole.
+const DEFAULT_RECEIVE_TIMEOUT: Dur = Dur(Duration::from_secs(30));
 
 impl Default for GrpcReceiverConfig {
     fn default() -> Self {
@@ -306,6 +405,9 @@ impl Default for GrpcReceiverConfig {
             enabled: true,
             endpoint: "0.0.0.0:4317".into(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            tls: None,
+            max_concurrent_streams: 256,
+            timeout: DEFAULT_RECEIVE_TIMEOUT,
         }
     }
 }
@@ -320,6 +422,13 @@ pub struct HttpReceiverConfig {
     /// Bodies larger than this, before or after decompression, are answered 413.
     pub max_request_bytes: usize,
     pub cors: CorsConfig,
+    pub tls: Option<ServerTlsConfig>,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Longest a client may take to send a request's headers.
+    pub header_read_timeout: Dur,
+    /// Longest a request may take, body included.
+    pub timeout: Dur,
 }
 
 impl Default for HttpReceiverConfig {
@@ -330,6 +439,10 @@ impl Default for HttpReceiverConfig {
             path: "/v1/traces".into(),
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             cors: CorsConfig::default(),
+            tls: None,
+            max_connections: 1024,
+            header_read_timeout: Dur(Duration::from_secs(10)),
+            timeout: DEFAULT_RECEIVE_TIMEOUT,
         }
     }
 }

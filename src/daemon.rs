@@ -19,6 +19,7 @@ use crate::llm::Pricing;
 use crate::llm::observer::LlmObserver;
 use crate::otlp::redact::Redactor;
 use crate::pipeline::Pipeline;
+use crate::receiver::auth::Authenticator;
 use crate::receiver::grpc::TraceService;
 use crate::sampler::Sampler;
 use crate::telemetry::{self, Admin, Metrics, lost};
@@ -146,6 +147,7 @@ pub async fn run(
     }
 
     let stop_receivers = CancellationToken::new();
+    let auth = Authenticator::new(&cfg.receiver.auth).map(Arc::new);
     let mut receivers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut bound = Vec::new();
     if cfg.receiver.grpc.enabled {
@@ -155,9 +157,21 @@ pub async fn run(
             .with_context(|| format!("cannot listen on receiver.grpc.endpoint {addr}"))?;
         bound.push(format!("grpc={}", listener.local_addr()?));
         let stop = stop_receivers.clone();
-        let service = TraceService::new(pipeline.clone(), cfg.receiver.grpc.max_request_bytes);
+        let service = TraceService::new(
+            pipeline.clone(),
+            cfg.receiver.grpc.max_request_bytes,
+            auth.clone(),
+        );
+        let mut server = tonic::transport::Server::builder()
+            .timeout(cfg.receiver.grpc.timeout.0)
+            .max_concurrent_streams(cfg.receiver.grpc.max_concurrent_streams);
+        if let Some(tls) = &cfg.receiver.grpc.tls {
+            server = server
+                .tls_config(grpc_tls(tls)?)
+                .context("receiver.grpc.tls")?;
+        }
         receivers.push(tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = server
                 .add_service(service)
                 .serve_with_incoming_shutdown(
                     tonic::transport::server::TcpIncoming::from(listener),
@@ -180,14 +194,17 @@ pub async fn run(
             cfg.receiver.http.path
         ));
         let stop = stop_receivers.clone();
-        let app = crate::receiver::http::router(pipeline.clone(), &cfg.receiver.http);
+        let app = crate::receiver::http::router(pipeline.clone(), &cfg.receiver.http, auth.clone());
+        let tls = match &cfg.receiver.http.tls {
+            Some(tls) => Some(
+                crate::receiver::tls::server_config(tls, &[b"h2", b"http/1.1"])
+                    .context("receiver.http.tls")?,
+            ),
+            None => None,
+        };
+        let http_cfg = cfg.receiver.http.clone();
         receivers.push(tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP receiver failed");
-            }
+            crate::receiver::http::serve(listener, app, tls, &http_cfg, stop).await;
         }));
     }
 
@@ -368,4 +385,22 @@ pub async fn termination_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// tonic's TLS settings for the gRPC receiver (mutual TLS with a client CA).
+fn grpc_tls(
+    cfg: &crate::config::ServerTlsConfig,
+) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+    use tonic::transport::{Certificate, Identity};
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(Identity::from_pem(
+        read(&cfg.cert_file)?,
+        read(&cfg.key_file)?,
+    ));
+    if let Some(ca) = &cfg.client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(tls)
 }

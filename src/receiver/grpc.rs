@@ -15,6 +15,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 
+use super::auth::{Authenticator, UNAUTHENTICATED};
 use crate::otlp::codec::{Prost, RawCodec};
 use crate::pipeline::{IngestError, Pipeline, Protocol};
 
@@ -28,13 +29,19 @@ const GRPC_RESOURCE_EXHAUSTED: &str = "8";
 pub struct TraceService {
     pipeline: Arc<Pipeline>,
     max_request_bytes: usize,
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl TraceService {
-    pub fn new(pipeline: Arc<Pipeline>, max_request_bytes: usize) -> Self {
+    pub fn new(
+        pipeline: Arc<Pipeline>,
+        max_request_bytes: usize,
+        auth: Option<Arc<Authenticator>>,
+    ) -> Self {
         TraceService {
             pipeline,
             max_request_bytes,
+            auth,
         }
     }
 }
@@ -89,6 +96,18 @@ where
                 "{} is not served here; llmtail accepts {EXPORT_PATH}",
                 req.uri().path()
             ));
+            return Box::pin(async move { Ok(status.into_http()) });
+        }
+        if let Some(auth) = &self.auth
+            && !auth.allows(req.headers())
+        {
+            // Refused before the body is read: an unauthenticated sender costs nothing.
+            self.pipeline
+                .metrics
+                .auth_failures
+                .with_label_values(&["grpc"])
+                .inc();
+            let status = Status::unauthenticated(UNAUTHENTICATED);
             return Box::pin(async move { Ok(status.into_http()) });
         }
         let export = Export(self.pipeline.clone());

@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use prost::Message;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
+use super::auth::{Authenticator, UNAUTHENTICATED};
 use crate::config::{CorsConfig, HttpReceiverConfig};
 use crate::pipeline::{Pipeline, Protocol};
 
@@ -40,6 +41,7 @@ pub struct RpcStatus {
 const CODE_INVALID_ARGUMENT: i32 = 3;
 const CODE_RESOURCE_EXHAUSTED: i32 = 8;
 const CODE_UNAVAILABLE: i32 = 14;
+const CODE_UNAUTHENTICATED: i32 = 16;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Encoding {
@@ -67,6 +69,7 @@ impl Encoding {
 struct Receiver {
     pipeline: Arc<Pipeline>,
     max_request_bytes: usize,
+    auth: Option<Arc<Authenticator>>,
 }
 
 fn error(status: StatusCode, encoding: Encoding, code: i32, message: String) -> Response {
@@ -156,6 +159,24 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
             );
         }
     };
+    if let Some(auth) = &rx.auth
+        && !auth.allows(&headers)
+    {
+        rx.pipeline
+            .metrics
+            .auth_failures
+            .with_label_values(&[encoding.protocol().label()])
+            .inc();
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            encoding,
+            CODE_UNAUTHENTICATED,
+            UNAUTHENTICATED.into(),
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
+    }
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -277,18 +298,106 @@ fn cors_layer(cors: &CorsConfig) -> Option<CorsLayer> {
 }
 
 /// The receiver's routes: `POST <path>`; any other method on it is answered 405.
-pub fn router(pipeline: Arc<Pipeline>, cfg: &HttpReceiverConfig) -> Router {
+pub fn router(
+    pipeline: Arc<Pipeline>,
+    cfg: &HttpReceiverConfig,
+    auth: Option<Arc<Authenticator>>,
+) -> Router {
     let state = Receiver {
         pipeline,
         max_request_bytes: cfg.max_request_bytes,
+        auth,
     };
     let router = Router::new()
         .route(&cfg.path, post(export))
         // The body limit is enforced by `export` itself, before and after decompression.
         .layer(DefaultBodyLimit::disable())
+        // A request (body included) that takes longer is answered 408.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            cfg.timeout.0,
+        ))
         .with_state(state);
     match cors_layer(&cfg.cors) {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// Serves `app` on `listener` until `stop`: plain HTTP or TLS, HTTP/1.1 and h2c/h2, at
+/// most `max_connections` connections at once, headers within `header_read_timeout`;
+/// on `stop` it accepts no more connections and lets requests in progress finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    cfg: &HttpReceiverConfig,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout.0);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let slots = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let handshake_timeout = cfg.header_read_timeout.0;
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, _) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "HTTP receiver cannot accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        match &acceptor {
+            None => {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(permit);
+                });
+            }
+            Some(acceptor) => {
+                let acceptor = acceptor.clone();
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let Ok(Ok(stream)) =
+                        tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let _ = watcher.watch(conn).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    graceful.shutdown().await;
 }

@@ -1,4 +1,6 @@
 //! Receivers: the protocols spans arrive by. Each hands raw request bytes to the pipeline.
 
+pub mod auth;
 pub mod grpc;
 pub mod http;
+pub mod tls;

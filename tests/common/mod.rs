@@ -282,11 +282,27 @@ impl Daemon {
         Daemon::launch(http_extra, body, &[])
     }
 
+    /// Extra receiver keys: `grpc_extra` and `http_extra` are lines under `receiver.grpc`
+    /// and `receiver.http` (4-space indent); `http_extra` may end with receiver-level keys
+    /// (2-space indent), e.g. `auth`.
+    pub fn start_receivers(grpc_extra: &str, http_extra: &str, body: &str) -> Daemon {
+        Daemon::launch_with(grpc_extra, http_extra, body, &[])
+    }
+
     fn launch(http_extra: &str, body: &str, envs: &[(&str, &str)]) -> Daemon {
+        Daemon::launch_with("", http_extra, body, envs)
+    }
+
+    fn launch_with(
+        grpc_extra: &str,
+        http_extra: &str,
+        body: &str,
+        envs: &[(&str, &str)],
+    ) -> Daemon {
         // Port 0 everywhere: the daemon logs the addresses it bound, so tests never race
         // each other for ports.
         let config = format!(
-            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n{body}"
+            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n{body}"
         );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
@@ -565,6 +581,12 @@ impl Pki {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
+        std::fs::write(
+            dir.path().join("server-key.pem"),
+            server_key.serialize_pem(),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("client.pem"), client.pem()).unwrap();
         std::fs::write(
             dir.path().join("client-key.pem"),
