@@ -228,7 +228,8 @@ pub struct SpanSummary {
 pub struct TraceBuffer {
     shards: Box<[Mutex<Shard>]>,
     limits: LiveLimits,
-    sampler: Sampler,
+    /// Swapped whole by a config reload; each decision reads the one in force.
+    sampler: arc_swap::ArcSwap<Sampler>,
 }
 
 impl TraceBuffer {
@@ -255,7 +256,7 @@ impl TraceBuffer {
         TraceBuffer {
             shards,
             limits: live,
-            sampler,
+            sampler: arc_swap::ArcSwap::from_pointee(sampler),
         }
     }
 
@@ -265,8 +266,13 @@ impl TraceBuffer {
         self.limits.set(limits);
     }
 
-    pub fn sampler(&self) -> &Sampler {
-        &self.sampler
+    pub fn sampler(&self) -> arc_swap::Guard<std::sync::Arc<Sampler>> {
+        self.sampler.load()
+    }
+
+    /// Puts a reloaded sampler in force for every decision from now on.
+    pub fn set_sampler(&self, sampler: Sampler) {
+        self.sampler.store(std::sync::Arc::new(sampler));
     }
 
     fn shard(&self, id: &TraceId) -> &Mutex<Shard> {
@@ -359,7 +365,7 @@ impl TraceBuffer {
             .traces
             .remove(&id)
             .expect("decide is only called for a held trace");
-        let decision = self.sampler.decide(&id, &entry.summary, now);
+        let decision = self.sampler.load().decide(&id, &entry.summary, now);
         shard.decided.insert(id, CachedDecision::new(&decision));
         shard.spans -= entry.spans.len();
         shard.bytes -= entry.bytes;

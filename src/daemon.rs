@@ -43,8 +43,11 @@ fn parse_addr(s: &str, key: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Runs the daemon until `shutdown` completes (a signal in production, a token in tests).
+/// Runs the daemon until `shutdown` resolves. With `config_path`, SIGHUP reloads the
+/// config from it.
 pub async fn run(
     cfg: Config,
+    config_path: Option<std::path::PathBuf>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Ended> {
     let metrics = Metrics::new();
@@ -142,6 +145,15 @@ pub async fn run(
             file,
             cfg.llm.pricing_reload_interval.0,
             metrics.clone(),
+            stop_background.clone(),
+        )));
+    }
+
+    if let Some(path) = config_path {
+        background.push(tokio::spawn(reload_on_sighup(
+            path,
+            cfg.clone(),
+            pipeline.clone(),
             stop_background.clone(),
         )));
     }
@@ -279,6 +291,127 @@ pub async fn run(
     };
     tracing::info!(?ended, "llmtail stopped");
     Ok(ended)
+}
+
+/// Reloads the config file on every SIGHUP. A valid config's sampling policies, base
+/// rate, limits and pricing take effect at once, without touching buffered traces; keys
+/// that need a restart are named in the log. An invalid config is rejected with every
+/// problem logged, and the running config stays.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    mut current: Config,
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; config reload is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                received = hup.recv() => if received.is_none() { return },
+            }
+            let metrics = &pipeline.metrics;
+            match Config::load(&path) {
+                Ok(next) => {
+                    apply_reload(&pipeline, &current, &next);
+                    metrics.config_reloads.with_label_values(&["applied"]).inc();
+                    current = next;
+                }
+                Err(errors) => {
+                    for problem in &errors.0 {
+                        tracing::error!(%problem, "config reload rejected");
+                    }
+                    tracing::error!(
+                        path = %path.display(),
+                        problems = errors.0.len(),
+                        "config reload rejected; the running config stays"
+                    );
+                    metrics
+                        .config_reloads
+                        .with_label_values(&["rejected"])
+                        .inc();
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, current, pipeline);
+        stop.cancelled().await;
+    }
+}
+
+/// Puts the live parts of a reloaded config in force.
+fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
+    let s = &next.sampling;
+    let buffer = &pipeline.buffer;
+    buffer.set_sampler(buffer.sampler().reconfigured(s));
+    if s.target().is_none() {
+        buffer.sampler().base().set(s.base_rate);
+    }
+    buffer.set_limits(&BufferLimits {
+        decision_wait: s.decision_wait.0,
+        root_grace: s.root_grace.0,
+        max_traces: s.max_traces,
+        decision_cache_size: s.decision_cache_size,
+        max_spans_per_trace: next.limits.max_spans_per_trace,
+    });
+    pipeline.limits.set(&next.limits);
+    pipeline
+        .metrics
+        .buffer_limit_bytes
+        .set(next.limits.buffer_bytes() as i64);
+    pipeline
+        .metrics
+        .buffer_limit_traces
+        .set(s.max_traces as i64);
+    pipeline.pricing.set_config(&next.llm.pricing);
+    if let Some(file) = &next.llm.pricing_file
+        && let Err(e) = pipeline.pricing.load_file(file)
+    {
+        tracing::warn!(error = %e, "pricing file not reloaded; the previous one stays");
+    }
+    let mut restart = Vec::new();
+    if next.receiver != old.receiver {
+        restart.push("receiver");
+    }
+    if next.exporters != old.exporters {
+        restart.push("exporter(s)");
+    }
+    if next.admin != old.admin {
+        restart.push("admin");
+    }
+    if next.shutdown_timeout != old.shutdown_timeout {
+        restart.push("shutdown_timeout");
+    }
+    let live_llm = crate::config::LlmConfig {
+        pricing: old.llm.pricing.clone(),
+        pricing_file: old.llm.pricing_file.clone(),
+        ..next.llm.clone()
+    };
+    if live_llm != old.llm {
+        restart.push("llm (other than pricing)");
+    }
+    if s.boost != old.sampling.boost
+        || s.target() != old.sampling.target()
+        || s.decision_cache_size != old.sampling.decision_cache_size
+    {
+        restart.push("sampling.boost/target/decision_cache_size");
+    }
+    if restart.is_empty() {
+        tracing::info!("config reloaded: sampling, limits and pricing in force");
+    } else {
+        tracing::warn!(
+            needs_restart = %restart.join(", "),
+            "config reloaded: sampling, limits and pricing in force; other changes wait for a restart"
+        );
+    }
 }
 
 /// How often `llmtail_sampling_probability` is refreshed.

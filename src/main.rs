@@ -152,7 +152,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(daemon::run(cfg, daemon::termination_signal())) {
+    match runtime.block_on(daemon::run(
+        cfg,
+        Some(cli.config.clone()),
+        daemon::termination_signal(),
+    )) {
         Ok(Ended::Flushed) => ExitCode::SUCCESS,
         Ok(Ended::TimedOut { lost_spans }) => {
             eprintln!("shutdown timeout: {lost_spans} kept spans could not be exported");

@@ -280,7 +280,6 @@ impl Pipeline {
         if decided.is_empty() {
             return;
         }
-        let sampler = self.buffer.sampler();
         let now = Instant::now();
         // Decisions are counted per batch: a handful of label sets, looked up once each.
         let mut counts: Vec<(bool, DecidedBy, u64)> = Vec::new();
@@ -318,7 +317,7 @@ impl Pipeline {
             if self.rollup
                 && let Some(root) = spans.iter_mut().find(|s| s.is_root)
             {
-                root.extra = Some(Box::new(rollup(&trace.summary, sampler.label(decision.by))));
+                root.extra = Some(Box::new(rollup(&trace.summary, decision.by.label())));
             }
             kept.extend(spans.into_iter().map(|span| KeptSpan {
                 span: self.redacted(span),
@@ -333,7 +332,7 @@ impl Pipeline {
             let label = if keep { "kept" } else { "dropped" };
             self.metrics
                 .traces
-                .with_label_values(&[label, sampler.label(by)])
+                .with_label_values(&[label, by.label()])
                 .inc_by(n);
         }
         if dropped_spans > 0 {

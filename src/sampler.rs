@@ -140,7 +140,7 @@ impl Rule {
 
 #[derive(Debug, Clone)]
 pub struct Policy {
-    pub name: String,
+    pub name: &'static str,
     pub rule: Rule,
     pub threshold: Threshold,
 }
@@ -159,7 +159,7 @@ impl Policy {
             PolicyType::Session => Rule::Session,
         };
         Policy {
-            name: cfg.name.clone(),
+            name: intern(&cfg.name),
             rule,
             threshold: Threshold::from_probability(cfg.rate),
         }
@@ -169,11 +169,38 @@ impl Policy {
 /// Which rule set the probability of a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecidedBy {
-    /// Index into the sampler's policies.
-    Policy(usize),
+    /// The policy's name (interned: a decision keeps its label across config reloads).
+    Policy(&'static str),
     /// A service of the trace was boosted above the base rate.
     Boost,
     BaseRate,
+}
+
+impl DecidedBy {
+    /// The `policy` label of `llmtail_traces_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            DecidedBy::Policy(name) => name,
+            DecidedBy::Boost => "boost",
+            DecidedBy::BaseRate => "base_rate",
+        }
+    }
+}
+
+/// Policy names live for the whole process, each distinct name stored once, so decisions
+/// made before a config reload keep a valid label after it.
+fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::OnceLock<Mutex<std::collections::HashSet<&'static str>>> =
+        std::sync::OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock();
+    match names.get(name) {
+        Some(n) => n,
+        None => {
+            let n: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(n);
+            n
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,7 +262,7 @@ pub struct Sampler {
     policies: Vec<Policy>,
     base: Arc<BaseRate>,
     sessions: Option<SessionKeeper>,
-    pub counts: DecisionCounts,
+    pub counts: Arc<DecisionCounts>,
 }
 
 impl Sampler {
@@ -268,7 +295,7 @@ impl Sampler {
             policies,
             base,
             sessions,
-            counts: DecisionCounts::default(),
+            counts: Arc::default(),
         }
     }
 
@@ -290,7 +317,7 @@ impl Sampler {
             best = Some((keeper.policy, self.policies[keeper.policy].threshold));
         }
         let (by, threshold) = match best {
-            Some((i, t)) => (DecidedBy::Policy(i), t),
+            Some((i, t)) => (DecidedBy::Policy(self.policies[i].name), t),
             None => {
                 let base = self.base.get();
                 if summary.boost > base {
@@ -301,8 +328,8 @@ impl Sampler {
             }
         };
         let keep = threshold.keeps(trace_id.randomness());
-        match by {
-            DecidedBy::Policy(i) => {
+        match (by, best) {
+            (DecidedBy::Policy(_), Some((i, _))) => {
                 if keep {
                     self.counts.policy_kept.fetch_add(1, Ordering::Relaxed);
                 }
@@ -324,13 +351,15 @@ impl Sampler {
         }
     }
 
-    /// The `policy` label of `llmtail_traces_total`.
-    pub fn label(&self, by: DecidedBy) -> &str {
-        match by {
-            DecidedBy::Policy(i) => &self.policies[i].name,
-            DecidedBy::Boost => "boost",
-            DecidedBy::BaseRate => "base_rate",
+    /// A sampler for a reloaded config that carries on from this one: the same base rate
+    /// and decision counts, and the sessions marked hot so far.
+    pub fn reconfigured(&self, cfg: &SamplingConfig) -> Sampler {
+        let mut next = Sampler::new(cfg, self.base.clone());
+        next.counts = self.counts.clone();
+        if let (Some(old), Some(new)) = (&self.sessions, &mut next.sessions) {
+            *new.hot.get_mut() = old.hot.lock().clone();
         }
+        next
     }
 
     pub fn base(&self) -> &Arc<BaseRate> {
@@ -406,26 +435,29 @@ mod tests {
         let low_r = trace_with_r(1);
         let d = s.decide(&low_r, &with(|x| x.error = true), now);
         assert!(d.keep);
-        assert_eq!(s.label(d.by), "errors");
+        assert_eq!((d.by).label(), "errors");
         assert_eq!(d.threshold, Threshold::ALWAYS);
         let slow = with(|x| x.call = call(|c| c.latency_attr_ms = Some(6000.0)));
-        assert_eq!(s.label(s.decide(&low_r, &slow, now).by), "slow");
+        assert_eq!((s.decide(&low_r, &slow, now).by).label(), "slow");
         let slow_by_duration = with(|x| (x.start_ns, x.end_ns) = (1_000, 5_000_001_000));
-        assert_eq!(s.label(s.decide(&low_r, &slow_by_duration, now).by), "slow");
+        assert_eq!(
+            (s.decide(&low_r, &slow_by_duration, now).by).label(),
+            "slow"
+        );
         let odd = with(|x| x.call = call(|c| c.anomalous = true));
-        assert_eq!(s.label(s.decide(&low_r, &odd, now).by), "odd");
+        assert_eq!((s.decide(&low_r, &odd, now).by).label(), "odd");
 
         // expensive has rate 0.5: kept only when R ≥ 2^55.
         let mut pricey = with(|x| x.call = call(|c| c.cost_usd = Some(0.2)));
         let d = s.decide(&low_r, &pricey, now);
-        assert_eq!((d.keep, s.label(d.by)), (false, "expensive"));
+        assert_eq!((d.keep, (d.by).label()), (false, "expensive"));
         assert!(s.decide(&trace_with_r(1 << 55), &pricey, now).keep);
         // Matching both expensive (0.5) and errors (1.0): errors sets p.
         pricey.add(&SpanStats {
             error: true,
             ..Default::default()
         });
-        assert_eq!(s.label(s.decide(&low_r, &pricey, now).by), "errors");
+        assert_eq!((s.decide(&low_r, &pricey, now).by).label(), "errors");
     }
 
     #[test]
@@ -449,7 +481,7 @@ mod tests {
             &in_session("s1", false),
             t0 + Duration::from_secs(30),
         );
-        assert_eq!((d.keep, s.label(d.by)), (true, "session"));
+        assert_eq!((d.keep, (d.by).label()), (true, "session"));
         assert!(
             !s.decide(&low_r, &in_session("s2", false), t0).keep,
             "another session"

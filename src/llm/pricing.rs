@@ -373,7 +373,7 @@ const MEMO_CAPACITY: usize = 4096;
 /// then the built-in table (the longest matching id wins).
 #[derive(Debug, Default)]
 pub struct Pricing {
-    config: Vec<PricingEntry>,
+    config: RwLock<Vec<PricingEntry>>,
     file: RwLock<Option<(PathBuf, Vec<PricingEntry>)>>,
     /// Lookups by the model id as reported, so each distinct id is matched once.
     memo: RwLock<HashMap<Arc<str>, Option<Price>>>,
@@ -390,9 +390,15 @@ pub struct PricingFileError {
 impl Pricing {
     pub fn new(config: &[PricingEntry]) -> Self {
         Pricing {
-            config: config.to_vec(),
+            config: RwLock::new(config.to_vec()),
             ..Default::default()
         }
+    }
+
+    /// Replaces the `llm.pricing` entries (config reload); lookups start afresh.
+    pub fn set_config(&self, config: &[PricingEntry]) {
+        *self.config.write() = config.to_vec();
+        self.memo.write().clear();
     }
 
     /// Reads (or re-reads) the pricing file: a YAML list of `llm.pricing` entries. On an
@@ -448,7 +454,7 @@ impl Pricing {
                 },
             });
         }
-        if let Some(e) = self.config.iter().find(|e| matches(e)) {
+        if let Some(e) = self.config.read().iter().find(|e| matches(e)) {
             return Some(PriceMatch {
                 price: e.price(),
                 source: PriceSource::Config {

@@ -293,6 +293,28 @@ impl Daemon {
         Daemon::launch_with("", http_extra, body, envs)
     }
 
+    /// The receiver and admin part of every test config.
+    fn prefix(grpc_extra: &str, http_extra: &str) -> String {
+        format!(
+            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n"
+        )
+    }
+
+    /// Rewrites the config file with a new `body` (receivers as at start) and sends SIGHUP.
+    pub fn reload(&self, body: &str) {
+        let path = self.dir.path().join("config.yaml");
+        std::fs::write(&path, format!("{}{body}", Daemon::prefix("", ""))).unwrap();
+        self.signal("HUP");
+    }
+
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
     fn launch_with(
         grpc_extra: &str,
         http_extra: &str,
@@ -301,9 +323,7 @@ impl Daemon {
     ) -> Daemon {
         // Port 0 everywhere: the daemon logs the addresses it bound, so tests never race
         // each other for ports.
-        let config = format!(
-            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n{body}"
-        );
+        let config = format!("{}{body}", Daemon::prefix(grpc_extra, http_extra));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).unwrap();
@@ -381,11 +401,7 @@ impl Daemon {
     }
 
     pub fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal("TERM");
     }
 
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {

@@ -1,0 +1,92 @@
+//! Config reload on SIGHUP: policies, base rate and limits change live without losing
+//! buffered traces; an invalid config is rejected with its problems and the old one stays.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use llmtail::loadgen::{self, Kind};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn body(sink: &Sink, base_rate: f64, extra: &str) -> String {
+    format!(
+        "sampling:\n  decision_wait: 4s\n  root_grace: 4s\n  base_rate: {base_rate}\n  policies:\n    - {{name: errors, type: error}}\n{extra}exporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n",
+        sink.endpoint()
+    )
+}
+
+async fn send_normal(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let traces: Vec<_> = (0..n)
+        .map(|i| loadgen::trace(&mut rng, Kind::Normal, loadgen::convention_for(i), now))
+        .collect();
+    let spans = traces.iter().flat_map(|t| t.spans.clone()).collect();
+    client(&d.endpoint())
+        .await
+        .export(loadgen::request(spans))
+        .await
+        .unwrap();
+    traces.iter().map(|t| t.trace_id.to_vec()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid_one() {
+    let sink = Sink::start(0).await;
+    let d = Daemon::start(&body(&sink, 0.0, ""));
+    // Held under base_rate 0: none of these would be kept.
+    let held = send_normal(&d, 21, 30).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(d.metrics().sum("llmtail_buffer_traces", &[]), 30.0);
+
+    // Reload: base_rate 1 and a new policy name. The held traces stay held and are decided
+    // under the new rules.
+    d.reload(&body(&sink, 1.0, "    - {name: slow-v2, type: latency, threshold_ms: 100000}\nlimits:\n  max_buffer_bytes: 64MiB\n"));
+    let m = d
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.sum("llmtail_config_reloads_total", &[("result", "applied")]) == 1.0
+        })
+        .await;
+    assert_eq!(
+        m.sum("llmtail_buffer_traces", &[]),
+        30.0,
+        "nothing lost by the reload"
+    );
+    assert_eq!(
+        m.sum("llmtail_buffer_limit_bytes", &[]),
+        64.0 * 1024.0 * 1024.0
+    );
+    assert_eq!(sink.wait_for_spans(120, Duration::from_secs(10)).await, 120);
+    let got: HashSet<Vec<u8>> = sink.traces().into_keys().collect();
+    assert_eq!(got, held);
+    assert_eq!(
+        d.metrics().sum(
+            "llmtail_traces_total",
+            &[("decision", "kept"), ("policy", "base_rate")]
+        ),
+        30.0
+    );
+
+    // An invalid config: rejected with its problem named; the running one stays.
+    d.reload(&body(&sink, 2.5, ""));
+    d.wait_metrics(Duration::from_secs(5), |m| {
+        m.sum("llmtail_config_reloads_total", &[("result", "rejected")]) == 1.0
+    })
+    .await;
+    assert!(d.log().contains("base_rate"), "{}", d.log());
+    let more = send_normal(&d, 22, 10).await;
+    assert_eq!(sink.wait_for_spans(160, Duration::from_secs(10)).await, 160);
+    let got: HashSet<Vec<u8>> = sink.traces().into_keys().collect();
+    assert!(more.is_subset(&got), "base_rate 1.0 still in force");
+    assert_eq!(
+        d.metrics()
+            .sum("llmtail_config_reloads_total", &[("result", "applied")]),
+        1.0
+    );
+}
