@@ -277,7 +277,7 @@ impl Sampler {
                 let triggers = match &p.triggers {
                     Some(names) => names
                         .iter()
-                        .filter_map(|n| policies.iter().position(|q| &q.name == n))
+                        .filter_map(|n| policies.iter().position(|q| q.name == n))
                         .collect(),
                     None => (0..policies.len())
                         .filter(|j| policies[*j].rule != Rule::Session)
