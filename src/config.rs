@@ -945,6 +945,12 @@ pub struct QueueConfig {
     pub max_spans: usize,
     /// Export requests in flight at once.
     pub concurrency: usize,
+    /// Where the write-ahead log of kept spans lives; off (memory only) when unset.
+    pub directory: Option<PathBuf>,
+    /// Largest size of the write-ahead log; past it kept spans are lost (`wal_full`).
+    pub max_disk_bytes: ByteSize,
+    /// How often the log is flushed to disk; `0s` flushes every write.
+    pub fsync_interval: Dur,
 }
 
 impl Default for QueueConfig {
@@ -952,6 +958,9 @@ impl Default for QueueConfig {
         QueueConfig {
             max_spans: 200_000,
             concurrency: 4,
+            directory: None,
+            max_disk_bytes: ByteSize(256 << 20),
+            fsync_interval: Dur(Duration::from_secs(1)),
         }
     }
 }

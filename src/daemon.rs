@@ -14,6 +14,7 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use crate::adaptive::{BaseRate, Boost, TargetController};
 use crate::buffer::{BufferLimits, TraceBuffer};
 use crate::config::Config;
+use crate::exporter::wal::Wal;
 use crate::exporter::{self, ExporterControl, ExporterSettings, Sink};
 use crate::llm::Pricing;
 use crate::llm::observer::LlmObserver;
@@ -72,6 +73,7 @@ pub async fn run(
     let control = ExporterControl::default();
     let mut exporters = Vec::new();
     let mut export_tasks = Vec::new();
+    let mut wal_syncs = Vec::new();
     for ec in &cfg.exporters {
         let sink = Sink::from_config(ec)
             .await
@@ -84,6 +86,23 @@ pub async fn run(
                 retry: ec.retry.clone(),
                 max_spans: ec.queue.max_spans,
                 concurrency: ec.queue.concurrency,
+                wal: match &ec.queue.directory {
+                    Some(dir) => {
+                        let dir = dir.join(&ec.name);
+                        let sync_each = ec.queue.fsync_interval.0.is_zero();
+                        let (wal, replay) =
+                            Wal::open(&dir, ec.queue.max_disk_bytes.0 as u64, sync_each)
+                                .with_context(|| {
+                                    format!("cannot open the write-ahead log in {}", dir.display())
+                                })?;
+                        let wal = Arc::new(wal);
+                        if !sync_each {
+                            wal_syncs.push((wal.clone(), ec.queue.fsync_interval.0));
+                        }
+                        Some((wal, replay))
+                    }
+                    None => None,
+                },
             },
             metrics.clone(),
             control.clone(),
@@ -149,6 +168,9 @@ pub async fn run(
         )));
     }
 
+    for (wal, every) in wal_syncs {
+        background.push(tokio::spawn(sync_wal(wal, every, stop_background.clone())));
+    }
     if let Some(path) = config_path {
         background.push(tokio::spawn(reload_on_sighup(
             path,
@@ -282,15 +304,37 @@ pub async fn run(
         .sum();
     stop_admin.cancel();
     let _ = admin_task.await;
-    let ended = if lost_at_shutdown == 0 && exporters.iter().all(|q| q.queued() == 0) {
-        Ended::Flushed
-    } else {
-        Ended::TimedOut {
-            lost_spans: lost_at_shutdown,
-        }
-    };
+    let ended =
+        if lost_at_shutdown == 0 && exporters.iter().all(|q| q.queued() == 0 || q.is_durable()) {
+            Ended::Flushed
+        } else {
+            Ended::TimedOut {
+                lost_spans: lost_at_shutdown,
+            }
+        };
     tracing::info!(?ended, "llmtail stopped");
     Ok(ended)
+}
+
+/// Flushes a write-ahead log to disk every `every` (`queue.fsync_interval`), and once more
+/// when stopped.
+async fn sync_wal(wal: Arc<Wal>, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        let stopped = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let w = wal.clone();
+        match tokio::task::spawn_blocking(move || w.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot flush the write-ahead log to disk"),
+            Err(e) => tracing::error!(error = %e, "write-ahead log flush task failed"),
+        }
+        if stopped {
+            return;
+        }
+    }
 }
 
 /// Reloads the config file on every SIGHUP. A valid config's sampling policies, base

@@ -91,8 +91,12 @@ pub mod lost {
     pub const PARTIAL: &str = "upstream_partial_rejection";
     /// Retries went on past `exporter.retry.max_elapsed`.
     pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
-    /// Still queued when `shutdown_timeout` ran out.
+    /// Still queued when `shutdown_timeout` ran out (memory-only queue).
     pub const SHUTDOWN: &str = "shutdown";
+    /// The write-ahead log was at `queue.max_disk_bytes`.
+    pub const WAL_FULL: &str = "wal_full";
+    /// The write-ahead log could not be written (disk error).
+    pub const WAL_ERROR: &str = "wal_error";
 }
 
 impl Metrics {

@@ -4,6 +4,7 @@
 pub mod file;
 pub mod otlp;
 pub mod otlp_http;
+pub mod wal;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -84,9 +85,23 @@ impl Sink {
 /// Share of `queue.max_spans` past which the queue counts as full for backpressure.
 const HIGH_WATER: f64 = 0.9;
 
+/// What travels from the queue to the batcher: spans (memory-only queue), or records
+/// already in the write-ahead log (durable queue).
+enum Queued {
+    Spans(Vec<KeptSpan>),
+    Record(wal::Record),
+}
+
+/// How often a full write-ahead log is reported in the log.
+const WAL_FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The receiving end's handle: kept spans enter here, never blocking the caller.
 pub struct ExportQueue {
-    tx: mpsc::UnboundedSender<Vec<KeptSpan>>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// The durable queue's log, when `queue.directory` is set.
+    wal: Option<Arc<wal::Wal>>,
+    /// When a full log was last reported.
+    wal_full_logged: parking_lot::Mutex<Option<Instant>>,
     /// Spans submitted and not yet exported or lost; bounded by `max_spans`.
     queued: Arc<AtomicUsize>,
     /// Their memory (wire bytes and per-span bookkeeping), counted against
@@ -100,6 +115,7 @@ pub struct ExportQueue {
     /// resolved once.
     queue_gauge: IntGauge,
     exported: IntCounter,
+    wal_bytes: IntGauge,
 }
 
 impl ExportQueue {
@@ -121,12 +137,60 @@ impl ExportQueue {
             self.count_lost(lost::QUEUE_FULL, n);
             return;
         }
+        let item = match &self.wal {
+            None => Queued::Spans(spans),
+            Some(wal) => match self.write_ahead(wal, spans) {
+                Some(record) => Queued::Record(record),
+                None => {
+                    self.queued.fetch_sub(n, Ordering::AcqRel);
+                    return;
+                }
+            },
+        };
+        self.enqueue(item, n, bytes);
+    }
+
+    fn enqueue(&self, item: Queued, n: usize, bytes: usize) {
         self.queue_gauge.add(n as i64);
         self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if self.tx.send(spans).is_err() {
+        if self.tx.send(item).is_err() {
             // The exporter has already stopped (only after shutdown has flushed).
             self.release(n, bytes, lost::SHUTDOWN);
         }
+    }
+
+    /// Appends kept spans to the write-ahead log; `None` (counted as lost) when the log is
+    /// full or cannot be written.
+    fn write_ahead(&self, wal: &wal::Wal, spans: Vec<KeptSpan>) -> Option<wal::Record> {
+        let n = spans.len();
+        let payload = encode_request(&spans);
+        drop(spans);
+        let failure = match wal.append(n as u32, &payload) {
+            Ok(Some(id)) => {
+                self.wal_bytes.set(wal.bytes() as i64);
+                return Some(wal::Record {
+                    id,
+                    spans: n as u32,
+                    payload,
+                });
+            }
+            Ok(None) => (
+                lost::WAL_FULL,
+                "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost"
+                    .to_owned(),
+            ),
+            Err(e) => (
+                lost::WAL_ERROR,
+                format!("cannot write the write-ahead log: {e}; kept spans are lost"),
+            ),
+        };
+        self.count_lost(failure.0, n);
+        let mut last = self.wal_full_logged.lock();
+        if last.is_none_or(|t| t.elapsed() >= WAL_FULL_LOG_INTERVAL) {
+            *last = Some(Instant::now());
+            tracing::error!(exporter = %self.name, "{}", failure.1);
+        }
+        None
     }
 
     fn count_lost(&self, reason: &str, n: usize) {
@@ -146,6 +210,11 @@ impl ExportQueue {
     fn exported(&self, n: usize, bytes: usize) {
         self.exported.inc_by(n as u64);
         self.dequeue(n, bytes);
+    }
+
+    /// Whether kept spans survive a restart here (a write-ahead log).
+    pub fn is_durable(&self) -> bool {
+        self.wal.is_some()
     }
 
     fn dequeue(&self, n: usize, bytes: usize) {
@@ -174,12 +243,14 @@ impl ExportQueue {
 }
 
 /// Tuning of the exporter task.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExporterSettings {
     pub batch: BatchConfig,
     pub retry: RetryConfig,
     pub max_spans: usize,
     pub concurrency: usize,
+    /// The durable queue's log and the records it replays, when there is one.
+    pub wal: Option<(Arc<wal::Wal>, Vec<wal::Record>)>,
 }
 
 /// The exporter task's controls: `flush` asks it to send what is queued and stop;
@@ -200,8 +271,15 @@ pub fn start(
     control: ExporterControl,
 ) -> (Arc<ExportQueue>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (wal, replay) = match settings.wal.clone() {
+        Some((wal, replay)) => (Some(wal), replay),
+        None => (None, Vec::new()),
+    };
     let queue = Arc::new(ExportQueue {
         tx,
+        wal: wal.clone(),
+        wal_full_logged: parking_lot::Mutex::new(None),
+        wal_bytes: metrics.export_wal_bytes.with_label_values(&[name]),
         queued: Arc::new(AtomicUsize::new(0)),
         queued_bytes: AtomicUsize::new(0),
         max_spans: settings.max_spans,
@@ -210,6 +288,24 @@ pub fn start(
         exported: metrics.spans_exported.with_label_values(&[name]),
         metrics: metrics.clone(),
     });
+    if let Some(wal) = &wal {
+        queue.wal_bytes.set(wal.bytes() as i64);
+        if !replay.is_empty() {
+            let spans: u64 = replay.iter().map(|r| u64::from(r.spans)).sum();
+            tracing::info!(
+                exporter = name,
+                records = replay.len(),
+                spans,
+                "replaying the write-ahead log"
+            );
+        }
+    }
+    // Replayed records are on disk already: admitted whatever the queue's bound.
+    for record in replay {
+        let (n, bytes) = (record.spans as usize, record.payload.len());
+        queue.queued.fetch_add(n, Ordering::AcqRel);
+        queue.enqueue(Queued::Record(record), n, bytes);
+    }
     let worker = Worker {
         sink: Arc::new(sink),
         retry: settings.retry.clone(),
@@ -231,29 +327,79 @@ struct Worker {
     retries: IntCounter,
 }
 
+/// One export request's worth: spans to encode, and records already encoded (a
+/// concatenation of encoded `ExportTraceServiceRequest`s is one such request).
+#[derive(Default)]
+struct Batch {
+    spans: Vec<KeptSpan>,
+    records: Vec<wal::Record>,
+    /// Spans of the records.
+    record_spans: usize,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.spans.len() + self.record_spans
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn add(&mut self, item: Queued) {
+        match item {
+            Queued::Spans(spans) => self.spans.extend(spans),
+            Queued::Record(r) => {
+                self.record_spans += r.spans as usize;
+                self.records.push(r);
+            }
+        }
+    }
+
+    /// Takes at most `max` spans off the front (records are never split).
+    fn take(&mut self, max: usize) -> Batch {
+        if self.len() <= max {
+            return std::mem::take(self);
+        }
+        let mut out = Batch::default();
+        if !self.spans.is_empty() {
+            let rest = self.spans.split_off(self.spans.len().min(max));
+            out.spans = std::mem::replace(&mut self.spans, rest);
+        }
+        while let Some(r) = self.records.first()
+            && (out.len() == 0 || out.len() + r.spans as usize <= max)
+        {
+            let r = self.records.remove(0);
+            self.record_spans -= r.spans as usize;
+            out.record_spans += r.spans as usize;
+            out.records.push(r);
+        }
+        out
+    }
+}
+
 async fn run_batcher(
-    mut rx: mpsc::UnboundedReceiver<Vec<KeptSpan>>,
+    mut rx: mpsc::UnboundedReceiver<Queued>,
     settings: ExporterSettings,
     worker: Worker,
     flush: CancellationToken,
 ) {
     let in_flight = Arc::new(Semaphore::new(settings.concurrency));
     let max = settings.batch.max_spans;
-    let mut pending: Vec<KeptSpan> = Vec::new();
+    let mut pending = Batch::default();
     let mut deadline = tokio::time::Instant::now();
     loop {
         tokio::select! {
             biased;
             () = flush.cancelled() => break,
             item = rx.recv() => {
-                let Some(spans) = item else { break };
+                let Some(item) = item else { break };
                 if pending.is_empty() {
                     deadline = tokio::time::Instant::now() + settings.batch.timeout.0;
                 }
-                pending.extend(spans);
+                pending.add(item);
                 while pending.len() >= max {
-                    let rest = pending.split_off(max);
-                    send_batch(&worker, &in_flight, std::mem::replace(&mut pending, rest)).await;
+                    send_batch(&worker, &in_flight, pending.take(max)).await;
                     deadline = tokio::time::Instant::now() + settings.batch.timeout.0;
                 }
             }
@@ -263,19 +409,18 @@ async fn run_batcher(
         }
     }
     // Flush: everything submitted before the flush signal is in the channel by now.
-    while let Ok(spans) = rx.try_recv() {
-        pending.extend(spans);
+    while let Ok(item) = rx.try_recv() {
+        pending.add(item);
     }
     while !pending.is_empty() {
-        let rest = pending.split_off(pending.len().min(max));
-        send_batch(&worker, &in_flight, std::mem::replace(&mut pending, rest)).await;
+        send_batch(&worker, &in_flight, pending.take(max)).await;
     }
     // Wait for every request in flight to finish (each honours `abort`).
     let _all = in_flight.acquire_many(settings.concurrency as u32).await;
 }
 
 /// Waits for a free slot, then sends the batch on its own task.
-async fn send_batch(worker: &Worker, in_flight: &Arc<Semaphore>, batch: Vec<KeptSpan>) {
+async fn send_batch(worker: &Worker, in_flight: &Arc<Semaphore>, batch: Batch) {
     let Ok(permit) = in_flight.clone().acquire_owned().await else {
         return;
     };
@@ -287,10 +432,22 @@ async fn send_batch(worker: &Worker, in_flight: &Arc<Semaphore>, batch: Vec<Kept
 }
 
 impl Worker {
-    async fn export(&self, batch: Vec<KeptSpan>) {
+    async fn export(&self, batch: Batch) {
         let n = batch.len();
-        let bytes = memory_of(&batch);
-        let request = encode_request(&batch);
+        let bytes =
+            memory_of(&batch.spans) + batch.records.iter().map(|r| r.payload.len()).sum::<usize>();
+        let ids: Vec<u64> = batch.records.iter().map(|r| r.id).collect();
+        let request = if batch.records.is_empty() {
+            encode_request(&batch.spans)
+        } else if batch.spans.is_empty() && batch.records.len() == 1 {
+            batch.records[0].payload.clone()
+        } else {
+            let mut out = encode_request(&batch.spans).to_vec();
+            for r in &batch.records {
+                out.extend_from_slice(&r.payload);
+            }
+            Bytes::from(out)
+        };
         drop(batch);
         let started = Instant::now();
         let mut backoff = self.retry.initial_interval.0;
@@ -341,7 +498,19 @@ impl Worker {
                     self.queue.release(spans, 0, lost::PARTIAL);
                 }
             }
+            Err(lost::SHUTDOWN) if !ids.is_empty() => {
+                // Still in the write-ahead log: sent after the next start, not lost.
+                self.queue.dequeue(n, bytes);
+                return;
+            }
             Err(reason) => self.queue.release(n, bytes, reason),
+        }
+        // Answered for (accepted, or refused for good): the log need not keep it.
+        if let Some(wal) = &self.queue.wal {
+            if let Err(e) = wal.ack(&ids) {
+                tracing::error!(exporter = self.queue.name(), error = %e, "cannot update the write-ahead log; records may be sent again after a restart");
+            }
+            self.queue.wal_bytes.set(wal.bytes() as i64);
         }
     }
 }
@@ -418,6 +587,7 @@ mod tests {
                 retry: RetryConfig::default(),
                 max_spans: 10,
                 concurrency: 1,
+                wal: None,
             },
             metrics.clone(),
             control.clone(),

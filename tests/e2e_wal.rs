@@ -1,0 +1,103 @@
+//! The durable export queue: kept traces decided while the upstream is down survive
+//! `kill -9` and a graceful stop, and arrive after the restart; a full log counts its loss.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use llmtail::loadgen::{self, Kind};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn config(port: u16, wal: &std::path::Path, extra: &str) -> String {
+    format!(
+        "sampling:\n  decision_wait: 2s\n  root_grace: 100ms\n  base_rate: 0.0\n  policies:\n    - {{name: errors, type: error}}\nexporter:\n  otlp:\n    endpoint: http://127.0.0.1:{port}\n  batch:\n    timeout: 50ms\n  queue:\n    directory: {}\n{extra}  retry:\n    initial_interval: 100ms\n    max_interval: 300ms\nshutdown_timeout: 2s\n",
+        wal.display()
+    )
+}
+
+async fn send_errors(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let traces: Vec<_> = (0..n)
+        .map(|i| loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now))
+        .collect();
+    let mut c = client(&d.endpoint()).await;
+    for t in &traces {
+        c.export(loadgen::request(t.spans.clone())).await.unwrap();
+    }
+    traces.iter().map(|t| t.trace_id.to_vec()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_traces_survive_kill_9_and_a_graceful_stop_while_the_upstream_is_down() {
+    let port = free_port();
+    let wal = tempfile::tempdir().unwrap();
+    let cfg = config(port, wal.path(), "");
+
+    // 1. Upstream down; 20 error traces decided and written ahead; then kill -9.
+    let d = Daemon::start(&cfg);
+    let mut expected = send_errors(&d, 31, 20).await;
+    d.wait_metrics(Duration::from_secs(10), |m| {
+        m.sum("llmtail_export_queue_spans", &[]) == 80.0
+    })
+    .await;
+    assert!(d.metrics().sum("llmtail_export_wal_bytes", &[]) > 0.0);
+    d.signal("KILL");
+    drop(d);
+
+    // 2. Restart, upstream still down: the 20 are replayed into the queue; 10 more are
+    //    decided; a graceful stop cannot deliver them but loses nothing: exit 0.
+    let mut d = Daemon::start(&cfg);
+    expected.extend(send_errors(&d, 32, 10).await);
+    d.wait_metrics(Duration::from_secs(10), |m| {
+        m.sum("llmtail_export_queue_spans", &[]) == 120.0
+    })
+    .await;
+    d.sigterm();
+    let status = d.wait_exit(Duration::from_secs(10));
+    // Exit 1 would mean spans were counted lost at shutdown.
+    assert!(status.success(), "{status:?}: {}", d.log());
+    drop(d);
+
+    // 3. Upstream back, restart: every kept trace arrives whole, once.
+    let sink = Sink::start(port).await;
+    let d = Daemon::start(&cfg);
+    assert_eq!(sink.wait_for_spans(120, Duration::from_secs(15)).await, 120);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sink.spans().len(), 120, "nothing sent twice");
+    let traces = sink.traces();
+    assert_eq!(traces.keys().cloned().collect::<HashSet<_>>(), expected);
+    assert!(traces.values().all(|spans| spans.len() == 4));
+    // Acknowledged records leave the disk.
+    d.wait_metrics(Duration::from_secs(5), |m| {
+        m.sum("llmtail_export_wal_bytes", &[]) == 0.0
+    })
+    .await;
+    assert_eq!(d.metrics().sum("llmtail_export_wal_bytes", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_counts_the_loss_and_says_so_once() {
+    let port = free_port();
+    let wal = tempfile::tempdir().unwrap();
+    // Room for a few 4-span records only.
+    let d = Daemon::start(&config(port, wal.path(), "    max_disk_bytes: 4KiB\n"));
+    send_errors(&d, 33, 30).await;
+    let m = d
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_export_queue_spans", &[]) + m.sum("llmtail_spans_lost_total", &[])
+                == 120.0
+        })
+        .await;
+    let lost = m.sum("llmtail_spans_lost_total", &[("reason", "wal_full")]);
+    assert!(lost > 0.0 && lost < 120.0, "{lost}");
+    assert!(m.sum("llmtail_export_wal_bytes", &[]) <= 4096.0);
+    let log = d.log();
+    assert_eq!(log.matches("write-ahead log is full").count(), 1, "{log}");
+}
