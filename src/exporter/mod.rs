@@ -367,7 +367,7 @@ impl Batch {
             out.spans = std::mem::replace(&mut self.spans, rest);
         }
         while let Some(r) = self.records.first()
-            && (out.len() == 0 || out.len() + r.spans as usize <= max)
+            && (out.is_empty() || out.len() + r.spans as usize <= max)
         {
             let r = self.records.remove(0);
             self.record_spans -= r.spans as usize;
