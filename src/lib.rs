@@ -8,6 +8,7 @@ pub mod buffer;
 pub mod config;
 pub mod daemon;
 pub mod exporter;
+pub mod fuzzing;
 pub mod llm;
 pub mod loadgen;
 pub mod otlp;
