@@ -1631,6 +1631,49 @@ llm:
     }
 
     #[test]
+    fn limits_security_and_queue_keys_are_validated() {
+        let text = "\
+receiver:
+  auth: {bearer_tokens: [short], api_key_header: \"bad header\"}
+  grpc: {tls: {cert_file: /nonexistent/cert.pem, key_file: /nonexistent/key.pem}}
+  http: {max_connections: 0}
+limits:
+  max_buffer_bytes: 12XB
+  soft_mark: 1.5
+  max_spans_per_trace: 0
+exporter:
+  file: {path: x}
+  queue: {max_disk_bytes: lots}
+";
+        let errs = Config::parse(text).unwrap_err().0;
+        let paths: Vec<&str> = errs.iter().map(|p| p.path.as_str()).collect();
+        for want in [
+            "receiver.auth.bearer_tokens[0]",
+            "receiver.auth.api_key_header",
+            "receiver.grpc.tls.cert_file",
+            "receiver.grpc.tls.key_file",
+            "receiver.http.max_connections",
+            "limits.max_buffer_bytes",
+            "limits.soft_mark",
+            "limits.max_spans_per_trace",
+            "exporter.queue.max_disk_bytes",
+        ] {
+            assert!(paths.contains(&want), "{want} missing from {paths:?}");
+        }
+        let ok = "limits:\n  max_buffer_bytes: 512MiB\nexporter:\n  file: {path: x}\n  queue: {directory: /tmp/q, max_disk_bytes: 2GB, fsync_interval: 0s}\n";
+        let cfg = Config::parse(ok).unwrap();
+        assert_eq!(cfg.limits.buffer_bytes(), 512 << 20);
+        assert_eq!(cfg.exporters[0].queue.max_disk_bytes.0, 2_000_000_000);
+        assert!(cfg.exporters[0].queue.fsync_interval.0.is_zero());
+        // Without a configured value: a share of the cgroup limit, or the fixed default.
+        let default = Config::parse("exporter:\n  file: {path: x}\n").unwrap();
+        let expected = cgroup_memory_limit().map_or(DEFAULT_BUFFER_BYTES, |l| {
+            (l as f64 * BUFFER_SHARE_OF_CGROUP) as usize
+        });
+        assert_eq!(default.limits.buffer_bytes(), expected);
+    }
+
+    #[test]
     fn env_substitution() {
         let lookup = |name: &str| (name == "HOST").then(|| "tempo".to_owned());
         let (text, problems) = substitute_env(
