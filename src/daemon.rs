@@ -118,6 +118,20 @@ pub async fn run(
     if let Some(file) = &cfg.llm.pricing_file {
         pricing.load_file(file)?;
     }
+    let cluster = cfg.cluster.enabled().then(|| {
+        crate::cluster::Cluster::new(
+            &cfg.cluster,
+            cfg.receiver.auth.bearer_tokens.first().map(String::as_str),
+            metrics.clone(),
+        )
+    });
+    if cluster.is_none() {
+        metrics.cluster_peers.set(1);
+    }
+    let (cluster, fallback) = match cluster {
+        Some((c, rx)) => (Some(c), Some(rx)),
+        None => (None, None),
+    };
     let pipeline = Arc::new(Pipeline {
         buffer: TraceBuffer::new(
             BufferLimits {
@@ -141,7 +155,12 @@ pub async fn run(
         redactor: Redactor::new(&cfg.llm.privacy).context("llm.privacy")?,
         rollup: cfg.llm.trace_rollup,
         limits: Default::default(),
+        cluster: cluster.clone(),
     });
+    let stop_fallback = CancellationToken::new();
+    let fallback_task =
+        fallback.map(|rx| tokio::spawn(take_fallback(rx, pipeline.clone(), stop_fallback.clone())));
+    let refresh_task = cluster.clone().map(|c| tokio::spawn(c.refresh()));
     pipeline.limits.set(&cfg.limits);
     metrics
         .buffer_limit_bytes
@@ -276,6 +295,22 @@ pub async fn run(
             tracing::warn!("a receiver did not stop before the shutdown timeout");
         }
     }
+    if let Some(cluster) = &cluster {
+        // What is queued for peers goes to them (or, failing that, is decided here).
+        if tokio::time::timeout_at(deadline, cluster.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("forwarding to peers did not finish before the shutdown timeout");
+        }
+    }
+    if let Some(task) = refresh_task {
+        let _ = task.await;
+    }
+    stop_fallback.cancel();
+    if let Some(task) = fallback_task {
+        let _ = task.await;
+    }
     stop_ticker.cancel();
     let _ = ticker_task.await;
     stop_background.cancel();
@@ -314,6 +349,26 @@ pub async fn run(
         };
     tracing::info!(?ended, "llmtail stopped");
     Ok(ended)
+}
+
+/// Takes spans a peer could not take: they are decided here, with whatever else of their
+/// traces arrives here. On `stop`, takes what is left and ends.
+async fn take_fallback(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    pipeline: Arc<Pipeline>,
+    stop: CancellationToken,
+) {
+    loop {
+        let request = tokio::select! {
+            biased;
+            r = rx.recv() => match r { Some(r) => r, None => return },
+            () = stop.cancelled() => break,
+        };
+        let _ = pipeline.ingest(request, crate::pipeline::Protocol::Peer);
+    }
+    while let Ok(request) = rx.try_recv() {
+        let _ = pipeline.ingest(request, crate::pipeline::Protocol::Peer);
+    }
 }
 
 /// Flushes a write-ahead log to disk every `every` (`queue.fsync_interval`), and once more

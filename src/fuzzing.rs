@@ -111,8 +111,11 @@ pub fn config(data: &[u8]) {
     }
 }
 
+/// A fuzz target's check.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as the fuzz directory and the replay test call them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("scan_span", scan_span),
     ("split_reframe", split_and_reframe),
     ("otlp_json", otlp_json),

@@ -5,6 +5,7 @@
 
 pub mod adaptive;
 pub mod buffer;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod exporter;

@@ -34,6 +34,8 @@ pub enum Protocol {
     Grpc,
     HttpProtobuf,
     HttpJson,
+    /// Forwarded by another replica (gRPC with `x-llmtail-forwarded`): always taken here.
+    Peer,
 }
 
 impl Protocol {
@@ -42,6 +44,7 @@ impl Protocol {
             Protocol::Grpc => "grpc",
             Protocol::HttpProtobuf => "http_protobuf",
             Protocol::HttpJson => "http_json",
+            Protocol::Peer => "peer",
         }
     }
 }
@@ -77,6 +80,8 @@ pub struct Pipeline {
     pub rollup: bool,
     /// Memory and size limits (`limits:`), changed live by a reload.
     pub limits: LiveLimits,
+    /// Sharding across replicas, when `cluster:` is configured.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// `limits:` as the hot path reads it: relaxed atomics, set at start and on reload.
@@ -159,6 +164,13 @@ impl Pipeline {
         let mut strings = crate::llm::Strings::default();
         let max_span_bytes = self.limits.max_span_bytes.load(Ordering::Relaxed);
         let max_attribute_bytes = self.limits.max_attribute_bytes.load(Ordering::Relaxed);
+        // Spans of traces another replica owns are forwarded to it, unless they were
+        // forwarded here already.
+        let ring = match (&self.cluster, protocol) {
+            (Some(c), p) if !matches!(p, Protocol::Peer) => Some(c.ring()),
+            _ => None,
+        };
+        let mut forwards: Vec<(Arc<str>, Vec<HeldSpan>)> = Vec::new();
         for ((ri, rs), service) in request.resource_spans.into_iter().enumerate().zip(services) {
             for (si, ss) in rs.scope_spans.into_iter().enumerate() {
                 let origin = Arc::new(Origin {
@@ -198,6 +210,20 @@ impl Pipeline {
                         }
                     };
                     outcome.accepted += 1;
+                    if let Some(peer) = ring.as_ref().and_then(|r| r.elsewhere(&facts.trace_id)) {
+                        let held = HeldSpan {
+                            origin: origin.clone(),
+                            bytes: span,
+                            trace_state: facts.trace_state,
+                            is_root: facts.is_root,
+                            extra: None,
+                        };
+                        match forwards.iter_mut().find(|(p, _)| p == peer) {
+                            Some((_, spans)) => spans.push(held),
+                            None => forwards.push((peer.clone(), vec![held])),
+                        }
+                        continue;
+                    }
                     let call =
                         crate::llm::call_from_span(&span, &facts, &self.pricing, &mut strings);
                     let stats = SpanStats {
@@ -246,6 +272,17 @@ impl Pipeline {
             .spans_received
             .with_label_values(&[protocol.label()])
             .inc_by(outcome.accepted);
+        if let Some(cluster) = &self.cluster {
+            for (peer, spans) in forwards {
+                if let Err(spans) = cluster.forward(&peer, spans) {
+                    // The peer's queue is full: decided here instead.
+                    let _ = self.ingest(
+                        crate::otlp::reframe::encode_verbatim(&spans),
+                        Protocol::Peer,
+                    );
+                }
+            }
+        }
         if let Some((reject, place)) = first_reject {
             outcome.error_message = format!(
                 "{} of {} spans rejected; first at {place}: {reject}",

@@ -47,6 +47,10 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub buffer_limit_bytes: IntGauge,
+    pub cluster_peers: IntGauge,
+    pub cluster_forwarded: IntCounterVec,
+    pub cluster_received: IntCounterVec,
+    pub cluster_forward_failures: IntCounterVec,
     pub decision_delay: Histogram,
     pub early_decision_delay: HistogramVec,
     pub llm_requests: IntCounterVec,
@@ -232,6 +236,31 @@ impl Metrics {
             buffer_limit_bytes: reg!(IntGauge::new(
                 "llmtail_buffer_limit_bytes",
                 "limits.max_buffer_bytes in effect: the hard mark of held span bytes."
+            )),
+            cluster_peers: reg!(IntGauge::new(
+                "llmtail_cluster_peers",
+                "Replicas in this replica's ring, itself included (1 without clustering)."
+            )),
+            cluster_forwarded: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_cluster_spans_forwarded_total",
+                    "Spans forwarded to the replica that owns their trace."
+                ),
+                &["peer"]
+            )),
+            cluster_received: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_cluster_spans_received_total",
+                    "Spans forwarded here by another replica."
+                ),
+                &["peer"]
+            )),
+            cluster_forward_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_cluster_forward_failures_total",
+                    "Forwarded batches a peer did not take (its spans were decided here)."
+                ),
+                &["peer"]
             )),
             decision_delay: reg!(Histogram::with_opts(
                 HistogramOpts::new(

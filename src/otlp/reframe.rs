@@ -145,20 +145,40 @@ fn plan<'a>(kept: &'a KeptSpan, fresh: &'a FreshTraceStates) -> SpanPlan<'a> {
 }
 
 /// Writes `spans` as one encoded `ExportTraceServiceRequest`, grouping spans that share an
-/// [`Origin`] under one `ResourceSpans`/`ScopeSpans`.
+/// [`Origin`] under one `ResourceSpans`/`ScopeSpans`; each span's tracestate carries its
+/// threshold.
 pub fn encode_request(spans: &[KeptSpan]) -> Bytes {
+    let fresh = FreshTraceStates::new(spans);
+    encode_plans(spans.iter().map(|k| (&k.span.origin, plan(k, &fresh))))
+}
+
+/// Writes held spans exactly as they arrived (tracestate untouched, nothing appended): the
+/// request a replica forwards to the trace's owner.
+pub fn encode_verbatim(spans: &[HeldSpan]) -> Bytes {
+    encode_plans(spans.iter().map(|s| {
+        (
+            &s.origin,
+            SpanPlan {
+                before: &s.bytes[..],
+                after: &[],
+                trace_state: Cow::Borrowed(&[][..]),
+                extra: &[],
+            },
+        )
+    }))
+}
+
+fn encode_plans<'a>(items: impl Iterator<Item = (&'a Arc<Origin>, SpanPlan<'a>)>) -> Bytes {
     // Group by origin in first-seen order; a map keeps this linear when a batch gathers
     // spans from thousands of small requests.
     let mut index: HashMap<*const Origin, usize, foldhash::fast::RandomState> = HashMap::default();
-    let fresh = FreshTraceStates::new(spans);
     let mut groups: Vec<(&Arc<Origin>, Vec<SpanPlan<'_>>)> = Vec::new();
-    for kept in spans {
-        let origin = &kept.span.origin;
+    for (origin, plan) in items {
         let i = *index.entry(Arc::as_ptr(origin)).or_insert_with(|| {
             groups.push((origin, Vec::new()));
             groups.len() - 1
         });
-        groups[i].1.push(plan(kept, &fresh));
+        groups[i].1.push(plan);
     }
     // Sizes first, so the request is written into one exactly sized buffer.
     let sizes: Vec<(usize, usize)> = groups

@@ -16,6 +16,7 @@ use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::{NamedService, UnaryService};
 
 use super::auth::{Authenticator, UNAUTHENTICATED};
+use crate::cluster::FORWARDED_HEADER;
 use crate::otlp::codec::{Prost, RawCodec};
 use crate::pipeline::{IngestError, Pipeline, Protocol};
 
@@ -50,7 +51,9 @@ impl NamedService for TraceService {
     const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
 }
 
-struct Export(Arc<Pipeline>);
+/// The pipeline, the protocol to count spans under, and for spans forwarded by a peer the
+/// counter of spans received from it.
+struct Export(Arc<Pipeline>, Protocol, Option<prometheus::IntCounter>);
 
 impl UnaryService<Bytes> for Export {
     type Response = Prost<ExportTraceServiceResponse>;
@@ -58,14 +61,19 @@ impl UnaryService<Bytes> for Export {
 
     fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
         let pipeline = self.0.clone();
+        let protocol = self.1;
+        let from_peer = self.2.clone();
         Box::pin(async move {
             if let Some(why) = pipeline.overloaded() {
-                pipeline.refuse(Protocol::Grpc, why);
+                pipeline.refuse(protocol, why);
                 return Err(Status::unavailable(why.message()));
             }
             let outcome = pipeline
-                .ingest(request.into_inner(), Protocol::Grpc)
+                .ingest(request.into_inner(), protocol)
                 .map_err(|e: IngestError| Status::invalid_argument(e.to_string()))?;
+            if let Some(counter) = from_peer {
+                counter.inc_by(outcome.accepted);
+            }
             let partial_success = (outcome.rejected > 0).then_some(ExportTracePartialSuccess {
                 rejected_spans: outcome.rejected as i64,
                 error_message: outcome.error_message,
@@ -110,7 +118,26 @@ where
             let status = Status::unauthenticated(UNAUTHENTICATED);
             return Box::pin(async move { Ok(status.into_http()) });
         }
-        let export = Export(self.pipeline.clone());
+        // A replica forwarding a trace's spans to this one, its owner: taken here, counted
+        // per sending peer.
+        let forwarded_by = req
+            .headers()
+            .get(FORWARDED_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let (protocol, from_peer) = match (forwarded_by, &self.pipeline.cluster) {
+            (Some(peer), Some(cluster)) => (
+                Protocol::Peer,
+                Some(
+                    self.pipeline
+                        .metrics
+                        .cluster_received
+                        .with_label_values(&[&cluster.peer_label(peer)]),
+                ),
+            ),
+            (Some(_), None) => (Protocol::Peer, None),
+            _ => (Protocol::Grpc, None),
+        };
+        let export = Export(self.pipeline.clone(), protocol, from_peer);
         let max = self.max_request_bytes;
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec::<

@@ -293,10 +293,20 @@ impl Daemon {
         Daemon::launch_with("", http_extra, body, envs)
     }
 
-    /// The receiver and admin part of every test config.
+    /// A daemon whose gRPC receiver listens on `grpc_port` (for peers that must know it).
+    pub fn start_at(grpc_port: u16, body: &str) -> Daemon {
+        Daemon::launch_with(&format!("@{grpc_port}"), "", body, &[])
+    }
+
+    /// The receiver and admin part of every test config; a `grpc_extra` of `@PORT` fixes
+    /// the gRPC port.
     fn prefix(grpc_extra: &str, http_extra: &str) -> String {
+        let (port, grpc_extra) = match grpc_extra.strip_prefix('@') {
+            Some(port) => (port, ""),
+            None => ("0", grpc_extra),
+        };
         format!(
-            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n"
+            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:{port}\n    max_request_bytes: 1000000\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n"
         )
     }
 

@@ -1,0 +1,470 @@
+//! Trace-aware sharding across replicas, with no extra tier and no datastore.
+//!
+//! Members come from `cluster.peers` or from the address records of `cluster.dns` (a
+//! headless Service), re-read every `refresh_interval`. Each trace id is owned by one
+//! member, chosen by rendezvous hashing (the member with the highest score for the id), so
+//! every replica with the same member list routes a trace to the same place and a change
+//! of membership moves only the traces of the members that came or went. Spans of traces
+//! another member owns are forwarded to it over OTLP/gRPC in batches, marked with the
+//! `x-llmtail-forwarded` header; a request carrying it is always taken locally, so no
+//! span is forwarded twice even while members disagree about the ring. A peer that cannot
+//! take forwarded spans is left out of the ring for `peer_retry_interval`, and the spans
+//! meant for it are taken locally: traces in flight are decided where their spans are, and
+//! base-rate decisions agree everywhere because they are consistent-probability decisions.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prometheus::IntCounter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ClusterConfig, Compression, Dur, ExportProtocol, OtlpExporterConfig};
+use crate::exporter::SendError;
+use crate::exporter::otlp::OtlpGrpcSink;
+use crate::otlp::TraceId;
+use crate::otlp::reframe::{HeldSpan, encode_verbatim};
+use crate::telemetry::Metrics;
+
+/// The header that marks a request as forwarded by a replica; its value is the sender.
+pub const FORWARDED_HEADER: &str = "x-llmtail-forwarded";
+/// Forwarded spans are sent in batches of at most this many spans…
+const FORWARD_BATCH_SPANS: usize = 2048;
+/// …or this long after the first span of a batch.
+const FORWARD_BATCH_TIMEOUT: Duration = Duration::from_millis(20);
+/// Attempts per batch before the peer is taken out of the ring.
+const FORWARD_ATTEMPTS: u32 = 3;
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A stable 64-bit hash (FNV-1a): every replica must compute the same ring.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64's finaliser: a well-mixed score from member and trace hashes.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    addr: Arc<str>,
+    hash: u64,
+}
+
+/// The members in force, sorted by address; `me` indexes this replica.
+#[derive(Debug)]
+pub struct Ring {
+    members: Vec<Member>,
+    me: usize,
+}
+
+impl Ring {
+    fn new(mut addrs: Vec<String>, me: &str) -> Ring {
+        if !addrs.iter().any(|a| a == me) {
+            addrs.push(me.to_owned());
+        }
+        addrs.sort();
+        addrs.dedup();
+        let members: Vec<Member> = addrs
+            .into_iter()
+            .map(|a| Member {
+                hash: fnv(a.as_bytes()),
+                addr: Arc::from(a),
+            })
+            .collect();
+        let me = members
+            .iter()
+            .position(|m| &*m.addr == me)
+            .expect("self is a member");
+        Ring { members, me }
+    }
+
+    /// The member that owns `trace` (rendezvous hashing).
+    pub fn owner(&self, trace: &TraceId) -> usize {
+        let key = u64::from_le_bytes(trace.0[..8].try_into().expect("8 bytes"))
+            ^ u64::from_le_bytes(trace.0[8..].try_into().expect("8 bytes"));
+        let mut best = (0, 0u64);
+        for (i, m) in self.members.iter().enumerate() {
+            let score = mix(key ^ m.hash);
+            if i == 0 || score > best.1 {
+                best = (i, score);
+            }
+        }
+        best.0
+    }
+
+    /// The owner's address when it is another replica.
+    pub fn elsewhere(&self, trace: &TraceId) -> Option<&Arc<str>> {
+        let owner = self.owner(trace);
+        (owner != self.me).then(|| &self.members[owner].addr)
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// One peer's forwarding queue.
+struct Forwarder {
+    tx: mpsc::UnboundedSender<Vec<HeldSpan>>,
+    queued: Arc<AtomicUsize>,
+}
+
+pub struct Cluster {
+    me: String,
+    cfg: ClusterConfig,
+    ring: ArcSwap<Ring>,
+    /// Members as configured or last resolved.
+    known: Mutex<Vec<String>>,
+    /// Peers out of the ring until the given time.
+    down: Mutex<HashMap<String, Instant>>,
+    forwarders: Mutex<HashMap<Arc<str>, Forwarder>>,
+    /// Spans a peer could not take, handed back to be taken here.
+    fallback: mpsc::UnboundedSender<Bytes>,
+    /// A bearer token for peers that require one (the first of `receiver.auth`).
+    auth_header: Option<String>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Starts clustering; spans that cannot be forwarded arrive on the returned receiver,
+    /// encoded as a request, to be taken locally.
+    pub fn new(
+        cfg: &ClusterConfig,
+        auth_token: Option<&str>,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Cluster>, mpsc::UnboundedReceiver<Bytes>) {
+        let me = cfg.self_address.clone().unwrap_or_default();
+        let (fallback, rx) = mpsc::unbounded_channel();
+        let known = cfg.peers.clone();
+        let cluster = Arc::new(Cluster {
+            ring: ArcSwap::from_pointee(Ring::new(known.clone(), &me)),
+            me,
+            cfg: cfg.clone(),
+            known: Mutex::new(known),
+            down: Mutex::new(HashMap::new()),
+            forwarders: Mutex::new(HashMap::new()),
+            fallback,
+            auth_header: auth_token.map(|t| format!("Bearer {t}")),
+            metrics,
+            stop: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        cluster.publish();
+        (cluster, rx)
+    }
+
+    pub fn ring(&self) -> arc_swap::Guard<Arc<Ring>> {
+        self.ring.load()
+    }
+
+    /// The address a request's forwarded header names, if it is a known member (the
+    /// label of `llmtail_cluster_spans_received_total`; anything else is `unknown`).
+    pub fn peer_label(&self, sender: &str) -> String {
+        if self.known.lock().iter().any(|k| k == sender) {
+            sender.to_owned()
+        } else {
+            "unknown".to_owned()
+        }
+    }
+
+    fn publish(&self) {
+        self.metrics
+            .cluster_peers
+            .set(self.ring.load().len() as i64);
+    }
+
+    /// Rebuilds the ring from the known members minus those marked down.
+    fn rebuild(&self) {
+        let now = Instant::now();
+        let mut down = self.down.lock();
+        down.retain(|_, until| *until > now);
+        let members: Vec<String> = self
+            .known
+            .lock()
+            .iter()
+            .filter(|a| !down.contains_key(*a))
+            .cloned()
+            .collect();
+        drop(down);
+        let ring = Ring::new(members, &self.me);
+        let changed = {
+            let old = self.ring.load();
+            old.members.len() != ring.members.len()
+                || old
+                    .members
+                    .iter()
+                    .zip(&ring.members)
+                    .any(|(a, b)| a.addr != b.addr)
+        };
+        if changed {
+            tracing::info!(
+                members = ?ring.members.iter().map(|m| &*m.addr).collect::<Vec<_>>(),
+                "cluster ring changed"
+            );
+            self.ring.store(Arc::new(ring));
+            self.publish();
+        }
+    }
+
+    /// Takes `peer` out of the ring for `peer_retry_interval`.
+    fn mark_down(&self, peer: &str) {
+        self.down.lock().insert(
+            peer.to_owned(),
+            Instant::now() + self.cfg.peer_retry_interval.0,
+        );
+        self.rebuild();
+    }
+
+    /// Re-resolves `cluster.dns` and lets peers back in, every `refresh_interval`.
+    pub async fn refresh(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.cfg.refresh_interval.0);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if let Some(name) = &self.cfg.dns {
+                match tokio::net::lookup_host(name.as_str()).await {
+                    Ok(addrs) => {
+                        let mut found: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                        found.sort();
+                        found.dedup();
+                        *self.known.lock() = found;
+                    }
+                    Err(e) => {
+                        tracing::warn!(dns = %name, error = %e, "cannot resolve the cluster's peers; keeping the last members");
+                    }
+                }
+            }
+            self.rebuild();
+        }
+    }
+
+    /// Queues spans for `peer`; what its queue cannot take is handed back (taken here).
+    pub fn forward(
+        self: &Arc<Self>,
+        peer: &Arc<str>,
+        spans: Vec<HeldSpan>,
+    ) -> Result<(), Vec<HeldSpan>> {
+        let n = spans.len();
+        let mut forwarders = self.forwarders.lock();
+        let f = match forwarders.get(peer) {
+            Some(f) => f,
+            None => match self.start_forwarder(peer) {
+                Some(f) => forwarders.entry(peer.clone()).or_insert(f),
+                None => return Err(spans),
+            },
+        };
+        let admitted = f
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + n <= self.cfg.forward_queue_spans).then_some(q + n)
+            })
+            .is_ok();
+        if !admitted {
+            return Err(spans);
+        }
+        f.tx.send(spans).map_err(|e| e.0)
+    }
+
+    fn start_forwarder(self: &Arc<Self>, peer: &Arc<str>) -> Option<Forwarder> {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert(FORWARDED_HEADER.to_owned(), self.me.clone());
+        if let Some(auth) = &self.auth_header {
+            headers.insert("authorization".to_owned(), auth.clone());
+        }
+        let sink = OtlpGrpcSink::new(&OtlpExporterConfig {
+            endpoint: format!("http://{peer}"),
+            protocol: ExportProtocol::Grpc,
+            timeout: Dur(FORWARD_TIMEOUT),
+            compression: Compression::None,
+            headers,
+            tls: Default::default(),
+        });
+        let sink = match sink {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(peer = %peer, error = %e, "cannot forward to peer");
+                return None;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(run_forwarder(
+            self.clone(),
+            peer.clone(),
+            sink,
+            rx,
+            queued.clone(),
+        ));
+        self.tasks.lock().push(task);
+        Some(Forwarder { tx, queued })
+    }
+
+    /// Sends what is queued for every peer and stops (shutdown); spans that cannot be
+    /// sent go to the fallback, to be decided here.
+    pub async fn flush(&self) {
+        self.stop.cancel();
+        self.forwarders.lock().clear();
+        let tasks = std::mem::take(&mut *self.tasks.lock());
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+async fn run_forwarder(
+    cluster: Arc<Cluster>,
+    peer: Arc<str>,
+    sink: OtlpGrpcSink,
+    mut rx: mpsc::UnboundedReceiver<Vec<HeldSpan>>,
+    queued: Arc<AtomicUsize>,
+) {
+    let forwarded = cluster
+        .metrics
+        .cluster_forwarded
+        .with_label_values(&[&peer]);
+    let failures = cluster
+        .metrics
+        .cluster_forward_failures
+        .with_label_values(&[&peer]);
+    let mut pending: Vec<HeldSpan> = Vec::new();
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        let closed = tokio::select! {
+            item = rx.recv() => match item {
+                Some(spans) => {
+                    if pending.is_empty() {
+                        deadline = tokio::time::Instant::now() + FORWARD_BATCH_TIMEOUT;
+                    }
+                    pending.extend(spans);
+                    if pending.len() < FORWARD_BATCH_SPANS {
+                        continue;
+                    }
+                    false
+                }
+                None => true,
+            },
+            () = tokio::time::sleep_until(deadline), if !pending.is_empty() => false,
+        };
+        while !pending.is_empty() {
+            let rest = pending.split_off(pending.len().min(FORWARD_BATCH_SPANS));
+            let batch = std::mem::replace(&mut pending, rest);
+            let n = batch.len();
+            send_batch(&cluster, &peer, &sink, batch, &forwarded, &failures).await;
+            queued.fetch_sub(n, Ordering::AcqRel);
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn send_batch(
+    cluster: &Cluster,
+    peer: &str,
+    sink: &OtlpGrpcSink,
+    batch: Vec<HeldSpan>,
+    forwarded: &IntCounter,
+    failures: &IntCounter,
+) {
+    let request = encode_verbatim(&batch);
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1..=FORWARD_ATTEMPTS {
+        match sink.send(request.clone()).await {
+            Ok(_) => {
+                forwarded.inc_by(batch.len() as u64);
+                return;
+            }
+            Err(SendError::Retryable(msg, _)) if attempt < FORWARD_ATTEMPTS => {
+                tracing::debug!(peer, error = %msg, attempt, "forwarding failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => {
+                failures.inc();
+                tracing::warn!(peer, spans = batch.len(), error = %e, "peer cannot take forwarded spans; taking them here and leaving it out of the ring for a while");
+                cluster.mark_down(peer);
+                break;
+            }
+        }
+    }
+    // Decided here, with whatever else of their traces arrives here.
+    let _ = cluster.fallback.send(request);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<TraceId> {
+        (0..n as u64)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..8].copy_from_slice(&mix(i + 1).to_le_bytes());
+                id[8..].copy_from_slice(&mix(i + 1_000_000).to_le_bytes());
+                TraceId(id)
+            })
+            .collect()
+    }
+
+    fn ring(members: &[&str], me: &str) -> Ring {
+        Ring::new(members.iter().map(|s| s.to_string()).collect(), me)
+    }
+
+    #[test]
+    fn every_replica_computes_the_same_owner() {
+        let members = ["10.0.0.1:4317", "10.0.0.2:4317", "10.0.0.3:4317"];
+        let rings: Vec<Ring> = members.iter().map(|me| ring(&members, me)).collect();
+        for id in ids(1000) {
+            let owners: Vec<&str> = rings
+                .iter()
+                .map(|r| &*r.members[r.owner(&id)].addr)
+                .collect();
+            assert!(owners.windows(2).all(|w| w[0] == w[1]), "{owners:?}");
+            // Exactly one replica keeps it; the others forward it.
+            assert_eq!(
+                rings.iter().filter(|r| r.elsewhere(&id).is_none()).count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn shares_are_even_and_a_leaving_member_moves_only_its_own_traces() {
+        let three = ring(&["a:1", "b:1", "c:1"], "a:1");
+        let two = ring(&["a:1", "b:1"], "a:1");
+        let ids = ids(30_000);
+        let mut share = [0usize; 3];
+        for id in &ids {
+            share[three.owner(id)] += 1;
+        }
+        for s in share {
+            assert!((9_000..11_000).contains(&s), "{share:?}");
+        }
+        for id in &ids {
+            let before = &three.members[three.owner(id)].addr;
+            let after = &two.members[two.owner(id)].addr;
+            if &**before != "c:1" {
+                assert_eq!(before, after, "a trace of a staying member moved");
+            }
+        }
+    }
+}
