@@ -292,7 +292,7 @@ async fn main() {
             exits.push(code);
             daemon = start_daemon(&args.binary, dir.path(), grpc, admin, sink_port);
         }
-        if t % 10 == 0 {
+        if t.is_multiple_of(10) {
             let rss = rss_mb(daemon.child.id());
             rss_samples.push(rss);
             println!(
