@@ -156,6 +156,9 @@ pub struct Held {
     pub bytes: usize,
 }
 
+/// Memory relief never decides a trace that arrived less than this long ago.
+pub const MIN_HOLD: Duration = Duration::from_millis(250);
+
 /// Bookkeeping memory per held trace beyond its spans' wire bytes (map entry, summary,
 /// deadline and arrival records), and per held span (its slice, origin and tracestate
 /// position). Measured by `llmtail-bench`: ~955 bytes per 4-span trace in all.
@@ -340,14 +343,30 @@ impl TraceBuffer {
     }
 
     fn evict_oldest(&self, shard: &mut Shard, now: Instant) -> Option<DecidedTrace> {
-        while let Some((first_seen, id)) = shard.arrivals.pop_front() {
-            if shard
+        self.evict_oldest_before(shard, now, now)
+    }
+
+    /// Decides the shard's oldest held trace if it arrived before `cutoff`.
+    fn evict_oldest_before(
+        &self,
+        shard: &mut Shard,
+        cutoff: Instant,
+        now: Instant,
+    ) -> Option<DecidedTrace> {
+        while let Some((first_seen, id)) = shard.arrivals.front().copied() {
+            if !shard
                 .traces
                 .get(&id)
                 .is_some_and(|e| e.first_seen == first_seen)
             {
-                return Some(self.decide(shard, id, now, DecideReason::Pressure));
+                shard.arrivals.pop_front();
+                continue;
             }
+            if first_seen > cutoff {
+                return None;
+            }
+            shard.arrivals.pop_front();
+            return Some(self.decide(shard, id, now, DecideReason::Pressure));
         }
         None
     }
@@ -416,7 +435,9 @@ impl TraceBuffer {
 
     /// Decides the oldest traces early, a shard at a time in turn (trace ids spread evenly
     /// over shards, so each shard's oldest are close to the oldest overall), until the
-    /// held memory is at most `target`. Returns what is held afterwards.
+    /// held memory is at most `target`. Traces younger than [`MIN_HOLD`] are left alone:
+    /// their spans may still be arriving (a request is added span by span while this runs),
+    /// and past the hard mark receivers refuse instead. Returns what is held afterwards.
     pub fn relieve(
         &self,
         mut held: Held,
@@ -424,11 +445,12 @@ impl TraceBuffer {
         now: Instant,
         out: &mut Vec<DecidedTrace>,
     ) -> Held {
+        let cutoff = now.checked_sub(MIN_HOLD).unwrap_or(now);
         while held.memory() > target && held.traces > 0 {
             let before = held;
             for shard in self.shards.iter() {
                 let mut shard = shard.lock();
-                if let Some(t) = self.evict_oldest(&mut shard, now) {
+                if let Some(t) = self.evict_oldest_before(&mut shard, cutoff, now) {
                     held.traces -= 1;
                     held.spans -= t.spans.len();
                     held.bytes -= t.bytes;
@@ -625,6 +647,11 @@ mod tests {
         assert_eq!(held.traces, 200);
         assert_eq!(held.memory(), 200 * (10 + TRACE_OVERHEAD + SPAN_OVERHEAD));
         let target = held.memory() / 2;
+        // Traces younger than MIN_HOLD may still be arriving: not decided, whatever the
+        // pressure.
+        let young = b.relieve(held, 0, t0 + Duration::from_millis(100), &mut ev);
+        assert_eq!(young, held);
+        assert!(ev.is_empty());
         let after = b.relieve(held, target, t0 + Duration::from_secs(1), &mut ev);
         assert!(after.memory() <= target, "{after:?}");
         assert_eq!(after, b.held());
