@@ -29,9 +29,11 @@ fn normal_spans(rng: &mut StdRng, traces: usize) -> Vec<Span> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_limits_decide_early_then_refuse_until_the_upstream_drains() {
-    let port = free_port();
+    let sink = Sink::start(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
     let config = format!(
-        "sampling:\n  decision_wait: 60s\n  root_grace: 60s\n  base_rate: 1.0\nlimits:\n  max_buffer_bytes: 2MiB\n  soft_mark: 0.5\nexporter:\n  otlp:\n    endpoint: http://127.0.0.1:{port}\n  batch:\n    timeout: 50ms\n  queue:\n    max_spans: 1000000\n  retry:\n    initial_interval: 100ms\n    max_interval: 200ms\n"
+        "sampling:\n  decision_wait: 60s\n  root_grace: 60s\n  base_rate: 1.0\nlimits:\n  max_buffer_bytes: 2MiB\n  soft_mark: 0.5\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n  queue:\n    max_spans: 1000000\n  retry:\n    initial_interval: 100ms\n    max_interval: 200ms\n",
+        sink.endpoint()
     );
     let daemon = Daemon::start(&config);
     let mut client = client(&daemon.endpoint()).await;
@@ -82,7 +84,7 @@ async fn memory_limits_decide_early_then_refuse_until_the_upstream_drains() {
     assert!(headers.contains_key("retry-after"));
 
     // The upstream comes back: the queue drains, memory falls, data is accepted again.
-    let sink = Sink::start(port).await;
+    sink.set_mode(SINK_OK);
     let mut accepted_again = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;

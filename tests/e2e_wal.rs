@@ -11,9 +11,10 @@ use llmtail::loadgen::{self, Kind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-fn config(port: u16, wal: &std::path::Path, extra: &str) -> String {
+fn config(sink: &Sink, wal: &std::path::Path, extra: &str) -> String {
     format!(
-        "sampling:\n  decision_wait: 2s\n  root_grace: 100ms\n  base_rate: 0.0\n  policies:\n    - {{name: errors, type: error}}\nexporter:\n  otlp:\n    endpoint: http://127.0.0.1:{port}\n  batch:\n    timeout: 50ms\n  queue:\n    directory: {}\n{extra}  retry:\n    initial_interval: 100ms\n    max_interval: 300ms\nshutdown_timeout: 2s\n",
+        "sampling:\n  decision_wait: 2s\n  root_grace: 100ms\n  base_rate: 0.0\n  policies:\n    - {{name: errors, type: error}}\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n  queue:\n    directory: {}\n{extra}  retry:\n    initial_interval: 100ms\n    max_interval: 300ms\nshutdown_timeout: 2s\n",
+        sink.endpoint(),
         wal.display()
     )
 }
@@ -36,9 +37,11 @@ async fn send_errors(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_traces_survive_kill_9_and_a_graceful_stop_while_the_upstream_is_down() {
-    let port = free_port();
+    // The upstream is down (UNAVAILABLE) until step 3.
+    let sink = Sink::start(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
     let wal = tempfile::tempdir().unwrap();
-    let cfg = config(port, wal.path(), "");
+    let cfg = config(&sink, wal.path(), "");
 
     // 1. Upstream down; 20 error traces decided and written ahead; then kill -9.
     let d = Daemon::start(&cfg);
@@ -66,7 +69,7 @@ async fn kept_traces_survive_kill_9_and_a_graceful_stop_while_the_upstream_is_do
     drop(d);
 
     // 3. Upstream back, restart: every kept trace arrives whole, once.
-    let sink = Sink::start(port).await;
+    sink.set_mode(SINK_OK);
     let d = Daemon::start(&cfg);
     assert_eq!(sink.wait_for_spans(120, Duration::from_secs(15)).await, 120);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -84,10 +87,11 @@ async fn kept_traces_survive_kill_9_and_a_graceful_stop_while_the_upstream_is_do
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_log_counts_the_loss_and_says_so_once() {
-    let port = free_port();
+    let sink = Sink::start(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
     let wal = tempfile::tempdir().unwrap();
     // Room for a few 4-span records only.
-    let d = Daemon::start(&config(port, wal.path(), "    max_disk_bytes: 4KiB\n"));
+    let d = Daemon::start(&config(&sink, wal.path(), "    max_disk_bytes: 4KiB\n"));
     send_errors(&d, 33, 30).await;
     let m = d
         .wait_metrics(Duration::from_secs(10), |m| {

@@ -69,6 +69,9 @@ pub fn validate(yaml: &str) -> (Option<i32>, String) {
 pub const SINK_OK: u32 = 0;
 /// Every request is refused with INVALID_ARGUMENT (a permanent error).
 pub const SINK_INVALID_ARGUMENT: u32 = 1;
+/// Every request is refused with UNAVAILABLE: the upstream is down (retryable). Tests use
+/// this rather than a closed port, which another test's server could take meanwhile.
+pub const SINK_UNAVAILABLE: u32 = 2;
 
 /// One misbehaviour of the sink, taken by the next call (see `Sink::fault_next`).
 #[derive(Clone, Debug)]
@@ -98,8 +101,12 @@ impl TraceService for SinkState {
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.call_times.lock().unwrap().push(Instant::now());
-        if self.mode.load(Ordering::SeqCst) == SINK_INVALID_ARGUMENT {
-            return Err(tonic::Status::invalid_argument("sink refuses everything"));
+        match self.mode.load(Ordering::SeqCst) {
+            SINK_INVALID_ARGUMENT => {
+                return Err(tonic::Status::invalid_argument("sink refuses everything"));
+            }
+            SINK_UNAVAILABLE => return Err(tonic::Status::unavailable("sink is down")),
+            _ => {}
         }
         let fault = self.faults.lock().unwrap().pop_front();
         let mut response = ExportTraceServiceResponse::default();
