@@ -354,11 +354,12 @@ impl TraceBuffer {
         now: Instant,
     ) -> Option<DecidedTrace> {
         while let Some((first_seen, id)) = shard.arrivals.front().copied() {
-            if !shard
+            let held = shard
                 .traces
                 .get(&id)
-                .is_some_and(|e| e.first_seen == first_seen)
-            {
+                .is_some_and(|e| e.first_seen == first_seen);
+            if !held {
+                // A record of a trace decided since: skip it.
                 shard.arrivals.pop_front();
                 continue;
             }
