@@ -290,13 +290,17 @@ impl Cluster {
         if let Some(auth) = &self.auth_header {
             headers.insert("authorization".to_owned(), auth.clone());
         }
+        let (scheme, tls) = match &self.cfg.tls {
+            Some(tls) => ("https", tls.clone()),
+            None => ("http", Default::default()),
+        };
         let sink = OtlpGrpcSink::new(&OtlpExporterConfig {
-            endpoint: format!("http://{peer}"),
+            endpoint: format!("{scheme}://{peer}"),
             protocol: ExportProtocol::Grpc,
             timeout: Dur(FORWARD_TIMEOUT),
             compression: Compression::None,
             headers,
-            tls: Default::default(),
+            tls,
         });
         let sink = match sink {
             Ok(s) => s,

@@ -93,6 +93,10 @@ pub struct ClusterConfig {
     pub peer_retry_interval: Dur,
     /// Spans waiting to be forwarded to one peer; past it they are kept here instead.
     pub forward_queue_spans: usize,
+    /// TLS towards peers (whose gRPC receivers serve TLS): the CA to trust and, for mutual
+    /// TLS, this replica's client certificate. Peers are addressed by IP, so their
+    /// certificates need IP subject alternative names.
+    pub tls: Option<TlsClientConfig>,
 }
 
 impl Default for ClusterConfig {
@@ -104,6 +108,7 @@ impl Default for ClusterConfig {
             refresh_interval: Dur(Duration::from_secs(5)),
             peer_retry_interval: Dur(Duration::from_secs(10)),
             forward_queue_spans: 100_000,
+            tls: None,
         }
     }
 }
@@ -1329,6 +1334,13 @@ impl Config {
                 ),
             }
         }
+        if cfg.cluster.enabled() && cfg.receiver.grpc.tls.is_some() && cfg.cluster.tls.is_none() {
+            report(
+                vec!["cluster".into()],
+                "receiver.grpc serves TLS, so peers must be reached over TLS: set cluster.tls (ca_file, and cert_file/key_file for mutual TLS)".into(),
+                &mut problems,
+            );
+        }
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -1758,6 +1770,53 @@ exporter:
             (l as f64 * BUFFER_SHARE_OF_CGROUP) as usize
         });
         assert_eq!(default.limits.buffer_bytes(), expected);
+    }
+
+    #[test]
+    fn cluster_keys_are_validated() {
+        let errs = |text: &str| -> Vec<String> {
+            Config::parse(text)
+                .unwrap_err()
+                .0
+                .into_iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect()
+        };
+        let e =
+            errs("cluster:\n  peers: [a:1, nope]\n  dns: x:4317\nexporter:\n  file: {path: x}\n");
+        assert!(e.iter().any(|m| m.starts_with("cluster.peers[1]")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.starts_with("cluster.dns: use either")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|m| m.starts_with("cluster.self: required")),
+            "{e:?}"
+        );
+        let e = errs("cluster:\n  peers: [a:1, b:1]\n  self: c:1\nexporter:\n  file: {path: x}\n");
+        assert!(
+            e.iter().any(|m| m.contains("must be one of peers")),
+            "{e:?}"
+        );
+        let e = errs(
+            "receiver:\n  grpc:\n    tls: {cert_file: Cargo.toml, key_file: Cargo.toml}\ncluster:\n  dns: peers:4317\n  self: 10.0.0.1:4317\nexporter:\n  file: {path: x}\n",
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("cluster: receiver.grpc serves TLS")),
+            "{e:?}"
+        );
+        let ok = Config::parse(
+            "cluster:\n  dns: peers:4317\n  self: 10.0.0.1:4317\nexporter:\n  file: {path: x}\n",
+        )
+        .unwrap();
+        assert!(ok.cluster.enabled());
+        assert!(
+            !Config::parse("exporter:\n  file: {path: x}\n")
+                .unwrap()
+                .cluster
+                .enabled()
+        );
     }
 
     #[test]

@@ -182,3 +182,79 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
     assert_eq!(lost, 0.0);
     assert!(sink.spans().len() >= before + want2.len() * 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_forward_to_each_other_over_mutual_tls_with_a_token() {
+    let pki = Pki::new();
+    let sink = Sink::start(0).await;
+    let ports = [free_port(), free_port()];
+    let token = "peer-token-0123456789abcdef";
+    let grpc_tls = format!(
+        "    tls:\n      cert_file: {}\n      key_file: {}\n      client_ca_file: {}\n",
+        pki.path("server.pem"),
+        pki.path("server-key.pem"),
+        pki.path("ca.pem"),
+    );
+    let auth = format!("  auth:\n    bearer_tokens: [\"{token}\"]\n");
+    let cluster_tls = format!(
+        "  tls:\n    ca_file: {}\n    cert_file: {}\n    key_file: {}\n",
+        pki.path("ca.pem"),
+        pki.path("client.pem"),
+        pki.path("client-key.pem"),
+    );
+    let replicas: Vec<Daemon> = ports
+        .iter()
+        .map(|p| {
+            let body = config(&sink, &ports, *p).replace(
+                "  peer_retry_interval: 60s\n",
+                &format!("  peer_retry_interval: 60s\n{cluster_tls}"),
+            );
+            Daemon::start_at_with(*p, &grpc_tls, &auth, &body)
+        })
+        .collect();
+    let mut rng = StdRng::seed_from_u64(43);
+    let traces = generate(&mut rng, 100);
+    let mut clients = Vec::new();
+    for d in &replicas {
+        clients.push(mtls_client(d, &pki, true).await.expect("mTLS"));
+    }
+    for chunk in traces.chunks(20) {
+        let mut per: Vec<Vec<Span>> = vec![Vec::new(); 2];
+        for span in chunk.iter().flat_map(|t| &t.spans) {
+            per[rng.random_range(0..2)].push(span.clone());
+        }
+        for (c, spans) in clients.iter_mut().zip(per) {
+            let mut req = tonic::Request::new(loadgen::request(spans));
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            c.export(req).await.unwrap();
+        }
+    }
+    let want = expected(&traces);
+    assert_eq!(
+        sink.wait_for_spans(want.len() * 4, Duration::from_secs(20))
+            .await,
+        want.len() * 4
+    );
+    let got = arrived(&sink);
+    assert_eq!(got.keys().cloned().collect::<HashSet<_>>(), want);
+    assert!(got.values().all(|n| *n == 4));
+    let m: Vec<Metrics> = replicas.iter().map(|d| d.metrics()).collect();
+    let forwarded: f64 = m
+        .iter()
+        .map(|m| m.sum("llmtail_cluster_spans_forwarded_total", &[]))
+        .sum();
+    assert!(forwarded > 0.0);
+    assert_eq!(
+        m.iter()
+            .map(|m| m.sum("llmtail_cluster_forward_failures_total", &[]))
+            .sum::<f64>(),
+        0.0
+    );
+    assert_eq!(
+        m.iter()
+            .map(|m| m.sum("llmtail_auth_failures_total", &[]))
+            .sum::<f64>(),
+        0.0
+    );
+}

@@ -9,12 +9,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use llmtail::loadgen::{self, Kind};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const TOKEN: &str = "tok-0123456789abcdef-secret";
 const API_KEY: &str = "key-fedcba9876543210-secret";
@@ -39,28 +37,6 @@ fn body(sink: &Sink) -> String {
 
 fn auth_yaml() -> String {
     format!("  auth:\n    bearer_tokens: [\"{TOKEN}\"]\n    api_keys: [\"{API_KEY}\"]\n")
-}
-
-async fn mtls_client(
-    d: &Daemon,
-    pki: &Pki,
-    with_cert: bool,
-) -> Result<TraceServiceClient<Channel>, tonic::transport::Error> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
-        .domain_name("localhost");
-    if with_cert {
-        tls = tls.identity(Identity::from_pem(
-            std::fs::read(pki.path("client.pem")).unwrap(),
-            std::fs::read(pki.path("client-key.pem")).unwrap(),
-        ));
-    }
-    let channel = Channel::from_shared(format!("https://localhost:{}", d.grpc.port()))
-        .unwrap()
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    Ok(TraceServiceClient::new(channel))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -305,11 +305,21 @@ impl Daemon {
         Daemon::launch_with(&format!("@{grpc_port}"), "", body, &[])
     }
 
+    /// Like `start_at`, with extra receiver keys as in `start_receivers`.
+    pub fn start_at_with(grpc_port: u16, grpc_extra: &str, http_extra: &str, body: &str) -> Daemon {
+        Daemon::launch_with(
+            &format!("@{grpc_port}\n{grpc_extra}"),
+            http_extra,
+            body,
+            &[],
+        )
+    }
+
     /// The receiver and admin part of every test config; a `grpc_extra` of `@PORT` fixes
     /// the gRPC port.
     fn prefix(grpc_extra: &str, http_extra: &str) -> String {
         let (port, grpc_extra) = match grpc_extra.strip_prefix('@') {
-            Some(port) => (port, ""),
+            Some(rest) => rest.split_once('\n').unwrap_or((rest, "")),
             None => ("0", grpc_extra),
         };
         format!(
@@ -756,4 +766,29 @@ impl Drop for HttpSink {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An OTLP/gRPC client over TLS to the daemon's gRPC receiver, trusting the PKI's CA, with
+/// the PKI's client certificate when `with_cert` (mutual TLS).
+pub async fn mtls_client(
+    d: &Daemon,
+    pki: &Pki,
+    with_cert: bool,
+) -> Result<TraceServiceClient<tonic::transport::Channel>, tonic::transport::Error> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca_pem))
+        .domain_name("localhost");
+    if with_cert {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(pki.path("client.pem")).unwrap(),
+            std::fs::read(pki.path("client-key.pem")).unwrap(),
+        ));
+    }
+    let channel = Channel::from_shared(format!("https://localhost:{}", d.grpc.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    Ok(TraceServiceClient::new(channel))
 }
