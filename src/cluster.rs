@@ -41,6 +41,23 @@ const FORWARD_BATCH_TIMEOUT: Duration = Duration::from_millis(20);
 const FORWARD_ATTEMPTS: u32 = 3;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A member address in the form resolved addresses take (`SocketAddr` display): an IPv6
+/// host written without brackets (`fd00::7:4317`, as `${env:POD_IP}:4317` gives) gets them.
+pub fn normalize(addr: &str) -> String {
+    if let Ok(a) = addr.parse::<std::net::SocketAddr>() {
+        return a.to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if host.contains(':') && !host.starts_with('[') => {
+            match format!("[{host}]:{port}").parse::<std::net::SocketAddr>() {
+                Ok(a) => a.to_string(),
+                Err(_) => addr.to_owned(),
+            }
+        }
+        _ => addr.to_owned(),
+    }
+}
+
 /// A stable 64-bit hash (FNV-1a): every replica must compute the same ring.
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -150,9 +167,9 @@ impl Cluster {
         auth_token: Option<&str>,
         metrics: Arc<Metrics>,
     ) -> (Arc<Cluster>, mpsc::UnboundedReceiver<Bytes>) {
-        let me = cfg.self_address.clone().unwrap_or_default();
+        let me = normalize(cfg.self_address.as_deref().unwrap_or_default());
         let (fallback, rx) = mpsc::unbounded_channel();
-        let known = cfg.peers.clone();
+        let known: Vec<String> = cfg.peers.iter().map(|p| normalize(p)).collect();
         let cluster = Arc::new(Cluster {
             ring: ArcSwap::from_pointee(Ring::new(known.clone(), &me)),
             me,
@@ -431,6 +448,14 @@ mod tests {
 
     fn ring(members: &[&str], me: &str) -> Ring {
         Ring::new(members.iter().map(|s| s.to_string()).collect(), me)
+    }
+
+    #[test]
+    fn addresses_are_compared_in_one_form() {
+        assert_eq!(normalize("fd00::7:4317"), "[fd00::7]:4317");
+        assert_eq!(normalize("[fd00::7]:4317"), "[fd00::7]:4317");
+        assert_eq!(normalize("10.0.0.1:4317"), "10.0.0.1:4317");
+        assert_eq!(normalize("llmtail-0.peers:4317"), "llmtail-0.peers:4317");
     }
 
     #[test]

@@ -149,7 +149,12 @@ impl ClusterConfig {
             Some(me) => {
                 if let Some(m) = host_port_problem(me) {
                     p.push(("self".into(), m));
-                } else if !self.peers.is_empty() && !self.peers.contains(me) {
+                } else if !self.peers.is_empty()
+                    && !self
+                        .peers
+                        .iter()
+                        .any(|p| crate::cluster::normalize(p) == crate::cluster::normalize(me))
+                {
                     p.push(("self".into(), format!("{me:?} must be one of peers")));
                 }
             }
