@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use parking_lot::Mutex;
 
 use crate::otlp::TraceId;
-use crate::otlp::reframe::HeldSpan;
+use std::sync::Arc;
+
+use crate::otlp::reframe::{HeldSpan, Origin};
 use crate::otlp::tracestate::Threshold;
 use crate::sampler::{Decision, Sampler, SpanStats, TraceSummary};
 
@@ -132,6 +134,37 @@ struct TraceEntry {
     summary: TraceSummary,
     spans: Vec<HeldSpan>,
     bytes: usize,
+    /// Its spans own their bytes (see [`COMPACT_AFTER`]); later spans are copied too.
+    detached: bool,
+}
+
+/// Held spans are slices of the request they arrived in, so one trace held long would keep
+/// its whole request alive after the request's other traces are decided. A trace held this
+/// long gets its spans (and their resource and scope) copied out, once; the memory limit
+/// then counts what is really held.
+pub const COMPACT_AFTER: Duration = Duration::from_secs(2);
+
+/// Origins copied during one detaching pass, by the original's address: spans of one
+/// request detached together share one copy. The original is kept alive for the pass, so
+/// its address cannot be reused meanwhile.
+type Copies = HashMap<*const Origin, (Arc<Origin>, Arc<Origin>)>;
+
+/// Copies a span's bytes, and its origin (once per pass), out of the request buffer they
+/// share.
+fn detach(span: &mut HeldSpan, copies: &mut Copies) {
+    span.bytes = bytes::Bytes::copy_from_slice(&span.bytes);
+    let original = span.origin.clone();
+    let (_, copy) = copies.entry(Arc::as_ptr(&original)).or_insert_with(|| {
+        let copy = Arc::new(Origin {
+            resource: bytes::Bytes::copy_from_slice(&original.resource),
+            resource_schema_url: bytes::Bytes::copy_from_slice(&original.resource_schema_url),
+            scope: bytes::Bytes::copy_from_slice(&original.scope),
+            scope_schema_url: bytes::Bytes::copy_from_slice(&original.scope_schema_url),
+            service: original.service.clone(),
+        });
+        (original.clone(), copy)
+    });
+    span.origin = copy.clone();
 }
 
 struct Shard {
@@ -146,6 +179,8 @@ struct Shard {
     /// every receiver thread would contend on).
     spans: usize,
     bytes: usize,
+    /// Leading `arrivals` records already looked at for detaching.
+    detached_upto: usize,
 }
 
 /// What the buffer holds: traces, spans and wire bytes.
@@ -235,6 +270,33 @@ pub struct TraceBuffer {
     sampler: arc_swap::ArcSwap<Sampler>,
 }
 
+impl Shard {
+    /// Drops the oldest arrival record.
+    fn pop_arrival(&mut self) {
+        self.arrivals.pop_front();
+        self.detached_upto = self.detached_upto.saturating_sub(1);
+    }
+
+    /// Detaches traces that arrived before `cutoff` and are still held.
+    fn detach_old(&mut self, cutoff: Instant, copies: &mut Copies) {
+        while let Some(&(first_seen, id)) = self.arrivals.get(self.detached_upto) {
+            if first_seen > cutoff {
+                break;
+            }
+            if let Some(e) = self.traces.get_mut(&id)
+                && e.first_seen == first_seen
+                && !e.detached
+            {
+                for span in &mut e.spans {
+                    detach(span, copies);
+                }
+                e.detached = true;
+            }
+            self.detached_upto += 1;
+        }
+    }
+}
+
 impl TraceBuffer {
     pub fn new(limits: BufferLimits, sampler: Sampler) -> TraceBuffer {
         let shards = (0..SHARDS)
@@ -246,6 +308,7 @@ impl TraceBuffer {
                     decided: DecisionCache::new(limits.decision_cache_size.div_ceil(SHARDS)),
                     spans: 0,
                     bytes: 0,
+                    detached_upto: 0,
                 })
             })
             .collect();
@@ -307,9 +370,14 @@ impl TraceBuffer {
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 bytes: 0,
+                detached: false,
             }
         });
         entry.summary.add(&s.stats);
+        let mut span = span;
+        if entry.detached {
+            detach(&mut span, &mut Copies::default());
+        }
         entry.spans.push(span);
         entry.bytes += len;
         let mut new_deadline = None;
@@ -360,13 +428,13 @@ impl TraceBuffer {
                 .is_some_and(|e| e.first_seen == first_seen);
             if !held {
                 // A record of a trace decided since: skip it.
-                shard.arrivals.pop_front();
+                shard.pop_arrival();
                 continue;
             }
             if first_seen > cutoff {
                 return None;
             }
-            shard.arrivals.pop_front();
+            shard.pop_arrival();
             return Some(self.decide(shard, id, now, DecideReason::Pressure));
         }
         None
@@ -403,6 +471,7 @@ impl TraceBuffer {
     /// Decides every trace whose deadline has passed; returns what is still held.
     pub fn decide_due(&self, now: Instant, out: &mut Vec<DecidedTrace>) -> Held {
         let mut held = Held::default();
+        let mut copies = Copies::default();
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             while let Some(Reverse((deadline, id))) = shard.deadlines.peek().copied() {
@@ -427,7 +496,10 @@ impl TraceBuffer {
                 {
                     break;
                 }
-                shard.arrivals.pop_front();
+                shard.pop_arrival();
+            }
+            if let Some(cutoff) = now.checked_sub(COMPACT_AFTER) {
+                shard.detach_old(cutoff, &mut copies);
             }
             held.add(&shard);
         }
@@ -481,6 +553,7 @@ impl TraceBuffer {
             }
             shard.deadlines.clear();
             shard.arrivals.clear();
+            shard.detached_upto = 0;
         }
     }
 
@@ -629,6 +702,60 @@ mod tests {
         // Other traces are untouched.
         b.add(summary(8, false), span(), t0, &mut ev);
         assert_eq!(b.held().traces, 1);
+    }
+
+    #[test]
+    fn traces_held_long_stop_pinning_their_request_buffer() {
+        let b = buffer(1000, 1000);
+        let request = Bytes::from(vec![7u8; 4096]);
+        let range = request.as_ptr() as usize..request.as_ptr() as usize + request.len();
+        let in_request = |s: &HeldSpan| range.contains(&(s.bytes.as_ptr() as usize));
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        let mut held_span = span();
+        held_span.bytes = request.slice(100..200);
+        b.add(summary(1, false), held_span.clone(), t0, &mut ev);
+        b.add(
+            summary(2, false),
+            held_span,
+            t0 + Duration::from_secs(2),
+            &mut ev,
+        );
+        // Before COMPACT_AFTER nothing is copied.
+        b.decide_due(t0 + Duration::from_millis(1500), &mut ev);
+        {
+            let shard = b.shard(&TraceId([1; 16])).lock();
+            assert!(in_request(&shard.traces[&TraceId([1; 16])].spans[0]));
+        }
+        // Past it, trace 1 owns its bytes (same content); trace 2 is still young.
+        b.decide_due(t0 + Duration::from_millis(2500), &mut ev);
+        assert!(ev.is_empty());
+        {
+            let shard = b.shard(&TraceId([1; 16])).lock();
+            let s = &shard.traces[&TraceId([1; 16])].spans[0];
+            assert!(!in_request(s));
+            assert_eq!(&s.bytes[..], &request[100..200]);
+        }
+        {
+            let shard = b.shard(&TraceId([2; 16])).lock();
+            assert!(in_request(&shard.traces[&TraceId([2; 16])].spans[0]));
+        }
+        // A later span of a detached trace is copied on arrival.
+        let mut late = span();
+        late.bytes = request.slice(0..50);
+        b.add(
+            summary(1, false),
+            late,
+            t0 + Duration::from_secs(3),
+            &mut ev,
+        );
+        let shard = b.shard(&TraceId([1; 16])).lock();
+        assert!(
+            shard.traces[&TraceId([1; 16])]
+                .spans
+                .iter()
+                .all(|s| !in_request(s))
+        );
     }
 
     #[test]
