@@ -86,7 +86,8 @@ pub struct Ring {
 }
 
 impl Ring {
-    fn new(mut addrs: Vec<String>, me: &str) -> Ring {
+    /// The ring of `addrs` as seen by `me` (added if missing).
+    pub fn new(mut addrs: Vec<String>, me: &str) -> Ring {
         if !addrs.iter().any(|a| a == me) {
             addrs.push(me.to_owned());
         }
@@ -118,6 +119,11 @@ impl Ring {
             }
         }
         best.0
+    }
+
+    /// The address of the member that owns `trace`.
+    pub fn owner_addr(&self, trace: &TraceId) -> &str {
+        &self.members[self.owner(trace)].addr
     }
 
     /// The owner's address when it is another replica.

@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
 use llmtail::loadgen::{self, GeneratedTrace, Kind};
+use llmtail::otlp::TraceId;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,6 +37,25 @@ fn generate(rng: &mut StdRng, n: usize) -> Vec<GeneratedTrace> {
             loadgen::trace(rng, kind, loadgen::convention_for(i), now)
         })
         .collect()
+}
+
+/// Sends every span to a random one of `replicas`, 80 spans per round.
+async fn scatter_spans(rng: &mut StdRng, replicas: &[&Daemon], spans: Vec<Span>) {
+    let mut clients = Vec::new();
+    for d in replicas {
+        clients.push(client(&d.endpoint()).await);
+    }
+    for chunk in spans.chunks(80) {
+        let mut per: Vec<Vec<Span>> = vec![Vec::new(); replicas.len()];
+        for span in chunk {
+            per[rng.random_range(0..replicas.len())].push(span.clone());
+        }
+        for (c, spans) in clients.iter_mut().zip(per) {
+            if !spans.is_empty() {
+                c.export(loadgen::request(spans)).await.unwrap();
+            }
+        }
+    }
 }
 
 /// Sends every span to a random one of `replicas`, 20 traces per round.
@@ -131,14 +151,20 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
         .sum();
     assert_eq!(decided, 300.0);
 
-    // 2. One replica stops (SIGTERM: it flushes what it holds). The clients now send to
-    //    the other two only; the first batch makes them notice the missing peer.
+    // 2. Mid-run: the first two spans (root and LLM call) of 120 traces go to all three
+    //    replicas; then one replica stops (SIGTERM: it decides what it holds and flushes);
+    //    the last two spans of each trace go to the other two.
+    let members: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let ring = llmtail::cluster::Ring::new(members.clone(), &members[0]);
+    let mid = generate(&mut rng, 120);
+    let heads: Vec<Span> = mid.iter().flat_map(|t| t.spans[..2].to_vec()).collect();
+    let tails: Vec<Span> = mid.iter().flat_map(|t| t.spans[2..].to_vec()).collect();
+    scatter_spans(&mut rng, &replicas.iter().collect::<Vec<_>>(), heads).await;
     let mut gone = replicas.pop().unwrap();
     gone.sigterm();
     assert!(gone.wait_exit(Duration::from_secs(15)).success());
     let left: Vec<&Daemon> = replicas.iter().collect();
-    let probe = generate(&mut rng, 60);
-    scatter(&mut rng, &left, &probe).await;
+    scatter_spans(&mut rng, &left, tails).await;
     for d in &left {
         d.wait_metrics(Duration::from_secs(10), |m| {
             m.sum("llmtail_cluster_peers", &[]) == 2.0
@@ -153,6 +179,33 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
         })
         .sum();
     assert!(failures >= 1.0, "the failed forwards are counted");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let got = arrived(&sink);
+    let gone_addr = members[2].as_str();
+    let mut split = 0;
+    for t in &mid {
+        let id = TraceId(t.trace_id);
+        let n = got.get(t.trace_id.as_slice()).copied().unwrap_or(0);
+        let kept = t.kind != Kind::Normal || consistent_keep(&t.trace_id, BASE_RATE);
+        if ring.owner_addr(&id) != gone_addr {
+            // Owned by a replica that stayed: decided whole, as the rule says.
+            assert_eq!(n, if kept { 4 } else { 0 }, "{:?}", t.kind);
+        } else if t.kind == Kind::Normal {
+            // Decided in parts where its spans were, but every part by the same
+            // consistent-probability rule: all of it or none.
+            assert_eq!(n, if kept { 4 } else { 0 });
+        } else {
+            // The part with the error / slow root / cost is kept by its policy; the rest
+            // follows the base rate.
+            assert!(
+                n >= 1,
+                "{:?} trace owned by the stopped replica vanished",
+                t.kind
+            );
+            split += usize::from(n < 4);
+        }
+    }
+    eprintln!("{split} policy-kept traces of the stopped replica arrived in part");
 
     // 3. Traces sent after that are decided whole again.
     let before = sink.spans().len();
@@ -173,8 +226,7 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
             "dropped trace exported"
         );
     }
-    // Nothing was lost to the upstream while the ring changed (the probe's traces owned by
-    // the stopped replica may have been decided in two parts: see the README).
+    // Nothing was lost to the upstream while the ring changed.
     let lost: f64 = left
         .iter()
         .map(|d| d.metrics().sum("llmtail_spans_lost_total", &[]))
