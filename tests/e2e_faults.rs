@@ -1,6 +1,7 @@
 //! Upstream faults, each against a sink that misbehaves on purpose: RESOURCE_EXHAUSTED with
 //! and without RetryInfo, an upstream slower than the export timeout, partial success.
-//! (An unreachable upstream: `upstream_down_for_ten_seconds_loses_nothing` in e2e_grpc.rs.)
+//! Over OTLP/HTTP: 429 with Retry-After and a permanent 400. (An unreachable upstream:
+//! `upstream_down_for_ten_seconds_loses_nothing` in e2e_grpc.rs.)
 
 mod common;
 
@@ -135,4 +136,115 @@ async fn partial_success_counts_the_rejected_spans_and_logs_the_reason() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sink.calls(), 1, "a partial success is not retried");
     assert!(daemon.log().contains("three spans had bad timestamps"));
+}
+
+/// An OTLP/HTTP upstream that answers each request with the next status of its script
+/// (then 200), stores what it accepted, and records when each request came.
+struct ScriptedHttpSink {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    times: std::sync::Arc<std::sync::Mutex<Vec<std::time::Instant>>>,
+}
+
+impl ScriptedHttpSink {
+    async fn start(script: Vec<(u16, Option<&'static str>)>) -> ScriptedHttpSink {
+        use axum::http::{HeaderMap, StatusCode};
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTraceServiceRequest, ExportTraceServiceResponse,
+        };
+        use prost::Message;
+        use std::sync::{Arc, Mutex};
+        let accepted: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let times: Arc<Mutex<Vec<std::time::Instant>>> = Arc::default();
+        let script = Arc::new(Mutex::new(std::collections::VecDeque::from(script)));
+        let (acc, ts) = (accepted.clone(), times.clone());
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let (acc, ts, script) = (acc.clone(), ts.clone(), script.clone());
+                async move {
+                    ts.lock().unwrap().push(std::time::Instant::now());
+                    let mut headers = HeaderMap::new();
+                    if let Some((code, retry_after)) = script.lock().unwrap().pop_front() {
+                        if let Some(secs) = retry_after {
+                            headers.insert("retry-after", secs.parse().unwrap());
+                        }
+                        return (StatusCode::from_u16(code).unwrap(), headers, Vec::new());
+                    }
+                    let req = ExportTraceServiceRequest::decode(&body[..]).unwrap();
+                    let n = req
+                        .resource_spans
+                        .iter()
+                        .flat_map(|rs| &rs.scope_spans)
+                        .map(|ss| ss.spans.len())
+                        .sum();
+                    acc.lock().unwrap().push(n);
+                    headers.insert("content-type", "application/x-protobuf".parse().unwrap());
+                    (
+                        StatusCode::OK,
+                        headers,
+                        ExportTraceServiceResponse::default().encode_to_vec(),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        ScriptedHttpSink {
+            port,
+            accepted,
+            times,
+        }
+    }
+
+    fn config(&self) -> String {
+        format!(
+            "sampling:\n  decision_wait: 2s\n  root_grace: 100ms\n  base_rate: 0.0\n  policies:\n    - {{name: errors, type: error}}\nexporter:\n  otlp:\n    protocol: http/protobuf\n    compression: none\n    endpoint: http://127.0.0.1:{}\n  batch:\n    timeout: 200ms\n  queue:\n    concurrency: 1\n  retry:\n    initial_interval: 50ms\n    max_interval: 200ms\n",
+            self.port
+        )
+    }
+
+    fn spans(&self) -> usize {
+        self.accepted.lock().unwrap().iter().sum()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_429_with_retry_after_waits_as_told_and_400_is_permanent() {
+    let sink = ScriptedHttpSink::start(vec![(429, Some("1")), (503, None)]).await;
+    let daemon = Daemon::start(&sink.config());
+    let n = send_errors(&daemon, 5, 5).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(15), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) == n as f64
+        })
+        .await;
+    assert_eq!(sink.spans(), n);
+    assert_eq!(m.sum("llmtail_export_retries_total", &[]), 2.0);
+    let times = sink.times.lock().unwrap().clone();
+    // Retry-After: 1 outweighs the 50 ms backoff.
+    assert!(
+        times[1] - times[0] >= Duration::from_secs(1),
+        "{:?}",
+        times[1] - times[0]
+    );
+
+    let refusing = ScriptedHttpSink::start(vec![(400, None)]).await;
+    let daemon = Daemon::start(&refusing.config());
+    let n = send_errors(&daemon, 6, 5).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_lost_total", &[]) >= n as f64
+        })
+        .await;
+    assert_eq!(lost(&m, "upstream_rejected"), n as f64);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        refusing.times.lock().unwrap().len(),
+        1,
+        "a 400 is not retried"
+    );
 }
