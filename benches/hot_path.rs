@@ -102,6 +102,7 @@ fn benches(c: &mut Criterion) {
                         max_spans_per_trace: 10_000,
                     },
                     Sampler::new(&cfg.sampling, Arc::new(BaseRate::new(0.1))),
+                    llmtail::pipeline::Budget::new(),
                 )
             },
             |buffer| {

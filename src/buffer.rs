@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use crate::otlp::reframe::{HeldSpan, Origin};
 use crate::otlp::tracestate::Threshold;
+use crate::pipeline::Budget;
 use crate::sampler::{Decision, Sampler, SpanStats, TraceSummary};
 
 /// Number of shards; a power of two well above the core count so that receivers and the
@@ -150,16 +151,16 @@ pub const COMPACT_AFTER: Duration = Duration::from_secs(2);
 type Copies = HashMap<*const Origin, (Arc<Origin>, Arc<Origin>)>;
 
 /// Copies a span's bytes, and its origin (once per pass), out of the request buffer they
-/// share.
-fn detach(span: &mut HeldSpan, copies: &mut Copies) {
-    span.bytes = bytes::Bytes::copy_from_slice(&span.bytes);
+/// share; the copies are charged to the memory budget.
+fn detach(span: &mut HeldSpan, copies: &mut Copies, budget: &Arc<Budget>) {
+    span.bytes = budget.copy(&span.bytes);
     let original = span.origin.clone();
     let (_, copy) = copies.entry(Arc::as_ptr(&original)).or_insert_with(|| {
         let copy = Arc::new(Origin {
-            resource: bytes::Bytes::copy_from_slice(&original.resource),
-            resource_schema_url: bytes::Bytes::copy_from_slice(&original.resource_schema_url),
-            scope: bytes::Bytes::copy_from_slice(&original.scope),
-            scope_schema_url: bytes::Bytes::copy_from_slice(&original.scope_schema_url),
+            resource: budget.copy(&original.resource),
+            resource_schema_url: budget.copy(&original.resource_schema_url),
+            scope: budget.copy(&original.scope),
+            scope_schema_url: budget.copy(&original.scope_schema_url),
             service: original.service.clone(),
         });
         (original.clone(), copy)
@@ -199,6 +200,10 @@ pub const MIN_HOLD: Duration = Duration::from_millis(250);
 /// position). Measured by `llmtail-bench`: ~955 bytes per 4-span trace in all.
 pub const TRACE_OVERHEAD: usize = 512;
 pub const SPAN_OVERHEAD: usize = 112;
+/// Memory per entry of the decision cache at its fullest (two generations of hash maps of
+/// 16-byte ids and 8-byte decisions, at the maps' load factor): reserved in the memory
+/// budget at start for `decision_cache_size` entries.
+pub const DECISION_CACHE_ENTRY: usize = 52;
 
 impl Held {
     fn add(&mut self, shard: &Shard) {
@@ -207,10 +212,16 @@ impl Held {
         self.bytes += shard.bytes;
     }
 
-    /// The memory these traces take: wire bytes plus bookkeeping. What
-    /// `limits.max_buffer_bytes` bounds.
+    /// The memory these traces take: wire bytes plus bookkeeping (what deciding them
+    /// would free at most).
     pub fn memory(&self) -> usize {
-        self.bytes + self.traces * TRACE_OVERHEAD + self.spans * SPAN_OVERHEAD
+        self.bytes + self.bookkeeping()
+    }
+
+    /// Their bookkeeping beyond the wire bytes (which the memory budget counts as the
+    /// buffers they pin).
+    pub fn bookkeeping(&self) -> usize {
+        self.traces * TRACE_OVERHEAD + self.spans * SPAN_OVERHEAD
     }
 }
 
@@ -268,6 +279,8 @@ pub struct TraceBuffer {
     limits: LiveLimits,
     /// Swapped whole by a config reload; each decision reads the one in force.
     sampler: arc_swap::ArcSwap<Sampler>,
+    /// Charged with the copies made when traces are detached from their requests.
+    budget: Arc<Budget>,
 }
 
 impl Shard {
@@ -278,7 +291,7 @@ impl Shard {
     }
 
     /// Detaches traces that arrived before `cutoff` and are still held.
-    fn detach_old(&mut self, cutoff: Instant, copies: &mut Copies) {
+    fn detach_old(&mut self, cutoff: Instant, copies: &mut Copies, budget: &Arc<Budget>) {
         while let Some(&(first_seen, id)) = self.arrivals.get(self.detached_upto) {
             if first_seen > cutoff {
                 break;
@@ -288,7 +301,7 @@ impl Shard {
                 && !e.detached
             {
                 for span in &mut e.spans {
-                    detach(span, copies);
+                    detach(span, copies, budget);
                 }
                 e.detached = true;
             }
@@ -298,7 +311,7 @@ impl Shard {
 }
 
 impl TraceBuffer {
-    pub fn new(limits: BufferLimits, sampler: Sampler) -> TraceBuffer {
+    pub fn new(limits: BufferLimits, sampler: Sampler, budget: Arc<Budget>) -> TraceBuffer {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
@@ -323,6 +336,7 @@ impl TraceBuffer {
             shards,
             limits: live,
             sampler: arc_swap::ArcSwap::from_pointee(sampler),
+            budget,
         }
     }
 
@@ -376,7 +390,7 @@ impl TraceBuffer {
         entry.summary.add(&s.stats);
         let mut span = span;
         if entry.detached {
-            detach(&mut span, &mut Copies::default());
+            detach(&mut span, &mut Copies::default(), &self.budget);
         }
         entry.spans.push(span);
         entry.bytes += len;
@@ -499,7 +513,7 @@ impl TraceBuffer {
                 shard.pop_arrival();
             }
             if let Some(cutoff) = now.checked_sub(COMPACT_AFTER) {
-                shard.detach_old(cutoff, &mut copies);
+                shard.detach_old(cutoff, &mut copies, &self.budget);
             }
             held.add(&shard);
         }
@@ -524,9 +538,11 @@ impl TraceBuffer {
             for shard in self.shards.iter() {
                 let mut shard = shard.lock();
                 if let Some(t) = self.evict_oldest_before(&mut shard, cutoff, now) {
-                    held.traces -= 1;
-                    held.spans -= t.spans.len();
-                    held.bytes -= t.bytes;
+                    // `held` is a snapshot from before this pass; the trace may have grown
+                    // since (spans keep arriving), so its current size can exceed it.
+                    held.traces = held.traces.saturating_sub(1);
+                    held.spans = held.spans.saturating_sub(t.spans.len());
+                    held.bytes = held.bytes.saturating_sub(t.bytes);
                     out.push(DecidedTrace {
                         reason: DecideReason::Memory,
                         ..t
@@ -589,6 +605,7 @@ mod tests {
                 max_spans_per_trace: 100,
             },
             Sampler::new(&cfg.sampling, Arc::new(crate::adaptive::BaseRate::new(1.0))),
+            Budget::new(),
         )
     }
 

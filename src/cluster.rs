@@ -33,13 +33,17 @@ use crate::telemetry::Metrics;
 
 /// The header that marks a request as forwarded by a replica; its value is the sender.
 pub const FORWARDED_HEADER: &str = "x-llmtail-forwarded";
-/// Forwarded spans are sent in batches of at most this many spans…
+/// Forwarded spans are sent in batches of at most this many spans, and this many bytes
+/// (below every receiver's `max_request_bytes`, and gRPC's default 4 MiB message)…
 const FORWARD_BATCH_SPANS: usize = 2048;
+const FORWARD_BATCH_BYTES: usize = crate::config::DEFAULT_BATCH_BYTES;
 /// …or this long after the first span of a batch.
 const FORWARD_BATCH_TIMEOUT: Duration = Duration::from_millis(20);
 /// Attempts per batch before the peer is taken out of the ring.
 const FORWARD_ATTEMPTS: u32 = 3;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait between attempts while the owner pushes back (it is alive, only full).
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
 
 /// A member address in the form resolved addresses take (`SocketAddr` display): an IPv6
 /// host written without brackets (`fd00::7:4317`, as `${env:POD_IP}:4317` gives) gets them.
@@ -197,6 +201,27 @@ impl Cluster {
         self.ring.load()
     }
 
+    /// True when some peer's forward queue is nearly full: receivers then push back
+    /// rather than decide that peer's traces here (which would split them).
+    pub fn is_high(&self) -> bool {
+        let high = self.cfg.forward_queue_spans / 10 * 9;
+        self.forwarders
+            .lock()
+            .values()
+            .any(|f| f.queued.load(Ordering::Relaxed) >= high)
+    }
+
+    /// Bookkeeping memory of the spans queued for peers (the memory budget's share here;
+    /// the buffers they refer to are charged to it directly).
+    pub fn bookkeeping(&self) -> usize {
+        self.forwarders
+            .lock()
+            .values()
+            .map(|f| f.queued.load(Ordering::Relaxed))
+            .sum::<usize>()
+            * crate::buffer::SPAN_OVERHEAD
+    }
+
     /// The address a request's forwarded header names, if it is a known member (the
     /// label of `llmtail_cluster_spans_received_total`; anything else is `unknown`).
     pub fn peer_label(&self, sender: &str) -> String {
@@ -227,6 +252,14 @@ impl Cluster {
             .collect();
         drop(down);
         let ring = Ring::new(members, &self.me);
+        // Forwarders to peers that left (not merely down) send what they hold and end;
+        // their metric series go with them.
+        {
+            let known = self.known.lock();
+            self.forwarders
+                .lock()
+                .retain(|peer, _| known.iter().any(|k| **k == **peer));
+        }
         let changed = {
             let old = self.ring.load();
             old.members.len() != ring.members.len()
@@ -382,7 +415,7 @@ async fn run_forwarder(
                         deadline = tokio::time::Instant::now() + FORWARD_BATCH_TIMEOUT;
                     }
                     pending.extend(spans);
-                    if pending.len() < FORWARD_BATCH_SPANS {
+                    if pending.len() < FORWARD_BATCH_SPANS && wire_bytes(&pending) < FORWARD_BATCH_BYTES {
                         continue;
                     }
                     false
@@ -392,16 +425,49 @@ async fn run_forwarder(
             () = tokio::time::sleep_until(deadline), if !pending.is_empty() => false,
         };
         while !pending.is_empty() {
-            let rest = pending.split_off(pending.len().min(FORWARD_BATCH_SPANS));
+            let take = batch_len(&pending);
+            let rest = pending.split_off(take);
             let batch = std::mem::replace(&mut pending, rest);
             let n = batch.len();
             send_batch(&cluster, &peer, &sink, batch, &forwarded, &failures).await;
             queued.fetch_sub(n, Ordering::AcqRel);
         }
         if closed {
+            // A peer that left: its series go (a peer merely down keeps its forwarder).
+            if !cluster.known.lock().iter().any(|k| **k == *peer) {
+                for vec in [
+                    &cluster.metrics.cluster_forwarded,
+                    &cluster.metrics.cluster_forward_failures,
+                    &cluster.metrics.cluster_received,
+                ] {
+                    let _ = vec.remove_label_values(&[&peer]);
+                }
+            }
             return;
         }
     }
+}
+
+/// Encoded size of forwarded spans (resources and scopes counted per span: an upper bound).
+fn wire_bytes(spans: &[HeldSpan]) -> usize {
+    spans.iter().map(span_wire_bytes).sum()
+}
+
+fn span_wire_bytes(s: &HeldSpan) -> usize {
+    s.bytes.len() + s.origin.resource.len() + s.origin.scope.len() + 32
+}
+
+/// How many of the first spans make one batch within the span and byte bounds (at least
+/// one).
+fn batch_len(spans: &[HeldSpan]) -> usize {
+    let mut bytes = 0;
+    for (i, s) in spans.iter().enumerate().take(FORWARD_BATCH_SPANS) {
+        bytes += span_wire_bytes(s);
+        if bytes > FORWARD_BATCH_BYTES && i > 0 {
+            return i;
+        }
+    }
+    spans.len().min(FORWARD_BATCH_SPANS)
 }
 
 async fn send_batch(
@@ -414,11 +480,20 @@ async fn send_batch(
 ) {
     let request = encode_verbatim(&batch);
     let mut wait = Duration::from_millis(100);
-    for attempt in 1..=FORWARD_ATTEMPTS {
+    let mut attempt = 0;
+    while attempt < FORWARD_ATTEMPTS {
+        attempt += 1;
         match sink.send(request.clone()).await {
             Ok(_) => {
                 forwarded.inc_by(batch.len() as u64);
                 return;
+            }
+            // The owner answered that it is full (with RetryInfo): it is alive, so it stays
+            // in the ring and the batch waits for it, until shutdown.
+            Err(SendError::Retryable(msg, Some(hint))) if !cluster.stop.is_cancelled() => {
+                tracing::debug!(peer, error = %msg, "peer pushes back; waiting");
+                attempt -= 1;
+                tokio::time::sleep(hint.min(BACKPRESSURE_WAIT)).await;
             }
             Err(SendError::Retryable(msg, _)) if attempt < FORWARD_ATTEMPTS => {
                 tracing::debug!(peer, error = %msg, attempt, "forwarding failed; retrying");

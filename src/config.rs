@@ -210,7 +210,9 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// Share of the container's memory limit that held traces may take by default.
+/// Share of the container's memory limit that the memory budget (`max_buffer_bytes`) takes
+/// by default; the rest is the process's fixed overhead (code, runtime, connections,
+/// allocator slack), measured in README "Operations".
 pub const BUFFER_SHARE_OF_CGROUP: f64 = 0.5;
 /// `max_buffer_bytes` when there is no cgroup memory limit.
 pub const DEFAULT_BUFFER_BYTES: usize = 1 << 30;
@@ -218,7 +220,9 @@ pub const DEFAULT_BUFFER_BYTES: usize = 1 << 30;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Hard mark of held trace memory (wire bytes + bookkeeping); `None`: from the cgroup.
+    /// Hard mark of the memory budget: request buffers held (by held traces, late spans
+    /// and queues), encoded export requests, bookkeeping and the decision cache. At it
+    /// receivers refuse retryably. `None`: a share of the cgroup limit.
     pub max_buffer_bytes: Option<ByteSize>,
     /// Share of `max_buffer_bytes` past which the oldest traces are decided early.
     pub soft_mark: f64,
@@ -272,28 +276,47 @@ impl LimitsConfig {
     }
 }
 
-/// The memory limit of this process's cgroup (v2 `memory.max`, or v1
-/// `memory.limit_in_bytes`), if there is one.
+/// The memory limit of this process's own cgroup: the tightest `memory.max` (v2) or
+/// `memory.limit_in_bytes` (v1) of its group and the groups above it, as mounted in a pod
+/// (the group path from `/proc/self/cgroup`, under `/sys/fs/cgroup` or, inside a cgroup
+/// namespace, at the mount's root). `None` when no limit is set.
 pub fn cgroup_memory_limit() -> Option<u64> {
-    let read = |p: &str| std::fs::read_to_string(p).ok();
-    // cgroup v2: the process's own group, from /proc/self/cgroup ("0::/path").
-    let v2_path = read("/proc/self/cgroup").and_then(|text| {
-        text.lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .map(|p| format!("/sys/fs/cgroup{}/memory.max", p.trim_end_matches('/')))
-    });
-    let candidates = [
-        v2_path,
-        Some("/sys/fs/cgroup/memory.max".into()),
-        Some("/sys/fs/cgroup/memory/memory.limit_in_bytes".into()),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find_map(|p| read(&p))
-        .and_then(|text| text.trim().parse::<u64>().ok())
-        // v1 reports "no limit" as a number near 2^63.
-        .filter(|&limit| limit < 1 << 60)
+    let groups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup_limit_from(&groups, |p| std::fs::read_to_string(p).ok())
+}
+
+/// [`cgroup_memory_limit`] over a `/proc/self/cgroup` text and a file reader (tested with
+/// fake hierarchies).
+fn cgroup_limit_from(groups: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    // v1 reports "no limit" as a number near 2^63, v2 as "max".
+    let parse = |text: String| text.trim().parse::<u64>().ok().filter(|&l| l < 1 << 60);
+    let mut limits = Vec::new();
+    for line in groups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (root, file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // The group and every ancestor up to the mount's root.
+        let mut dir = path.trim_end_matches('/').to_owned();
+        loop {
+            limits.extend(read(&format!("{root}{dir}/{file}")).and_then(parse));
+            match dir.rfind('/') {
+                Some(i) => dir.truncate(i),
+                None => break,
+            }
+        }
+        // Inside a cgroup namespace the group is mounted at the root.
+        limits.extend(read(&format!("{root}/{file}")).and_then(parse));
+    }
+    limits.into_iter().min()
 }
 
 // ---------------------------------------------------------------------------- receiver
@@ -851,6 +874,12 @@ impl ExporterConfig {
         if self.batch.max_spans == 0 {
             p.push(("batch.max_spans".into(), "must be at least 1".into()));
         }
+        if self.batch.max_bytes.0 < MIN_BATCH_BYTES {
+            p.push((
+                "batch.max_bytes".into(),
+                format!("must be at least {MIN_BATCH_BYTES} bytes"),
+            ));
+        }
         if self.queue.max_spans < self.batch.max_spans {
             p.push((
                 "queue.max_spans".into(),
@@ -1019,14 +1048,25 @@ pub struct FileExporterConfig {
 pub struct BatchConfig {
     /// A batch is sent once it holds this many spans...
     pub max_spans: usize,
+    /// ...or this many bytes of encoded, uncompressed request (upstreams limit the size of
+    /// a request after decompression: gRPC's default is 4 MiB)...
+    pub max_bytes: ByteSize,
     /// ...or this long after its first span.
     pub timeout: Dur,
 }
+
+/// Smallest `batch.max_bytes`: a batch must hold at least one ordinary span.
+const MIN_BATCH_BYTES: usize = 4096;
+
+/// Default `batch.max_bytes`: below gRPC's default 4 MiB message limit (the OpenTelemetry
+/// Collector's `max_recv_msg_size_mib`, Tempo's and most backends'), with room for framing.
+pub const DEFAULT_BATCH_BYTES: usize = 3_670_016;
 
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
             max_spans: 4096,
+            max_bytes: ByteSize(DEFAULT_BATCH_BYTES),
             timeout: Dur(Duration::from_millis(200)),
         }
     }
@@ -1035,14 +1075,17 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
-    /// Kept spans waiting for (or retrying) export; past it new kept spans are lost and
-    /// counted as `llmtail_spans_lost_total{reason="queue_full"}`.
+    /// Kept spans waiting for (or retrying) export past which receivers refuse new data
+    /// (retryably) until the queue drains. Decided traces always enter the queue: nothing
+    /// accepted is dropped for want of room; the memory budget bounds what it holds.
     pub max_spans: usize,
     /// Export requests in flight at once.
     pub concurrency: usize,
     /// Where the write-ahead log of kept spans lives; off (memory only) when unset.
     pub directory: Option<PathBuf>,
-    /// Largest size of the write-ahead log; past it kept spans are lost (`wal_full`).
+    /// Largest size of the write-ahead log. Receivers refuse new data before the log and
+    /// the traces held for it would pass it; kept spans that still do not fit are lost
+    /// (`wal_full`).
     pub max_disk_bytes: ByteSize,
     /// How often the log is flushed to disk; `0s` flushes every write.
     pub fsync_interval: Dur,
@@ -1842,5 +1885,36 @@ exporter:
             .unwrap_err()
             .0;
         assert!(errs.iter().any(|p| p.path == "exporter"), "{errs:?}");
+    }
+    #[test]
+    fn the_cgroup_limit_is_the_tightest_of_the_process_group_and_its_ancestors() {
+        let files: std::collections::HashMap<&str, &str> = [
+            // v1, as in this pod: the group under the memory controller's mount.
+            (
+                "/sys/fs/cgroup/memory/kubepods/pod1/memory.limit_in_bytes",
+                "402653184\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/kubepods/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "9223372036854771712\n",
+            ),
+            // v2: a parent tighter than the group itself.
+            ("/sys/fs/cgroup/app/worker/memory.max", "max\n"),
+            ("/sys/fs/cgroup/app/memory.max", "268435456\n"),
+        ]
+        .into_iter()
+        .collect();
+        let read = |p: &str| files.get(p).map(|s| s.to_string());
+        assert_eq!(
+            cgroup_limit_from("4:memory:/kubepods/pod1\n3:cpu:/x\n", read),
+            Some(402653184)
+        );
+        assert_eq!(cgroup_limit_from("0::/app/worker\n", read), Some(268435456));
+        assert_eq!(cgroup_limit_from("0::/elsewhere\n", read), None);
+        assert_eq!(cgroup_limit_from("", read), None);
     }
 }

@@ -12,22 +12,26 @@ use tokio_util::sync::CancellationToken;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use crate::adaptive::{BaseRate, Boost, TargetController};
-use crate::buffer::{BufferLimits, TraceBuffer};
+use crate::buffer::{BufferLimits, DECISION_CACHE_ENTRY, TraceBuffer};
 use crate::config::Config;
 use crate::exporter::wal::Wal;
 use crate::exporter::{self, ExporterControl, ExporterSettings, Sink};
 use crate::llm::Pricing;
 use crate::llm::observer::LlmObserver;
 use crate::otlp::redact::Redactor;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Budget, Pipeline};
 use crate::receiver::auth::Authenticator;
 use crate::receiver::grpc::TraceService;
 use crate::sampler::Sampler;
-use crate::telemetry::{self, Admin, Metrics, lost};
+use crate::telemetry::{self, Admin, Loss, Metrics};
 
 /// How often the buffer is swept for traces whose deadline passed; bounds how late past
 /// its deadline a trace is decided.
 const DECISION_TICK: Duration = Duration::from_millis(10);
+
+/// A durable queue keeps encoded requests in memory up to this fraction of the memory
+/// budget (shared by the exporters); the rest wait on disk.
+const DURABLE_QUEUE_MEMORY_SHARE: usize = 4;
 
 /// How the daemon ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -53,6 +57,7 @@ pub async fn run(
 ) -> anyhow::Result<Ended> {
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
+    let healthy = Arc::new(AtomicBool::new(true));
 
     let admin_addr = parse_addr(&cfg.admin.endpoint, "admin.endpoint")?;
     let admin_listener = telemetry::bind(admin_addr)
@@ -66,10 +71,12 @@ pub async fn run(
         Admin {
             metrics: metrics.clone(),
             ready: ready.clone(),
+            healthy: healthy.clone(),
         },
         stop_admin.clone(),
     ));
 
+    let budget = Budget::new();
     let control = ExporterControl::default();
     let mut exporters = Vec::new();
     let mut export_tasks = Vec::new();
@@ -103,6 +110,11 @@ pub async fn run(
                     }
                     None => None,
                 },
+                max_disk_bytes: ec.queue.max_disk_bytes.0,
+                memory_share: cfg.limits.buffer_bytes()
+                    / DURABLE_QUEUE_MEMORY_SHARE
+                    / cfg.exporters.len().max(1),
+                budget: budget.clone(),
             },
             metrics.clone(),
             control.clone(),
@@ -142,6 +154,7 @@ pub async fn run(
                 max_spans_per_trace: cfg.limits.max_spans_per_trace,
             },
             Sampler::new(s, base.clone()),
+            budget.clone(),
         ),
         pricing: pricing.clone(),
         observer: LlmObserver::new(
@@ -156,6 +169,8 @@ pub async fn run(
         rollup: cfg.llm.trace_rollup,
         limits: Default::default(),
         cluster: cluster.clone(),
+        budget,
+        reserved_memory: s.decision_cache_size * DECISION_CACHE_ENTRY,
     });
     let stop_fallback = CancellationToken::new();
     let fallback_task =
@@ -265,17 +280,21 @@ pub async fn run(
     let ticker_task = {
         let stop = stop_ticker.clone();
         let pipeline = pipeline.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(DECISION_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    biased;
-                    () = stop.cancelled() => break,
-                    _ = tick.tick() => pipeline.decide_due(),
+        watch_vital(
+            "decision",
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(DECISION_TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        _ = tick.tick() => pipeline.decide_due(),
+                    }
                 }
-            }
-        })
+            }),
+            healthy.clone(),
+        )
     };
 
     ready.store(true, Ordering::SeqCst);
@@ -333,7 +352,7 @@ pub async fn run(
         .map(|e| {
             metrics
                 .spans_lost
-                .with_label_values(&[e.name.as_str(), lost::SHUTDOWN])
+                .with_label_values(&[e.name.as_str(), Loss::Shutdown.label()])
                 .get()
         })
         .sum();
@@ -349,6 +368,26 @@ pub async fn run(
         };
     tracing::info!(?ended, "llmtail stopped");
     Ok(ended)
+}
+
+/// Waits for a task the daemon cannot run without; if it panics, says so loudly and turns
+/// `/healthz` red, so that the process is restarted instead of silently deciding nothing.
+fn watch_vital(
+    name: &'static str,
+    task: tokio::task::JoinHandle<()>,
+    healthy: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = task.await
+            && e.is_panic()
+        {
+            healthy.store(false, Ordering::SeqCst);
+            tracing::error!(
+                task = name,
+                "a vital task panicked; llmtail cannot work on and /healthz now fails so that it is restarted"
+            );
+        }
+    })
 }
 
 /// Takes spans a peer could not take: they are decided here, with whatever else of their
@@ -635,4 +674,24 @@ fn grpc_tls(
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
     }
     Ok(tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_vital_task_turns_health_red() {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let ok = watch_vital("ok", tokio::spawn(async {}), healthy.clone());
+        ok.await.unwrap();
+        assert!(healthy.load(Ordering::SeqCst));
+        let panicking = watch_vital(
+            "decision",
+            tokio::spawn(async { panic!("a bug in a policy") }),
+            healthy.clone(),
+        );
+        panicking.await.unwrap();
+        assert!(!healthy.load(Ordering::SeqCst));
+    }
 }

@@ -85,22 +85,42 @@ const GENAI_LABELS: &[&str] = &[
     "gen_ai_response_model",
 ];
 
-/// Reasons of `llmtail_spans_lost_total`.
-pub mod lost {
-    /// The export queue was full when a kept trace was decided.
-    pub const QUEUE_FULL: &str = "queue_full";
+/// Why a span of a kept trace never reached an upstream: the `reason` label of
+/// `llmtail_spans_lost_total`. These are the only ways an accepted span is lost; each is
+/// documented in README "Operations" with when it can happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loss {
     /// The upstream answered with a permanent error (not retried).
-    pub const REJECTED: &str = "upstream_rejected";
+    Rejected,
     /// The upstream accepted the request but rejected some spans (partial success).
-    pub const PARTIAL: &str = "upstream_partial_rejection";
-    /// Retries went on past `exporter.retry.max_elapsed`.
-    pub const RETRIES_EXHAUSTED: &str = "retries_exhausted";
+    Partial,
+    /// Retries went on past `exporter.retry.max_elapsed` (memory-only queue).
+    RetriesExhausted,
     /// Still queued when `shutdown_timeout` ran out (memory-only queue).
-    pub const SHUTDOWN: &str = "shutdown";
+    Shutdown,
     /// The write-ahead log was at `queue.max_disk_bytes`.
-    pub const WAL_FULL: &str = "wal_full";
-    /// The write-ahead log could not be written (disk error).
-    pub const WAL_ERROR: &str = "wal_error";
+    WalFull,
+    /// The write-ahead log could not be written or read back (disk error).
+    WalError,
+    /// One span alone is larger than the upstream accepts in a request.
+    SpanTooLarge,
+    /// Privacy rewriting could not parse the span; it is not exported unredacted.
+    RedactionFailed,
+}
+
+impl Loss {
+    pub fn label(self) -> &'static str {
+        match self {
+            Loss::Rejected => "upstream_rejected",
+            Loss::Partial => "upstream_partial_rejection",
+            Loss::RetriesExhausted => "retries_exhausted",
+            Loss::Shutdown => "shutdown",
+            Loss::WalFull => "wal_full",
+            Loss::WalError => "wal_error",
+            Loss::SpanTooLarge => "span_too_large",
+            Loss::RedactionFailed => "redaction_failed",
+        }
+    }
 }
 
 impl Metrics {
@@ -385,6 +405,9 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// True once receivers are bound, false again when shutdown begins.
     pub ready: Arc<AtomicBool>,
+    /// False once a task the daemon cannot do without (the decision task) has died:
+    /// `/healthz` then fails, so the orchestrator restarts the process.
+    pub healthy: Arc<AtomicBool>,
 }
 
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
@@ -392,6 +415,17 @@ async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         admin.metrics.render(),
     )
+}
+
+async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {
+    if admin.healthy.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the decision task has stopped; restart llmtail\n",
+        )
+    }
 }
 
 async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
@@ -410,7 +444,7 @@ pub async fn serve_admin(
 ) -> std::io::Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(admin);
     axum::serve(listener, app)

@@ -1,25 +1,34 @@
-//! Exporting kept spans: a bounded queue, batching by size and time, a fixed number of
-//! requests in flight, and retries with exponential backoff and jitter.
+//! Exporting kept spans: batches bounded in spans and in bytes, a queue of encoded requests
+//! (in memory, or in a write-ahead log that spills to disk), a fixed number of requests in
+//! flight, retries with exponential backoff and jitter, and requests split in halves when
+//! the upstream says they are too large.
+//!
+//! Decided traces always enter the queue: receivers refuse new data (see
+//! `Pipeline::overloaded`) long before anything accepted would have to be dropped. A span
+//! is lost only for a [`Loss`] reason.
 
 pub mod file;
 pub mod otlp;
 pub mod otlp_http;
 pub mod wal;
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use prometheus::{IntCounter, IntGauge};
 
+use crate::buffer::SPAN_OVERHEAD;
 use crate::config::{BatchConfig, ExportProtocol, ExporterConfig, RetryConfig};
-use crate::otlp::reframe::{KeptSpan, encode_request};
-use crate::telemetry::{Metrics, lost};
+use crate::otlp::reframe::{KeptSpan, encode_request, split_request};
+use crate::pipeline::Budget;
+use crate::telemetry::{Loss, Metrics};
 
 /// How an upstream answered an export request it did not fully accept.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +40,10 @@ pub enum SendError {
     /// Will fail the same way every time (e.g. INVALID_ARGUMENT).
     #[error("{0}")]
     Permanent(String),
+    /// The request is larger than the upstream accepts (gRPC RESOURCE_EXHAUSTED saying so,
+    /// HTTP 413): smaller requests will go through.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// The spans of an accepted request that the upstream nevertheless rejected (OTLP partial
@@ -85,28 +98,31 @@ impl Sink {
 /// Share of `queue.max_spans` past which the queue counts as full for backpressure.
 const HIGH_WATER: f64 = 0.9;
 
-/// What travels from the queue to the batcher: spans (memory-only queue), or records
-/// already in the write-ahead log (durable queue).
-enum Queued {
-    Spans(Vec<KeptSpan>),
-    Record(wal::Record),
-}
-
-/// How often a full write-ahead log is reported in the log.
+/// How often a full or failing write-ahead log is reported in the log.
 const WAL_FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// The receiving end's handle: kept spans enter here, never blocking the caller.
+/// Encoded bytes a span adds to a request beyond its own: its framing and the tracestate
+/// written into it. Used to close batches before `batch.max_bytes`; the encoded request is
+/// checked exactly afterwards.
+const SPAN_FRAMING: usize = 48;
+
+/// The receiving end's handle: kept spans enter here, never blocking the caller and never
+/// refused.
 pub struct ExportQueue {
-    tx: mpsc::UnboundedSender<Queued>,
+    tx: mpsc::UnboundedSender<Vec<KeptSpan>>,
     /// The durable queue's log, when `queue.directory` is set.
     wal: Option<Arc<wal::Wal>>,
-    /// When a full log was last reported.
+    max_disk_bytes: usize,
+    /// When a full or failing log was last reported.
     wal_full_logged: parking_lot::Mutex<Option<Instant>>,
-    /// Spans submitted and not yet exported or lost; bounded by `max_spans`.
-    queued: Arc<AtomicUsize>,
-    /// Their memory (wire bytes and per-span bookkeeping), counted against
-    /// `limits.max_buffer_bytes` with the held traces.
-    queued_bytes: AtomicUsize,
+    /// Whether a span too large for the upstream was reported (once per exporter).
+    too_large_logged: AtomicBool,
+    /// Spans submitted and not yet answered for (exported or lost, or left in the log).
+    queued: AtomicUsize,
+    /// Of those, spans not yet encoded into a request: their bookkeeping counts in the
+    /// memory budget (encoded requests are charged to it themselves).
+    unencoded: AtomicUsize,
+    /// Backpressure mark: receivers refuse past 90% of it.
     max_spans: usize,
     /// The exporter's name, the `exporter` label of its metrics.
     name: String,
@@ -119,97 +135,45 @@ pub struct ExportQueue {
 }
 
 impl ExportQueue {
-    /// Queues the spans of one kept trace (or late spans); when the queue is full they are
-    /// counted as lost with reason `queue_full`.
+    /// Queues kept spans (of whole traces, or late spans).
     pub fn submit(&self, spans: Vec<KeptSpan>) {
         let n = spans.len();
         if n == 0 {
             return;
         }
-        let bytes = memory_of(&spans);
-        let admitted = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q + n <= self.max_spans).then_some(q + n)
-            })
-            .is_ok();
-        if !admitted {
-            self.count_lost(lost::QUEUE_FULL, n);
-            return;
-        }
-        let item = match &self.wal {
-            None => Queued::Spans(spans),
-            Some(wal) => match self.write_ahead(wal, spans) {
-                Some(record) => Queued::Record(record),
-                None => {
-                    self.queued.fetch_sub(n, Ordering::AcqRel);
-                    return;
-                }
-            },
-        };
-        self.enqueue(item, n, bytes);
-    }
-
-    fn enqueue(&self, item: Queued, n: usize, bytes: usize) {
+        self.queued.fetch_add(n, Ordering::AcqRel);
+        self.unencoded.fetch_add(n, Ordering::AcqRel);
         self.queue_gauge.add(n as i64);
-        self.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if self.tx.send(item).is_err() {
+        if self.tx.send(spans).is_err() {
             // The exporter has already stopped (only after shutdown has flushed).
-            self.release(n, bytes, lost::SHUTDOWN);
+            self.unencoded.fetch_sub(n, Ordering::AcqRel);
+            self.count_lost(Loss::Shutdown, n);
+            self.answered(n);
         }
     }
 
-    /// Appends kept spans to the write-ahead log; `None` (counted as lost) when the log is
-    /// full or cannot be written.
-    fn write_ahead(&self, wal: &wal::Wal, spans: Vec<KeptSpan>) -> Option<wal::Record> {
-        let n = spans.len();
-        let payload = encode_request(&spans);
-        drop(spans);
-        let failure = match wal.append(n as u32, &payload) {
-            Ok(Some(id)) => {
-                self.wal_bytes.set(wal.bytes() as i64);
-                return Some(wal::Record {
-                    id,
-                    spans: n as u32,
-                    payload,
-                });
-            }
-            Ok(None) => (
-                lost::WAL_FULL,
-                "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost"
-                    .to_owned(),
-            ),
-            Err(e) => (
-                lost::WAL_ERROR,
-                format!("cannot write the write-ahead log: {e}; kept spans are lost"),
-            ),
-        };
-        self.count_lost(failure.0, n);
+    fn count_lost(&self, reason: Loss, n: usize) {
+        if n > 0 {
+            self.metrics
+                .spans_lost
+                .with_label_values(&[self.name.as_str(), reason.label()])
+                .inc_by(n as u64);
+        }
+    }
+
+    /// Takes `n` spans off the queue (exported, lost, or left in the log at shutdown).
+    fn answered(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        self.queue_gauge.sub(n as i64);
+    }
+
+    /// Reports a full or failing log, at most every [`WAL_FULL_LOG_INTERVAL`].
+    fn log_wal_problem(&self, message: &str) {
         let mut last = self.wal_full_logged.lock();
         if last.is_none_or(|t| t.elapsed() >= WAL_FULL_LOG_INTERVAL) {
             *last = Some(Instant::now());
-            tracing::error!(exporter = %self.name, "{}", failure.1);
+            tracing::error!(exporter = %self.name, "{message}");
         }
-        None
-    }
-
-    fn count_lost(&self, reason: &str, n: usize) {
-        self.metrics
-            .spans_lost
-            .with_label_values(&[self.name.as_str(), reason])
-            .inc_by(n as u64);
-    }
-
-    /// Takes `n` spans of `bytes` memory off the queue as lost for `reason`.
-    fn release(&self, n: usize, bytes: usize, reason: &str) {
-        self.count_lost(reason, n);
-        self.dequeue(n, bytes);
-    }
-
-    /// Takes `n` spans of `bytes` memory off the queue as exported.
-    fn exported(&self, n: usize, bytes: usize) {
-        self.exported.inc_by(n as u64);
-        self.dequeue(n, bytes);
     }
 
     /// Whether kept spans survive a restart here (a write-ahead log).
@@ -217,19 +181,21 @@ impl ExportQueue {
         self.wal.is_some()
     }
 
-    fn dequeue(&self, n: usize, bytes: usize) {
-        self.queued.fetch_sub(n, Ordering::AcqRel);
-        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.queue_gauge.sub(n as i64);
-    }
-
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
     }
 
-    /// Memory of the queued spans.
-    pub fn queued_bytes(&self) -> usize {
-        self.queued_bytes.load(Ordering::Relaxed)
+    /// Bookkeeping memory of the spans not yet encoded (the memory budget's share here;
+    /// the buffers they refer to and the encoded requests are charged to it directly).
+    pub fn bookkeeping(&self) -> usize {
+        self.unencoded.load(Ordering::Relaxed) * SPAN_OVERHEAD
+    }
+
+    /// Room left in the durable queue's log, when there is one.
+    pub fn disk_room(&self) -> Option<usize> {
+        self.wal
+            .as_ref()
+            .map(|wal| self.max_disk_bytes.saturating_sub(wal.bytes() as usize))
     }
 
     pub fn name(&self) -> &str {
@@ -250,7 +216,14 @@ pub struct ExporterSettings {
     pub max_spans: usize,
     pub concurrency: usize,
     /// The durable queue's log and the records it replays, when there is one.
-    pub wal: Option<(Arc<wal::Wal>, Vec<wal::Record>)>,
+    pub wal: Option<(Arc<wal::Wal>, Vec<wal::Location>)>,
+    /// `queue.max_disk_bytes`.
+    pub max_disk_bytes: usize,
+    /// With a log: encoded requests kept in memory up to this many bytes; the rest wait on
+    /// disk and are read back when their turn comes.
+    pub memory_share: usize,
+    /// Encoded requests (and records read back) are charged to it.
+    pub budget: Arc<Budget>,
 }
 
 /// The exporter task's controls: `flush` asks it to send what is queued and stop;
@@ -262,7 +235,8 @@ pub struct ExporterControl {
 }
 
 /// Starts the exporter; returns the queue handle and the task, which ends after `flush`
-/// once everything queued has been exported or counted as lost.
+/// once everything queued has been exported or counted as lost (or, with a durable queue,
+/// left in the log for the next start).
 pub fn start(
     name: &str,
     sink: Sink,
@@ -278,16 +252,19 @@ pub fn start(
     let queue = Arc::new(ExportQueue {
         tx,
         wal: wal.clone(),
+        max_disk_bytes: settings.max_disk_bytes,
         wal_full_logged: parking_lot::Mutex::new(None),
+        too_large_logged: AtomicBool::new(false),
         wal_bytes: metrics.export_wal_bytes.with_label_values(&[name]),
-        queued: Arc::new(AtomicUsize::new(0)),
-        queued_bytes: AtomicUsize::new(0),
+        queued: AtomicUsize::new(0),
+        unencoded: AtomicUsize::new(0),
         max_spans: settings.max_spans,
         name: name.to_owned(),
         queue_gauge: metrics.export_queue_spans.with_label_values(&[name]),
         exported: metrics.spans_exported.with_label_values(&[name]),
         metrics: metrics.clone(),
     });
+    let mut ready = VecDeque::new();
     if let Some(wal) = &wal {
         queue.wal_bytes.set(wal.bytes() as i64);
         if !replay.is_empty() {
@@ -296,15 +273,21 @@ pub fn start(
                 exporter = name,
                 records = replay.len(),
                 spans,
-                "replaying the write-ahead log"
+                "sending what the write-ahead log holds from before the restart"
             );
         }
-    }
-    // Replayed records are on disk already: admitted whatever the queue's bound.
-    for record in replay {
-        let (n, bytes) = (record.spans as usize, record.payload.len());
-        queue.queued.fetch_add(n, Ordering::AcqRel);
-        queue.enqueue(Queued::Record(record), n, bytes);
+        // Replayed records stay on disk until their turn: a log of any size replays in
+        // little memory, and receivers are not refused because of it.
+        for at in replay {
+            let n = at.spans as usize;
+            queue.queued.fetch_add(n, Ordering::AcqRel);
+            queue.queue_gauge.add(n as i64);
+            ready.push_back(Encoded {
+                spans: n,
+                payload: Payload::Disk(at),
+                record: Some(at.id),
+            });
+        }
     }
     let worker = Worker {
         sink: Arc::new(sink),
@@ -312,9 +295,255 @@ pub fn start(
         queue: queue.clone(),
         abort: control.abort.clone(),
         retries: metrics.export_retries.with_label_values(&[name]),
+        budget: settings.budget.clone(),
     };
-    let task = tokio::spawn(run_batcher(rx, settings, worker, control.flush));
+    let batcher = Batcher {
+        in_flight: Arc::new(Semaphore::new(settings.concurrency)),
+        settings,
+        worker,
+        pending: Pending::default(),
+        ready,
+        ready_memory: 0,
+    };
+    let task = tokio::spawn(batcher.run(rx, control));
     (queue, task)
+}
+
+/// Spans gathering into the next request, with the estimated size of their encoding.
+#[derive(Default)]
+struct Pending {
+    spans: Vec<KeptSpan>,
+    bytes: usize,
+    /// Resources and scopes already counted (by address: written once per request).
+    origins: HashSet<usize>,
+}
+
+/// One export request: encoded, with its spans, and its record in the log if durable.
+struct Encoded {
+    spans: usize,
+    payload: Payload,
+    record: Option<u64>,
+}
+
+enum Payload {
+    Memory(Bytes),
+    /// In the log only; read back when it is sent.
+    Disk(wal::Location),
+}
+
+/// Gathers kept spans into requests bounded by `batch.max_spans` and `batch.max_bytes`,
+/// encodes them (and writes them to the log), and starts at most `queue.concurrency`
+/// exports at a time, oldest first.
+struct Batcher {
+    settings: ExporterSettings,
+    worker: Worker,
+    in_flight: Arc<Semaphore>,
+    pending: Pending,
+    /// Encoded requests waiting for a free slot.
+    ready: VecDeque<Encoded>,
+    /// Bytes of `ready` payloads held in memory.
+    ready_memory: usize,
+}
+
+impl Batcher {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Vec<KeptSpan>>,
+        control: ExporterControl,
+    ) {
+        let timeout = self.settings.batch.timeout.0;
+        let mut deadline = tokio::time::Instant::now();
+        loop {
+            let slot = {
+                let in_flight = self.in_flight.clone();
+                let waiting = !self.ready.is_empty();
+                async move {
+                    if waiting {
+                        in_flight.acquire_owned().await.ok()
+                    } else {
+                        std::future::pending().await
+                    }
+                }
+            };
+            tokio::select! {
+                biased;
+                () = control.flush.cancelled() => break,
+                Some(permit) = slot => self.start_one(permit),
+                item = rx.recv() => {
+                    let Some(spans) = item else { break };
+                    if self.pending.spans.is_empty() {
+                        deadline = tokio::time::Instant::now() + timeout;
+                    }
+                    if self.add(spans) {
+                        deadline = tokio::time::Instant::now() + timeout;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline), if !self.pending.spans.is_empty() => {
+                    self.close();
+                }
+            }
+        }
+        // Flush: everything submitted before the flush signal is in the channel by now.
+        while let Ok(spans) = rx.try_recv() {
+            self.add(spans);
+        }
+        self.close();
+        while !self.ready.is_empty() {
+            tokio::select! {
+                biased;
+                () = control.abort.cancelled() => break,
+                permit = self.in_flight.clone().acquire_owned() => match permit {
+                    Ok(permit) => self.start_one(permit),
+                    Err(_) => break,
+                },
+            }
+        }
+        // The shutdown timeout ran out with requests still waiting: with a log they are
+        // sent after the next start; without one they are lost.
+        let queue = &self.worker.queue;
+        for left in self.ready.drain(..) {
+            if left.record.is_none() {
+                queue.count_lost(Loss::Shutdown, left.spans);
+            }
+            queue.answered(left.spans);
+        }
+        // Wait for every request in flight to finish (each honours `abort`).
+        let _all = self
+            .in_flight
+            .acquire_many(self.settings.concurrency as u32)
+            .await;
+    }
+
+    /// Adds spans to the pending request, closing it whenever the next span would take it
+    /// past `max_spans` or `max_bytes`; returns whether a request was closed.
+    fn add(&mut self, spans: Vec<KeptSpan>) -> bool {
+        let (max_spans, max_bytes) = (
+            self.settings.batch.max_spans,
+            self.settings.batch.max_bytes.0,
+        );
+        let mut closed = false;
+        for k in spans {
+            let own =
+                k.span.bytes.len() + k.span.extra.as_ref().map_or(0, |e| e.len()) + SPAN_FRAMING;
+            let key = Arc::as_ptr(&k.span.origin) as usize;
+            let origin = &k.span.origin;
+            let origin_bytes = origin.resource.len()
+                + origin.scope.len()
+                + origin.resource_schema_url.len()
+                + origin.scope_schema_url.len()
+                + 2 * SPAN_FRAMING;
+            let mut bytes = own
+                + if self.pending.origins.contains(&key) {
+                    0
+                } else {
+                    origin_bytes
+                };
+            if !self.pending.spans.is_empty()
+                && (self.pending.spans.len() >= max_spans || self.pending.bytes + bytes > max_bytes)
+            {
+                self.close();
+                closed = true;
+                bytes = own + origin_bytes;
+            }
+            self.pending.origins.insert(key);
+            self.pending.bytes += bytes;
+            self.pending.spans.push(k);
+        }
+        closed
+    }
+
+    /// Encodes the pending spans into requests of at most `max_bytes` (a single span may
+    /// be larger: the upstream decides), writes them to the log when durable, and queues
+    /// them.
+    fn close(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        if pending.spans.is_empty() {
+            return;
+        }
+        let mut requests = Vec::new();
+        encode_within(
+            &pending.spans,
+            self.settings.batch.max_bytes.0,
+            &mut requests,
+        );
+        let queue = self.worker.queue.clone();
+        queue
+            .unencoded
+            .fetch_sub(pending.spans.len(), Ordering::AcqRel);
+        drop(pending);
+        for (request, spans) in requests {
+            let request = self.settings.budget.charge(request);
+            let Some(wal) = &queue.wal else {
+                self.ready.push_back(Encoded {
+                    spans,
+                    payload: Payload::Memory(request),
+                    record: None,
+                });
+                continue;
+            };
+            match wal.append(spans as u32, &request) {
+                Ok(Some(at)) => {
+                    queue.wal_bytes.set(wal.bytes() as i64);
+                    let payload = if self.ready_memory + request.len() <= self.settings.memory_share
+                    {
+                        self.ready_memory += request.len();
+                        Payload::Memory(request)
+                    } else {
+                        Payload::Disk(at)
+                    };
+                    self.ready.push_back(Encoded {
+                        spans,
+                        payload,
+                        record: Some(at.id),
+                    });
+                }
+                Ok(None) => {
+                    queue.count_lost(Loss::WalFull, spans);
+                    queue.answered(spans);
+                    queue.log_wal_problem(
+                        "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost",
+                    );
+                }
+                Err(e) => {
+                    queue.count_lost(Loss::WalError, spans);
+                    queue.answered(spans);
+                    queue.log_wal_problem(&format!(
+                        "cannot write the write-ahead log: {e}; kept spans are lost"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Sends the oldest waiting request on its own task, holding `permit` until it is
+    /// answered for.
+    fn start_one(&mut self, permit: OwnedSemaphorePermit) {
+        let Some(next) = self.ready.pop_front() else {
+            return;
+        };
+        if let Payload::Memory(b) = &next.payload
+            && next.record.is_some()
+        {
+            self.ready_memory = self.ready_memory.saturating_sub(b.len());
+        }
+        let worker = self.worker.clone();
+        tokio::spawn(async move {
+            worker.export(next).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Encodes `spans` as requests of at most `max` bytes each, halving where one is larger.
+fn encode_within(spans: &[KeptSpan], max: usize, out: &mut Vec<(Bytes, usize)>) {
+    let request = encode_request(spans);
+    if request.len() > max && spans.len() > 1 {
+        let (a, b) = spans.split_at(spans.len() / 2);
+        encode_within(a, max, out);
+        encode_within(b, max, out);
+    } else {
+        out.push((request, spans.len()));
+    }
 }
 
 #[derive(Clone)]
@@ -325,202 +554,170 @@ struct Worker {
     abort: CancellationToken,
     /// `llmtail_export_retries_total{exporter}`.
     retries: IntCounter,
+    budget: Arc<Budget>,
 }
 
-/// One export request's worth: spans to encode, and records already encoded (a
-/// concatenation of encoded `ExportTraceServiceRequest`s is one such request).
+/// How one request (or the halves it was split into) ended.
 #[derive(Default)]
-struct Batch {
-    spans: Vec<KeptSpan>,
-    records: Vec<wal::Record>,
-    /// Spans of the records.
-    record_spans: usize,
+struct Tally {
+    exported: usize,
+    lost: Vec<(Loss, usize)>,
+    /// Cut short by the shutdown timeout.
+    interrupted: usize,
 }
 
-impl Batch {
-    fn len(&self) -> usize {
-        self.spans.len() + self.record_spans
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn add(&mut self, item: Queued) {
-        match item {
-            Queued::Spans(spans) => self.spans.extend(spans),
-            Queued::Record(r) => {
-                self.record_spans += r.spans as usize;
-                self.records.push(r);
-            }
-        }
-    }
-
-    /// Takes at most `max` spans off the front (records are never split).
-    fn take(&mut self, max: usize) -> Batch {
-        if self.len() <= max {
-            return std::mem::take(self);
-        }
-        let mut out = Batch::default();
-        if !self.spans.is_empty() {
-            let rest = self.spans.split_off(self.spans.len().min(max));
-            out.spans = std::mem::replace(&mut self.spans, rest);
-        }
-        while let Some(r) = self.records.first()
-            && (out.is_empty() || out.len() + r.spans as usize <= max)
-        {
-            let r = self.records.remove(0);
-            self.record_spans -= r.spans as usize;
-            out.record_spans += r.spans as usize;
-            out.records.push(r);
-        }
-        out
-    }
-}
-
-async fn run_batcher(
-    mut rx: mpsc::UnboundedReceiver<Queued>,
-    settings: ExporterSettings,
-    worker: Worker,
-    flush: CancellationToken,
-) {
-    let in_flight = Arc::new(Semaphore::new(settings.concurrency));
-    let max = settings.batch.max_spans;
-    let mut pending = Batch::default();
-    let mut deadline = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            biased;
-            () = flush.cancelled() => break,
-            item = rx.recv() => {
-                let Some(item) = item else { break };
-                if pending.is_empty() {
-                    deadline = tokio::time::Instant::now() + settings.batch.timeout.0;
-                }
-                pending.add(item);
-                while pending.len() >= max {
-                    send_batch(&worker, &in_flight, pending.take(max)).await;
-                    deadline = tokio::time::Instant::now() + settings.batch.timeout.0;
-                }
-            }
-            () = tokio::time::sleep_until(deadline), if !pending.is_empty() => {
-                send_batch(&worker, &in_flight, std::mem::take(&mut pending)).await;
-            }
-        }
-    }
-    // Flush: everything submitted before the flush signal is in the channel by now.
-    while let Ok(item) = rx.try_recv() {
-        pending.add(item);
-    }
-    while !pending.is_empty() {
-        send_batch(&worker, &in_flight, pending.take(max)).await;
-    }
-    // Wait for every request in flight to finish (each honours `abort`).
-    let _all = in_flight.acquire_many(settings.concurrency as u32).await;
-}
-
-/// Waits for a free slot, then sends the batch on its own task.
-async fn send_batch(worker: &Worker, in_flight: &Arc<Semaphore>, batch: Batch) {
-    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-        return;
-    };
-    let worker = worker.clone();
-    tokio::spawn(async move {
-        worker.export(batch).await;
-        drop(permit);
-    });
+/// Why sending one request ended without an answer for its spans.
+enum Failed {
+    Lost(Loss),
+    TooLarge(String),
+    Interrupted,
 }
 
 impl Worker {
-    async fn export(&self, batch: Batch) {
-        let n = batch.len();
-        let bytes =
-            memory_of(&batch.spans) + batch.records.iter().map(|r| r.payload.len()).sum::<usize>();
-        let ids: Vec<u64> = batch.records.iter().map(|r| r.id).collect();
-        let request = if batch.records.is_empty() {
-            encode_request(&batch.spans)
-        } else if batch.spans.is_empty() && batch.records.len() == 1 {
-            batch.records[0].payload.clone()
-        } else {
-            let mut out = encode_request(&batch.spans).to_vec();
-            for r in &batch.records {
-                out.extend_from_slice(&r.payload);
-            }
-            Bytes::from(out)
-        };
-        drop(batch);
-        let started = Instant::now();
-        let mut backoff = self.retry.initial_interval.0;
-        let mut attempt = 0u32;
-        let outcome: Result<Rejected, &'static str> = loop {
-            attempt += 1;
-            let sent = tokio::select! {
-                biased;
-                () = self.abort.cancelled() => break Err(lost::SHUTDOWN),
-                sent = self.sink.send(request.clone()) => sent,
-            };
-            match sent {
-                Ok(rejected) => break Ok(rejected),
-                Err(SendError::Permanent(msg)) => {
-                    tracing::warn!(exporter = self.queue.name(), spans = n, error = %msg, "upstream rejected an export request permanently; spans lost");
-                    break Err(lost::REJECTED);
-                }
-                Err(SendError::Retryable(msg, hint)) => {
-                    self.retries.inc();
-                    // The upstream's own delay (RetryInfo, Retry-After) is the least wait.
-                    let wait = jittered(backoff).max(hint.unwrap_or_default());
-                    if started.elapsed() + wait > self.retry.max_elapsed.0 {
-                        tracing::warn!(exporter = self.queue.name(), spans = n, attempts = attempt, error = %msg, "export retries exhausted; spans lost");
-                        break Err(lost::RETRIES_EXHAUSTED);
-                    }
-                    if attempt == 1 {
-                        tracing::warn!(exporter = self.queue.name(), spans = n, error = %msg, retry_in = ?wait, "export failed; retrying");
-                    } else {
-                        tracing::debug!(exporter = self.queue.name(), spans = n, attempt, error = %msg, retry_in = ?wait, "export failed again");
-                    }
-                    tokio::select! {
-                        biased;
-                        () = self.abort.cancelled() => break Err(lost::SHUTDOWN),
-                        () = tokio::time::sleep(wait) => {}
-                    }
-                    backoff = (backoff * 2).min(self.retry.max_interval.0);
-                }
+    /// Sends one queued request (read back from the log if it waited there) and accounts
+    /// for every span of it; acknowledges its record once the upstream answered for all.
+    async fn export(&self, item: Encoded) {
+        let Encoded {
+            spans,
+            payload,
+            record,
+        } = item;
+        let request = match payload {
+            Payload::Memory(b) => Ok(b),
+            Payload::Disk(at) => {
+                let wal = self.queue.wal.clone().expect("spilled records have a log");
+                tokio::task::spawn_blocking(move || wal.read(&at))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    .map(|b| self.budget.charge(b))
             }
         };
-        match outcome {
-            Ok(rejected) => {
-                let spans = (rejected.spans as usize).min(n);
-                self.queue.exported(n - spans, bytes);
-                if spans > 0 || !rejected.message.is_empty() {
-                    tracing::warn!(exporter = self.queue.name(), spans = n, rejected = spans, message = %rejected.message, "upstream accepted an export request in part");
-                }
-                if spans > 0 {
-                    self.queue.release(spans, 0, lost::PARTIAL);
-                }
+        let mut tally = Tally::default();
+        match request {
+            Ok(request) => self.deliver(request, spans, &mut tally).await,
+            Err(e) => {
+                self.queue.log_wal_problem(&format!(
+                    "cannot read a record back from the write-ahead log: {e}; its spans are lost"
+                ));
+                tally.lost.push((Loss::WalError, spans));
             }
-            Err(lost::SHUTDOWN) if !ids.is_empty() => {
-                // Still in the write-ahead log: sent after the next start, not lost.
-                self.queue.dequeue(n, bytes);
-                return;
-            }
-            Err(reason) => self.queue.release(n, bytes, reason),
         }
-        // Answered for (accepted, or refused for good): the log need not keep it.
-        if let Some(wal) = &self.queue.wal {
-            if let Err(e) = wal.ack(&ids) {
+        self.queue.exported.inc_by(tally.exported as u64);
+        for (reason, n) in &tally.lost {
+            self.queue.count_lost(*reason, *n);
+        }
+        if tally.interrupted > 0 && record.is_none() {
+            self.queue.count_lost(Loss::Shutdown, tally.interrupted);
+        }
+        self.queue.answered(spans);
+        // Answered for (accepted, or refused for good): the log need not keep it. A
+        // request cut short stays in the log, to be sent after the next start.
+        if let (Some(id), Some(wal)) = (record, &self.queue.wal)
+            && tally.interrupted == 0
+        {
+            if let Err(e) = wal.ack(&[id]) {
                 tracing::error!(exporter = self.queue.name(), error = %e, "cannot update the write-ahead log; records may be sent again after a restart");
             }
             self.queue.wal_bytes.set(wal.bytes() as i64);
         }
     }
-}
 
-/// Memory of queued spans as `limits.max_buffer_bytes` counts it.
-fn memory_of(spans: &[KeptSpan]) -> usize {
-    spans
-        .iter()
-        .map(|k| k.span.bytes.len() + crate::buffer::SPAN_OVERHEAD)
-        .sum()
+    /// Sends a request with retries; when the upstream says it is too large, sends its
+    /// halves instead (down to single spans, which are lost if still too large).
+    fn deliver<'a>(
+        &'a self,
+        request: Bytes,
+        spans: usize,
+        tally: &'a mut Tally,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            match self.send_with_retries(&request, spans).await {
+                Ok(rejected) => {
+                    let refused = (rejected.spans as usize).min(spans);
+                    tally.exported += spans - refused;
+                    if refused > 0 || !rejected.message.is_empty() {
+                        tracing::warn!(exporter = self.queue.name(), spans, rejected = refused, message = %rejected.message, "upstream accepted an export request in part");
+                    }
+                    if refused > 0 {
+                        tally.lost.push((Loss::Partial, refused));
+                    }
+                }
+                Err(Failed::Lost(reason)) => tally.lost.push((reason, spans)),
+                Err(Failed::Interrupted) => tally.interrupted += spans,
+                Err(Failed::TooLarge(msg)) => match split_request(&request) {
+                    Some([(a, na), (b, nb)]) => {
+                        tracing::debug!(
+                            exporter = self.queue.name(),
+                            spans,
+                            bytes = request.len(),
+                            "upstream says the request is too large; sending it in halves"
+                        );
+                        drop(request);
+                        let (a, b) = (self.budget.charge(a), self.budget.charge(b));
+                        self.deliver(a, na, tally).await;
+                        self.deliver(b, nb, tally).await;
+                    }
+                    None => {
+                        if !self.queue.too_large_logged.swap(true, Ordering::Relaxed) {
+                            tracing::error!(
+                                exporter = self.queue.name(),
+                                request_bytes = request.len(),
+                                spans,
+                                error = %msg,
+                                "a span alone is larger than the upstream accepts; it is lost (llmtail_spans_lost_total{{reason=\"span_too_large\"}}). Raise the upstream's message limit or lower limits.max_span_bytes. Reported once."
+                            );
+                        }
+                        tally.lost.push((Loss::SpanTooLarge, spans));
+                    }
+                },
+            }
+        })
+    }
+
+    /// Sends one request until the upstream answers for it. Without a log, retryable
+    /// failures give up at `retry.max_elapsed`; with one, they never do (the log holds the
+    /// spans until the upstream is back, however long that takes).
+    async fn send_with_retries(&self, request: &Bytes, spans: usize) -> Result<Rejected, Failed> {
+        let durable = self.queue.is_durable();
+        let started = Instant::now();
+        let mut backoff = self.retry.initial_interval.0;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let sent = tokio::select! {
+                biased;
+                () = self.abort.cancelled() => return Err(Failed::Interrupted),
+                sent = self.sink.send(request.clone()) => sent,
+            };
+            let (msg, hint) = match sent {
+                Ok(rejected) => return Ok(rejected),
+                Err(SendError::TooLarge(msg)) => return Err(Failed::TooLarge(msg)),
+                Err(SendError::Permanent(msg)) => {
+                    tracing::warn!(exporter = self.queue.name(), spans, error = %msg, "upstream rejected an export request permanently; spans lost");
+                    return Err(Failed::Lost(Loss::Rejected));
+                }
+                Err(SendError::Retryable(msg, hint)) => (msg, hint),
+            };
+            self.retries.inc();
+            // The upstream's own delay (RetryInfo, Retry-After) is the least wait.
+            let wait = jittered(backoff).max(hint.unwrap_or_default());
+            if !durable && started.elapsed() + wait > self.retry.max_elapsed.0 {
+                tracing::warn!(exporter = self.queue.name(), spans, attempts = attempt, error = %msg, "export retries exhausted; spans lost (set exporter.queue.directory for a durable queue)");
+                return Err(Failed::Lost(Loss::RetriesExhausted));
+            }
+            if attempt == 1 {
+                tracing::warn!(exporter = self.queue.name(), spans, error = %msg, retry_in = ?wait, "export failed; retrying");
+            } else {
+                tracing::debug!(exporter = self.queue.name(), spans, attempt, error = %msg, retry_in = ?wait, "export failed again");
+            }
+            tokio::select! {
+                biased;
+                () = self.abort.cancelled() => return Err(Failed::Interrupted),
+                () = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(self.retry.max_interval.0);
+        }
+    }
 }
 
 /// Full backoff ± 50%, so replicas that failed together do not retry together.
@@ -533,23 +730,28 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::config::{Compression, Dur, ExportProtocol, OtlpExporterConfig};
+    use crate::config::{ByteSize, Dur};
     use crate::otlp::reframe::{HeldSpan, Origin};
     use crate::otlp::tracestate::Threshold;
 
-    fn kept(n: usize) -> Vec<KeptSpan> {
+    /// `n` kept spans of `size` bytes each (a valid span: trace id, then padding in the
+    /// name field), under one resource.
+    fn kept(n: usize, size: usize) -> Vec<KeptSpan> {
         let origin = Arc::new(Origin {
-            resource: Bytes::new(),
+            resource: Bytes::from_static(b"\x0a\x00"),
             resource_schema_url: Bytes::new(),
             scope: Bytes::new(),
             scope_schema_url: Bytes::new(),
             service: Arc::from("svc"),
         });
+        let mut span = b"\x0a\x10aaaaaaaaaaaaaaaa".to_vec();
+        crate::otlp::wire::put_len_field(&mut span, 5, &vec![b'x'; size.saturating_sub(24)]);
+        let span = Bytes::from(span);
         (0..n)
             .map(|_| KeptSpan {
                 span: HeldSpan {
                     origin: origin.clone(),
-                    bytes: Bytes::from_static(b"\x0a\x10aaaaaaaaaaaaaaaa"),
+                    bytes: span.clone(),
                     trace_state: None,
                     is_root: false,
                     extra: None,
@@ -559,21 +761,18 @@ mod tests {
             .collect()
     }
 
-    #[tokio::test]
-    async fn a_full_queue_counts_what_it_cannot_take_as_lost() {
-        // Port 9 (discard) on loopback: nothing listens, so every attempt fails and retries
-        // hold the admitted spans in the queue.
-        let sink = Sink::OtlpGrpc(
-            otlp::OtlpGrpcSink::new(&OtlpExporterConfig {
-                endpoint: "http://127.0.0.1:9".into(),
-                protocol: ExportProtocol::Grpc,
-                timeout: Dur(Duration::from_secs(1)),
-                compression: Compression::None,
-                headers: Default::default(),
-                tls: Default::default(),
-            })
-            .unwrap(),
-        );
+    async fn file_exporter(
+        dir: &std::path::Path,
+        max_spans: usize,
+        max_bytes: usize,
+    ) -> (
+        Arc<ExportQueue>,
+        tokio::task::JoinHandle<()>,
+        ExporterControl,
+        Arc<Metrics>,
+    ) {
+        let path = dir.join("out.jsonl");
+        let sink = Sink::File(file::FileSink::open(&path).await.expect("a file sink"));
         let metrics = Metrics::new();
         let control = ExporterControl::default();
         let (queue, task) = start(
@@ -581,41 +780,68 @@ mod tests {
             sink,
             ExporterSettings {
                 batch: BatchConfig {
-                    max_spans: 4,
-                    timeout: crate::config::Dur(Duration::from_millis(10)),
+                    max_spans,
+                    max_bytes: ByteSize(max_bytes),
+                    timeout: Dur(Duration::from_millis(10)),
                 },
                 retry: RetryConfig::default(),
                 max_spans: 10,
                 concurrency: 1,
                 wal: None,
+                max_disk_bytes: 0,
+                memory_share: 0,
+                budget: Budget::new(),
             },
             metrics.clone(),
             control.clone(),
         );
-        queue.submit(kept(8));
-        queue.submit(kept(5));
-        assert_eq!(queue.queued(), 8);
-        let lost = |reason| {
-            metrics
-                .spans_lost
-                .with_label_values(&["test", reason])
-                .get()
-        };
-        assert_eq!(lost(lost::QUEUE_FULL), 5);
-        queue.submit(kept(2));
-        assert_eq!(queue.queued(), 10);
-        // Shutdown with the upstream still down: abort turns the held spans into losses.
+        (queue, task, control, metrics)
+    }
+
+    #[test]
+    fn requests_are_encoded_within_max_bytes() {
+        let spans = kept(100, 10_000);
+        let mut out = Vec::new();
+        encode_within(&spans, 64 * 1024, &mut out);
+        assert!(out.iter().all(|(r, _)| r.len() <= 64 * 1024));
+        assert_eq!(out.iter().map(|(_, n)| n).sum::<usize>(), 100);
+        // A span larger than the bound goes alone (the upstream decides).
+        let mut out = Vec::new();
+        encode_within(&kept(3, 100_000), 64 * 1024, &mut out);
+        assert_eq!(out.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [1, 1, 1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_queue_takes_everything_decided_and_batches_stay_within_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (queue, task, control, metrics) = file_exporter(dir.path(), 4096, 100_000).await;
+        // Far past queue.max_spans (10): nothing is refused or lost; the queue says it is
+        // high, so receivers push back instead.
+        for _ in 0..30 {
+            queue.submit(kept(10, 5_000));
+        }
+        assert!(queue.is_high());
         control.flush.cancel();
-        control.abort.cancel();
         task.await.unwrap();
-        assert_eq!(lost(lost::SHUTDOWN), 10);
-        assert_eq!(queue.queued(), 0);
         assert_eq!(
-            metrics
-                .export_queue_spans
-                .with_label_values(&["test"])
-                .get(),
-            0
+            metrics.spans_exported.with_label_values(&["test"]).get(),
+            300
         );
+        assert_eq!(queue.queued(), 0);
+        let lost: u64 = prometheus::core::Collector::collect(&metrics.spans_lost)
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum();
+        assert_eq!(lost, 0);
+        let lines = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        let requests: Vec<&str> = lines.lines().collect();
+        // 300 spans of ~5 KB in requests of at most ~100 KB: at least 15 requests.
+        assert!(requests.len() >= 15, "{} requests", requests.len());
+        for line in requests {
+            let request: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
+                serde_json::from_str(line).unwrap();
+            assert!(prost::Message::encoded_len(&request) <= 100_000);
+        }
     }
 }

@@ -104,6 +104,19 @@ impl OtlpGrpcSink {
     }
 }
 
+/// Whether an upstream refused a request for its size: gRPC servers answer
+/// RESOURCE_EXHAUSTED (grpc-go, grpcio, the Collector: "received message larger than max";
+/// tonic: "decoded message length too large"), some OUT_OF_RANGE, with no RetryInfo.
+fn says_too_large(status: &tonic::Status) -> bool {
+    if !matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange) {
+        return false;
+    }
+    let message = status.message().to_ascii_lowercase();
+    ["larger than", "too large", "too big", "exceeds"]
+        .iter()
+        .any(|m| message.contains(m))
+}
+
 /// The OTLP specification's retryable codes; everything else is permanent. The delay in
 /// a `google.rpc.RetryInfo` detail is honoured as the least wait before the next attempt;
 /// RESOURCE_EXHAUSTED is retried only when it carries one (the upstream says recovery is
@@ -117,6 +130,9 @@ pub(crate) fn classify(status: &tonic::Status) -> SendError {
     let retry_after = status
         .get_details_retry_info()
         .and_then(|info| info.retry_delay);
+    if retry_after.is_none() && says_too_large(status) {
+        return SendError::TooLarge(msg);
+    }
     match status.code() {
         Code::Cancelled
         | Code::DeadlineExceeded
@@ -126,5 +142,42 @@ pub(crate) fn classify(status: &tonic::Status) -> SendError {
         | Code::DataLoss => SendError::Retryable(msg, retry_after),
         Code::ResourceExhausted if retry_after.is_some() => SendError::Retryable(msg, retry_after),
         _ => SendError::Permanent(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Status;
+
+    #[test]
+    fn size_refusals_are_told_apart_from_throttling() {
+        let too_large = [
+            Status::resource_exhausted(
+                "grpc: received message larger than max (5242880 vs. 4194304)",
+            ),
+            Status::resource_exhausted("Received message larger than max (9512303 vs. 4194304)"),
+            Status::resource_exhausted(
+                "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
+            ),
+            Status::out_of_range("Error, encoded message length too large"),
+        ];
+        for status in &too_large {
+            assert!(
+                matches!(classify(status), SendError::TooLarge(_)),
+                "{status:?}"
+            );
+        }
+        // Throttling without RetryInfo is permanent (OTLP spec); with it, retryable.
+        for throttled in ["quota exceeded for tenant", "rate limited"] {
+            assert!(matches!(
+                classify(&Status::resource_exhausted(throttled)),
+                SendError::Permanent(_)
+            ));
+        }
+        assert!(matches!(
+            classify(&Status::unavailable("message too large? no: down")),
+            SendError::Retryable(..)
+        ));
     }
 }

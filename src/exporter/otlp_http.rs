@@ -156,6 +156,7 @@ impl OtlpHttpSink {
         }
         let msg = format!("upstream answered HTTP {status}");
         match status {
+            StatusCode::PAYLOAD_TOO_LARGE => Err(SendError::TooLarge(msg)),
             // The OTLP/HTTP specification's retryable statuses.
             StatusCode::TOO_MANY_REQUESTS
             | StatusCode::BAD_GATEWAY

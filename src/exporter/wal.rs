@@ -1,9 +1,12 @@
 //! The write-ahead log behind a durable export queue (`exporter.queue.directory`).
 //!
-//! Kept spans are appended as encoded `ExportTraceServiceRequest`s when their trace is
-//! decided, before the exporter sees them; a record is acknowledged once the upstream has
-//! answered for it (accepted, or refused for good). On start, every record not
-//! acknowledged is replayed. Layout of the directory:
+//! Every export batch is appended as one encoded `ExportTraceServiceRequest` (at most
+//! `batch.max_bytes`) before it is sent; a record is acknowledged only once the upstream has
+//! answered for it (accepted, or refused for good), never because retries gave up. Records
+//! beyond the queue's memory share are not kept in memory: the exporter reads them back
+//! from disk when their turn comes, and on start every record not acknowledged is found
+//! by reading headers only, so replaying a log of any size takes little memory. Layout of
+//! the directory:
 //!
 //! - `seg-<first id>.wal`: records `[payload length u32][crc32 u32][id u64][spans u32]
 //!   [payload]`, little-endian; the CRC covers id, spans and payload, so a record torn by a
@@ -30,12 +33,14 @@ const SEGMENT_BYTES: u64 = 16 << 20;
 const MAX_PAYLOAD: usize = 256 << 20;
 const ACKED: &str = "acked.log";
 
-/// One record read back at start.
-#[derive(Debug, Clone)]
-pub struct Record {
+/// Where a record sits in the log: enough to read it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
     pub id: u64,
     pub spans: u32,
-    pub payload: Bytes,
+    /// Offset of the record's header in its segment.
+    offset: u64,
+    len: u32,
 }
 
 struct Segment {
@@ -78,39 +83,57 @@ fn crc(id: u64, spans: u32, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-/// Reads a segment's intact records; returns them and the length of the intact prefix.
-fn read_segment(path: &Path) -> io::Result<(Vec<Record>, u64)> {
-    let mut data = Vec::new();
-    File::open(path)?.read_to_end(&mut data)?;
+/// Finds a segment's intact records, checking each one's CRC but keeping no payload;
+/// returns their locations and the length of the intact prefix.
+fn scan_segment(path: &Path) -> io::Result<(Vec<Location>, u64)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut reader = io::BufReader::with_capacity(1 << 16, file);
     let mut records = Vec::new();
-    let mut at = 0usize;
-    while data.len() - at >= HEADER {
-        let h = &data[at..at + HEADER];
-        let len = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes")) as usize;
-        let sum = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
-        let id = u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"));
-        let spans = u32::from_le_bytes(h[16..20].try_into().expect("4 bytes"));
-        if len > MAX_PAYLOAD || data.len() - at - HEADER < len {
+    let mut payload = Vec::new();
+    let mut at = 0u64;
+    let mut header = [0u8; HEADER];
+    while size - at >= HEADER as u64 {
+        reader.read_exact(&mut header)?;
+        let (len, sum, id, spans) = parse_header(&header);
+        if len > MAX_PAYLOAD || size - at - (HEADER as u64) < len as u64 {
             break;
         }
-        let payload = &data[at + HEADER..at + HEADER + len];
-        if crc(id, spans, payload) != sum {
+        payload.resize(len, 0);
+        reader.read_exact(&mut payload)?;
+        if crc(id, spans, &payload) != sum {
             break;
         }
-        records.push(Record {
+        records.push(Location {
             id,
             spans,
-            payload: Bytes::copy_from_slice(payload),
+            offset: at,
+            len: len as u32,
         });
-        at += HEADER + len;
+        at += (HEADER + len) as u64;
     }
-    Ok((records, at as u64))
+    Ok((records, at))
+}
+
+/// A record header's payload length, CRC, id and span count.
+fn parse_header(h: &[u8; HEADER]) -> (usize, u32, u64, u32) {
+    let word = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b[..r.len()].copy_from_slice(&h[r]);
+        u64::from_le_bytes(b)
+    };
+    (
+        word(0..4) as usize,
+        word(4..8) as u32,
+        word(8..16),
+        word(16..20) as u32,
+    )
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir`; returns it and the records to replay, oldest
-    /// first.
-    pub fn open(dir: &Path, max_bytes: u64, sync_each: bool) -> io::Result<(Wal, Vec<Record>)> {
+    /// Opens (or creates) the log in `dir`; returns it and where the records to replay
+    /// are, oldest first.
+    pub fn open(dir: &Path, max_bytes: u64, sync_each: bool) -> io::Result<(Wal, Vec<Location>)> {
         std::fs::create_dir_all(dir)?;
         let mut acked = HashSet::new();
         if let Ok(mut f) = File::open(dir.join(ACKED)) {
@@ -136,7 +159,7 @@ impl Wal {
         let mut next_id = 0;
         let mut total_bytes = 0;
         for path in paths {
-            let (records, intact) = read_segment(&path)?;
+            let (records, intact) = scan_segment(&path)?;
             if intact < std::fs::metadata(&path)?.len() {
                 tracing::warn!(segment = %path.display(), "write-ahead log segment cut at a torn record");
                 OpenOptions::new()
@@ -192,7 +215,7 @@ impl Wal {
     }
 
     /// Appends a record of `spans` spans; `Ok(None)` when the log is full (`max_bytes`).
-    pub fn append(&self, spans: u32, payload: &[u8]) -> io::Result<Option<u64>> {
+    pub fn append(&self, spans: u32, payload: &[u8]) -> io::Result<Option<Location>> {
         let len = (HEADER + payload.len()) as u64;
         let mut inner = self.inner.lock();
         if inner.total_bytes + len > self.max_bytes {
@@ -218,6 +241,7 @@ impl Wal {
             inner.current = Some((id, Arc::new(file)));
         }
         let (first, file) = inner.current.clone().expect("a current segment");
+        let offset = inner.segments[&first].bytes;
         let mut record = Vec::with_capacity(len as usize);
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&crc(id, spans, payload).to_le_bytes());
@@ -233,7 +257,46 @@ impl Wal {
         let seg = inner.segments.get_mut(&first).expect("current segment");
         seg.bytes += len;
         seg.records += 1;
-        Ok(Some(id))
+        Ok(Some(Location {
+            id,
+            spans,
+            offset,
+            len: payload.len() as u32,
+        }))
+    }
+
+    /// Reads a record back (one not yet acknowledged), checking its CRC.
+    pub fn read(&self, at: &Location) -> io::Result<Bytes> {
+        let path = {
+            let inner = self.inner.lock();
+            match inner.segments.range(..=at.id).next_back() {
+                Some((_, seg)) => seg.path.clone(),
+                None => {
+                    return Err(io::Error::other(format!(
+                        "record {} is not in the log",
+                        at.id
+                    )));
+                }
+            }
+        };
+        let mut record = vec![0u8; HEADER + at.len as usize];
+        read_exact_at(&File::open(&path)?, &mut record, at.offset)?;
+        let header: &[u8; HEADER] = record[..HEADER].try_into().expect("header length");
+        let (len, sum, id, spans) = parse_header(header);
+        let payload = &record[HEADER..];
+        if len != payload.len()
+            || id != at.id
+            || spans != at.spans
+            || crc(id, spans, payload) != sum
+        {
+            return Err(io::Error::other(format!(
+                "record {} in {} is damaged",
+                at.id,
+                path.display()
+            )));
+        }
+        record.drain(..HEADER);
+        Ok(Bytes::from(record))
     }
 
     /// Marks records as answered for; deletes what no longer holds anything to send.
@@ -311,6 +374,13 @@ impl Wal {
     }
 }
 
+/// Reads `buf.len()` bytes at `offset`.
+fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::io::Seek;
+    file.seek(io::SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
 /// Writes the ack log anew (to a temporary file renamed over the old one).
 fn rewrite_acked(dir: &Path, ids: &HashSet<u64>) -> io::Result<File> {
     let tmp = dir.join("acked.log.tmp");
@@ -340,19 +410,20 @@ mod tests {
             let a = wal.append(3, b"first").unwrap().unwrap();
             let b = wal.append(4, b"second").unwrap().unwrap();
             let c = wal.append(5, b"third").unwrap().unwrap();
-            wal.ack(&[a, c]).unwrap();
-            let _ = b;
+            assert_eq!(&wal.read(&c).unwrap()[..], b"third");
+            wal.ack(&[a.id, c.id]).unwrap();
+            assert_eq!(&wal.read(&b).unwrap()[..], b"second");
         }
         let (wal, replay) = Wal::open(dir.path(), 1 << 20, false).unwrap();
         assert_eq!(replay.len(), 1);
         assert_eq!(
-            (replay[0].spans, &replay[0].payload[..]),
+            (replay[0].spans, &wal.read(&replay[0]).unwrap()[..]),
             (4, &b"second"[..])
         );
         // New ids never reuse old ones.
         let d = wal.append(1, b"fourth").unwrap().unwrap();
-        assert!(d > replay[0].id);
-        wal.ack(&[replay[0].id, d]).unwrap();
+        assert!(d.id > replay[0].id);
+        wal.ack(&[replay[0].id, d.id]).unwrap();
         assert_eq!(wal.bytes(), 0, "all acknowledged: nothing left on disk");
         let (_, replay) = Wal::open(dir.path(), 1 << 20, false).unwrap();
         assert!(replay.is_empty());
@@ -378,9 +449,9 @@ mod tests {
             .unwrap()
             .set_len(len - 3)
             .unwrap();
-        let (_, replay) = Wal::open(dir.path(), 1 << 20, false).unwrap();
+        let (wal, replay) = Wal::open(dir.path(), 1 << 20, false).unwrap();
         assert_eq!(replay.len(), 1);
-        assert_eq!(&replay[0].payload[..], b"intact");
+        assert_eq!(&wal.read(&replay[0]).unwrap()[..], b"intact");
     }
 
     #[test]
@@ -388,7 +459,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // Records of 20 header + 40 payload bytes: two fit in 130 bytes, three do not.
         let (wal, _) = Wal::open(dir.path(), 130, false).unwrap();
-        let a = wal.append(1, &[0; 40]).unwrap().unwrap();
+        let a = wal.append(1, &[0; 40]).unwrap().unwrap().id;
         assert!(wal.append(1, &[0; 40]).unwrap().is_some());
         assert_eq!(wal.append(1, &[0; 40]).unwrap(), None, "over 130 bytes");
         wal.ack(&[a]).unwrap();
@@ -399,12 +470,41 @@ mod tests {
     }
 
     #[test]
+    fn replay_finds_records_without_holding_their_payloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let payload = vec![3u8; 1 << 20];
+        {
+            let (wal, _) = Wal::open(dir.path(), 1 << 30, false).unwrap();
+            for _ in 0..40 {
+                wal.append(7, &payload).unwrap().unwrap();
+            }
+        }
+        let (wal, replay) = Wal::open(dir.path(), 1 << 30, false).unwrap();
+        assert_eq!(replay.len(), 40);
+        assert!(replay.iter().all(|r| r.spans == 7));
+        // Read back one at a time, in any order, across segments.
+        assert_eq!(wal.read(&replay[39]).unwrap(), payload);
+        assert_eq!(wal.read(&replay[0]).unwrap(), payload);
+        // A damaged record is reported, not returned.
+        let seg = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
+            .min()
+            .unwrap();
+        let mut data = std::fs::read(&seg).unwrap();
+        data[HEADER + 10] ^= 0xff;
+        std::fs::write(&seg, data).unwrap();
+        assert!(wal.read(&replay[0]).is_err());
+    }
+
+    #[test]
     fn fully_acknowledged_segments_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let (wal, _) = Wal::open(dir.path(), 1 << 30, false).unwrap();
         let big = vec![7u8; (SEGMENT_BYTES / 2) as usize];
         let ids: Vec<u64> = (0..5)
-            .map(|_| wal.append(1, &big).unwrap().unwrap())
+            .map(|_| wal.append(1, &big).unwrap().unwrap().id)
             .collect();
         let segments = || {
             std::fs::read_dir(dir.path())

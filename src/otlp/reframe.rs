@@ -168,6 +168,41 @@ pub fn encode_verbatim(spans: &[HeldSpan]) -> Bytes {
     }))
 }
 
+/// Splits an encoded request into two requests of about half its spans each, every span
+/// still under its own resource and scope; returns each half with its span count. `None`
+/// when it holds fewer than two spans or does not decode.
+pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
+    use prost::Message;
+    let decoded = super::view::ExportTraceServiceRequest::decode(request.clone()).ok()?;
+    let mut spans = Vec::new();
+    for rs in decoded.resource_spans {
+        for ss in rs.scope_spans {
+            let origin = Arc::new(Origin {
+                resource: rs.resource.clone(),
+                resource_schema_url: rs.schema_url.clone(),
+                scope: ss.scope,
+                scope_schema_url: ss.schema_url,
+                service: Arc::from(""),
+            });
+            spans.extend(ss.spans.into_iter().map(|bytes| HeldSpan {
+                origin: origin.clone(),
+                bytes,
+                trace_state: None,
+                is_root: false,
+                extra: None,
+            }));
+        }
+    }
+    if spans.len() < 2 {
+        return None;
+    }
+    let (first, second) = spans.split_at(spans.len() / 2);
+    Some([
+        (encode_verbatim(first), first.len()),
+        (encode_verbatim(second), second.len()),
+    ])
+}
+
 fn encode_plans<'a>(items: impl Iterator<Item = (&'a Arc<Origin>, SpanPlan<'a>)>) -> Bytes {
     // Group by origin in first-seen order; a map keeps this linear when a batch gathers
     // spans from thousands of small requests.
@@ -244,6 +279,81 @@ fn put_key_len(out: &mut Vec<u8>, field: u32, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_splits_into_halves_that_keep_their_resources() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
+        use opentelemetry_proto::tonic::resource::v1::Resource;
+        use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+        use prost::Message;
+        let span = |i: u8| Span {
+            trace_id: vec![i; 16],
+            span_id: vec![i; 8],
+            name: format!("span {i}"),
+            ..Default::default()
+        };
+        let resource_spans = |service: &str, ids: std::ops::Range<u8>| ResourceSpans {
+            resource: Some(Resource {
+                attributes: vec![opentelemetry_proto::tonic::common::v1::KeyValue {
+                    key: "service.name".into(),
+                    value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                        value: Some(
+                            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                                service.into(),
+                            ),
+                        ),
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: format!("scope-{service}"),
+                    ..Default::default()
+                }),
+                spans: ids.map(span).collect(),
+                schema_url: String::new(),
+            }],
+            schema_url: "https://opentelemetry.io/schemas/1.30.0".into(),
+        };
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![resource_spans("a", 0..3), resource_spans("b", 3..7)],
+        };
+        let encoded = Bytes::from(request.encode_to_vec());
+        let [(first, n1), (second, n2)] = split_request(&encoded).unwrap();
+        assert_eq!((n1, n2), (3, 4));
+        let spans_by_service = |bytes: &Bytes| {
+            ExportTraceServiceRequest::decode(bytes.clone())
+                .unwrap()
+                .resource_spans
+                .into_iter()
+                .flat_map(|rs| {
+                    let rs2 = rs.clone();
+                    rs.scope_spans.into_iter().flat_map(move |ss| {
+                        let rs3 = rs2.clone();
+                        ss.spans.into_iter().map(move |s| {
+                            (
+                                rs3.resource.clone(),
+                                rs3.schema_url.clone(),
+                                ss.scope.clone(),
+                                s,
+                            )
+                        })
+                    })
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut halves = spans_by_service(&first);
+        halves.extend(spans_by_service(&second));
+        assert_eq!(halves, spans_by_service(&encoded));
+        // One span cannot be split.
+        let single = ExportTraceServiceRequest {
+            resource_spans: vec![resource_spans("c", 9..10)],
+        };
+        assert!(split_request(&Bytes::from(single.encode_to_vec())).is_none());
+    }
 
     #[test]
     fn varint_sizes() {

@@ -21,6 +21,20 @@ use crate::otlp::codec::{Prost, RawCodec};
 use crate::pipeline::{IngestError, Pipeline, Protocol};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// How long a refused sender is asked to wait (RetryInfo), as HTTP's Retry-After says.
+const RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// UNAVAILABLE with a RetryInfo detail: OTLP exporters wait that long before retrying, and
+/// a replica forwarding here knows this one is alive, only full.
+fn overloaded(why: crate::pipeline::Overload) -> Status {
+    use tonic_types::{ErrorDetails, StatusExt};
+    Status::with_error_details(
+        tonic::Code::Unavailable,
+        why.message(),
+        ErrorDetails::with_retry_info(Some(RETRY_DELAY)),
+    )
+}
+
 /// gRPC status codes as they appear in the `grpc-status` header.
 const GRPC_OUT_OF_RANGE: &str = "11";
 const GRPC_RESOURCE_EXHAUSTED: &str = "8";
@@ -64,10 +78,6 @@ impl UnaryService<Bytes> for Export {
         let protocol = self.1;
         let from_peer = self.2.clone();
         Box::pin(async move {
-            if let Some(why) = pipeline.overloaded() {
-                pipeline.refuse(protocol, why);
-                return Err(Status::unavailable(why.message()));
-            }
             let outcome = pipeline
                 .ingest(request.into_inner(), protocol)
                 .map_err(|e: IngestError| Status::invalid_argument(e.to_string()))?;
@@ -137,6 +147,11 @@ where
             (Some(_), None) => (Protocol::Peer, None),
             _ => (Protocol::Grpc, None),
         };
+        if let Some(why) = self.pipeline.overloaded() {
+            // Refused before the body is read: nothing of it is allocated.
+            self.pipeline.refuse(protocol, why);
+            return Box::pin(async move { Ok(overloaded(why).into_http()) });
+        }
         let export = Export(self.pipeline.clone(), protocol, from_peer);
         let max = self.max_request_bytes;
         Box::pin(async move {

@@ -18,7 +18,10 @@ use crate::otlp::scan::{self, Reject};
 use crate::otlp::view;
 use crate::otlp::wire::{Value, put_attribute};
 use crate::sampler::{DecidedBy, SpanStats, TraceSummary};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Loss, Metrics};
+
+pub mod budget;
+pub use budget::Budget;
 
 /// Kept traces are handed to the exporters in groups of about this many spans (whole traces
 /// only): one channel send per group instead of one per trace, while a full export queue
@@ -82,6 +85,10 @@ pub struct Pipeline {
     pub limits: LiveLimits,
     /// Sharding across replicas, when `cluster:` is configured.
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    /// The process's memory budget: every buffer of span bytes is charged to it.
+    pub budget: Arc<Budget>,
+    /// Memory reserved up front in the budget: the decision cache at its full size.
+    pub reserved_memory: usize,
 }
 
 /// `limits:` as the hot path reads it: relaxed atomics, set at start and on reload.
@@ -93,8 +100,12 @@ pub struct LiveLimits {
     pub soft_buffer_bytes: AtomicUsize,
     pub max_span_bytes: AtomicUsize,
     pub max_attribute_bytes: AtomicUsize,
-    /// Held memory at the last decision tick.
-    pub held_memory: AtomicUsize,
+    /// Bookkeeping of the traces held at the last decision tick (their buffers are
+    /// charged to the budget).
+    pub held_bookkeeping: AtomicUsize,
+    /// Wire bytes of the spans held at the last decision tick: what deciding them would
+    /// write to a durable queue.
+    pub held_wire_bytes: AtomicUsize,
 }
 
 impl LiveLimits {
@@ -113,10 +124,14 @@ impl LiveLimits {
 /// Why a request is refused unread, the `reason` of `llmtail_requests_refused_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Overload {
-    /// Every export queue is nearly full.
+    /// Every export queue is nearly full (`queue.max_spans`).
     ExportQueue,
-    /// Held traces reached `limits.max_buffer_bytes`.
+    /// The memory budget reached `limits.max_buffer_bytes`.
     Memory,
+    /// A durable queue's log, with the traces held for it, would pass `max_disk_bytes`.
+    DurableQueue,
+    /// A queue of spans for a peer is nearly full (`cluster.forward_queue_spans`).
+    Forwarding,
 }
 
 impl Overload {
@@ -124,6 +139,8 @@ impl Overload {
         match self {
             Overload::ExportQueue => "overloaded",
             Overload::Memory => "memory",
+            Overload::DurableQueue => "durable_queue",
+            Overload::Forwarding => "forwarding",
         }
     }
 
@@ -132,6 +149,12 @@ impl Overload {
             Overload::ExportQueue => "llmtail is overloaded (export queue full); retry later",
             Overload::Memory => {
                 "llmtail is holding as much as limits.max_buffer_bytes allows; retry later"
+            }
+            Overload::DurableQueue => {
+                "llmtail's durable queue is full (exporter.queue.max_disk_bytes); retry later"
+            }
+            Overload::Forwarding => {
+                "llmtail cannot forward to a peer fast enough (cluster.forward_queue_spans); retry later"
             }
         }
     }
@@ -142,6 +165,8 @@ impl Pipeline {
     /// the request as a whole fails only when it cannot be split into spans at all, in which
     /// case nothing of it was taken.
     pub fn ingest(&self, request: Bytes, protocol: Protocol) -> Result<IngestOutcome, IngestError> {
+        // Charged while any span of it is held or queued.
+        let request = self.budget.charge(request);
         let request = view::ExportTraceServiceRequest::decode(request)?;
         let services = request
             .resource_spans
@@ -254,10 +279,12 @@ impl Pipeline {
                         let label = if decision.keep() { "kept" } else { "dropped" };
                         self.metrics.late_spans.with_label_values(&[label]).inc();
                         if decision.keep() {
-                            self.submit(vec![KeptSpan {
-                                span: self.redacted(span),
-                                threshold: decision.threshold(),
-                            }]);
+                            if let Some(span) = self.redacted(span) {
+                                self.submit(vec![KeptSpan {
+                                    span,
+                                    threshold: decision.threshold(),
+                                }]);
+                            }
                         } else {
                             self.metrics
                                 .spans_dropped
@@ -294,21 +321,39 @@ impl Pipeline {
         Ok(outcome)
     }
 
-    /// The span with its content redacted (privacy), ready to export.
-    fn redacted(&self, span: HeldSpan) -> HeldSpan {
+    /// The span with its content redacted (privacy), ready to export. Fails closed: a
+    /// span that cannot be redacted is not exported (counted as lost, `redaction_failed`).
+    fn redacted(&self, span: HeldSpan) -> Option<HeldSpan> {
         let Some(redactor) = &self.redactor else {
-            return span;
+            return Some(span);
         };
-        match redactor.rewrite(&span.bytes) {
-            Ok(Some(bytes)) => match scan::trace_state_field(&bytes) {
-                Ok(trace_state) => HeldSpan {
-                    bytes: Bytes::from(bytes),
-                    trace_state,
-                    ..span
-                },
-                Err(_) => span,
-            },
-            _ => span,
+        let rewritten = match redactor.rewrite(&span.bytes) {
+            Ok(None) => return Some(span),
+            Ok(Some(bytes)) => scan::trace_state_field(&bytes)
+                .map(|trace_state| (bytes, trace_state))
+                .map_err(|_| Reject::Malformed),
+            Err(_) => Err(Reject::Malformed),
+        };
+        match rewritten {
+            Ok((bytes, trace_state)) => Some(HeldSpan {
+                bytes: self.budget.charge(Bytes::from(bytes)),
+                trace_state,
+                ..span
+            }),
+            Err(_) => {
+                self.count_lost_everywhere(Loss::RedactionFailed, 1);
+                None
+            }
+        }
+    }
+
+    /// Counts spans that no exporter will send.
+    fn count_lost_everywhere(&self, reason: Loss, n: u64) {
+        for queue in &self.exporters {
+            self.metrics
+                .spans_lost
+                .with_label_values(&[queue.name(), reason.label()])
+                .inc_by(n);
         }
     }
 
@@ -356,10 +401,15 @@ impl Pipeline {
             {
                 root.extra = Some(Box::new(rollup(&trace.summary, decision.by.label())));
             }
-            kept.extend(spans.into_iter().map(|span| KeptSpan {
-                span: self.redacted(span),
-                threshold: decision.threshold,
-            }));
+            kept.extend(
+                spans
+                    .into_iter()
+                    .filter_map(|span| self.redacted(span))
+                    .map(|span| KeptSpan {
+                        span,
+                        threshold: decision.threshold,
+                    }),
+            );
             if kept.len() >= SUBMIT_SPANS {
                 self.submit(std::mem::take(&mut kept));
             }
@@ -396,23 +446,42 @@ impl Pipeline {
         }
     }
 
-    /// True when no exporter can take more: every export queue is nearly full, so
-    /// receivers push back on senders with a retryable error instead of taking data that
-    /// would be lost. One stalled exporter among several does not stop the others.
-    /// Held memory at the hard mark refuses too, until decisions bring it down.
+    /// Why receivers should refuse new data now, if they should: the memory budget is at
+    /// its hard mark, a durable queue has no room for what is held, or every export queue
+    /// is nearly full. Decided traces always enter the queues, so refusing here is what
+    /// keeps accepted data from ever being dropped: it waits, and senders retry.
     pub fn overloaded(&self) -> Option<Overload> {
-        if self.limits.held_memory.load(Ordering::Relaxed) + self.queued_memory()
-            >= self.limits.max_buffer_bytes.load(Ordering::Relaxed)
-        {
+        if self.memory() >= self.limits.max_buffer_bytes.load(Ordering::Relaxed) {
             return Some(Overload::Memory);
+        }
+        let held = self.limits.held_wire_bytes.load(Ordering::Relaxed);
+        if self
+            .exporters
+            .iter()
+            .any(|q| q.disk_room().is_some_and(|room| room <= held))
+        {
+            return Some(Overload::DurableQueue);
+        }
+        if self.cluster.as_ref().is_some_and(|c| c.is_high()) {
+            return Some(Overload::Forwarding);
         }
         (!self.exporters.is_empty() && self.exporters.iter().all(|q| q.is_high()))
             .then_some(Overload::ExportQueue)
     }
 
-    /// Memory of the spans waiting in export queues.
-    fn queued_memory(&self) -> usize {
-        self.exporters.iter().map(|q| q.queued_bytes()).sum()
+    /// What the memory budget counts now: charged buffers, the bookkeeping of held traces
+    /// (as of the last decision tick), of spans queued for export or for peers, and the
+    /// decision cache.
+    pub fn memory(&self) -> usize {
+        self.budget.charged()
+            + self.limits.held_bookkeeping.load(Ordering::Relaxed)
+            + self
+                .exporters
+                .iter()
+                .map(|q| q.bookkeeping())
+                .sum::<usize>()
+            + self.cluster.as_ref().map_or(0, |c| c.bookkeeping())
+            + self.reserved_memory
     }
 
     /// Counts a request refused before it was read.
@@ -428,20 +497,23 @@ impl Pipeline {
         let mut decided = Vec::new();
         let now = Instant::now();
         let mut held = self.buffer.decide_due(now, &mut decided);
-        // Held traces and export queues share the memory budget; the soft mark is
-        // relieved by deciding held traces early, down to a little under it so relief is
-        // not paid on every tick. (Kept spans then wait in the queues; the hard mark
-        // refuses new data until the upstream takes them.)
+        // Past the soft mark, held traces are decided early, oldest first, until what
+        // they are estimated to free brings the budget a little under the mark (so relief
+        // is not paid on every tick). Kept ones then wait in the export queues; the hard
+        // mark refuses new data until the upstream takes them.
         let soft = self.limits.soft_buffer_bytes.load(Ordering::Relaxed);
-        let queued = self.queued_memory();
-        if held.memory() + queued > soft {
-            let target = (soft - soft / 20).saturating_sub(queued);
+        let excess = self.memory().saturating_sub(soft - soft / 20);
+        if excess > 0 {
+            let target = held.memory().saturating_sub(excess);
             held = self.buffer.relieve(held, target, now, &mut decided);
         }
         // Counted before the decided traces move to the queues; the next tick sees them.
         self.limits
-            .held_memory
-            .store(held.memory(), Ordering::Relaxed);
+            .held_bookkeeping
+            .store(held.bookkeeping(), Ordering::Relaxed);
+        self.limits
+            .held_wire_bytes
+            .store(held.bytes, Ordering::Relaxed);
         self.dispatch(decided);
         self.metrics.buffer_traces.set(held.traces as i64);
         self.metrics.buffer_spans.set(held.spans as i64);
