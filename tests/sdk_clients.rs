@@ -82,7 +82,10 @@ exporter:
     ));
     let manifest = daemon.dir.path().join("manifest.json");
     let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
-    let mut cmd = tokio::process::Command::new(program);
+    let mut cmd = tokio::process::Command::new(match program {
+        "python3" => python(),
+        other => other.into(),
+    });
     cmd.arg(&script).arg(endpoint_of(&daemon));
     // Argument order: the Python client takes COUNT MANIFEST PROTOCOL, the Node one
     // PROTOCOL COUNT MANIFEST.

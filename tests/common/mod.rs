@@ -20,6 +20,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 
+/// The Python of the test virtualenv (tests/install-deps.sh), with the pinned SDKs.
+pub fn python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/.venv/bin/python3")
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -91,6 +96,9 @@ struct SinkState {
     mode: Arc<AtomicU32>,
     faults: Arc<Mutex<std::collections::VecDeque<Fault>>>,
     call_times: Arc<Mutex<Vec<Instant>>>,
+    /// Counting mode: span ids (trace id ++ span id) and how often each arrived, instead
+    /// of whole requests, for floods of millions of spans.
+    ids: Option<Arc<Mutex<HashMap<[u8; 24], u32>>>>,
 }
 
 #[tonic::async_trait]
@@ -137,7 +145,18 @@ impl TraceService for SinkState {
                 );
             }
         }
-        self.requests.lock().unwrap().push(request.into_inner());
+        match &self.ids {
+            Some(ids) => {
+                let mut ids = ids.lock().unwrap();
+                for span in spans_of(std::slice::from_ref(request.get_ref())) {
+                    let mut id = [0u8; 24];
+                    id[..16].copy_from_slice(&span.trace_id);
+                    id[16..].copy_from_slice(&span.span_id);
+                    *ids.entry(id).or_default() += 1;
+                }
+            }
+            None => self.requests.lock().unwrap().push(request.into_inner()),
+        }
         Ok(tonic::Response::new(response))
     }
 }
@@ -152,25 +171,43 @@ pub struct Sink {
 impl Sink {
     /// Starts a sink on `port` (0: any free port).
     pub async fn start(port: u16) -> Sink {
-        Sink::serve(port, None).await
+        Sink::serve(port, None, SinkState::default()).await
+    }
+
+    /// A sink that keeps only the ids of the spans it receives (see [`Sink::ids`]).
+    pub async fn start_counting(port: u16) -> Sink {
+        let state = SinkState {
+            ids: Some(Arc::default()),
+            ..SinkState::default()
+        };
+        Sink::serve(port, None, state).await
+    }
+
+    /// Counting mode: every span id received, with how many times it arrived.
+    pub fn ids(&self) -> HashMap<[u8; 24], u32> {
+        self.state.ids.as_ref().expect("a counting sink").lock().unwrap().clone()
+    }
+
+    /// Counting mode: distinct spans received.
+    pub fn distinct_spans(&self) -> usize {
+        self.state.ids.as_ref().expect("a counting sink").lock().unwrap().len()
     }
 
     /// A gRPC sink over TLS that requires a client certificate signed by the PKI's CA.
     pub async fn start_mtls(port: u16, pki: &Pki) -> Sink {
-        Sink::serve(port, Some(pki)).await
+        Sink::serve(port, Some(pki), SinkState::default()).await
     }
 
-    async fn serve(port: u16, mtls: Option<&Pki>) -> Sink {
+    async fn serve(port: u16, mtls: Option<&Pki>, state: SinkState) -> Sink {
         use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-        let state = SinkState::default();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("sink port free");
         let port = listener.local_addr().unwrap().port();
+        // gRPC's default 4 MiB message limit, as the Collector, Tempo and most backends.
         let svc = TraceServiceServer::new(state.clone())
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
-            .max_decoding_message_size(64 * 1024 * 1024);
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
         let mut server = tonic::transport::Server::builder();
         if let Some(pki) = mtls {
             let tls = ServerTlsConfig::new()
@@ -318,13 +355,26 @@ impl Daemon {
     /// The receiver and admin part of every test config; a `grpc_extra` of `@PORT` fixes
     /// the gRPC port.
     fn prefix(grpc_extra: &str, http_extra: &str) -> String {
+        Daemon::prefix_limited(grpc_extra, http_extra, 1_000_000)
+    }
+
+    fn prefix_limited(grpc_extra: &str, http_extra: &str, max_request_bytes: usize) -> String {
         let (port, grpc_extra) = match grpc_extra.strip_prefix('@') {
             Some(rest) => rest.split_once('\n').unwrap_or((rest, "")),
             None => ("0", grpc_extra),
         };
         format!(
-            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:{port}\n    max_request_bytes: 1000000\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: 1000000\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n"
+            "receiver:\n  grpc:\n    endpoint: 127.0.0.1:{port}\n    max_request_bytes: {max_request_bytes}\n{grpc_extra}  http:\n    endpoint: 127.0.0.1:0\n    max_request_bytes: {max_request_bytes}\n{http_extra}admin:\n  endpoint: 127.0.0.1:0\n"
         )
+    }
+
+    /// Starts llmtail as [`Launch`] says.
+    pub fn launch_opts(body: &str, opts: Launch<'_>) -> Daemon {
+        let config = format!(
+            "{}{body}",
+            Daemon::prefix_limited("", "", opts.max_request_bytes.unwrap_or(1_000_000))
+        );
+        Daemon::spawn(config, opts.envs, opts.cgroup, opts.dir)
     }
 
     /// Rewrites the config file with a new `body` (receivers as at start) and sends SIGHUP.
@@ -351,12 +401,33 @@ impl Daemon {
         // Port 0 everywhere: the daemon logs the addresses it bound, so tests never race
         // each other for ports.
         let config = format!("{}{body}", Daemon::prefix(grpc_extra, http_extra));
-        let dir = tempfile::tempdir().unwrap();
+        Daemon::spawn(config, envs, None, None)
+    }
+
+    fn spawn(
+        config: String,
+        envs: &[(&str, &str)],
+        cgroup: Option<&MemoryCgroup>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Daemon {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).unwrap();
         let log_path = dir.path().join("llmtail.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut child = Command::new(binary())
+        let mut command = match cgroup {
+            // The shell moves itself into the group, then becomes llmtail.
+            Some(group) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg("echo $$ > \"$0\" && exec \"$@\"")
+                    .arg(group.procs())
+                    .arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = command
             .arg("--config")
             .arg(&path)
             .current_dir(dir.path())
@@ -791,4 +862,162 @@ pub async fn mtls_client(
         .connect()
         .await?;
     Ok(TraceServiceClient::new(channel))
+}
+
+/// How [`Daemon::launch_opts`] starts the daemon.
+#[derive(Default)]
+pub struct Launch<'a> {
+    /// `receiver.*.max_request_bytes` (1,000,000 unless given).
+    pub max_request_bytes: Option<usize>,
+    pub envs: &'a [(&'a str, &'a str)],
+    /// Run inside this memory-limited cgroup.
+    pub cgroup: Option<&'a MemoryCgroup>,
+    /// The working directory (e.g. one a durable queue outlives restarts in).
+    pub dir: Option<tempfile::TempDir>,
+}
+
+/// A memory-limited cgroup (v1 or v2, whichever the machine mounts), as a pod's limit is;
+/// removed when dropped. Needs root, as CI has.
+pub struct MemoryCgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    pub fn create(name: &str, limit: u64) -> MemoryCgroup {
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let base = if v2 {
+            // Enable the memory controller for the root's children (harmless if on).
+            let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+memory");
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/memory")
+        };
+        let dir = base.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
+            panic!("cannot create the cgroup {} (the test needs root and a memory cgroup): {e}", dir.display())
+        });
+        let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        std::fs::write(dir.join(file), limit.to_string()).unwrap();
+        if !v2 {
+            // No swap: the limit is the limit.
+            let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+        }
+        MemoryCgroup { dir, v2 }
+    }
+
+    pub fn procs(&self) -> PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+    }
+
+    /// Most memory the group used (v1 `max_usage_in_bytes`, v2 `memory.peak`).
+    pub fn peak_bytes(&self) -> u64 {
+        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        self.read(file).trim().parse().unwrap_or(0)
+    }
+
+    /// Processes of the group killed by the OOM killer.
+    pub fn oom_kills(&self) -> u64 {
+        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        self.read(file)
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// tests/python/sink.py: a stock grpcio OTLP server (4 MiB limit) or an OTLP/HTTP one
+/// that answers 413 past a body limit.
+pub struct PySink {
+    pub port: u16,
+    out: PathBuf,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+/// What a [`PySink`] recorded.
+#[derive(Default, Debug)]
+pub struct PySinkLog {
+    /// Every span received, as (trace id hex, span id hex), duplicates included.
+    pub spans: Vec<(String, String)>,
+    /// Size in bytes of every accepted request.
+    pub requests: Vec<usize>,
+    /// Size of every request refused as too large.
+    pub refused: Vec<usize>,
+}
+
+impl PySink {
+    /// `kind` is `grpc` or `http`; `limit` the HTTP body limit.
+    pub fn start(kind: &str, limit: Option<usize>) -> PySink {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("received.txt");
+        std::fs::write(&out, "").unwrap();
+        let port = free_port();
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/sink.py");
+        let mut cmd = Command::new(python());
+        cmd.arg(script).arg(kind).arg(port.to_string()).arg(&out);
+        if let Some(limit) = limit {
+            cmd.arg(limit.to_string());
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tests/.venv/bin/python3 runs (run tests/install-deps.sh)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "listening", "sink.py did not start");
+        PySink {
+            port,
+            out,
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> PySinkLog {
+        let text = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let mut log = PySinkLog::default();
+        for line in text.lines() {
+            let mut words = line.split(' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some("#"), Some("request"), Some(n)) => log.requests.push(n.parse().unwrap()),
+                (Some("#"), Some("refused"), Some(n)) => log.refused.push(n.parse().unwrap()),
+                (Some(t), Some(s), None) => log.spans.push((t.to_owned(), s.to_owned())),
+                _ => {}
+            }
+        }
+        log
+    }
+
+    /// Waits until at least `n` spans arrived (or the timeout passes); returns the count.
+    pub async fn wait_for_spans(&self, n: usize, timeout: Duration) -> usize {
+        wait_for_count(n, timeout, || self.log().spans.len()).await
+    }
+}
+
+impl Drop for PySink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

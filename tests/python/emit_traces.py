@@ -1,10 +1,12 @@
 """Emits LLM application traces with the official OpenTelemetry Python SDK.
 
-Usage: emit_traces.py ENDPOINT COUNT MANIFEST grpc|http
+Usage: emit_traces.py ENDPOINT COUNT MANIFEST grpc|http [PROMPT_BYTES]
 Sends COUNT traces to ENDPOINT through the SDK's BatchSpanProcessor, with the OTLP/gRPC or
 the OTLP/HTTP (protobuf) exporter (for HTTP, ENDPOINT is the base URL), then
 writes MANIFEST: one JSON object per trace with its id, kind, model and token counts, so
-the Rust test can check what llmtail kept and counted.
+the Rust test can check what llmtail kept and counted. With PROMPT_BYTES, every LLM span
+also carries its prompt and completion as the GenAI convention records them
+(`gen_ai.input.messages` / `gen_ai.output.messages`), about PROMPT_BYTES of prose in all.
 """
 
 import json
@@ -21,10 +23,26 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
 KINDS = ["error", "slow", "expensive_attr", "expensive_tokens"]
+WORDS = (
+    "the customer asked about their invoice and the assistant looked up the account history "
+    "before answering with a summary of recent charges refunds shipping delays and a plan "
+    "to resolve the open ticket while keeping the tone friendly concise and accurate"
+).split()
+
+
+def prose(rng, size):
+    """About `size` bytes of text."""
+    words, n = [], 0
+    while n < size:
+        w = rng.choice(WORDS)
+        words.append(w)
+        n += len(w) + 1
+    return " ".join(words)
 
 
 def main() -> None:
     endpoint, count, manifest_path, protocol = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    prompt_bytes = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     rng = random.Random(11)
     if protocol == "grpc":
         exporter = GrpcExporter(endpoint=endpoint, insecure=True)
@@ -46,6 +64,17 @@ def main() -> None:
                 llm.set_attribute("gen_ai.request.model", model)
                 llm.set_attribute("gen_ai.usage.input_tokens", tokens_in)
                 llm.set_attribute("gen_ai.usage.output_tokens", tokens_out)
+                if prompt_bytes:
+                    prompt = prose(rng, prompt_bytes * 3 // 5)
+                    completion = prose(rng, prompt_bytes * 2 // 5)
+                    llm.set_attribute(
+                        "gen_ai.input.messages",
+                        json.dumps([{"role": "user", "parts": [{"type": "text", "content": prompt}]}]),
+                    )
+                    llm.set_attribute(
+                        "gen_ai.output.messages",
+                        json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": completion}]}]),
+                    )
                 if kind == "slow":
                     llm.set_attribute("llm.latency_ms", 9000.0)
                 if kind == "expensive_attr":
