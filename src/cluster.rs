@@ -531,6 +531,32 @@ mod tests {
         Ring::new(members.iter().map(|s| s.to_string()).collect(), me)
     }
 
+    #[tokio::test]
+    async fn a_peer_that_left_loses_its_forwarder_and_metric_series() {
+        let metrics = Metrics::new();
+        let cfg = ClusterConfig {
+            self_address: Some("127.0.0.1:1".into()),
+            peers: vec!["127.0.0.1:1".into(), "127.0.0.1:9".into()],
+            ..ClusterConfig::default()
+        };
+        let (cluster, mut fallback) = Cluster::new(&cfg, None, metrics.clone());
+        let peer: Arc<str> = Arc::from("127.0.0.1:9");
+        // Nothing listens on the discard port: the batch comes back to be taken here.
+        let series = || String::from_utf8_lossy(&metrics.render()).contains("peer=\"127.0.0.1:9\"");
+        assert!(cluster.forward(&peer, Vec::new()).is_ok());
+        tokio::task::yield_now().await;
+        assert!(series(), "the forwarder publishes its series");
+        *cluster.known.lock() = vec!["127.0.0.1:1".into()];
+        cluster.rebuild();
+        assert!(cluster.forwarders.lock().is_empty());
+        let tasks = std::mem::take(&mut *cluster.tasks.lock());
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(!series(), "the series went with the peer");
+        assert!(fallback.try_recv().is_err(), "an empty queue sends nothing");
+    }
+
     #[test]
     fn addresses_are_compared_in_one_form() {
         assert_eq!(normalize("fd00::7:4317"), "[fd00::7]:4317");

@@ -213,7 +213,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 /// Share of the container's memory limit that the memory budget (`max_buffer_bytes`) takes
 /// by default; the rest is the process's fixed overhead (code, runtime, connections,
 /// allocator slack), measured in README "Operations".
-pub const BUFFER_SHARE_OF_CGROUP: f64 = 0.5;
+pub const BUFFER_SHARE_OF_CGROUP: f64 = 0.4;
 /// `max_buffer_bytes` when there is no cgroup memory limit.
 pub const DEFAULT_BUFFER_BYTES: usize = 1 << 30;
 
@@ -1076,7 +1076,8 @@ impl Default for BatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// Kept spans waiting for (or retrying) export past which receivers refuse new data
-    /// (retryably) until the queue drains. Decided traces always enter the queue: nothing
+    /// (retryably) until the queue drains (memory-only queues; a durable queue is bounded
+    /// by `max_disk_bytes`). Decided traces always enter the queue: nothing
     /// accepted is dropped for want of room; the memory budget bounds what it holds.
     pub max_spans: usize,
     /// Export requests in flight at once.

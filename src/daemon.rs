@@ -29,9 +29,22 @@ use crate::telemetry::{self, Admin, Loss, Metrics};
 /// its deadline a trace is decided.
 const DECISION_TICK: Duration = Duration::from_millis(10);
 
-/// A durable queue keeps encoded requests in memory up to this fraction of the memory
-/// budget (shared by the exporters); the rest wait on disk.
-const DURABLE_QUEUE_MEMORY_SHARE: usize = 4;
+/// The decision cache takes at most this fraction of the memory budget.
+const DECISION_CACHE_SHARE: usize = 4;
+
+/// `sampling.decision_cache_size`, lowered (and said so) where the cache at its fullest
+/// would take more than its share of the memory budget: a small pod keeps room for data.
+fn decision_cache_size(configured: usize, budget: usize) -> usize {
+    let fits = budget / DECISION_CACHE_SHARE / DECISION_CACHE_ENTRY;
+    if configured > fits {
+        tracing::info!(
+            configured,
+            used = fits,
+            "sampling.decision_cache_size lowered to fit a quarter of limits.max_buffer_bytes"
+        );
+    }
+    configured.min(fits)
+}
 
 /// How the daemon ended.
 #[derive(Debug, PartialEq, Eq)]
@@ -111,9 +124,6 @@ pub async fn run(
                     None => None,
                 },
                 max_disk_bytes: ec.queue.max_disk_bytes.0,
-                memory_share: cfg.limits.buffer_bytes()
-                    / DURABLE_QUEUE_MEMORY_SHARE
-                    / cfg.exporters.len().max(1),
                 budget: budget.clone(),
             },
             metrics.clone(),
@@ -125,6 +135,7 @@ pub async fn run(
 
     let s = &cfg.sampling;
     metrics.buffer_limit_traces.set(s.max_traces as i64);
+    let decision_cache_size = decision_cache_size(s.decision_cache_size, cfg.limits.buffer_bytes());
     let base = Arc::new(BaseRate::new(s.base_rate));
     let pricing = Arc::new(Pricing::new(&cfg.llm.pricing));
     if let Some(file) = &cfg.llm.pricing_file {
@@ -150,7 +161,7 @@ pub async fn run(
                 decision_wait: s.decision_wait.0,
                 root_grace: s.root_grace.0,
                 max_traces: s.max_traces,
-                decision_cache_size: s.decision_cache_size,
+                decision_cache_size,
                 max_spans_per_trace: cfg.limits.max_spans_per_trace,
             },
             Sampler::new(s, base.clone()),
@@ -170,7 +181,7 @@ pub async fn run(
         limits: Default::default(),
         cluster: cluster.clone(),
         budget,
-        reserved_memory: s.decision_cache_size * DECISION_CACHE_ENTRY,
+        reserved_memory: decision_cache_size * DECISION_CACHE_ENTRY,
     });
     let stop_fallback = CancellationToken::new();
     let fallback_task =

@@ -47,6 +47,7 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub buffer_limit_bytes: IntGauge,
+    pub memory_bytes: IntGaugeVec,
     pub cluster_peers: IntGauge,
     pub cluster_forwarded: IntCounterVec,
     pub cluster_received: IntCounterVec,
@@ -255,7 +256,14 @@ impl Metrics {
             )),
             buffer_limit_bytes: reg!(IntGauge::new(
                 "llmtail_buffer_limit_bytes",
-                "limits.max_buffer_bytes in effect: the hard mark of held span bytes."
+                "limits.max_buffer_bytes in effect: the hard mark of the memory budget."
+            )),
+            memory_bytes: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "llmtail_memory_bytes",
+                    "What the memory budget counts, by part: buffers (span bytes held anywhere), bookkeeping (per held trace and queued span), reserved (the decision cache)."
+                ),
+                &["part"]
             )),
             cluster_peers: reg!(IntGauge::new(
                 "llmtail_cluster_peers",

@@ -13,12 +13,21 @@ use llmtail::loadgen::{self, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
-use prost::Message;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// gRPC's default message limit, the upstream's in these tests.
 const FOUR_MIB: usize = 4 << 20;
+
+/// The tests of this file run one at a time: each floods the machine, and a flood beside
+/// another test's would measure the two together.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -33,7 +42,12 @@ fn lost(m: &Metrics) -> f64 {
 
 /// Runs tests/python/emit_traces.py: `count` traces from the official Python SDK, each
 /// LLM span carrying about `prompt_bytes` of prompt and completion.
-async fn python_sdk(endpoint: &str, protocol: &str, count: usize, prompt_bytes: usize) -> Vec<String> {
+async fn python_sdk(
+    endpoint: &str,
+    protocol: &str,
+    count: usize,
+    prompt_bytes: usize,
+) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let manifest = dir.path().join("manifest.json");
     let script = format!("{}/tests/python/emit_traces.py", env!("CARGO_MANIFEST_DIR"));
@@ -71,12 +85,17 @@ fn assert_whole_and_once(log: &PySinkLog, traces: &[String]) {
         *per_trace.entry(t.as_str()).or_default() += 1;
     }
     for t in traces {
-        assert_eq!(per_trace.get(t.as_str()), Some(&SDK_SPANS_PER_TRACE), "trace {t}");
+        assert_eq!(
+            per_trace.get(t.as_str()),
+            Some(&SDK_SPANS_PER_TRACE),
+            "trace {t}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_carrying_spans_reach_a_stock_grpc_upstream_with_its_4_mib_limit() {
+    let _serial = one_at_a_time();
     let sink = PySink::start("grpc", None);
     // Shipped exporter defaults (gzip, batch.max_spans 4096, batch.max_bytes): only the
     // upstream and the sampling rate are set.
@@ -92,6 +111,11 @@ async fn prompt_carrying_spans_reach_a_stock_grpc_upstream_with_its_4_mib_limit(
     );
     let traces = python_sdk(&daemon.endpoint(), "grpc", 6000, 5000).await;
     let expected = traces.len() * SDK_SPANS_PER_TRACE;
+    assert_eq!(
+        daemon.metrics().sum("llmtail_spans_received_total", &[]),
+        expected as f64,
+        "the SDK's spans were not all accepted"
+    );
     let got = sink.wait_for_spans(expected, Duration::from_secs(90)).await;
     let m = daemon.metrics();
     assert_eq!(lost(&m), 0.0, "{}", daemon.log());
@@ -125,6 +149,7 @@ fn huge_span(bytes: usize) -> Span {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_upstream_answering_413_gets_halves_and_only_a_span_too_large_alone_is_lost() {
+    let _serial = one_at_a_time();
     const LIMIT: usize = 1 << 20;
     let sink = PySink::start("http", Some(LIMIT));
     // Batches allowed far over the upstream's limit: its 413s must split them.
@@ -164,8 +189,341 @@ async fn an_http_upstream_answering_413_gets_halves_and_only_a_span_too_large_al
     assert_eq!(lost(&m), 1.0);
     let log_text = daemon.log();
     assert_eq!(
-        log_text.matches("a span alone is larger than the upstream accepts").count(),
+        log_text
+            .matches("a span alone is larger than the upstream accepts")
+            .count(),
         1,
         "reported once, with sizes: {log_text}"
     );
+}
+
+/// A heavy-tailed id in 1..=n (log-uniform: a few ids are very common, most are rare), as
+/// users and sessions of a chat product are.
+fn heavy_tailed(rng: &mut StdRng, n: u64) -> u64 {
+    (n as f64).powf(rng.random::<f64>()) as u64
+}
+
+/// A request shaped like production: 128 four-span traces (the SDKs' 512-span batch), users
+/// from 20,000 and sessions from 100,000, heavy-tailed, and 10% of LLM calls carrying
+/// 2–8 KB of prompt and completion.
+fn production_request(rng: &mut StdRng) -> ExportTraceServiceRequest {
+    let mut spans = Vec::with_capacity(512);
+    for i in 0..128 {
+        let kind = loadgen::pick_kind(rng, 0.05, 0.03, 0.02);
+        let mut trace = loadgen::trace(rng, kind, loadgen::convention_for(i), now_ns());
+        let user = format!("user-{}", heavy_tailed(rng, 20_000));
+        let session = format!("sess-{}", heavy_tailed(rng, 100_000));
+        let prompt = rng.random_bool(0.1).then(|| rng.random_range(2_000..8_000));
+        for attr in &mut trace.spans[1].attributes {
+            let value = match attr.key.as_str() {
+                "user.id" => user.clone(),
+                "session.id" => session.clone(),
+                _ => continue,
+            };
+            attr.value = Some(AnyValue {
+                value: Some(Value::StringValue(value)),
+            });
+        }
+        if let Some(bytes) = prompt {
+            trace.spans[1].attributes.push(KeyValue {
+                key: "gen_ai.input.messages".into(),
+                value: Some(AnyValue {
+                    value: Some(Value::StringValue("lorem ipsum ".repeat(bytes / 12))),
+                }),
+                ..Default::default()
+            });
+        }
+        spans.extend(trace.spans);
+    }
+    loadgen::request(spans)
+}
+
+fn span_key(span: &Span) -> [u8; 24] {
+    let mut id = [0u8; 24];
+    id[..16].copy_from_slice(&span.trace_id);
+    id[16..].copy_from_slice(&span.span_id);
+    id
+}
+
+/// What a flood's senders got through.
+#[derive(Default)]
+struct Flooded {
+    accepted: HashSet<[u8; 24]>,
+    refused: u64,
+}
+
+/// `senders` clients send production-shaped requests as fast as they are answered until
+/// `until`; a refused request is dropped by its sender after a short pause (as an SDK's
+/// queue overflowing would), so only what was accepted is owed.
+async fn flood(endpoint: &str, senders: usize, until: tokio::time::Instant) -> Flooded {
+    let mut tasks = Vec::new();
+    for seed in 0..senders as u64 {
+        let endpoint = endpoint.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = client(&endpoint).await;
+            let mut rng = StdRng::seed_from_u64(1000 + seed);
+            let mut out = Flooded::default();
+            while tokio::time::Instant::now() < until {
+                let request = production_request(&mut rng);
+                let ids: Vec<[u8; 24]> = request
+                    .resource_spans
+                    .iter()
+                    .flat_map(|rs| &rs.scope_spans)
+                    .flat_map(|ss| &ss.spans)
+                    .map(span_key)
+                    .collect();
+                match client.export(request).await {
+                    Ok(r) => {
+                        assert!(r.into_inner().partial_success.is_none());
+                        out.accepted.extend(ids);
+                    }
+                    Err(status) => {
+                        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                        out.refused += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Flooded::default();
+    for t in tasks {
+        let part = t.await.unwrap();
+        all.accepted.extend(part.accepted);
+        all.refused += part.refused;
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_during_an_outage_in_a_384_mib_cgroup_delivers_everything_accepted() {
+    let _serial = one_at_a_time();
+    const LIMIT: u64 = 384 << 20;
+    let cgroup = MemoryCgroup::create("llmtail-flood", LIMIT);
+    let sink = Sink::start_counting(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
+    // Defaults derived from the cgroup's limit; no durable queue; retries well past the
+    // outage.
+    let daemon = Daemon::launch_opts(
+        &format!(
+            "sampling:\n  decision_wait: 5s\n  root_grace: 1s\n  base_rate: 1.0\nexporter:\n  otlp:\n    endpoint: {}\n  retry:\n    initial_interval: 100ms\n    max_interval: 1s\n",
+            sink.endpoint()
+        ),
+        Launch {
+            max_request_bytes: Some(16 << 20),
+            cgroup: Some(&cgroup),
+            ..Launch::default()
+        },
+    );
+    let m = daemon.metrics();
+    assert_eq!(
+        m.sum("llmtail_buffer_limit_bytes", &[]),
+        (LIMIT as f64 * 0.4).floor(),
+        "the budget is derived from the process's own cgroup"
+    );
+    let start = tokio::time::Instant::now();
+    let endpoint = daemon.endpoint();
+    let flooding =
+        tokio::spawn(async move { flood(&endpoint, 4, start + Duration::from_secs(16)).await });
+    // The upstream is down for the first 12 seconds of the flood; meanwhile the most the
+    // budget counted is noted, to compare with the group's peak.
+    let mut budget_peak = 0.0f64;
+    while tokio::time::Instant::now() < start + Duration::from_secs(12) {
+        budget_peak = budget_peak.max(daemon.metrics().sum("llmtail_memory_bytes", &[]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sink.set_mode(SINK_OK);
+    let flooded = flooding.await.unwrap();
+    let accepted = flooded.accepted.len();
+    assert!(flooded.refused > 0, "the flood never met backpressure");
+    let mut delivered = 0;
+    for _ in 0..1200 {
+        delivered = sink.distinct_spans();
+        if delivered >= accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = daemon.metrics();
+    let peak = cgroup.peak_bytes();
+    println!(
+        "flood: accepted {accepted} spans, refused {} requests, delivered {delivered}, peak memory {} MiB of {} MiB, budget counted at most {} MiB",
+        flooded.refused,
+        peak >> 20,
+        LIMIT >> 20,
+        budget_peak as u64 >> 20,
+    );
+    assert_eq!(cgroup.oom_kills(), 0, "OOM-killed");
+    assert_eq!(lost(&m), 0.0, "{}", daemon.log());
+    assert!(m.sum("llmtail_requests_refused_total", &[]) > 0.0);
+    let ids = sink.ids();
+    assert!(ids.values().all(|&n| n == 1), "a span arrived twice");
+    assert_eq!(
+        delivered, accepted,
+        "accepted spans missing at the upstream"
+    );
+    assert!(flooded.accepted.iter().all(|id| ids.contains_key(id)));
+    assert!(peak < LIMIT);
+}
+
+/// Sends production-shaped requests until `enough` holds, retrying refused ones (as an
+/// SDK does) after a short pause; returns the ids of every span accepted.
+async fn send_until(
+    daemon: &Daemon,
+    rng: &mut StdRng,
+    mut enough: impl FnMut(&Daemon) -> bool,
+) -> HashSet<[u8; 24]> {
+    let mut client = client(&daemon.endpoint()).await;
+    let mut accepted = HashSet::new();
+    for _ in 0..5000 {
+        if enough(daemon) {
+            return accepted;
+        }
+        let request = production_request(rng);
+        let ids: Vec<[u8; 24]> = request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .map(span_key)
+            .collect();
+        let mut refusals = 0;
+        while let Err(status) = client.export(request.clone()).await {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            refusals += 1;
+            assert!(refusals < 600, "refused for 30 s: {}", daemon.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        accepted.extend(ids);
+    }
+    panic!("the condition never held: {}", daemon.log());
+}
+
+/// Waits until the counting sink holds `accepted`, then checks it holds exactly that, once.
+async fn assert_delivered_once(sink: &Sink, accepted: &HashSet<[u8; 24]>, daemon: &Daemon) {
+    for _ in 0..1200 {
+        if sink.distinct_spans() >= accepted.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ids = sink.ids();
+    assert!(ids.values().all(|&n| n == 1), "a span arrived twice");
+    assert_eq!(ids.len(), accepted.len(), "{}", daemon.log());
+    assert!(accepted.iter().all(|id| ids.contains_key(id)));
+}
+
+fn durable_config(sink: &Sink, extra: &str) -> String {
+    format!(
+        "sampling:\n  decision_wait: 2s\n  root_grace: 200ms\n  base_rate: 1.0\nexporter:\n  otlp:\n    endpoint: {}\n  queue:\n    directory: wal\n  retry:\n    initial_interval: 100ms\n    max_interval: 500ms\n    max_elapsed: 2s\n{extra}",
+        sink.endpoint()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_retry_horizon_loses_nothing_with_the_durable_queue() {
+    let _serial = one_at_a_time();
+    let sink = Sink::start_counting(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
+    let daemon = Daemon::launch_opts(
+        &durable_config(&sink, ""),
+        Launch {
+            max_request_bytes: Some(16 << 20),
+            ..Launch::default()
+        },
+    );
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut sent = 0;
+    let accepted = send_until(&daemon, &mut rng, |_| {
+        sent += 1;
+        sent > 40
+    })
+    .await;
+    // Retries every 500 ms at most: 20 of them outlast retry.max_elapsed (2 s) several
+    // times over.
+    let m = daemon
+        .wait_metrics(Duration::from_secs(60), |m| {
+            m.sum("llmtail_export_retries_total", &[]) >= 20.0
+        })
+        .await;
+    assert!(m.sum("llmtail_export_retries_total", &[]) >= 20.0);
+    assert_eq!(lost(&m), 0.0, "{}", daemon.log());
+    assert!(m.sum("llmtail_export_wal_bytes", &[]) > 0.0);
+    sink.set_mode(SINK_OK);
+    assert_delivered_once(&sink, &accepted, &daemon).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_export_wal_bytes", &[]) == 0.0
+        })
+        .await;
+    assert_eq!(
+        m.sum("llmtail_export_wal_bytes", &[]),
+        0.0,
+        "acknowledged records stay"
+    );
+    assert_eq!(lost(&m), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_log_larger_than_the_memory_budget_replays_it_all() {
+    let _serial = one_at_a_time();
+    const BUDGET: f64 = (16 << 20) as f64;
+    let sink = Sink::start_counting(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
+    let config = durable_config(
+        &sink,
+        "limits:\n  max_buffer_bytes: 16MiB\nshutdown_timeout: 2s\n",
+    );
+    let launch = |dir| Launch {
+        max_request_bytes: Some(16 << 20),
+        dir: Some(dir),
+        ..Launch::default()
+    };
+    let mut first = Daemon::launch_opts(&config, launch(tempfile::tempdir().unwrap()));
+    let mut rng = StdRng::seed_from_u64(5);
+    // The log grows to six times the memory budget while memory stays within it.
+    let mut accepted = send_until(&first, &mut rng, |d| {
+        d.metrics().sum("llmtail_export_wal_bytes", &[]) > 6.0 * BUDGET
+    })
+    .await;
+    let m = first.metrics();
+    assert_eq!(lost(&m), 0.0, "{}", first.log());
+    let log_bytes = m.sum("llmtail_export_wal_bytes", &[]);
+    first.sigterm();
+    assert!(first.wait_exit(Duration::from_secs(30)).success());
+    // Same directory, upstream still down: the log replays from disk, so the new process
+    // takes new data at once and stays small.
+    let dir = std::mem::replace(&mut first.dir, tempfile::tempdir().unwrap());
+    drop(first);
+    let second = Daemon::launch_opts(&config, launch(dir));
+    let mut sent = 0;
+    accepted.extend(
+        send_until(&second, &mut rng, |_| {
+            sent += 1;
+            sent > 10
+        })
+        .await,
+    );
+    let m = second.metrics();
+    assert_eq!(
+        m.sum("llmtail_requests_refused_total", &[]),
+        0.0,
+        "refused while replaying"
+    );
+    assert!(m.sum("llmtail_export_queue_spans", &[]) as usize >= accepted.len() * 9 / 10);
+    let rss = second.peak_rss() as f64;
+    println!(
+        "restart: a log of {} MiB replayed with a peak RSS of {} MiB (budget {} MiB)",
+        log_bytes as u64 >> 20,
+        rss as u64 >> 20,
+        BUDGET as u64 >> 20
+    );
+    assert!(
+        rss < log_bytes,
+        "replay held the log in memory: {rss} of {log_bytes}"
+    );
+    sink.set_mode(SINK_OK);
+    assert_delivered_once(&sink, &accepted, &second).await;
+    assert_eq!(lost(&second.metrics()), 0.0);
 }

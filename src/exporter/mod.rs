@@ -202,9 +202,10 @@ impl ExportQueue {
         &self.name
     }
 
-    /// True when the queue is nearly full: receivers then push back on senders.
+    /// True when the queue is nearly full: receivers then push back on senders. A durable
+    /// queue is bounded by its disk instead (see [`ExportQueue::disk_room`]).
     pub fn is_high(&self) -> bool {
-        self.queued() as f64 >= self.max_spans as f64 * HIGH_WATER
+        self.wal.is_none() && self.queued() as f64 >= self.max_spans as f64 * HIGH_WATER
     }
 }
 
@@ -219,9 +220,6 @@ pub struct ExporterSettings {
     pub wal: Option<(Arc<wal::Wal>, Vec<wal::Location>)>,
     /// `queue.max_disk_bytes`.
     pub max_disk_bytes: usize,
-    /// With a log: encoded requests kept in memory up to this many bytes; the rest wait on
-    /// disk and are read back when their turn comes.
-    pub memory_share: usize,
     /// Encoded requests (and records read back) are charged to it.
     pub budget: Arc<Budget>,
 }
@@ -303,7 +301,6 @@ pub fn start(
         worker,
         pending: Pending::default(),
         ready,
-        ready_memory: 0,
     };
     let task = tokio::spawn(batcher.run(rx, control));
     (queue, task)
@@ -341,8 +338,6 @@ struct Batcher {
     pending: Pending,
     /// Encoded requests waiting for a free slot.
     ready: VecDeque<Encoded>,
-    /// Bytes of `ready` payloads held in memory.
-    ready_memory: usize,
 }
 
 impl Batcher {
@@ -484,16 +479,11 @@ impl Batcher {
             match wal.append(spans as u32, &request) {
                 Ok(Some(at)) => {
                     queue.wal_bytes.set(wal.bytes() as i64);
-                    let payload = if self.ready_memory + request.len() <= self.settings.memory_share
-                    {
-                        self.ready_memory += request.len();
-                        Payload::Memory(request)
-                    } else {
-                        Payload::Disk(at)
-                    };
+                    // The request is on disk now; it is read back for each attempt (from
+                    // the page cache, usually), so a long outage holds no memory for it.
                     self.ready.push_back(Encoded {
                         spans,
-                        payload,
+                        payload: Payload::Disk(at),
                         record: Some(at.id),
                     });
                 }
@@ -521,11 +511,6 @@ impl Batcher {
         let Some(next) = self.ready.pop_front() else {
             return;
         };
-        if let Payload::Memory(b) = &next.payload
-            && next.record.is_some()
-        {
-            self.ready_memory = self.ready_memory.saturating_sub(b.len());
-        }
         let worker = self.worker.clone();
         tokio::spawn(async move {
             worker.export(next).await;
@@ -574,34 +559,16 @@ enum Failed {
 }
 
 impl Worker {
-    /// Sends one queued request (read back from the log if it waited there) and accounts
-    /// for every span of it; acknowledges its record once the upstream answered for all.
+    /// Sends one queued request and accounts for every span of it; acknowledges its
+    /// record once the upstream answered for all.
     async fn export(&self, item: Encoded) {
         let Encoded {
             spans,
             payload,
             record,
         } = item;
-        let request = match payload {
-            Payload::Memory(b) => Ok(b),
-            Payload::Disk(at) => {
-                let wal = self.queue.wal.clone().expect("spilled records have a log");
-                tokio::task::spawn_blocking(move || wal.read(&at))
-                    .await
-                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                    .map(|b| self.budget.charge(b))
-            }
-        };
         let mut tally = Tally::default();
-        match request {
-            Ok(request) => self.deliver(request, spans, &mut tally).await,
-            Err(e) => {
-                self.queue.log_wal_problem(&format!(
-                    "cannot read a record back from the write-ahead log: {e}; its spans are lost"
-                ));
-                tally.lost.push((Loss::WalError, spans));
-            }
-        }
+        self.deliver(payload, spans, &mut tally).await;
         self.queue.exported.inc_by(tally.exported as u64);
         for (reason, n) in &tally.lost {
             self.queue.count_lost(*reason, *n);
@@ -622,16 +589,37 @@ impl Worker {
         }
     }
 
+    /// The request's bytes: in memory, or read back from the log (charged while held).
+    async fn load(&self, payload: &Payload) -> Result<Bytes, Failed> {
+        match payload {
+            Payload::Memory(b) => Ok(b.clone()),
+            Payload::Disk(at) => {
+                let wal = self.queue.wal.clone().expect("records on disk have a log");
+                let at = *at;
+                let read = tokio::task::spawn_blocking(move || wal.read(&at))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|read| read);
+                read.map(|b| self.budget.charge(b)).map_err(|e| {
+                    self.queue.log_wal_problem(&format!(
+                        "cannot read a record back from the write-ahead log: {e}; its spans are lost"
+                    ));
+                    Failed::Lost(Loss::WalError)
+                })
+            }
+        }
+    }
+
     /// Sends a request with retries; when the upstream says it is too large, sends its
     /// halves instead (down to single spans, which are lost if still too large).
     fn deliver<'a>(
         &'a self,
-        request: Bytes,
+        payload: Payload,
         spans: usize,
         tally: &'a mut Tally,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            match self.send_with_retries(&request, spans).await {
+            let msg = match self.send_with_retries(&payload, spans).await {
                 Ok(rejected) => {
                     let refused = (rejected.spans as usize).min(spans);
                     tally.exported += spans - refused;
@@ -641,53 +629,62 @@ impl Worker {
                     if refused > 0 {
                         tally.lost.push((Loss::Partial, refused));
                     }
+                    return;
                 }
-                Err(Failed::Lost(reason)) => tally.lost.push((reason, spans)),
-                Err(Failed::Interrupted) => tally.interrupted += spans,
-                Err(Failed::TooLarge(msg)) => match split_request(&request) {
-                    Some([(a, na), (b, nb)]) => {
-                        tracing::debug!(
+                Err(Failed::Lost(reason)) => return tally.lost.push((reason, spans)),
+                Err(Failed::Interrupted) => return tally.interrupted += spans,
+                Err(Failed::TooLarge(msg)) => msg,
+            };
+            let request = match self.load(&payload).await {
+                Ok(request) => request,
+                Err(_) => return tally.lost.push((Loss::WalError, spans)),
+            };
+            drop(payload);
+            match split_request(&request) {
+                Some([(a, na), (b, nb)]) => {
+                    tracing::debug!(
+                        exporter = self.queue.name(),
+                        spans,
+                        bytes = request.len(),
+                        "upstream says the request is too large; sending it in halves"
+                    );
+                    drop(request);
+                    let (a, b) = (self.budget.charge(a), self.budget.charge(b));
+                    self.deliver(Payload::Memory(a), na, tally).await;
+                    self.deliver(Payload::Memory(b), nb, tally).await;
+                }
+                None => {
+                    if !self.queue.too_large_logged.swap(true, Ordering::Relaxed) {
+                        tracing::error!(
                             exporter = self.queue.name(),
+                            request_bytes = request.len(),
                             spans,
-                            bytes = request.len(),
-                            "upstream says the request is too large; sending it in halves"
+                            error = %msg,
+                            "a span alone is larger than the upstream accepts; it is lost (llmtail_spans_lost_total{{reason=\"span_too_large\"}}). Raise the upstream's message limit or lower limits.max_span_bytes. Reported once."
                         );
-                        drop(request);
-                        let (a, b) = (self.budget.charge(a), self.budget.charge(b));
-                        self.deliver(a, na, tally).await;
-                        self.deliver(b, nb, tally).await;
                     }
-                    None => {
-                        if !self.queue.too_large_logged.swap(true, Ordering::Relaxed) {
-                            tracing::error!(
-                                exporter = self.queue.name(),
-                                request_bytes = request.len(),
-                                spans,
-                                error = %msg,
-                                "a span alone is larger than the upstream accepts; it is lost (llmtail_spans_lost_total{{reason=\"span_too_large\"}}). Raise the upstream's message limit or lower limits.max_span_bytes. Reported once."
-                            );
-                        }
-                        tally.lost.push((Loss::SpanTooLarge, spans));
-                    }
-                },
+                    tally.lost.push((Loss::SpanTooLarge, spans));
+                }
             }
         })
     }
 
     /// Sends one request until the upstream answers for it. Without a log, retryable
     /// failures give up at `retry.max_elapsed`; with one, they never do (the log holds the
-    /// spans until the upstream is back, however long that takes).
-    async fn send_with_retries(&self, request: &Bytes, spans: usize) -> Result<Rejected, Failed> {
+    /// spans until the upstream is back, however long that takes), and the request is
+    /// read back from it for each attempt, so waiting holds no memory.
+    async fn send_with_retries(&self, payload: &Payload, spans: usize) -> Result<Rejected, Failed> {
         let durable = self.queue.is_durable();
         let started = Instant::now();
         let mut backoff = self.retry.initial_interval.0;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let request = self.load(payload).await?;
             let sent = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => return Err(Failed::Interrupted),
-                sent = self.sink.send(request.clone()) => sent,
+                sent = self.sink.send(request) => sent,
             };
             let (msg, hint) = match sent {
                 Ok(rejected) => return Ok(rejected),
@@ -789,7 +786,6 @@ mod tests {
                 concurrency: 1,
                 wal: None,
                 max_disk_bytes: 0,
-                memory_share: 0,
                 budget: Budget::new(),
             },
             metrics.clone(),

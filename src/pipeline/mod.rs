@@ -473,15 +473,31 @@ impl Pipeline {
     /// (as of the last decision tick), of spans queued for export or for peers, and the
     /// decision cache.
     pub fn memory(&self) -> usize {
-        self.budget.charged()
-            + self.limits.held_bookkeeping.load(Ordering::Relaxed)
+        self.budget.charged() + self.bookkeeping() + self.reserved_memory
+    }
+
+    fn bookkeeping(&self) -> usize {
+        self.limits.held_bookkeeping.load(Ordering::Relaxed)
             + self
                 .exporters
                 .iter()
                 .map(|q| q.bookkeeping())
                 .sum::<usize>()
             + self.cluster.as_ref().map_or(0, |c| c.bookkeeping())
-            + self.reserved_memory
+    }
+
+    /// Publishes `llmtail_memory_bytes{part}`.
+    fn publish_memory(&self) {
+        for (part, bytes) in [
+            ("buffers", self.budget.charged()),
+            ("bookkeeping", self.bookkeeping()),
+            ("reserved", self.reserved_memory),
+        ] {
+            self.metrics
+                .memory_bytes
+                .with_label_values(&[part])
+                .set(bytes as i64);
+        }
     }
 
     /// Counts a request refused before it was read.
@@ -518,6 +534,7 @@ impl Pipeline {
         self.metrics.buffer_traces.set(held.traces as i64);
         self.metrics.buffer_spans.set(held.spans as i64);
         self.metrics.buffer_bytes.set(held.bytes as i64);
+        self.publish_memory();
     }
 
     /// Decides everything still held (shutdown).

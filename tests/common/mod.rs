@@ -185,12 +185,24 @@ impl Sink {
 
     /// Counting mode: every span id received, with how many times it arrived.
     pub fn ids(&self) -> HashMap<[u8; 24], u32> {
-        self.state.ids.as_ref().expect("a counting sink").lock().unwrap().clone()
+        self.state
+            .ids
+            .as_ref()
+            .expect("a counting sink")
+            .lock()
+            .unwrap()
+            .clone()
     }
 
     /// Counting mode: distinct spans received.
     pub fn distinct_spans(&self) -> usize {
-        self.state.ids.as_ref().expect("a counting sink").lock().unwrap().len()
+        self.state
+            .ids
+            .as_ref()
+            .expect("a counting sink")
+            .lock()
+            .unwrap()
+            .len()
     }
 
     /// A gRPC sink over TLS that requires a client certificate signed by the PKI's CA.
@@ -470,6 +482,17 @@ impl Daemon {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The most resident memory the process has had (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
     }
 
     pub fn log(&self) -> String {
@@ -895,9 +918,16 @@ impl MemoryCgroup {
         };
         let dir = base.join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
-            panic!("cannot create the cgroup {} (the test needs root and a memory cgroup): {e}", dir.display())
+            panic!(
+                "cannot create the cgroup {} (the test needs root and a memory cgroup): {e}",
+                dir.display()
+            )
         });
-        let file = if v2 { "memory.max" } else { "memory.limit_in_bytes" };
+        let file = if v2 {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
         std::fs::write(dir.join(file), limit.to_string()).unwrap();
         if !v2 {
             // No swap: the limit is the limit.
@@ -916,13 +946,21 @@ impl MemoryCgroup {
 
     /// Most memory the group used (v1 `max_usage_in_bytes`, v2 `memory.peak`).
     pub fn peak_bytes(&self) -> u64 {
-        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        let file = if self.v2 {
+            "memory.peak"
+        } else {
+            "memory.max_usage_in_bytes"
+        };
         self.read(file).trim().parse().unwrap_or(0)
     }
 
     /// Processes of the group killed by the OOM killer.
     pub fn oom_kills(&self) -> u64 {
-        let file = if self.v2 { "memory.events" } else { "memory.oom_control" };
+        let file = if self.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         self.read(file)
             .lines()
             .find_map(|l| l.strip_prefix("oom_kill "))

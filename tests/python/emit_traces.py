@@ -49,7 +49,11 @@ def main() -> None:
     else:
         exporter = HttpExporter(endpoint=f"{endpoint}/v1/traces")
     provider = TracerProvider(resource=Resource.create({"service.name": "py-agent"}))
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=128))
+    # A queue that holds every span: the tests count what llmtail accepts against what was
+    # sent, so the SDK must not drop spans of its own when the machine is busy.
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, max_export_batch_size=128, max_queue_size=count * 4 + 2048)
+    )
     tracer = provider.get_tracer("emit_traces", "1.0")
     manifest = []
     for i in range(count):
