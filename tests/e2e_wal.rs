@@ -86,22 +86,61 @@ async fn kept_traces_survive_kill_9_and_a_graceful_stop_while_the_upstream_is_do
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_log_counts_the_loss_and_says_so_once() {
+async fn a_nearly_full_log_refuses_new_data_and_counts_any_loss_once() {
     let sink = Sink::start(0).await;
     sink.set_mode(SINK_UNAVAILABLE);
     let wal = tempfile::tempdir().unwrap();
     // Room for a few 4-span records only.
     let d = Daemon::start(&config(&sink, wal.path(), "    max_disk_bytes: 4KiB\n"));
-    send_errors(&d, 33, 30).await;
+    let mut rng = StdRng::seed_from_u64(33);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let mut c = client(&d.endpoint()).await;
+    let mut accepted = 0.0;
+    let mut refused = 0;
+    for i in 0..30 {
+        let t = loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now);
+        match c.export(loadgen::request(t.spans.clone())).await {
+            Ok(_) => accepted += t.spans.len() as f64,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("max_disk_bytes"), "{status:?}");
+                refused += 1;
+            }
+        }
+    }
+    // Before the log would overflow, receivers push back instead of accepting data
+    // that could only be lost.
+    assert!(
+        refused > 0 && accepted > 0.0,
+        "{refused} refused, {accepted} accepted"
+    );
     let m = d
         .wait_metrics(Duration::from_secs(10), |m| {
             m.sum("llmtail_export_queue_spans", &[]) + m.sum("llmtail_spans_lost_total", &[])
-                == 120.0
+                == accepted
         })
         .await;
-    let lost = m.sum("llmtail_spans_lost_total", &[("reason", "wal_full")]);
-    assert!(lost > 0.0 && lost < 120.0, "{lost}");
+    assert_eq!(
+        m.sum("llmtail_export_queue_spans", &[]) + m.sum("llmtail_spans_lost_total", &[]),
+        accepted,
+        "every accepted span is queued or counted lost"
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_requests_refused_total",
+            &[("reason", "durable_queue")]
+        ),
+        refused as f64
+    );
     assert!(m.sum("llmtail_export_wal_bytes", &[]) <= 4096.0);
+    // What did not fit in spite of the refusals (traces held when they began) is counted
+    // as `wal_full` and said once.
+    let lost = m.sum("llmtail_spans_lost_total", &[("reason", "wal_full")]);
+    assert_eq!(lost, m.sum("llmtail_spans_lost_total", &[]));
     let log = d.log();
-    assert_eq!(log.matches("write-ahead log is full").count(), 1, "{log}");
+    let said = log.matches("write-ahead log is full").count();
+    assert_eq!(said, usize::from(lost > 0.0), "{log}");
 }

@@ -109,7 +109,9 @@ const SPAN_FRAMING: usize = 48;
 /// The receiving end's handle: kept spans enter here, never blocking the caller and never
 /// refused.
 pub struct ExportQueue {
-    tx: mpsc::UnboundedSender<Vec<KeptSpan>>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// `batch.max_bytes`: records of the durable queue are requests of at most this.
+    max_bytes: usize,
     /// The durable queue's log, when `queue.directory` is set.
     wal: Option<Arc<wal::Wal>>,
     max_disk_bytes: usize,
@@ -135,20 +137,74 @@ pub struct ExportQueue {
 }
 
 impl ExportQueue {
-    /// Queues kept spans (of whole traces, or late spans).
+    /// Queues kept spans (of whole traces, or late spans). With a durable queue they are
+    /// written to the log here, when their trace is decided, so a crash right after loses
+    /// nothing decided.
     pub fn submit(&self, spans: Vec<KeptSpan>) {
         let n = spans.len();
         if n == 0 {
             return;
         }
         self.queued.fetch_add(n, Ordering::AcqRel);
-        self.unencoded.fetch_add(n, Ordering::AcqRel);
         self.queue_gauge.add(n as i64);
-        if self.tx.send(spans).is_err() {
-            // The exporter has already stopped (only after shutdown has flushed).
-            self.unencoded.fetch_sub(n, Ordering::AcqRel);
-            self.count_lost(Loss::Shutdown, n);
-            self.answered(n);
+        if self.wal.is_none() {
+            self.unencoded.fetch_add(n, Ordering::AcqRel);
+            if self.tx.send(Queued::Spans(spans)).is_err() {
+                self.unencoded.fetch_sub(n, Ordering::AcqRel);
+                self.stopped(n);
+            }
+            return;
+        }
+        let mut requests = Vec::new();
+        encode_within(&spans, self.max_bytes, &mut requests);
+        drop(spans);
+        for (request, n) in requests {
+            if let Some(encoded) = self.write_ahead(&request, n)
+                && self.tx.send(Queued::Encoded(encoded)).is_err()
+            {
+                // Stays in the log for the next start.
+                self.answered(n);
+            }
+        }
+    }
+
+    /// Spans submitted after the exporter stopped (only after shutdown has flushed).
+    fn stopped(&self, n: usize) {
+        self.count_lost(Loss::Shutdown, n);
+        self.answered(n);
+    }
+
+    /// Appends a request to the log; `None` (counted as lost) when the log is full or
+    /// cannot be written.
+    fn write_ahead(&self, request: &[u8], spans: usize) -> Option<Encoded> {
+        let wal = self.wal.as_ref()?;
+        match wal.append(spans as u32, request) {
+            Ok(Some(at)) => {
+                self.wal_bytes.set(wal.bytes() as i64);
+                // On disk now; read back for each attempt (from the page cache, usually),
+                // so a long outage holds no memory for it.
+                Some(Encoded {
+                    spans,
+                    payload: Payload::Disk(at),
+                    record: Some(at.id),
+                })
+            }
+            Ok(None) => {
+                self.count_lost(Loss::WalFull, spans);
+                self.answered(spans);
+                self.log_wal_problem(
+                    "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost",
+                );
+                None
+            }
+            Err(e) => {
+                self.count_lost(Loss::WalError, spans);
+                self.answered(spans);
+                self.log_wal_problem(&format!(
+                    "cannot write the write-ahead log: {e}; kept spans are lost"
+                ));
+                None
+            }
         }
     }
 
@@ -251,6 +307,7 @@ pub fn start(
         tx,
         wal: wal.clone(),
         max_disk_bytes: settings.max_disk_bytes,
+        max_bytes: settings.batch.max_bytes.0,
         wal_full_logged: parking_lot::Mutex::new(None),
         too_large_logged: AtomicBool::new(false),
         wal_bytes: metrics.export_wal_bytes.with_label_values(&[name]),
@@ -306,6 +363,13 @@ pub fn start(
     (queue, task)
 }
 
+/// What travels from the queue's handle to the batcher: kept spans to batch (memory-only
+/// queue), or requests already in the log (durable queue).
+enum Queued {
+    Spans(Vec<KeptSpan>),
+    Encoded(Encoded),
+}
+
 /// Spans gathering into the next request, with the estimated size of their encoding.
 #[derive(Default)]
 struct Pending {
@@ -341,11 +405,7 @@ struct Batcher {
 }
 
 impl Batcher {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Vec<KeptSpan>>,
-        control: ExporterControl,
-    ) {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Queued>, control: ExporterControl) {
         let timeout = self.settings.batch.timeout.0;
         let mut deadline = tokio::time::Instant::now();
         loop {
@@ -364,23 +424,31 @@ impl Batcher {
                 biased;
                 () = control.flush.cancelled() => break,
                 Some(permit) = slot => self.start_one(permit),
-                item = rx.recv() => {
-                    let Some(spans) = item else { break };
-                    if self.pending.spans.is_empty() {
-                        deadline = tokio::time::Instant::now() + timeout;
+                item = rx.recv() => match item {
+                    None => break,
+                    Some(Queued::Encoded(encoded)) => self.ready.push_back(encoded),
+                    Some(Queued::Spans(spans)) => {
+                        if self.pending.spans.is_empty() {
+                            deadline = tokio::time::Instant::now() + timeout;
+                        }
+                        if self.add(spans) {
+                            deadline = tokio::time::Instant::now() + timeout;
+                        }
                     }
-                    if self.add(spans) {
-                        deadline = tokio::time::Instant::now() + timeout;
-                    }
-                }
+                },
                 () = tokio::time::sleep_until(deadline), if !self.pending.spans.is_empty() => {
                     self.close();
                 }
             }
         }
         // Flush: everything submitted before the flush signal is in the channel by now.
-        while let Ok(spans) = rx.try_recv() {
-            self.add(spans);
+        while let Ok(item) = rx.try_recv() {
+            match item {
+                Queued::Encoded(encoded) => self.ready.push_back(encoded),
+                Queued::Spans(spans) => {
+                    self.add(spans);
+                }
+            }
         }
         self.close();
         while !self.ready.is_empty() {
@@ -467,41 +535,15 @@ impl Batcher {
             .fetch_sub(pending.spans.len(), Ordering::AcqRel);
         drop(pending);
         for (request, spans) in requests {
-            let request = self.settings.budget.charge(request);
-            let Some(wal) = &queue.wal else {
-                self.ready.push_back(Encoded {
+            let encoded = match &queue.wal {
+                None => Some(Encoded {
                     spans,
-                    payload: Payload::Memory(request),
+                    payload: Payload::Memory(self.settings.budget.charge(request)),
                     record: None,
-                });
-                continue;
+                }),
+                Some(_) => queue.write_ahead(&request, spans),
             };
-            match wal.append(spans as u32, &request) {
-                Ok(Some(at)) => {
-                    queue.wal_bytes.set(wal.bytes() as i64);
-                    // The request is on disk now; it is read back for each attempt (from
-                    // the page cache, usually), so a long outage holds no memory for it.
-                    self.ready.push_back(Encoded {
-                        spans,
-                        payload: Payload::Disk(at),
-                        record: Some(at.id),
-                    });
-                }
-                Ok(None) => {
-                    queue.count_lost(Loss::WalFull, spans);
-                    queue.answered(spans);
-                    queue.log_wal_problem(
-                        "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost",
-                    );
-                }
-                Err(e) => {
-                    queue.count_lost(Loss::WalError, spans);
-                    queue.answered(spans);
-                    queue.log_wal_problem(&format!(
-                        "cannot write the write-ahead log: {e}; kept spans are lost"
-                    ));
-                }
-            }
+            self.ready.extend(encoded);
         }
     }
 
