@@ -21,13 +21,7 @@ const FOUR_MIB: usize = 4 << 20;
 
 /// The tests of this file run one at a time: each floods the machine, and a flood beside
 /// another test's would measure the two together.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -95,7 +89,7 @@ fn assert_whole_and_once(log: &PySinkLog, traces: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prompt_carrying_spans_reach_a_stock_grpc_upstream_with_its_4_mib_limit() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let sink = PySink::start("grpc", None);
     // Shipped exporter defaults (gzip, batch.max_spans 4096, batch.max_bytes): only the
     // upstream and the sampling rate are set.
@@ -149,7 +143,7 @@ fn huge_span(bytes: usize) -> Span {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_upstream_answering_413_gets_halves_and_only_a_span_too_large_alone_is_lost() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     const LIMIT: usize = 1 << 20;
     let sink = PySink::start("http", Some(LIMIT));
     // Batches allowed far over the upstream's limit: its 413s must split them.
@@ -298,7 +292,7 @@ async fn flood(endpoint: &str, senders: usize, until: tokio::time::Instant) -> F
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_during_an_outage_in_a_384_mib_cgroup_delivers_everything_accepted() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     const LIMIT: u64 = 384 << 20;
     let cgroup = MemoryCgroup::create("llmtail-flood", LIMIT);
     let sink = Sink::start_counting(0).await;
@@ -423,7 +417,7 @@ fn durable_config(sink: &Sink, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_retry_horizon_loses_nothing_with_the_durable_queue() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     let sink = Sink::start_counting(0).await;
     sink.set_mode(SINK_UNAVAILABLE);
     let daemon = Daemon::launch_opts(
@@ -467,7 +461,7 @@ async fn an_outage_longer_than_the_retry_horizon_loses_nothing_with_the_durable_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_with_a_log_larger_than_the_memory_budget_replays_it_all() {
-    let _serial = one_at_a_time();
+    let _serial = ONE_AT_A_TIME.lock().await;
     const BUDGET: f64 = (16 << 20) as f64;
     let sink = Sink::start_counting(0).await;
     sink.set_mode(SINK_UNAVAILABLE);

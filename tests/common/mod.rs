@@ -98,8 +98,11 @@ struct SinkState {
     call_times: Arc<Mutex<Vec<Instant>>>,
     /// Counting mode: span ids (trace id ++ span id) and how often each arrived, instead
     /// of whole requests, for floods of millions of spans.
-    ids: Option<Arc<Mutex<HashMap<[u8; 24], u32>>>>,
+    ids: Option<Arc<Mutex<SpanCounts>>>,
 }
+
+/// Span ids (trace id ++ span id) and how many times each arrived.
+type SpanCounts = HashMap<[u8; 24], u32>;
 
 #[tonic::async_trait]
 impl TraceService for SinkState {
