@@ -407,6 +407,35 @@ impl Metrics {
     }
 }
 
+/// Lets a repeated warning through at most once per interval, and says how many were held
+/// back since: log volume must not be something a sender controls.
+pub struct Throttle {
+    every: std::time::Duration,
+    last: parking_lot::Mutex<Option<std::time::Instant>>,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    pub const fn new(every: std::time::Duration) -> Self {
+        Throttle {
+            every,
+            last: parking_lot::Mutex::new(None),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when this occurrence may be logged (`n` were held back before it).
+    pub fn allow(&self) -> Option<u64> {
+        let mut last = self.last.lock();
+        if last.is_some_and(|t| t.elapsed() < self.every) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(std::time::Instant::now());
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
+}
+
 /// Shared state of the admin endpoints.
 #[derive(Clone)]
 pub struct Admin {

@@ -31,7 +31,7 @@ impl FileSink {
 
     pub async fn send(&self, request: Bytes) -> Result<super::Rejected, SendError> {
         let decoded = ExportTraceServiceRequest::decode(request)
-            .map_err(|e| SendError::Permanent(format!("re-framed request does not decode: {e}")))?;
+            .map_err(|e| SendError::BadData(format!("re-framed request does not decode: {e}")))?;
         let mut line = serde_json::to_vec(&decoded)
             .map_err(|e| SendError::Permanent(format!("cannot write OTLP/JSON: {e}")))?;
         line.push(b'\n');

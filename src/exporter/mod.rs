@@ -44,7 +44,16 @@ pub enum SendError {
     /// HTTP 413): smaller requests will go through.
     #[error("{0}")]
     TooLarge(String),
+    /// The upstream cannot decode the request or refuses its content (gRPC
+    /// INVALID_ARGUMENT, HTTP 400): the spans at fault are found by sending it in halves.
+    #[error("{0}")]
+    BadData(String),
 }
+
+/// Requests one refused request may become while its halves are searched for the spans at
+/// fault: a poison span among thousands is found in ~2·log2(n) sends, and an upstream that
+/// refuses everything costs no more than this many.
+const MAX_SPLIT_SENDS: u32 = 64;
 
 /// The spans of an accepted request that the upstream nevertheless rejected (OTLP partial
 /// success), with its explanation. Not retried, per the specification.
@@ -119,6 +128,8 @@ pub struct ExportQueue {
     wal_full_logged: parking_lot::Mutex<Option<Instant>>,
     /// Whether a span too large for the upstream was reported (once per exporter).
     too_large_logged: AtomicBool,
+    /// Requests or spans the upstream refused, reported at most every 10 s.
+    refusals_logged: crate::telemetry::Throttle,
     /// Spans submitted and not yet answered for (exported or lost, or left in the log).
     queued: AtomicUsize,
     /// Of those, spans not yet encoded into a request: their bookkeeping counts in the
@@ -232,6 +243,13 @@ impl ExportQueue {
         }
     }
 
+    /// Reports spans the upstream refused for good, at most every 10 s.
+    fn log_refusal(&self, spans: usize, message: &str) {
+        if let Some(held_back) = self.refusals_logged.allow() {
+            tracing::warn!(exporter = %self.name, spans, error = %message, similar_reports_held_back = held_back, "upstream refused spans for good; they are lost (llmtail_spans_lost_total{{reason=\"upstream_rejected\"}})");
+        }
+    }
+
     /// Whether kept spans survive a restart here (a write-ahead log).
     pub fn is_durable(&self) -> bool {
         self.wal.is_some()
@@ -310,6 +328,7 @@ pub fn start(
         max_bytes: settings.batch.max_bytes.0,
         wal_full_logged: parking_lot::Mutex::new(None),
         too_large_logged: AtomicBool::new(false),
+        refusals_logged: crate::telemetry::Throttle::new(WAL_FULL_LOG_INTERVAL),
         wal_bytes: metrics.export_wal_bytes.with_label_values(&[name]),
         queued: AtomicUsize::new(0),
         unencoded: AtomicUsize::new(0),
@@ -591,13 +610,22 @@ struct Tally {
     lost: Vec<(Loss, usize)>,
     /// Cut short by the shutdown timeout.
     interrupted: usize,
+    /// Halves sent so far while searching a refused request (see [`MAX_SPLIT_SENDS`]).
+    split_sends: u32,
 }
 
 /// Why sending one request ended without an answer for its spans.
 enum Failed {
     Lost(Loss),
-    TooLarge(String),
+    /// Too large, or refused as bad data: its halves may go through.
+    Split(Split, String),
     Interrupted,
+}
+
+#[derive(Clone, Copy)]
+enum Split {
+    TooLarge,
+    BadData,
 }
 
 impl Worker {
@@ -661,7 +689,7 @@ impl Worker {
         tally: &'a mut Tally,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let msg = match self.send_with_retries(&payload, spans).await {
+            let (why, msg) = match self.send_with_retries(&payload, spans).await {
                 Ok(rejected) => {
                     let refused = (rejected.spans as usize).min(spans);
                     tally.exported += spans - refused;
@@ -675,40 +703,56 @@ impl Worker {
                 }
                 Err(Failed::Lost(reason)) => return tally.lost.push((reason, spans)),
                 Err(Failed::Interrupted) => return tally.interrupted += spans,
-                Err(Failed::TooLarge(msg)) => msg,
+                Err(Failed::Split(why, msg)) => (why, msg),
             };
+            let single = spans <= 1;
+            let out_of_sends =
+                matches!(why, Split::BadData) && tally.split_sends + 2 > MAX_SPLIT_SENDS;
+            if single || out_of_sends {
+                return self.refused_for_good(why, &msg, spans, tally);
+            }
             let request = match self.load(&payload).await {
                 Ok(request) => request,
                 Err(_) => return tally.lost.push((Loss::WalError, spans)),
             };
             drop(payload);
-            match split_request(&request) {
-                Some([(a, na), (b, nb)]) => {
-                    tracing::debug!(
+            let Some([(a, na), (b, nb)]) = split_request(&request) else {
+                return self.refused_for_good(why, &msg, spans, tally);
+            };
+            tracing::debug!(
+                exporter = self.queue.name(),
+                spans,
+                bytes = request.len(),
+                error = %msg,
+                "upstream refused the request; sending it in halves"
+            );
+            drop(request);
+            tally.split_sends += 2;
+            let (a, b) = (self.budget.charge(a), self.budget.charge(b));
+            self.deliver(Payload::Memory(a), na, tally).await;
+            self.deliver(Payload::Memory(b), nb, tally).await;
+        })
+    }
+
+    /// Counts spans the upstream will not take however they are sent, and says so once.
+    fn refused_for_good(&self, why: Split, msg: &str, spans: usize, tally: &mut Tally) {
+        match why {
+            Split::TooLarge => {
+                if !self.queue.too_large_logged.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
                         exporter = self.queue.name(),
                         spans,
-                        bytes = request.len(),
-                        "upstream says the request is too large; sending it in halves"
+                        error = %msg,
+                        "a span alone is larger than the upstream accepts; it is lost (llmtail_spans_lost_total{{reason=\"span_too_large\"}}). Raise the upstream's message limit or lower limits.max_span_bytes. Reported once."
                     );
-                    drop(request);
-                    let (a, b) = (self.budget.charge(a), self.budget.charge(b));
-                    self.deliver(Payload::Memory(a), na, tally).await;
-                    self.deliver(Payload::Memory(b), nb, tally).await;
                 }
-                None => {
-                    if !self.queue.too_large_logged.swap(true, Ordering::Relaxed) {
-                        tracing::error!(
-                            exporter = self.queue.name(),
-                            request_bytes = request.len(),
-                            spans,
-                            error = %msg,
-                            "a span alone is larger than the upstream accepts; it is lost (llmtail_spans_lost_total{{reason=\"span_too_large\"}}). Raise the upstream's message limit or lower limits.max_span_bytes. Reported once."
-                        );
-                    }
-                    tally.lost.push((Loss::SpanTooLarge, spans));
-                }
+                tally.lost.push((Loss::SpanTooLarge, spans));
             }
-        })
+            Split::BadData => {
+                self.queue.log_refusal(spans, msg);
+                tally.lost.push((Loss::Rejected, spans));
+            }
+        }
     }
 
     /// Sends one request until the upstream answers for it. Without a log, retryable
@@ -730,9 +774,10 @@ impl Worker {
             };
             let (msg, hint) = match sent {
                 Ok(rejected) => return Ok(rejected),
-                Err(SendError::TooLarge(msg)) => return Err(Failed::TooLarge(msg)),
+                Err(SendError::TooLarge(msg)) => return Err(Failed::Split(Split::TooLarge, msg)),
+                Err(SendError::BadData(msg)) => return Err(Failed::Split(Split::BadData, msg)),
                 Err(SendError::Permanent(msg)) => {
-                    tracing::warn!(exporter = self.queue.name(), spans, error = %msg, "upstream rejected an export request permanently; spans lost");
+                    self.queue.log_refusal(spans, &msg);
                     return Err(Failed::Lost(Loss::Rejected));
                 }
                 Err(SendError::Retryable(msg, hint)) => (msg, hint),

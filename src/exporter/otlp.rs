@@ -117,6 +117,19 @@ fn says_too_large(status: &tonic::Status) -> bool {
         .any(|m| message.contains(m))
 }
 
+fn says_undecodable(status: &tonic::Status) -> bool {
+    let message = status.message().to_ascii_lowercase();
+    [
+        "unmarshal",
+        "deserializ",
+        "decode",
+        "parse",
+        "invalid utf-8",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
 /// The OTLP specification's retryable codes; everything else is permanent. The delay in
 /// a `google.rpc.RetryInfo` detail is honoured as the least wait before the next attempt;
 /// RESOURCE_EXHAUSTED is retried only when it carries one (the upstream says recovery is
@@ -141,6 +154,10 @@ pub(crate) fn classify(status: &tonic::Status) -> SendError {
         | Code::Unavailable
         | Code::DataLoss => SendError::Retryable(msg, retry_after),
         Code::ResourceExhausted if retry_after.is_some() => SendError::Retryable(msg, retry_after),
+        Code::InvalidArgument => SendError::BadData(msg),
+        // grpc-go (the Collector, Tempo, Jaeger) and grpcio answer INTERNAL when they
+        // cannot unmarshal a request.
+        Code::Internal if says_undecodable(status) => SendError::BadData(msg),
         _ => SendError::Permanent(msg),
     }
 }
@@ -178,6 +195,18 @@ mod tests {
         assert!(matches!(
             classify(&Status::unavailable("message too large? no: down")),
             SendError::Retryable(..)
+        ));
+        // Refused content is searched for by halves; other internal errors are not.
+        for bad in [
+            Status::invalid_argument("span named x"),
+            Status::internal("grpc: error unmarshalling request: proto: invalid UTF-8"),
+            Status::internal("Exception deserializing request!"),
+        ] {
+            assert!(matches!(classify(&bad), SendError::BadData(_)), "{bad:?}");
+        }
+        assert!(matches!(
+            classify(&Status::internal("database is on fire")),
+            SendError::Permanent(_)
         ));
     }
 }

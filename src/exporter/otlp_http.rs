@@ -157,6 +157,7 @@ impl OtlpHttpSink {
         let msg = format!("upstream answered HTTP {status}");
         match status {
             StatusCode::PAYLOAD_TOO_LARGE => Err(SendError::TooLarge(msg)),
+            StatusCode::BAD_REQUEST => Err(SendError::BadData(msg)),
             // The OTLP/HTTP specification's retryable statuses.
             StatusCode::TOO_MANY_REQUESTS
             | StatusCode::BAD_GATEWAY

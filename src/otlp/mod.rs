@@ -7,8 +7,10 @@ pub mod json;
 mod proptests;
 pub mod redact;
 pub mod reframe;
+pub mod request;
 pub mod scan;
 pub mod tracestate;
+pub mod validate;
 pub mod wire;
 
 /// Generated from `proto/view.proto`: OTLP messages with raw `bytes` in place of the

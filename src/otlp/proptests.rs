@@ -227,6 +227,32 @@ proptest! {
     }
 
     #[test]
+    fn every_encoded_span_validates(span in span()) {
+        prop_assert_eq!(super::validate::span(&span.encode_to_vec()), Ok(()));
+    }
+
+    /// What validation passes, the reference decoder decodes: a span with random bytes
+    /// overwritten or inserted either fails validation or decodes with prost.
+    #[test]
+    fn what_validates_decodes(
+        span in span(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), any::<bool>()), 1..4),
+    ) {
+        let mut bytes = span.encode_to_vec();
+        for (at, byte, insert) in edits {
+            let i = at.index(bytes.len() + 1);
+            if insert || i == bytes.len() {
+                bytes.insert(i, byte);
+            } else {
+                bytes[i] = byte;
+            }
+        }
+        if super::validate::span(&bytes).is_ok() {
+            prop_assert!(Span::decode(&bytes[..]).is_ok(), "{:?} {:02x?}", Span::decode(&bytes[..]), bytes);
+        }
+    }
+
+    #[test]
     fn scanner_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = scan_span(&bytes);
     }

@@ -6,6 +6,7 @@ use std::ops::Range;
 use thiserror::Error;
 
 use super::TraceId;
+use super::validate::Invalid;
 use super::wire::{Malformed, Reader, WireType};
 use crate::llm::{self, LlmField};
 
@@ -47,6 +48,12 @@ pub enum Reject {
     SpanTooLarge,
     #[error("an attribute is larger than limits.max_attribute_bytes")]
     AttributeTooLarge,
+    #[error("span is not valid OTLP ({0})")]
+    InvalidSpan(Invalid),
+    #[error("its resource is not valid OTLP ({0})")]
+    InvalidResource(Invalid),
+    #[error("its instrumentation scope is not valid OTLP ({0})")]
+    InvalidScope(Invalid),
 }
 
 impl Reject {
@@ -57,6 +64,9 @@ impl Reject {
             Reject::Malformed => "malformed_span",
             Reject::SpanTooLarge => "span_too_large",
             Reject::AttributeTooLarge => "attribute_too_large",
+            Reject::InvalidSpan(_) => "invalid_span",
+            Reject::InvalidResource(_) => "invalid_resource",
+            Reject::InvalidScope(_) => "invalid_scope",
         }
     }
 }

@@ -62,6 +62,10 @@ impl<'a> Reader<'a> {
                 .get(self.pos)
                 .ok_or(Malformed("truncated varint"))?;
             self.pos += 1;
+            if i == 9 && byte > 1 {
+                // The tenth byte holds bit 63 only; decoders refuse anything more.
+                return Err(Malformed("varint overflows 64 bits"));
+            }
             value |= u64::from(byte & 0x7f) << (7 * i);
             if byte < 0x80 {
                 return Ok(value);

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use prost::Message;
 
 use crate::buffer::{Added, DecidedTrace, SpanSummary, TraceBuffer};
 use crate::exporter::ExportQueue;
@@ -15,8 +14,8 @@ use crate::llm::{LlmField, Pricing};
 use crate::otlp::redact::Redactor;
 use crate::otlp::reframe::{HeldSpan, KeptSpan, Origin};
 use crate::otlp::scan::{self, Reject};
-use crate::otlp::view;
 use crate::otlp::wire::{Value, put_attribute};
+use crate::otlp::{request, validate};
 use crate::sampler::{DecidedBy, SpanStats, TraceSummary};
 use crate::telemetry::{Loss, Metrics};
 
@@ -55,10 +54,16 @@ impl Protocol {
 /// A request that is not an `ExportTraceServiceRequest` at all.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    #[error("the body is not a valid OTLP ExportTraceServiceRequest: {0}")]
-    Undecodable(#[from] prost::DecodeError),
-    #[error("resource_spans[{index}].resource is not a valid OTLP Resource")]
-    BadResource { index: usize },
+    #[error("the body is not a valid OTLP ExportTraceServiceRequest: at {0}")]
+    Undecodable(#[from] request::BadFrame),
+}
+
+/// The service label of a resource: its `service.name`, as the SDKs default it when absent.
+fn service_label(resource: &[u8]) -> Arc<str> {
+    match scan::service_name(resource) {
+        Ok(Some(name)) => Arc::from(String::from_utf8_lossy(name).as_ref()),
+        _ => Arc::from(UNKNOWN_SERVICE),
+    }
 }
 
 /// What became of one request: OTLP partial success when some spans were refused.
@@ -167,20 +172,8 @@ impl Pipeline {
     pub fn ingest(&self, request: Bytes, protocol: Protocol) -> Result<IngestOutcome, IngestError> {
         // Charged while any span of it is held or queued.
         let request = self.budget.charge(request);
-        let request = view::ExportTraceServiceRequest::decode(request)?;
-        let services = request
-            .resource_spans
-            .iter()
-            .enumerate()
-            .map(|(index, rs)| match scan::service_name(&rs.resource) {
-                Ok(name) => Ok(Arc::<str>::from(
-                    name.map(String::from_utf8_lossy)
-                        .unwrap_or(UNKNOWN_SERVICE.into())
-                        .as_ref(),
-                )),
-                Err(_) => Err(IngestError::BadResource { index }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // The framing is read first, so a request that is not one is refused whole.
+        request::check(&request)?;
 
         let now = Instant::now();
         let mut outcome = IngestOutcome::default();
@@ -196,44 +189,66 @@ impl Pipeline {
             _ => None,
         };
         let mut forwards: Vec<(Arc<str>, Vec<HeldSpan>)> = Vec::new();
-        for ((ri, rs), service) in request.resource_spans.into_iter().enumerate().zip(services) {
-            for (si, ss) in rs.scope_spans.into_iter().enumerate() {
-                let origin = Arc::new(Origin {
-                    resource: rs.resource.clone(),
-                    resource_schema_url: rs.schema_url.clone(),
-                    scope: ss.scope,
-                    scope_schema_url: ss.schema_url,
-                    service: service.clone(),
+        let mut refuse =
+            |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
+                outcome.rejected += 1;
+                self.metrics
+                    .spans_rejected
+                    .with_label_values(&[reject.label()])
+                    .inc();
+                if first_reject.is_none() {
+                    first_reject = Some((reject, place()));
+                }
+            };
+        for (ri, rs) in request::resource_spans(&request).enumerate() {
+            // A resource is checked once for all its spans; the service name and the
+            // shared origin are made only when a span is taken.
+            let resource_ok = validate::resource(&rs.resource)
+                .and_then(|()| validate::utf8(&rs.schema_url, "resource_spans.schema_url"))
+                .map_err(Reject::InvalidResource);
+            let mut service: Option<Arc<str>> = None;
+            for (si, ss) in rs.scope_spans().enumerate() {
+                let scope_ok = resource_ok.and_then(|()| {
+                    validate::scope(&ss.scope)
+                        .and_then(|()| validate::utf8(&ss.schema_url, "scope_spans.schema_url"))
+                        .map_err(Reject::InvalidScope)
                 });
-                for (pi, span) in ss.spans.into_iter().enumerate() {
-                    let checked = if span.len() > max_span_bytes {
-                        Err(Reject::SpanTooLarge)
-                    } else {
-                        scan::scan_span(&span).and_then(|facts| {
-                            if facts.largest_attribute as usize > max_attribute_bytes {
-                                Err(Reject::AttributeTooLarge)
-                            } else {
-                                Ok(facts)
-                            }
-                        })
-                    };
+                let mut origin: Option<Arc<Origin>> = None;
+                for (pi, span) in ss.spans().enumerate() {
+                    let checked = scope_ok.and_then(|()| {
+                        if span.len() > max_span_bytes {
+                            return Err(Reject::SpanTooLarge);
+                        }
+                        let facts = scan::scan_span(&span)?;
+                        if facts.largest_attribute as usize > max_attribute_bytes {
+                            return Err(Reject::AttributeTooLarge);
+                        }
+                        validate::span(&span).map_err(Reject::InvalidSpan)?;
+                        Ok(facts)
+                    });
                     let facts = match checked {
                         Ok(facts) => facts,
                         Err(reject) => {
-                            outcome.rejected += 1;
-                            self.metrics
-                                .spans_rejected
-                                .with_label_values(&[reject.label()])
-                                .inc();
-                            first_reject.get_or_insert_with(|| {
-                                (
-                                    reject,
-                                    format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]"),
-                                )
+                            refuse(&mut outcome, reject, &|| {
+                                format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]")
                             });
                             continue;
                         }
                     };
+                    let origin = origin
+                        .get_or_insert_with(|| {
+                            let service = service
+                                .get_or_insert_with(|| service_label(&rs.resource))
+                                .clone();
+                            Arc::new(Origin {
+                                resource: rs.resource.clone(),
+                                resource_schema_url: rs.schema_url.clone(),
+                                scope: ss.scope.clone(),
+                                scope_schema_url: ss.schema_url.clone(),
+                                service,
+                            })
+                        })
+                        .clone();
                     outcome.accepted += 1;
                     if let Some(peer) = ring.as_ref().and_then(|r| r.elsewhere(&facts.trace_id)) {
                         let held = HeldSpan {

@@ -77,6 +77,10 @@ pub const SINK_INVALID_ARGUMENT: u32 = 1;
 /// Every request is refused with UNAVAILABLE: the upstream is down (retryable). Tests use
 /// this rather than a closed port, which another test's server could take meanwhile.
 pub const SINK_UNAVAILABLE: u32 = 2;
+/// Refuses with INVALID_ARGUMENT every request holding a span named [`REFUSED_NAME`], as an
+/// upstream refuses content it has its own rules against.
+pub const SINK_REFUSE_MARKED: u32 = 3;
+pub const REFUSED_NAME: &str = "the-upstream-refuses-this";
 
 /// One misbehaviour of the sink, taken by the next call (see `Sink::fault_next`).
 #[derive(Clone, Debug)]
@@ -117,6 +121,15 @@ impl TraceService for SinkState {
                 return Err(tonic::Status::invalid_argument("sink refuses everything"));
             }
             SINK_UNAVAILABLE => return Err(tonic::Status::unavailable("sink is down")),
+            SINK_REFUSE_MARKED
+                if spans_of(std::slice::from_ref(request.get_ref()))
+                    .iter()
+                    .any(|s| s.name == REFUSED_NAME) =>
+            {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "span named {REFUSED_NAME}"
+                )));
+            }
             _ => {}
         }
         let fault = self.faults.lock().unwrap().pop_front();
