@@ -227,8 +227,13 @@ proptest! {
     }
 
     #[test]
-    fn every_encoded_span_validates(span in span()) {
-        prop_assert_eq!(super::validate::span(&span.encode_to_vec()), Ok(()));
+    fn every_encoded_span_with_well_sized_ids_validates(span in span()) {
+        let sized = |id: &[u8], n: usize| id.is_empty() || id.len() == n;
+        let ids_ok = sized(&span.trace_id, 16)
+            && sized(&span.span_id, 8)
+            && sized(&span.parent_span_id, 8)
+            && span.links.iter().all(|l| sized(&l.trace_id, 16) && sized(&l.span_id, 8));
+        prop_assert_eq!(super::validate::span(&span.encode_to_vec()).is_ok(), ids_ok);
     }
 
     /// What validation passes, the reference decoder decodes: a span with random bytes

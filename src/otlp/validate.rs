@@ -32,6 +32,9 @@ enum Kind {
     Str,
     /// `bytes`: length-delimited, anything.
     Bytes,
+    /// A trace or span id: empty, or exactly this many bytes (decoders such as the
+    /// Collector's refuse any other length).
+    Id(usize),
     /// Integers, enums and bools.
     Varint,
     Fixed64,
@@ -76,8 +79,8 @@ static EVENT: Schema = Schema {
 static LINK: Schema = Schema {
     name: "links",
     fields: &[
-        (1, "links.trace_id", Kind::Bytes),
-        (2, "links.span_id", Kind::Bytes),
+        (1, "links.trace_id", Kind::Id(16)),
+        (2, "links.span_id", Kind::Id(8)),
         (3, "links.trace_state", Kind::Str),
         (4, "links.attributes", Kind::Msg(&KEY_VALUE)),
         (5, "links.dropped_attributes_count", Kind::Varint),
@@ -96,10 +99,10 @@ static STATUS: Schema = Schema {
 static SPAN: Schema = Schema {
     name: "span",
     fields: &[
-        (1, "trace_id", Kind::Bytes),
-        (2, "span_id", Kind::Bytes),
+        (1, "trace_id", Kind::Id(16)),
+        (2, "span_id", Kind::Id(8)),
         (3, "trace_state", Kind::Str),
-        (4, "parent_span_id", Kind::Bytes),
+        (4, "parent_span_id", Kind::Id(8)),
         (5, "name", Kind::Str),
         (6, "kind", Kind::Varint),
         (7, "start_time_unix_nano", Kind::Fixed64),
@@ -214,7 +217,7 @@ fn value(
         Kind::Varint => WireType::Varint,
         Kind::Fixed64 => WireType::Fixed64,
         Kind::Fixed32 => WireType::Fixed32,
-        Kind::Str | Kind::Bytes | Kind::Msg(_) | Kind::Any => WireType::Len,
+        Kind::Str | Kind::Bytes | Kind::Id(_) | Kind::Msg(_) | Kind::Any => WireType::Len,
     };
     if wire != expected {
         return Err(wrong_wire_type(name));
@@ -227,6 +230,10 @@ fn value(
         Kind::Str => utf8(payload, name),
         Kind::Msg(schema) => message(payload, schema, depth),
         Kind::Any => any_value(payload, name, depth),
+        Kind::Id(len) if !payload.is_empty() && payload.len() != len => Err(Invalid {
+            field: name,
+            problem: "an id of the wrong length",
+        }),
         _ => Ok(()),
     }
 }

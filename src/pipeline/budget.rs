@@ -61,9 +61,43 @@ impl Budget {
         self.charge(Bytes::copy_from_slice(data))
     }
 
+    /// Charges `n` bytes for memory about to be allocated (a request body being read or
+    /// decompressed); the charge grows with [`Reservation::grow`] and ends when dropped.
+    pub fn reserve(self: &Arc<Self>, n: usize) -> Reservation {
+        self.charged.fetch_add(n, Ordering::Relaxed);
+        Reservation {
+            bytes: n,
+            budget: self.clone(),
+        }
+    }
+
     /// Bytes of live charged buffers.
     pub fn charged(&self) -> usize {
         self.charged.load(Ordering::Relaxed)
+    }
+}
+
+/// Memory charged before it is allocated; released when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    bytes: usize,
+    budget: Arc<Budget>,
+}
+
+impl Reservation {
+    pub fn grow(&mut self, n: usize) {
+        self.budget.charged.fetch_add(n, Ordering::Relaxed);
+        self.bytes += n;
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.charged.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -90,6 +124,11 @@ mod tests {
         drop(copy);
         assert_eq!(budget.charged(), 0);
         assert!(budget.charge(Bytes::new()).is_empty());
+        assert_eq!(budget.charged(), 0);
+        let mut r = budget.reserve(10);
+        r.grow(5);
+        assert_eq!((budget.charged(), r.bytes()), (15, 15));
+        drop(r);
         assert_eq!(budget.charged(), 0);
     }
 }

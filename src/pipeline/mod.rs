@@ -20,7 +20,7 @@ use crate::sampler::{DecidedBy, SpanStats, TraceSummary};
 use crate::telemetry::{Loss, Metrics};
 
 pub mod budget;
-pub use budget::Budget;
+pub use budget::{Budget, Reservation};
 
 /// Kept traces are handed to the exporters in groups of about this many spans (whole traces
 /// only): one channel send per group instead of one per trace, while a full export queue
@@ -482,6 +482,20 @@ impl Pipeline {
         }
         (!self.exporters.is_empty() && self.exporters.iter().all(|q| q.is_high()))
             .then_some(Overload::ExportQueue)
+    }
+
+    /// Charges `n` more bytes to `reservation` (a request being read or decompressed)
+    /// unless that would take the budget past its hard mark: then the request is refused
+    /// before the memory is allocated.
+    pub fn reserve(&self, reservation: &mut Option<Reservation>, n: usize) -> Result<(), Overload> {
+        if self.memory() + n > self.limits.max_buffer_bytes.load(Ordering::Relaxed) {
+            return Err(Overload::Memory);
+        }
+        match reservation {
+            Some(r) => r.grow(n),
+            None => *reservation = Some(self.budget.reserve(n)),
+        }
+        Ok(())
     }
 
     /// What the memory budget counts now: charged buffers, the bookkeeping of held traces

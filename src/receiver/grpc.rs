@@ -35,6 +35,54 @@ fn overloaded(why: crate::pipeline::Overload) -> Status {
     )
 }
 
+/// A request body whose bytes are charged to the memory budget as they arrive, before
+/// tonic buffers them: when the budget has no room, the request fails UNAVAILABLE (with
+/// RetryInfo) instead of growing the process. The charge ends with the request.
+struct ChargedBody<B> {
+    inner: std::pin::Pin<Box<B>>,
+    pipeline: Arc<Pipeline>,
+    protocol: Protocol,
+    reservation: Option<crate::pipeline::Reservation>,
+}
+
+impl<B> tonic::codegen::Body for ChargedBody<B>
+where
+    B: tonic::codegen::Body,
+    B::Error: Into<StdError>,
+{
+    type Data = B::Data;
+    type Error = StdError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        use bytes::Buf;
+        let this = &mut *self;
+        match this.inner.as_mut().poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let n = frame.data_ref().map_or(0, |d| d.remaining());
+                if let Err(why) = this.pipeline.reserve(&mut this.reservation, n) {
+                    this.pipeline.refuse(this.protocol, why);
+                    return Poll::Ready(Some(Err(Box::new(overloaded(why)))));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// gRPC status codes as they appear in the `grpc-status` header.
 const GRPC_OUT_OF_RANGE: &str = "11";
 const GRPC_RESOURCE_EXHAUSTED: &str = "8";
@@ -154,6 +202,12 @@ where
         }
         let export = Export(self.pipeline.clone(), protocol, from_peer);
         let max = self.max_request_bytes;
+        let req = req.map(|body| ChargedBody {
+            inner: Box::pin(body),
+            pipeline: self.pipeline.clone(),
+            protocol,
+            reservation: None,
+        });
         Box::pin(async move {
             let mut grpc = tonic::server::Grpc::new(RawCodec::<
                 Prost<ExportTraceServiceResponse>,
