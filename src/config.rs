@@ -1196,6 +1196,13 @@ pub struct LabelLimits {
     pub top_users: usize,
     /// Sessions with their own label: the top K by cost.
     pub top_sessions: usize,
+    /// (service, model) pairs with their own series, first seen; later pairs are counted
+    /// under (other, other). Bounds the per-call metrics as a whole, whatever the product
+    /// of services and models.
+    pub max_service_models: usize,
+    /// Label sets of the GenAI semantic-convention metrics (operation, provider, request
+    /// and response model, error type), first seen; later sets are all `other`.
+    pub max_genai_label_sets: usize,
 }
 
 impl Default for LabelLimits {
@@ -1205,6 +1212,8 @@ impl Default for LabelLimits {
             max_models: 200,
             top_users: 100,
             top_sessions: 100,
+            max_service_models: 1000,
+            max_genai_label_sets: 500,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub llm_latency: HistogramVec,
     pub llm_unpriced: IntCounterVec,
     pub llm_anomalies: IntCounterVec,
+    pub labels_folded: IntCounterVec,
+    pub llm_values_ignored: IntCounterVec,
     pub user_cost: CounterVec,
     pub user_tokens: IntCounterVec,
     pub session_cost: CounterVec,
@@ -335,6 +337,20 @@ impl Metrics {
                 ),
                 &["model"]
             )),
+            labels_folded: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_label_values_folded_total",
+                    "LLM calls whose label value (or combination of values) was folded into \"other\" by a series bound (llm.labels)."
+                ),
+                &["label"]
+            )),
+            llm_values_ignored: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_llm_values_ignored_total",
+                    "Token counts, costs and durations from spans that were negative, not finite or past their plausible maximum, and were not counted."
+                ),
+                &["field"]
+            )),
             llm_anomalies: reg!(IntCounterVec::new(
                 Opts::new(
                     "llmtail_llm_anomalies_total",
@@ -447,11 +463,12 @@ pub struct Admin {
     pub healthy: Arc<AtomicBool>,
 }
 
+/// Rendered off the async workers: a scrape never holds up a receiver or the decision task.
 async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        admin.metrics.render(),
-    )
+    let body = tokio::task::spawn_blocking(move || admin.metrics.render())
+        .await
+        .unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {

@@ -130,7 +130,7 @@ struct Baseline {
 /// One call's measurements.
 #[derive(Debug, Clone, Copy)]
 pub struct CallSample {
-    pub latency_seconds: f64,
+    pub latency_seconds: Option<f64>,
     pub cost_usd: Option<f64>,
     pub tokens: u64,
 }
@@ -157,9 +157,10 @@ impl AnomalyDetector {
             .entry((service.clone(), model.clone()))
             .or_default();
         let mut kinds = Vec::new();
-        if b.latency.observe(s.latency_seconds, cfg, |x, m, sd| {
-            x > m + cfg.latency_sigmas * sd
-        }) {
+        if let Some(latency) = s.latency_seconds
+            && b.latency
+                .observe(latency, cfg, |x, m, sd| x > m + cfg.latency_sigmas * sd)
+        {
             kinds.push(AnomalyKind::Latency);
         }
         if let Some(cost) = s.cost_usd
@@ -191,7 +192,7 @@ mod tests {
 
     fn sample(latency: f64) -> CallSample {
         CallSample {
-            latency_seconds: latency,
+            latency_seconds: Some(latency),
             cost_usd: Some(0.01),
             tokens: 1000,
         }
@@ -264,7 +265,7 @@ mod tests {
             d.observe(&s, &m, sample(1.0));
         }
         let pricey = CallSample {
-            latency_seconds: 1.0,
+            latency_seconds: Some(1.0),
             cost_usd: Some(0.06),
             tokens: 6000,
         };
@@ -273,7 +274,7 @@ mod tests {
             vec![AnomalyKind::Cost, AnomalyKind::Tokens]
         );
         let fine = CallSample {
-            latency_seconds: 1.0,
+            latency_seconds: Some(1.0),
             cost_usd: Some(0.04),
             tokens: 4000,
         };

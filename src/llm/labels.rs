@@ -16,6 +16,8 @@ pub struct FirstSeen {
     max: usize,
     seen: RwLock<HashSet<Arc<str>, Fast>>,
     other: Arc<str>,
+    /// Counts values folded into `other`.
+    folded: Option<prometheus::IntCounter>,
 }
 
 impl FirstSeen {
@@ -24,7 +26,14 @@ impl FirstSeen {
             max,
             seen: RwLock::new(HashSet::default()),
             other: Arc::from(OTHER),
+            folded: None,
         }
+    }
+
+    /// Counts every value folded into `other` on `counter`.
+    pub fn counting(mut self, counter: prometheus::IntCounter) -> Self {
+        self.folded = Some(counter);
+        self
     }
 
     pub fn bound(&self, value: &Arc<str>) -> Arc<str> {
@@ -36,6 +45,9 @@ impl FirstSeen {
             seen.insert(value.clone());
             value.clone()
         } else {
+            if let Some(c) = &self.folded {
+                c.inc();
+            }
             self.other.clone()
         }
     }

@@ -32,8 +32,11 @@ pub struct LlmCall {
     /// The span's own cost attribute, else the price of its tokens; `None` when neither is
     /// known.
     pub cost_usd: Option<f64>,
-    /// `llm.latency_ms` when present, else the span's duration.
-    pub latency_seconds: f64,
+    /// `llm.latency_ms` when present, else the span's duration; `None` when that is not
+    /// plausible (see [`MAX_LATENCY_SECONDS`]).
+    pub latency_seconds: Option<f64>,
+    /// Values of the span that were not plausible and were not counted.
+    pub ignored: Vec<&'static str>,
     /// The `llm.latency_ms` attribute, which the latency policy also honours.
     pub latency_attr_ms: Option<f64>,
     /// Status ERROR, an `exception` event, or `error.type`.
@@ -42,18 +45,36 @@ pub struct LlmCall {
     pub error_type: Option<Arc<str>>,
 }
 
-fn number(span: &[u8], value: &AttrValue) -> Option<f64> {
+/// Plausible maxima for numbers from the network. A value past them, negative or not
+/// finite is not counted (and is counted in `llmtail_llm_values_ignored_total{field}`):
+/// one span claiming 1e19 tokens or a cost of 1e300 must not wrap a counter or pin it at
+/// an absurd value until restart. The largest context windows are ~10M tokens; the
+/// costliest single calls cost dollars, not thousands.
+pub const MAX_TOKENS: f64 = 100_000_000.0;
+pub const MAX_COST_USD: f64 = 10_000.0;
+/// A day: a span that started at 0 (1970) is not a 56-year call.
+pub const MAX_LATENCY_SECONDS: f64 = 86_400.0;
+
+/// A number read from an attribute, if it is one; `Err` when it is there but implausible.
+fn plausible(span: &[u8], value: Option<&AttrValue>, max: f64) -> Result<Option<f64>, ()> {
+    let Some(value) = value else { return Ok(None) };
     let n = match value {
         AttrValue::Int(i) => *i as f64,
         AttrValue::Double(d) => *d,
-        AttrValue::Str(range) => std::str::from_utf8(crate::otlp::scan::str_at(span, range))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?,
-        AttrValue::Bool(_) => return None,
+        AttrValue::Str(range) => match std::str::from_utf8(crate::otlp::scan::str_at(span, range))
+            .ok()
+            .and_then(|s| s.trim().parse::<f64>().ok())
+        {
+            Some(n) => n,
+            None => return Ok(None),
+        },
+        AttrValue::Bool(_) => return Ok(None),
     };
-    (n.is_finite() && n >= 0.0).then_some(n)
+    if n.is_finite() && (0.0..=max).contains(&n) {
+        Ok(Some(n))
+    } else {
+        Err(())
+    }
 }
 
 /// Strings already seen in this request (models, providers, users, sessions repeat across
@@ -104,20 +125,27 @@ pub fn call_from_span(
     strings: &mut Strings,
 ) -> Option<LlmCall> {
     let attrs = &facts.llm;
-    let count = |field| {
-        attrs
-            .get(field)
-            .and_then(|v| number(span, v))
-            .map(|n| n as u64)
+    let mut ignored = Vec::new();
+    let mut read = |field: LlmField, max: f64, name: &'static str| {
+        plausible(span, attrs.get(field), max).unwrap_or_else(|()| {
+            ignored.push(name);
+            None
+        })
     };
+    let mut count = |field, name| read(field, MAX_TOKENS, name).map(|n| n as u64);
+    let (input, output, total) = (
+        count(LlmField::InputTokens, "input_tokens"),
+        count(LlmField::OutputTokens, "output_tokens"),
+        count(LlmField::TotalTokens, "total_tokens"),
+    );
+    let cache_read = count(LlmField::CacheReadTokens, "cache_read_tokens");
+    let cache_write = count(LlmField::CacheWriteTokens, "cache_write_tokens");
+    let reasoning = count(LlmField::ReasoningTokens, "reasoning_tokens");
+    let cost_attr = read(LlmField::CostUsd, MAX_COST_USD, "cost_usd");
+    let latency_attr_ms = read(LlmField::LatencyMs, MAX_LATENCY_SECONDS * 1e3, "latency_ms");
     let request_model = text(span, facts, LlmField::RequestModel, strings);
     let response_model = text(span, facts, LlmField::ResponseModel, strings);
     let other_model = text(span, facts, LlmField::Model, strings);
-    let (input, output, total) = (
-        count(LlmField::InputTokens),
-        count(LlmField::OutputTokens),
-        count(LlmField::TotalTokens),
-    );
     let named = response_model
         .clone()
         .or(request_model.clone())
@@ -131,15 +159,19 @@ pub fn call_from_span(
     let usage = Usage {
         input: input.unwrap_or(0),
         output: output.unwrap_or(0),
-        cache_read: count(LlmField::CacheReadTokens).unwrap_or(0),
-        cache_write: count(LlmField::CacheWriteTokens).unwrap_or(0),
+        cache_read: cache_read.unwrap_or(0),
+        cache_write: cache_write.unwrap_or(0),
     };
-    let cost_usd = attrs
-        .get(LlmField::CostUsd)
-        .and_then(|v| number(span, v))
-        .or_else(|| pricing.price(&model).map(|p| p.cost(&usage)));
-    let latency_attr_ms = attrs.get(LlmField::LatencyMs).and_then(|v| number(span, v));
-    let duration_ns = facts.end_ns.saturating_sub(facts.start_ns);
+    let cost_usd = cost_attr.or_else(|| pricing.price(&model).map(|p| p.cost(&usage)));
+    let duration = facts.end_ns.saturating_sub(facts.start_ns) as f64 / 1e9;
+    let latency_seconds = match latency_attr_ms {
+        Some(ms) => Some(ms / 1e3),
+        None if facts.start_ns == 0 || duration > MAX_LATENCY_SECONDS => {
+            ignored.push("duration");
+            None
+        }
+        None => Some(duration),
+    };
     let error_type = text(span, facts, LlmField::ErrorType, strings);
     let error = facts.is_error() || error_type.is_some();
     Some(LlmCall {
@@ -151,10 +183,11 @@ pub fn call_from_span(
         provider: text(span, facts, LlmField::Provider, strings),
         operation: text(span, facts, LlmField::Operation, strings),
         usage,
-        reasoning_tokens: count(LlmField::ReasoningTokens).unwrap_or(0),
+        reasoning_tokens: reasoning.unwrap_or(0),
         cost_usd,
-        latency_seconds: latency_attr_ms.map_or(duration_ns as f64 / 1e9, |ms| ms / 1e3),
+        latency_seconds,
         latency_attr_ms,
+        ignored,
         error_type: error_type.or_else(|| error.then(|| strings.get("_OTHER"))),
         error,
     })
@@ -225,9 +258,12 @@ mod tests {
         assert_eq!(c.provider.as_deref(), Some("azure.ai.openai"));
         assert!((c.cost_usd.unwrap() - (1000.0 * 2.0 + 250.0 * 8.0) / 1e6).abs() < 1e-12);
         assert_eq!(
-            c.latency_seconds, 2.0,
+            c.latency_seconds,
+            Some(2.0),
             "no llm.latency_ms: the span's duration"
         );
+
+        assert!(c.ignored.is_empty());
 
         let deprecated = call(&[
             ("gen_ai.usage.prompt_tokens", Value::IntValue(7)),
@@ -284,5 +320,44 @@ mod tests {
             call(&[("session.id", s("abc"))]).is_none(),
             "a session alone is not an LLM call"
         );
+    }
+
+    #[test]
+    fn absurd_numbers_are_ignored_and_said() {
+        let c = call(&[
+            ("gen_ai.request.model", Value::StringValue("gpt-4o".into())),
+            ("gen_ai.usage.input_tokens", Value::DoubleValue(1e19)),
+            ("gen_ai.usage.output_tokens", Value::IntValue(-5)),
+            ("llm.cost_usd", Value::DoubleValue(1.7e308)),
+            ("llm.latency_ms", Value::StringValue("NaN".into())),
+        ])
+        .unwrap();
+        assert_eq!((c.usage.input, c.usage.output), (0, 0));
+        assert_eq!(
+            c.cost_usd,
+            Some(0.0),
+            "priced from the table, on the tokens counted"
+        );
+        assert_eq!(
+            c.latency_seconds,
+            Some(2.0),
+            "a NaN latency: the duration counts"
+        );
+        assert_eq!(
+            c.ignored,
+            ["input_tokens", "output_tokens", "cost_usd", "latency_ms"]
+        );
+        let at_max = call(&[
+            ("gen_ai.request.model", Value::StringValue("m".into())),
+            (
+                "gen_ai.usage.input_tokens",
+                Value::IntValue(MAX_TOKENS as i64),
+            ),
+            ("llm.cost_usd", Value::DoubleValue(MAX_COST_USD)),
+        ])
+        .unwrap();
+        assert_eq!(at_max.usage.input, MAX_TOKENS as u64);
+        assert_eq!(at_max.cost_usd, Some(MAX_COST_USD));
+        assert!(at_max.ignored.is_empty());
     }
 }

@@ -51,6 +51,11 @@ pub struct LlmObserver {
     detector: AnomalyDetector,
     boost: Option<Boost>,
     base: Arc<BaseRate>,
+    /// Series bounds on label combinations (`llm.labels.max_service_models`,
+    /// `max_genai_label_sets`): past them, new combinations share the all-`other` one.
+    max_pairs: usize,
+    max_genai: usize,
+    other: Arc<str>,
 }
 
 impl LlmObserver {
@@ -60,18 +65,22 @@ impl LlmObserver {
         boost: Option<Boost>,
         base: Arc<BaseRate>,
     ) -> Self {
+        let folded = |label: &str| metrics.labels_folded.with_label_values(&[label]);
         LlmObserver {
-            metrics,
             handles: DashMap::default(),
             genai: DashMap::default(),
-            services: FirstSeen::new(cfg.labels.max_services),
-            models: FirstSeen::new(cfg.labels.max_models),
-            kinds: FirstSeen::new(cfg.labels.max_models),
+            services: FirstSeen::new(cfg.labels.max_services).counting(folded("service")),
+            models: FirstSeen::new(cfg.labels.max_models).counting(folded("model")),
+            kinds: FirstSeen::new(cfg.labels.max_models).counting(folded("provider_or_operation")),
             users: TopK::new(cfg.labels.top_users),
             sessions: TopK::new(cfg.labels.top_sessions),
             detector: AnomalyDetector::new(cfg.anomaly.clone()),
             boost,
             base,
+            max_pairs: cfg.labels.max_service_models,
+            max_genai: cfg.labels.max_genai_label_sets,
+            other: Arc::from(super::labels::OTHER),
+            metrics,
         }
     }
 
@@ -79,7 +88,7 @@ impl LlmObserver {
     pub fn observe(&self, service: &Arc<str>, call: &LlmCall, now: Instant) -> CallStats {
         let service = self.services.bound(service);
         let model = self.models.bound(&call.model);
-        let h = self.call_handles(&service, &model);
+        let (service, model, h) = self.call_handles(service, model);
         if call.error { &h.error } else { &h.ok }.inc();
         h.tokens_in.inc_by(call.usage.input);
         h.tokens_out.inc_by(call.usage.output);
@@ -87,7 +96,15 @@ impl LlmObserver {
             Some(cost) => h.cost.inc_by(cost),
             None => h.unpriced.inc(),
         }
-        h.latency.observe(call.latency_seconds);
+        if let Some(latency) = call.latency_seconds {
+            h.latency.observe(latency);
+        }
+        for field in &call.ignored {
+            self.metrics
+                .llm_values_ignored
+                .with_label_values(&[field])
+                .inc();
+        }
         self.genai_metrics(call);
 
         let kinds = self.detector.observe(
@@ -120,13 +137,31 @@ impl LlmObserver {
         }
     }
 
-    fn call_handles(&self, service: &Arc<str>, model: &Arc<str>) -> Arc<CallHandles> {
-        let key = (service.clone(), model.clone());
+    /// The metrics of (service, model), or of (other, other) once `max_service_models`
+    /// pairs have their own; returns the labels used.
+    fn call_handles(
+        &self,
+        service: Arc<str>,
+        model: Arc<str>,
+    ) -> (Arc<str>, Arc<str>, Arc<CallHandles>) {
+        let mut key = (service, model);
         if let Some(h) = self.handles.get(&key) {
-            return h.clone();
+            let h = h.clone();
+            return (key.0, key.1, h);
+        }
+        if self.handles.len() >= self.max_pairs {
+            self.metrics
+                .labels_folded
+                .with_label_values(&["service_model"])
+                .inc();
+            key = (self.other.clone(), self.other.clone());
+            if let Some(h) = self.handles.get(&key) {
+                let h = h.clone();
+                return (key.0, key.1, h);
+            }
         }
         let m = &self.metrics;
-        let (s, md): (&str, &str) = (service, model);
+        let (s, md): (&str, &str) = (&key.0, &key.1);
         let h = Arc::new(CallHandles {
             ok: m.llm_requests.with_label_values(&[s, md, "ok"]),
             error: m.llm_requests.with_label_values(&[s, md, "error"]),
@@ -136,8 +171,8 @@ impl LlmObserver {
             unpriced: m.llm_unpriced.with_label_values(&[md]),
             latency: m.llm_latency.with_label_values(&[s, md]),
         });
-        self.handles.insert(key, h.clone());
-        h
+        self.handles.insert(key.clone(), h.clone());
+        (key.0, key.1, h)
     }
 
     /// `gen_ai.client.token.usage` and `gen_ai.client.operation.duration`.
@@ -145,7 +180,7 @@ impl LlmObserver {
         let empty: Arc<str> = Arc::from("");
         let bound =
             |v: &Option<Arc<str>>| v.as_ref().map_or(empty.clone(), |v| self.kinds.bound(v));
-        let key: GenAiKey = [
+        let mut key: GenAiKey = [
             bound(&call.operation),
             bound(&call.provider),
             self.models.bound(&call.request_model),
@@ -154,6 +189,13 @@ impl LlmObserver {
                 .map_or(empty.clone(), |r| self.models.bound(r)),
             bound(&call.error_type),
         ];
+        if !self.genai.contains_key(&key) && self.genai.len() >= self.max_genai {
+            self.metrics
+                .labels_folded
+                .with_label_values(&["genai_label_set"])
+                .inc();
+            key = std::array::from_fn(|_| self.other.clone());
+        }
         let h = match self.genai.get(&key) {
             Some(h) => h.clone(),
             None => {
@@ -180,7 +222,9 @@ impl LlmObserver {
         };
         h.tokens_in.observe(call.usage.input as f64);
         h.tokens_out.observe(call.usage.output as f64);
-        h.duration.observe(call.latency_seconds);
+        if let Some(latency) = call.latency_seconds {
+            h.duration.observe(latency);
+        }
     }
 
     /// Attributes a decided trace's LLM spend to its user and session (every trace is
