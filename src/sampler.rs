@@ -85,9 +85,9 @@ impl TraceSummary {
         self.max_end_ns = self.max_end_ns.max(s.end_ns);
         self.has_error |= s.error;
         if let Some(c) = &s.call {
-            self.calls += 1;
-            self.input_tokens += c.input_tokens;
-            self.output_tokens += c.output_tokens;
+            self.calls = self.calls.saturating_add(1);
+            self.input_tokens = self.input_tokens.saturating_add(c.input_tokens);
+            self.output_tokens = self.output_tokens.saturating_add(c.output_tokens);
             self.cost_usd += c.cost_usd.unwrap_or(0.0);
             self.has_anomaly |= c.anomalous;
             if let Some(ms) = c.latency_attr_ms {

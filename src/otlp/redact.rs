@@ -2,6 +2,7 @@
 //! a hash, and chosen attributes have e-mail addresses and API keys masked. Only kept spans
 //! pay for it, and only when configured; a span with nothing to change is not copied.
 
+use globset::GlobSet;
 use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -63,7 +64,8 @@ pub enum ContentMode {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MaskConfig {
-    /// Attribute keys (globs) whose string values are masked.
+    /// Attribute keys whose string values are masked, as globs: `*` any run of characters
+    /// (dots included), `?` one character, `[abc]` one of a set, `{a,b}` either.
     pub attributes: Vec<String>,
     /// `email`, `api_key`, or a regular expression.
     pub patterns: Vec<String>,
@@ -77,20 +79,50 @@ pub struct PrivacyConfig {
 }
 
 impl PrivacyConfig {
+    /// Every way the mask could silently mask nothing is an error here.
     pub fn validate(&self) -> Vec<(String, String)> {
-        self.mask
-            .patterns
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| {
-                pattern(p).err().map(|e| {
-                    (
-                        format!("mask.patterns[{i}]"),
-                        format!("not a valid regular expression: {e}"),
-                    )
-                })
-            })
-            .collect()
+        let mut problems = Vec::new();
+        for (i, p) in self.mask.patterns.iter().enumerate() {
+            let at = format!("mask.patterns[{i}]");
+            match pattern(p) {
+                Err(e) => problems.push((at, format!("not a valid regular expression: {e}"))),
+                Ok(re) if re.is_match("") => problems.push((
+                    at,
+                    "matches the empty string, so it would mask between every character; \
+                     it must match at least one character"
+                        .into(),
+                )),
+                Ok(_) => {}
+            }
+        }
+        for (i, g) in self.mask.attributes.iter().enumerate() {
+            let at = format!("mask.attributes[{i}]");
+            if let Err(e) = glob(g) {
+                problems.push((at, format!("not a valid glob: {e}")));
+            } else if g.trim().is_empty() {
+                problems.push((at, "empty: it matches no attribute".into()));
+            } else if let Some(c) = g.chars().find(|c| "^$\\()|+".contains(*c)) {
+                problems.push((
+                    at,
+                    format!(
+                        "{g:?} looks like a regular expression ({c:?}), which matches no attribute key; \
+                         attributes take globs: `*` any run of characters, `?` one character"
+                    ),
+                ));
+            }
+        }
+        match (self.mask.attributes.is_empty(), self.mask.patterns.is_empty()) {
+            (false, true) => problems.push((
+                "mask.patterns".into(),
+                "empty while mask.attributes is set: nothing would be masked; add `email`, `api_key` or a regular expression".into(),
+            )),
+            (true, false) => problems.push((
+                "mask.attributes".into(),
+                "empty while mask.patterns is set: nothing would be masked; list the attribute keys (globs) to mask".into(),
+            )),
+            _ => {}
+        }
+        problems
     }
 
     pub fn is_active(&self) -> bool {
@@ -107,17 +139,34 @@ fn pattern(p: &str) -> Result<Regex, regex::Error> {
     })
 }
 
-fn glob_match(pattern: &str, key: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => key.starts_with(prefix),
-        None => pattern == key,
+fn glob(g: &str) -> Result<globset::Glob, globset::Error> {
+    globset::GlobBuilder::new(g)
+        .literal_separator(false)
+        .build()
+}
+
+fn glob_set<'a>(globs: impl IntoIterator<Item = &'a str>) -> Result<GlobSet, globset::Error> {
+    let mut set = globset::GlobSetBuilder::new();
+    for g in globs {
+        set.add(glob(g)?);
     }
+    set.build()
 }
 
 pub struct Redactor {
     content: ContentMode,
-    mask_keys: Vec<String>,
+    content_keys: GlobSet,
+    mask_keys: GlobSet,
     masks: Vec<Regex>,
+}
+
+/// A redactor that cannot be built: a pattern or glob that `--validate` refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum RedactorError {
+    #[error(transparent)]
+    Pattern(#[from] regex::Error),
+    #[error(transparent)]
+    Glob(#[from] globset::Error),
 }
 
 enum Change {
@@ -128,13 +177,14 @@ enum Change {
 
 impl Redactor {
     /// `None` when the config asks for nothing.
-    pub fn new(cfg: &PrivacyConfig) -> Result<Option<Redactor>, regex::Error> {
+    pub fn new(cfg: &PrivacyConfig) -> Result<Option<Redactor>, RedactorError> {
         if !cfg.is_active() {
             return Ok(None);
         }
         Ok(Some(Redactor {
             content: cfg.content,
-            mask_keys: cfg.mask.attributes.clone(),
+            content_keys: glob_set(CONTENT_KEYS.iter().copied())?,
+            mask_keys: glob_set(cfg.mask.attributes.iter().map(String::as_str))?,
             masks: cfg
                 .mask
                 .patterns
@@ -202,8 +252,7 @@ impl Redactor {
             }
         }
         let key_str = String::from_utf8_lossy(key);
-        if self.content != ContentMode::Keep && CONTENT_KEYS.iter().any(|p| glob_match(p, &key_str))
-        {
+        if self.content != ContentMode::Keep && self.content_keys.is_match(key_str.as_ref()) {
             return Ok(match self.content {
                 ContentMode::Drop => Change::Drop,
                 _ => {
@@ -213,7 +262,7 @@ impl Redactor {
                 }
             });
         }
-        if self.mask_keys.iter().any(|p| glob_match(p, &key_str))
+        if self.mask_keys.is_match(key_str.as_ref())
             && let Some(text) = string_value(value)?
         {
             let mut masked = text.to_owned();
@@ -415,5 +464,96 @@ mod tests {
         );
         let off = PrivacyConfig::default();
         assert!(Redactor::new(&off).unwrap().is_none());
+    }
+
+    /// One span with these string attributes, masked by `globs` with the `email` pattern;
+    /// returns the keys whose values were masked.
+    fn masked_keys(globs: &[&str], keys: &[&str]) -> Vec<String> {
+        let cfg = PrivacyConfig {
+            content: ContentMode::Keep,
+            mask: MaskConfig {
+                attributes: globs.iter().map(|g| g.to_string()).collect(),
+                patterns: vec!["email".into()],
+            },
+        };
+        assert!(cfg.validate().is_empty(), "{:?}", cfg.validate());
+        let span = Span {
+            attributes: keys
+                .iter()
+                .map(|k| kv(k, "contact bob@example.org now"))
+                .collect(),
+            ..Default::default()
+        };
+        let out = Redactor::new(&cfg)
+            .unwrap()
+            .unwrap()
+            .rewrite(&span.encode_to_vec())
+            .unwrap()
+            .unwrap_or_else(|| span.encode_to_vec());
+        Span::decode(&out[..])
+            .unwrap()
+            .attributes
+            .iter()
+            .filter(|a| format!("{:?}", a.value).contains(MASK))
+            .map(|a| a.key.clone())
+            .collect()
+    }
+
+    #[test]
+    fn every_documented_glob_form_masks() {
+        let keys = [
+            "note.text",
+            "user.note.text",
+            "user.email",
+            "user.emails",
+            "a.b",
+            "textual",
+        ];
+        assert_eq!(
+            masked_keys(&["*.text"], &keys),
+            ["note.text", "user.note.text"],
+            "leading *"
+        );
+        assert_eq!(
+            masked_keys(&["user.*.text"], &keys),
+            ["user.note.text"],
+            "inner *"
+        );
+        assert_eq!(
+            masked_keys(&["user.*"], &keys),
+            ["user.note.text", "user.email", "user.emails"],
+            "trailing *"
+        );
+        assert_eq!(masked_keys(&["user.email?"], &keys), ["user.emails"], "?");
+        assert_eq!(
+            masked_keys(&["{a.b,textual}"], &keys),
+            ["a.b", "textual"],
+            "alternatives"
+        );
+        assert_eq!(masked_keys(&["user.email"], &keys), ["user.email"], "exact");
+    }
+
+    #[test]
+    fn a_mask_that_can_never_mask_is_refused() {
+        let problems = |attributes: &[&str], patterns: &[&str]| {
+            PrivacyConfig {
+                content: ContentMode::Keep,
+                mask: MaskConfig {
+                    attributes: attributes.iter().map(|s| s.to_string()).collect(),
+                    patterns: patterns.iter().map(|s| s.to_string()).collect(),
+                },
+            }
+            .validate()
+        };
+        let said = |p: Vec<(String, String)>| format!("{p:?}");
+        assert!(said(problems(&["user.*"], &[])).contains("mask.patterns"));
+        assert!(said(problems(&[], &["email"])).contains("mask.attributes"));
+        assert!(
+            said(problems(&["^user\\..*$"], &["email"]))
+                .contains("looks like a regular expression")
+        );
+        assert!(said(problems(&["user.[x"], &["email"])).contains("not a valid glob"));
+        assert!(said(problems(&["user.*"], &["a*"])).contains("empty string"));
+        assert!(problems(&["*.text", "user.*"], &["email", "api_key"]).is_empty());
     }
 }
