@@ -157,6 +157,9 @@ pub struct Cluster {
     ring: ArcSwap<Ring>,
     /// Members as configured or last resolved.
     known: Mutex<Vec<String>>,
+    /// The IP addresses of the members (host names resolved at each refresh): only
+    /// requests from these may carry the forwarding header.
+    member_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
     /// Peers out of the ring until the given time.
     down: Mutex<HashMap<String, Instant>>,
     forwarders: Mutex<HashMap<Arc<str>, Forwarder>>,
@@ -184,6 +187,13 @@ impl Cluster {
             ring: ArcSwap::from_pointee(Ring::new(known.clone(), &me)),
             me,
             cfg: cfg.clone(),
+            member_ips: Mutex::new(
+                known
+                    .iter()
+                    .filter_map(|k| k.parse::<std::net::SocketAddr>().ok())
+                    .map(|a| a.ip())
+                    .collect(),
+            ),
             known: Mutex::new(known),
             down: Mutex::new(HashMap::new()),
             forwarders: Mutex::new(HashMap::new()),
@@ -229,6 +239,36 @@ impl Cluster {
             sender.to_owned()
         } else {
             "unknown".to_owned()
+        }
+    }
+
+    /// Whether `ip` is the address of a cluster member (this replica included).
+    pub fn is_member(&self, ip: std::net::IpAddr) -> bool {
+        self.member_ips.lock().contains(&ip)
+    }
+
+    /// Resolves the members' addresses (names included) for [`Cluster::is_member`].
+    async fn resolve_members(&self) {
+        let known = self.known.lock().clone();
+        let mut ips = std::collections::HashSet::new();
+        let mut unresolved = false;
+        for member in known {
+            match member.parse::<std::net::SocketAddr>() {
+                Ok(addr) => {
+                    ips.insert(addr.ip());
+                }
+                Err(_) => match tokio::net::lookup_host(member.as_str()).await {
+                    Ok(addrs) => ips.extend(addrs.map(|a| a.ip())),
+                    Err(_) => unresolved = true,
+                },
+            }
+        }
+        let mut current = self.member_ips.lock();
+        if unresolved {
+            // A name that did not resolve this time keeps its last addresses.
+            current.extend(ips);
+        } else {
+            *current = ips;
         }
     }
 
@@ -309,6 +349,7 @@ impl Cluster {
                     }
                 }
             }
+            self.resolve_members().await;
             self.rebuild();
         }
     }

@@ -428,8 +428,26 @@ impl ReceiverConfig {
                 "must be at least 1".into(),
             ));
         }
-        if self.http.max_connections == 0 {
-            p.push(("http.max_connections".into(), "must be at least 1".into()));
+        for (name, n) in [
+            ("grpc", self.grpc.max_connections),
+            ("http", self.http.max_connections),
+        ] {
+            if n == 0 {
+                p.push((
+                    format!("{name}.max_connections"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
+        for (name, d) in [
+            ("grpc.header_read_timeout", self.grpc.header_read_timeout),
+            ("grpc.idle_timeout", self.grpc.idle_timeout),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+        ] {
+            if d.0.is_zero() {
+                p.push((name.into(), "must be longer than 0s".into()));
+            }
         }
         if self.grpc.enabled {
             p.extend(socket_problem(
@@ -512,7 +530,23 @@ pub struct GrpcReceiverConfig {
     pub max_concurrent_streams: u32,
     /// Longest a request may take, body included (slow senders are cut off).
     pub timeout: Dur,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Longest a new connection may take to start its first request (TLS handshake and
+    /// HTTP/2 preface included); also how long idle connections last while the receiver
+    /// is nearly at `max_connections`.
+    pub header_read_timeout: Dur,
+    /// Connections with no request in progress for this long are closed (gracefully:
+    /// clients reconnect when they next export).
+    pub idle_timeout: Dur,
 }
+
+/// Connections each receiver serves at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_HEADER_READ_TIMEOUT: Dur = Dur(Duration::from_secs(10));
+/// OpenTelemetry SDKs export every 5 s while busy; a connection idle for two minutes
+/// belongs to a quiet service, which reconnects at its next export.
+const DEFAULT_IDLE_TIMEOUT: Dur = Dur(Duration::from_secs(120));
 
 /// Longest a receiver waits for a request to arrive whole.
 const DEFAULT_RECEIVE_TIMEOUT: Dur = Dur(Duration::from_secs(30));
@@ -526,6 +560,9 @@ impl Default for GrpcReceiverConfig {
             tls: None,
             max_concurrent_streams: 256,
             timeout: DEFAULT_RECEIVE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -543,10 +580,14 @@ pub struct HttpReceiverConfig {
     pub tls: Option<ServerTlsConfig>,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
-    /// Longest a client may take to send a request's headers.
+    /// Longest a client may take to send a request's headers, and a new connection to
+    /// start its first request (TLS handshake included); also how long idle connections
+    /// last while the receiver is nearly at `max_connections`.
     pub header_read_timeout: Dur,
     /// Longest a request may take, body included.
     pub timeout: Dur,
+    /// Connections with no request in progress for this long are closed.
+    pub idle_timeout: Dur,
 }
 
 impl Default for HttpReceiverConfig {
@@ -558,9 +599,10 @@ impl Default for HttpReceiverConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             cors: CorsConfig::default(),
             tls: None,
-            max_connections: 1024,
-            header_read_timeout: Dur(Duration::from_secs(10)),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             timeout: DEFAULT_RECEIVE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
         }
     }
 }

@@ -21,6 +21,7 @@ use crate::llm::observer::LlmObserver;
 use crate::otlp::redact::Redactor;
 use crate::pipeline::{Budget, Pipeline};
 use crate::receiver::auth::Authenticator;
+use crate::receiver::conn::ConnConfig;
 use crate::receiver::grpc::TraceService;
 use crate::sampler::Sampler;
 use crate::telemetry::{self, Admin, Loss, Metrics};
@@ -228,6 +229,7 @@ pub async fn run(
     let stop_receivers = CancellationToken::new();
     let auth = Authenticator::new(&cfg.receiver.auth).map(Arc::new);
     let mut receivers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let connection_room = connection_room(&cfg.receiver);
     let mut bound = Vec::new();
     if cfg.receiver.grpc.enabled {
         let addr = parse_addr(&cfg.receiver.grpc.endpoint, "receiver.grpc.endpoint")?;
@@ -236,30 +238,26 @@ pub async fn run(
             .with_context(|| format!("cannot listen on receiver.grpc.endpoint {addr}"))?;
         bound.push(format!("grpc={}", listener.local_addr()?));
         let stop = stop_receivers.clone();
-        let service = TraceService::new(
-            pipeline.clone(),
-            cfg.receiver.grpc.max_request_bytes,
-            auth.clone(),
-        );
-        let mut server = tonic::transport::Server::builder()
-            .timeout(cfg.receiver.grpc.timeout.0)
-            .max_concurrent_streams(cfg.receiver.grpc.max_concurrent_streams);
-        if let Some(tls) = &cfg.receiver.grpc.tls {
-            server = server
-                .tls_config(grpc_tls(tls)?)
-                .context("receiver.grpc.tls")?;
-        }
+        let service = TraceService::new(pipeline.clone(), &cfg.receiver.grpc, auth.clone());
+        let app = axum::Router::new().fallback_service(service);
+        let tls = match &cfg.receiver.grpc.tls {
+            Some(tls) => Some(
+                crate::receiver::tls::server_config(tls, &[b"h2"]).context("receiver.grpc.tls")?,
+            ),
+            None => None,
+        };
+        let grpc = &cfg.receiver.grpc;
+        let conn_cfg = ConnConfig {
+            receiver: "grpc",
+            max_connections: grpc.max_connections.min(connection_room),
+            header_read_timeout: grpc.header_read_timeout.0,
+            idle_timeout: grpc.idle_timeout.0,
+            http2_only: true,
+            max_concurrent_streams: Some(grpc.max_concurrent_streams),
+        };
+        let metrics = pipeline.metrics.clone();
         receivers.push(tokio::spawn(async move {
-            let served = server
-                .add_service(service)
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener),
-                    async move { stop.cancelled().await },
-                )
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "gRPC receiver failed");
-            }
+            crate::receiver::conn::serve(listener, app, tls, conn_cfg, metrics, stop).await;
         }));
     }
     if cfg.receiver.http.enabled {
@@ -281,9 +279,18 @@ pub async fn run(
             ),
             None => None,
         };
-        let http_cfg = cfg.receiver.http.clone();
+        let http = &cfg.receiver.http;
+        let conn_cfg = ConnConfig {
+            receiver: "http",
+            max_connections: http.max_connections.min(connection_room),
+            header_read_timeout: http.header_read_timeout.0,
+            idle_timeout: http.idle_timeout.0,
+            http2_only: false,
+            max_concurrent_streams: None,
+        };
+        let metrics = pipeline.metrics.clone();
         receivers.push(tokio::spawn(async move {
-            crate::receiver::http::serve(listener, app, tls, &http_cfg, stop).await;
+            crate::receiver::conn::serve(listener, app, tls, conn_cfg, metrics, stop).await;
         }));
     }
 
@@ -670,21 +677,36 @@ pub async fn termination_signal() {
 }
 
 /// tonic's TLS settings for the gRPC receiver (mutual TLS with a client CA).
-fn grpc_tls(
-    cfg: &crate::config::ServerTlsConfig,
-) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
-    use tonic::transport::{Certificate, Identity};
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+/// Descriptors kept for everything but receiver connections: exporters, the log, peers,
+/// the admin server, files.
+const RESERVED_FILES: u64 = 256;
+
+/// The most connections each receiver may hold within the open-file limit (raised to its
+/// hard limit first). When the configured `max_connections` would not fit, they are
+/// lowered, with a warning: past the limit, accepts fail and /healthz with them.
+fn connection_room(r: &crate::config::ReceiverConfig) -> usize {
+    let Some(room) = crate::receiver::conn::fit_file_limit(RESERVED_FILES) else {
+        return usize::MAX;
     };
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(Identity::from_pem(
-        read(&cfg.cert_file)?,
-        read(&cfg.key_file)?,
-    ));
-    if let Some(ca) = &cfg.client_ca_file {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    let receivers = u64::from(r.grpc.enabled) + u64::from(r.http.enabled);
+    let wanted = [
+        (r.grpc.enabled, r.grpc.max_connections),
+        (r.http.enabled, r.http.max_connections),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, n)| *n as u64)
+    .sum::<u64>();
+    if wanted <= room {
+        return usize::MAX;
     }
-    Ok(tls)
+    let each = (room / receivers.max(1)).max(1) as usize;
+    tracing::warn!(
+        open_file_limit = room + RESERVED_FILES,
+        max_connections = each,
+        "the open-file limit cannot hold every receiver's max_connections; lowered to fit (raise the limit: ulimit -n, or the container runtime's nofile)"
+    );
+    each
 }
 
 #[cfg(test)]

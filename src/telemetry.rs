@@ -61,6 +61,8 @@ pub struct Metrics {
     pub llm_unpriced: IntCounterVec,
     pub llm_anomalies: IntCounterVec,
     pub labels_folded: IntCounterVec,
+    pub connections: IntGaugeVec,
+    pub connections_closed: IntCounterVec,
     pub llm_values_ignored: IntCounterVec,
     pub user_cost: CounterVec,
     pub user_tokens: IntCounterVec,
@@ -336,6 +338,17 @@ impl Metrics {
                     "LLM calls with neither a cost attribute nor a price for their model."
                 ),
                 &["model"]
+            )),
+            connections: reg!(IntGaugeVec::new(
+                Opts::new("llmtail_connections", "Connections open on each receiver."),
+                &["receiver"]
+            )),
+            connections_closed: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_connections_closed_total",
+                    "Connections llmtail closed: silent (no request within header_read_timeout), idle (idle_timeout), pressure (idle while the receiver was nearly at max_connections), tls_handshake."
+                ),
+                &["receiver", "reason"]
             )),
             labels_folded: reg!(IntCounterVec::new(
                 Opts::new(

@@ -92,22 +92,30 @@ const GRPC_RESOURCE_EXHAUSTED: &str = "8";
 pub struct TraceService {
     pipeline: Arc<Pipeline>,
     max_request_bytes: usize,
+    /// Longest a request may take, body included.
+    timeout: std::time::Duration,
     auth: Option<Arc<Authenticator>>,
 }
 
 impl TraceService {
     pub fn new(
         pipeline: Arc<Pipeline>,
-        max_request_bytes: usize,
+        cfg: &crate::config::GrpcReceiverConfig,
         auth: Option<Arc<Authenticator>>,
     ) -> Self {
         TraceService {
             pipeline,
-            max_request_bytes,
+            max_request_bytes: cfg.max_request_bytes,
+            timeout: cfg.timeout.0,
             auth,
         }
     }
 }
+
+/// `x-llmtail-forwarded` from a client that is not a cluster member, reported at most
+/// every 10 s: its spans are taken as any client's.
+static FORGED_FORWARD: crate::telemetry::Throttle =
+    crate::telemetry::Throttle::new(std::time::Duration::from_secs(10));
 
 impl NamedService for TraceService {
     const NAME: &'static str = "opentelemetry.proto.collector.trace.v1.TraceService";
@@ -178,12 +186,18 @@ where
         }
         // A replica forwarding a trace's spans to this one, its owner: taken here, counted
         // per sending peer.
+        // Honoured only from a cluster member's address: anyone else setting it is a
+        // client like any other (its spans are sharded, not taken as a peer's).
         let forwarded_by = req
             .headers()
             .get(FORWARDED_HEADER)
             .and_then(|v| v.to_str().ok());
+        let remote = req
+            .extensions()
+            .get::<super::conn::RemoteAddr>()
+            .map(|r| r.0.ip());
         let (protocol, from_peer) = match (forwarded_by, &self.pipeline.cluster) {
-            (Some(peer), Some(cluster)) => (
+            (Some(peer), Some(cluster)) if remote.is_some_and(|ip| cluster.is_member(ip)) => (
                 Protocol::Peer,
                 Some(
                     self.pipeline
@@ -192,7 +206,12 @@ where
                         .with_label_values(&[&cluster.peer_label(peer)]),
                 ),
             ),
-            (Some(_), None) => (Protocol::Peer, None),
+            (Some(peer), _) => {
+                if let Some(held_back) = FORGED_FORWARD.allow() {
+                    tracing::warn!(header = FORWARDED_HEADER, claims = peer, remote = ?remote, similar_reports_held_back = held_back, "a client that is not a cluster member sent the peer-forwarding header; its spans are taken as any client's");
+                }
+                (Protocol::Grpc, None)
+            }
             _ => (Protocol::Grpc, None),
         };
         if let Some(why) = self.pipeline.overloaded() {
@@ -202,6 +221,7 @@ where
         }
         let export = Export(self.pipeline.clone(), protocol, from_peer);
         let max = self.max_request_bytes;
+        let timeout = self.timeout;
         let req = req.map(|body| ChargedBody {
             inner: Box::pin(body),
             pipeline: self.pipeline.clone(),
@@ -216,7 +236,13 @@ where
             .accept_compressed(CompressionEncoding::Gzip)
             .send_compressed(CompressionEncoding::Gzip)
             .max_decoding_message_size(max);
-            let mut response = grpc.unary(export, req).await;
+            let Ok(mut response) = tokio::time::timeout(timeout, grpc.unary(export, req)).await
+            else {
+                return Ok(Status::deadline_exceeded(format!(
+                    "the request did not arrive whole within receiver.grpc.timeout ({timeout:?})"
+                ))
+                .into_http());
+            };
             // tonic refuses an oversized uncompressed message with OUT_OF_RANGE (and an
             // oversized decompressed one with RESOURCE_EXHAUSTED); OTLP asks for
             // RESOURCE_EXHAUSTED in both cases. The handler itself never says OUT_OF_RANGE.
