@@ -1255,7 +1255,7 @@ impl Default for LabelLimits {
             top_users: 100,
             top_sessions: 100,
             max_service_models: 1000,
-            max_genai_label_sets: 500,
+            max_genai_label_sets: 200,
         }
     }
 }

@@ -18,6 +18,11 @@ use crate::otlp::{json, view};
 /// The span scanner: every range it returns lies inside the span, and it agrees with a
 /// full protobuf decode on what both read.
 pub fn scan_span(data: &[u8]) {
+    // What validation passes, the reference decoder decodes (so an upstream does too).
+    if crate::otlp::validate::span(data).is_ok() {
+        opentelemetry_proto::tonic::trace::v1::Span::decode(data)
+            .expect("a span that validates decodes");
+    }
     let Ok(facts) = scan::scan_span(data) else {
         return;
     };
@@ -100,6 +105,7 @@ pub fn otlp_json(data: &[u8]) {
     if let Ok(protobuf) = json::to_protobuf(data) {
         view::ExportTraceServiceRequest::decode(Bytes::from(protobuf.clone()))
             .expect("converted JSON is a valid request");
+        crate::otlp::request::check(&protobuf).expect("converted JSON has valid framing");
         split_and_reframe(&protobuf);
     }
 }

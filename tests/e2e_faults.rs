@@ -213,7 +213,7 @@ impl ScriptedHttpSink {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_429_with_retry_after_waits_as_told_and_400_is_permanent() {
+async fn http_429_with_retry_after_waits_as_told_and_400_is_searched_by_halves() {
     let sink = ScriptedHttpSink::start(vec![(429, Some("1")), (503, None)]).await;
     let daemon = Daemon::start(&sink.config());
     let n = send_errors(&daemon, 5, 5).await;
@@ -232,7 +232,28 @@ async fn http_429_with_retry_after_waits_as_told_and_400_is_permanent() {
         times[1] - times[0]
     );
 
-    let refusing = ScriptedHttpSink::start(vec![(400, None)]).await;
+    // A 400 is not retried as it was: the request is sent in halves, to find the spans at
+    // fault. Here the upstream refused it once, so both halves go through.
+    let refusing_once = ScriptedHttpSink::start(vec![(400, None)]).await;
+    let daemon = Daemon::start(&refusing_once.config());
+    let n = send_errors(&daemon, 6, 5).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) >= n as f64
+        })
+        .await;
+    assert_eq!(m.sum("llmtail_spans_exported_total", &[]), n as f64);
+    assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
+    assert_eq!(refusing_once.spans(), n);
+    assert_eq!(
+        refusing_once.times.lock().unwrap().len(),
+        3,
+        "the request, then its halves"
+    );
+
+    // Refused however it is cut: every span lost as upstream_rejected, after a bounded
+    // number of sends (never the same request twice).
+    let refusing = ScriptedHttpSink::start(vec![(400, None); 1000]).await;
     let daemon = Daemon::start(&refusing.config());
     let n = send_errors(&daemon, 6, 5).await;
     let m = daemon
@@ -242,9 +263,9 @@ async fn http_429_with_retry_after_waits_as_told_and_400_is_permanent() {
         .await;
     assert_eq!(lost(&m, "upstream_rejected"), n as f64);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        refusing.times.lock().unwrap().len(),
-        1,
-        "a 400 is not retried"
+    let sends = refusing.times.lock().unwrap().len();
+    assert!(
+        sends < 2 * n && sends <= 65,
+        "{sends} sends for {n} spans: halves only, bounded"
     );
 }

@@ -71,8 +71,9 @@ async fn memory_limits_decide_early_then_refuse_until_the_upstream_drains() {
         m.sum("llmtail_buffer_limit_bytes", &[]),
         2.0 * 1024.0 * 1024.0
     );
-    // OTLP/HTTP senders get 503 with Retry-After.
-    let body = loadgen::request(normal_spans(&mut rng, 1)).encode_to_vec();
+    // OTLP/HTTP senders get 503 with Retry-After (a body is charged to the budget before
+    // it is read, so one of ~200 KB does not fit either).
+    let body = loadgen::request(normal_spans(&mut rng, 100)).encode_to_vec();
     let (code, headers, _) = http_request(
         daemon.http,
         "POST",

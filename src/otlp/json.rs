@@ -19,7 +19,9 @@ use super::wire::{put_len_field, put_varint};
 /// An id that is not hex is written as a one-byte id, so that span alone is refused (as
 /// an id of the wrong length is in protobuf) and the rest of the request is taken.
 pub fn to_protobuf(json: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
-    let mut out = Vec::with_capacity(json.len() / 2);
+    // Protobuf is smaller than the JSON it comes from (every JSON field spells its name),
+    // so one allocation of the input's size is enough, trimmed after if much is spare.
+    let mut out = Vec::with_capacity(json.len());
     let mut de = serde_json::Deserializer::from_slice(json);
     if !(Message {
         schema: &REQUEST,
@@ -32,6 +34,9 @@ pub fn to_protobuf(json: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
         ));
     }
     de.end()?;
+    if out.capacity() > out.len() + out.len() / 4 {
+        out.shrink_to_fit();
+    }
     Ok(out)
 }
 
@@ -382,10 +387,12 @@ impl<'de> Visitor<'de> for Field<'_> {
         match self.kind {
             Kind::Str => put_len_field(self.out, self.number, v.as_bytes()),
             Kind::Id(len) => {
+                let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
                 let id = (v.len() == 2 * len)
                     .then(|| {
-                        (0..len)
-                            .map(|i| u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok())
+                        v.as_bytes()
+                            .chunks(2)
+                            .map(|p| Some(hex(p[0])? << 4 | hex(p[1])?))
                             .collect::<Option<Vec<u8>>>()
                     })
                     .flatten();
@@ -507,6 +514,15 @@ mod tests {
         );
         assert!(crate::otlp::validate::span(&spans[0].encode_to_vec()).is_err());
         assert_eq!(spans[1].trace_id[0], 0x5b, "upper-case hex is hex");
+        // 32 bytes, but not 32 hex digits (multi-byte characters): not an id, no panic.
+        let odd =
+            r#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"ééééééééééééééé00"}]}]}]}"#;
+        let request =
+            ExportTraceServiceRequest::decode(&to_protobuf(odd.as_bytes()).unwrap()[..]).unwrap();
+        assert_eq!(
+            request.resource_spans[0].scope_spans[0].spans[0].trace_id,
+            vec![0]
+        );
         assert!(crate::otlp::validate::span(&spans[1].encode_to_vec()).is_ok());
     }
 

@@ -63,6 +63,7 @@ static KEY_VALUE: Schema = Schema {
     fields: &[
         (1, "attributes.key", Kind::Str),
         (2, "attributes.value", Kind::Any),
+        (3, "attributes.key_strindex", Kind::Varint),
     ],
 };
 
@@ -155,6 +156,7 @@ const ANY_DOUBLE: u32 = 4;
 const ANY_ARRAY: u32 = 5;
 const ANY_KVLIST: u32 = 6;
 const ANY_BYTES: u32 = 7;
+const ANY_STRING_STRINDEX: u32 = 8;
 
 /// Checks one encoded `Span`.
 pub fn span(bytes: &[u8]) -> Result<(), Invalid> {
@@ -251,7 +253,7 @@ fn any_value(bytes: &[u8], name: &'static str, depth: usize) -> Result<(), Inval
         let kind = match number {
             ANY_STRING => Kind::Str,
             ANY_BYTES => Kind::Bytes,
-            ANY_BOOL | ANY_INT => Kind::Varint,
+            ANY_BOOL | ANY_INT | ANY_STRING_STRINDEX => Kind::Varint,
             ANY_DOUBLE => Kind::Fixed64,
             ANY_ARRAY | ANY_KVLIST => {
                 if wire != WireType::Len {
@@ -305,6 +307,7 @@ fn key_value(bytes: &[u8], name: &'static str, depth: usize) -> Result<(), Inval
         match number {
             1 => value(&mut r, wire, Kind::Str, name, depth)?,
             2 => value(&mut r, wire, Kind::Any, name, depth)?,
+            3 => value(&mut r, wire, Kind::Varint, name, depth)?,
             _ => r.skip(wire).map_err(malformed(name))?,
         }
     }

@@ -106,6 +106,24 @@ fn body_encoding(headers: &HeaderMap) -> Result<Encoding, String> {
     }
 }
 
+/// Reads a body into one buffer of its declared length (no chunk list, no concatenating
+/// copy), at most `limit` bytes.
+async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut out = bytes::BytesMut::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Corrupt(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > limit {
+                return Err(BodyError::TooLarge);
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out.freeze())
+}
+
 /// Why a body could not be read.
 enum BodyError {
     TooLarge,
@@ -380,9 +398,17 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
     if let Err(why) = grow(declared.unwrap_or(rx.max_request_bytes)) {
         return unavailable(&rx, encoding, why);
     }
-    let raw = match axum::body::to_bytes(body, rx.max_request_bytes).await {
+    let raw = match read_body(body, declared, rx.max_request_bytes).await {
         Ok(b) => b,
-        Err(_) => return too_large(),
+        Err(BodyError::TooLarge) => return too_large(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                encoding,
+                CODE_INVALID_ARGUMENT,
+                "the request body could not be read whole".into(),
+            );
+        }
     };
     let raw = match decompress(&headers, raw, rx.max_request_bytes, &mut grow) {
         Ok(b) => b,
@@ -407,17 +433,22 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
     };
     let protobuf = match encoding {
         Encoding::Protobuf => raw,
-        Encoding::Json => match crate::otlp::json::to_protobuf(&raw) {
-            Ok(p) => Bytes::from(p),
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    encoding,
-                    CODE_INVALID_ARGUMENT,
-                    format!("the body is not a valid OTLP/JSON ExportTraceServiceRequest: {e}"),
-                );
+        Encoding::Json => {
+            // The JSON is freed as soon as it is converted: it is not held with the result.
+            let converted = crate::otlp::json::to_protobuf(&raw);
+            drop(raw);
+            match converted {
+                Ok(p) => Bytes::from(p),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        encoding,
+                        CODE_INVALID_ARGUMENT,
+                        format!("the body is not a valid OTLP/JSON ExportTraceServiceRequest: {e}"),
+                    );
+                }
             }
-        },
+        }
     };
     // From here the request is charged as what it is.
     drop(reservation);

@@ -400,7 +400,11 @@ impl Daemon {
     pub fn launch_opts(body: &str, opts: Launch<'_>) -> Daemon {
         let config = format!(
             "{}{body}",
-            Daemon::prefix_limited("", "", opts.max_request_bytes.unwrap_or(1_000_000))
+            Daemon::prefix_limited(
+                opts.grpc_extra,
+                opts.http_extra,
+                opts.max_request_bytes.unwrap_or(1_000_000)
+            )
         );
         Daemon::spawn(config, opts.envs, opts.cgroup, opts.dir)
     }
@@ -913,6 +917,9 @@ pub struct Launch<'a> {
     pub cgroup: Option<&'a MemoryCgroup>,
     /// The working directory (e.g. one a durable queue outlives restarts in).
     pub dir: Option<tempfile::TempDir>,
+    /// Extra keys under `receiver.grpc` and `receiver.http` (4-space indent).
+    pub grpc_extra: &'a str,
+    pub http_extra: &'a str,
 }
 
 /// A memory-limited cgroup (v1 or v2, whichever the machine mounts), as a pod's limit is;
