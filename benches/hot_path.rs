@@ -55,7 +55,46 @@ fn benches(c: &mut Criterion) {
         b.iter(|| scan_span(std::hint::black_box(&llm_span)).unwrap())
     });
 
+    // Validation of what is forwarded (UTF-8, wire types, nesting), per span at ingest.
+    g.bench_function("validate_span/llm", |b| {
+        b.iter(|| llmtail::otlp::validate::span(std::hint::black_box(&llm_span)).unwrap())
+    });
+    let with_prompt = {
+        let mut s = opentelemetry_proto::tonic::trace::v1::Span::decode(llm_span.clone()).unwrap();
+        let prompt: String =
+            "You are a helpful assistant. Résumé the user's question — ".repeat(90);
+        s.attributes
+            .push(opentelemetry_proto::tonic::common::v1::KeyValue {
+                key: "gen_ai.input.messages".into(),
+                value: Some(opentelemetry_proto::tonic::common::v1::AnyValue {
+                    value: Some(
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            prompt,
+                        ),
+                    ),
+                }),
+                ..Default::default()
+            });
+        Bytes::from(s.encode_to_vec())
+    };
+    g.bench_function("validate_span/llm_with_5kb_prompt", |b| {
+        b.iter(|| llmtail::otlp::validate::span(std::hint::black_box(&with_prompt)).unwrap())
+    });
+    g.bench_function("scan_span/llm_with_5kb_prompt", |b| {
+        b.iter(|| scan_span(std::hint::black_box(&with_prompt)).unwrap())
+    });
+
     g.throughput(Throughput::Elements(spans.len() as u64));
+    // What ingest does now: the request's framing checked, then walked without decoding.
+    g.bench_function("walk_request/400_spans", |b| {
+        b.iter(|| {
+            let req = std::hint::black_box(&req);
+            llmtail::otlp::request::check(req).unwrap();
+            llmtail::otlp::request::resource_spans(req)
+                .map(|rs| rs.scope_spans().map(|ss| ss.spans().count()).sum::<usize>())
+                .sum::<usize>()
+        })
+    });
     g.bench_function("split_request/400_spans", |b| {
         b.iter(|| {
             view::ExportTraceServiceRequest::decode(std::hint::black_box(req.clone())).unwrap()

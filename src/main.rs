@@ -93,15 +93,32 @@ fn pricing(cfg: Option<&Config>, model: &str, usage: Usage) -> ExitCode {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Protocol libraries whose messages are logged only when they are errors, unless
+/// `RUST_LOG` names them: h2 warns once per connection a client resets streams on (rapid
+/// reset) and rustls on bad handshakes, which would let any client decide the log's volume.
+const QUIET_LIBRARIES: &[&str] = &["h2", "hyper", "rustls", "tonic"];
+
+/// `RUST_LOG` (default `info`), with [`QUIET_LIBRARIES`] at `error` unless it names them.
+fn log_filter() -> tracing_subscriber::EnvFilter {
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for library in QUIET_LIBRARIES {
+        if !spec.contains(library)
+            && let Ok(directive) = format!("{library}=error").parse()
+        {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// Exit code for an invalid config, as `--validate` documents.
 const EXIT_INVALID_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
