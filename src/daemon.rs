@@ -421,10 +421,10 @@ async fn take_fallback(
             r = rx.recv() => match r { Some(r) => r, None => return },
             () = stop.cancelled() => break,
         };
-        let _ = pipeline.ingest(request, crate::pipeline::Protocol::Peer);
+        pipeline.take_back(request);
     }
     while let Ok(request) = rx.try_recv() {
-        let _ = pipeline.ingest(request, crate::pipeline::Protocol::Peer);
+        pipeline.take_back(request);
     }
 }
 

@@ -1075,3 +1075,43 @@ async fn masks_written_with_leading_and_inner_stars_mask() {
     assert_ne!(code, Some(0));
     assert!(out.contains("llm.privacy.mask.patterns"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_tiny_spans_is_charged_for_what_holding_it_costs() {
+    let sink = Sink::start_counting(0).await;
+    let daemon = Daemon::launch_opts(
+        &config(&sink, "limits:\n  max_buffer_bytes: 64MiB\n"),
+        Launch {
+            max_request_bytes: Some(16 << 20),
+            ..Launch::default()
+        },
+    );
+    let good = GoodTraffic::start(daemon.endpoint());
+    // 200,000 spans of 28 bytes (ids only), each its own trace: 6 MB on the wire, but
+    // ~125 MB of bookkeeping if held. Refused whole and retryably, before any is taken.
+    let tiny: Vec<Span> = (0..200_000)
+        .map(|_| {
+            let s = span("", vec![]);
+            Span {
+                trace_id: s.trace_id,
+                span_id: s.span_id,
+                ..Default::default()
+            }
+        })
+        .collect();
+    let body = Bytes::from(request(vec![resource_spans("svc", "s", tiny)]).encode_to_vec());
+    let refused = grpc_raw(&daemon.endpoint(), body).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("max_buffer_bytes"),
+        "{refused:?}"
+    );
+    let m = daemon.metrics();
+    assert_eq!(
+        m.sum("llmtail_spans_received_total", &[("protocol", "grpc")]) % 40.0,
+        0.0,
+        "only whole good requests were taken"
+    );
+    assert!(m.sum("llmtail_requests_refused_total", &[("reason", "memory")]) >= 1.0);
+    good.all_arrive(&sink).await;
+}

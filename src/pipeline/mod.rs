@@ -56,6 +56,10 @@ impl Protocol {
 pub enum IngestError {
     #[error("the body is not a valid OTLP ExportTraceServiceRequest: at {0}")]
     Undecodable(#[from] request::BadFrame),
+    /// Holding the request's spans could take the memory budget past its hard mark: it
+    /// is refused whole, retryably (nothing of it was taken).
+    #[error("{}", .0.message())]
+    Full(Overload),
 }
 
 /// The service label of a resource: its `service.name`, as the SDKs default it when absent.
@@ -111,6 +115,9 @@ pub struct LiveLimits {
     /// Wire bytes of the spans held at the last decision tick: what deciding them would
     /// write to a durable queue.
     pub held_wire_bytes: AtomicUsize,
+    /// Bookkeeping charged for requests taken since the last decision tick (estimated
+    /// from their span counts; the tick replaces it with what is really held).
+    pub ingested_bookkeeping: AtomicUsize,
 }
 
 impl LiveLimits {
@@ -170,10 +177,38 @@ impl Pipeline {
     /// the request as a whole fails only when it cannot be split into spans at all, in which
     /// case nothing of it was taken.
     pub fn ingest(&self, request: Bytes, protocol: Protocol) -> Result<IngestOutcome, IngestError> {
+        self.take(request, protocol, true)
+    }
+
+    /// Takes spans this replica accepted already and could not hand to a peer: never
+    /// refused for memory (they are the budget's already; refusing would lose them).
+    pub fn take_back(&self, request: Bytes) {
+        let _ = self.take(request, Protocol::Peer, false);
+    }
+
+    fn take(
+        &self,
+        request: Bytes,
+        protocol: Protocol,
+        admit: bool,
+    ) -> Result<IngestOutcome, IngestError> {
         // Charged while any span of it is held or queued.
         let request = self.budget.charge(request);
         // The framing is read first, so a request that is not one is refused whole.
-        request::check(&request)?;
+        let shape = request::check(&request)?;
+        // What holding its spans could cost in bookkeeping (each span a new trace, at
+        // worst) is charged now, not at the next decision tick: a request of 500,000 tiny
+        // spans must not take the budget past its mark by the 300 MB its bookkeeping costs.
+        let bookkeeping =
+            shape.spans * (crate::buffer::TRACE_OVERHEAD + crate::buffer::SPAN_OVERHEAD);
+        if admit
+            && self.memory() + bookkeeping > self.limits.max_buffer_bytes.load(Ordering::Relaxed)
+        {
+            return Err(IngestError::Full(Overload::Memory));
+        }
+        self.limits
+            .ingested_bookkeeping
+            .fetch_add(bookkeeping, Ordering::Relaxed);
 
         let now = Instant::now();
         let mut outcome = IngestOutcome::default();
@@ -318,10 +353,7 @@ impl Pipeline {
             for (peer, spans) in forwards {
                 if let Err(spans) = cluster.forward(&peer, spans) {
                     // The peer's queue is full: decided here instead.
-                    let _ = self.ingest(
-                        crate::otlp::reframe::encode_verbatim(&spans),
-                        Protocol::Peer,
-                    );
+                    self.take_back(crate::otlp::reframe::encode_verbatim(&spans));
                 }
             }
         }
@@ -507,6 +539,7 @@ impl Pipeline {
 
     fn bookkeeping(&self) -> usize {
         self.limits.held_bookkeeping.load(Ordering::Relaxed)
+            + self.limits.ingested_bookkeeping.load(Ordering::Relaxed)
             + self
                 .exporters
                 .iter()
@@ -553,9 +586,11 @@ impl Pipeline {
             held = self.buffer.relieve(held, target, now, &mut decided);
         }
         // Counted before the decided traces move to the queues; the next tick sees them.
+        // What requests were charged since the last tick is in `held` now.
         self.limits
             .held_bookkeeping
             .store(held.bookkeeping(), Ordering::Relaxed);
+        self.limits.ingested_bookkeeping.store(0, Ordering::Relaxed);
         self.limits
             .held_wire_bytes
             .store(held.bytes, Ordering::Relaxed);

@@ -134,9 +134,15 @@ impl UnaryService<Bytes> for Export {
         let protocol = self.1;
         let from_peer = self.2.clone();
         Box::pin(async move {
-            let outcome = pipeline
-                .ingest(request.into_inner(), protocol)
-                .map_err(|e: IngestError| Status::invalid_argument(e.to_string()))?;
+            let outcome = pipeline.ingest(request.into_inner(), protocol).map_err(
+                |e: IngestError| match e {
+                    IngestError::Full(why) => {
+                        pipeline.refuse(protocol, why);
+                        overloaded(why)
+                    }
+                    e => Status::invalid_argument(e.to_string()),
+                },
+            )?;
             if let Some(counter) = from_peer {
                 counter.inc_by(outcome.accepted);
             }

@@ -454,6 +454,7 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
     drop(reservation);
     let outcome = match rx.pipeline.ingest(protobuf, encoding.protocol()) {
         Ok(o) => o,
+        Err(crate::pipeline::IngestError::Full(why)) => return unavailable(&rx, encoding, why),
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
