@@ -55,22 +55,6 @@ async fn memory_limits_decide_early_then_refuse_until_the_upstream_drains() {
     let status = refusal.expect("the hard mark refuses within 60 requests of ~200 KB");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("max_buffer_bytes"), "{status:?}");
-    let m = daemon.metrics();
-    assert!(m.sum("llmtail_early_decisions_total", &[("reason", "memory")]) > 0.0);
-    assert!(
-        m.sum(
-            "llmtail_early_decision_delay_seconds_count",
-            &[("reason", "memory")]
-        ) > 0.0
-    );
-    assert_eq!(
-        m.sum("llmtail_requests_refused_total", &[("reason", "memory")]),
-        1.0
-    );
-    assert_eq!(
-        m.sum("llmtail_buffer_limit_bytes", &[]),
-        2.0 * 1024.0 * 1024.0
-    );
     // OTLP/HTTP senders get 503 with Retry-After (a body is charged to the budget before
     // it is read, so one of ~200 KB does not fit either).
     let body = loadgen::request(normal_spans(&mut rng, 100)).encode_to_vec();
@@ -83,6 +67,34 @@ async fn memory_limits_decide_early_then_refuse_until_the_upstream_drains() {
     );
     assert_eq!(code, 503);
     assert!(headers.contains_key("retry-after"));
+    // Past the soft mark, traces old enough to be decided (250 ms) are decided early; the
+    // hard mark may refuse before the first of them is that old.
+    let m = daemon
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.sum("llmtail_early_decisions_total", &[("reason", "memory")]) > 0.0
+        })
+        .await;
+    assert!(m.sum("llmtail_early_decisions_total", &[("reason", "memory")]) > 0.0);
+    assert!(
+        m.sum(
+            "llmtail_early_decision_delay_seconds_count",
+            &[("reason", "memory")]
+        ) > 0.0
+    );
+    for protocol in ["grpc", "http_protobuf"] {
+        assert_eq!(
+            m.sum(
+                "llmtail_requests_refused_total",
+                &[("reason", "memory"), ("protocol", protocol)]
+            ),
+            1.0,
+            "{protocol}"
+        );
+    }
+    assert_eq!(
+        m.sum("llmtail_buffer_limit_bytes", &[]),
+        2.0 * 1024.0 * 1024.0
+    );
 
     // The upstream comes back: the queue drains, memory falls, data is accepted again.
     sink.set_mode(SINK_OK);
