@@ -12,6 +12,14 @@
 //!   span (measured 41 µs, 0.10 µs per span).
 //! - `observe_llm_call` (metrics, bounded labels, anomaly baseline): ≤ 0.4 µs per LLM call
 //!   (measured 0.32 µs).
+//! - `validate_span/llm` (schema check of what is forwarded: UTF-8, wire types, nesting):
+//!   ≤ 0.4 µs for the 27-attribute LLM span (measured 0.35 µs; 0.66 µs with a table lookup
+//!   per field and std's UTF-8 check, before attributes got their own path);
+//!   `validate_span/llm_with_5kb_prompt` ≤ 0.8 µs (measured 0.72 µs; 2.37 µs with std's
+//!   UTF-8 check).
+//! - `walk_request/400_spans` (framing check and walk of a request, as ingest does it):
+//!   ≤ 0.04 µs per span (measured 13.1 µs per request, 0.033 µs per span; the prost view
+//!   decode it replaced, 10.3 µs, allocated per message).
 
 use std::sync::Arc;
 
