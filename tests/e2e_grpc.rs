@@ -264,9 +264,11 @@ async fn late_spans_follow_their_traces_decision_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_for_ten_seconds_loses_nothing() {
-    let port = free_port();
-    let placeholder = Sink::unstarted(port);
-    let daemon = Daemon::start(&sampler_config(&placeholder, 0.0, "2s", "100ms"));
+    // Down as a reachable upstream answering UNAVAILABLE: a closed port could be taken by
+    // another test's server meanwhile (ports come from the same ephemeral range).
+    let sink = Sink::start(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
+    let daemon = Daemon::start(&sampler_config(&sink, 0.0, "2s", "100ms"));
     let mut rng = StdRng::seed_from_u64(3);
     let traces = generate(&mut rng, &[(Kind::Error, 50), (Kind::Normal, 50)]);
     send_split(&daemon.endpoint(), &traces).await;
@@ -284,7 +286,7 @@ async fn upstream_down_for_ten_seconds_loses_nothing() {
         daemon.metrics().sum("llmtail_export_queue_spans", &[]),
         200.0
     );
-    let sink = Sink::start(port).await;
+    sink.set_mode(SINK_OK);
     assert_eq!(
         sink.wait_for_spans(200, Duration::from_secs(20)).await,
         200,
@@ -562,10 +564,11 @@ async fn unpriced_calls_are_counted_and_config_prices_apply() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_timeout_with_upstream_down_exits_nonzero_and_counts_the_loss() {
-    let placeholder = Sink::unstarted(free_port());
+    let down = Sink::start(0).await;
+    down.set_mode(SINK_UNAVAILABLE);
     let mut daemon = Daemon::start(&format!(
         "{}shutdown_timeout: 3s\n",
-        sampler_config(&placeholder, 0.0, "30s", "10s")
+        sampler_config(&down, 0.0, "30s", "10s")
     ));
     assert_eq!(http_get(daemon.admin, "/healthz").map(|r| r.0), Some(200));
     let mut rng = StdRng::seed_from_u64(9);

@@ -352,6 +352,30 @@ async fn poison_spans_are_refused_alone_and_every_good_span_arrives() {
     );
     beside.insert(key(&ok_span));
 
+    // A resource attribute that is not UTF-8: that resource's spans are refused.
+    let ok_span = span("other-resource", vec![]);
+    let mut req = request(vec![
+        resource_spans("RESOURCE-PLACEHOLDER", "s", vec![span("c", vec![])]),
+        resource_spans("fine", "s", vec![ok_span.clone()]),
+    ])
+    .encode_to_vec();
+    replace(
+        &mut req,
+        b"RESOURCE",
+        &[0xed, 0xa0, 0x80, b'x', b'x', b'x', b'x', b'x'],
+    );
+    let (code, _, answer) = http_request(daemon.http, "POST", "/v1/traces", &[PROTOBUF], &req);
+    assert_eq!(code, 200);
+    let (rejected, message) = partial(&answer);
+    assert_eq!(rejected, 1, "{message}");
+    assert!(
+        message.contains(
+            "its resource is not valid OTLP (resource.attributes.value: not valid UTF-8)"
+        ),
+        "{message}"
+    );
+    beside.insert(key(&ok_span));
+
     // The same over gRPC: partial success, not a refused request.
     let (body, good_span) = with_poison(span("NAME-PLACEHOLDER", vec![]), |b| {
         replace(b, b"NAME-P", &[0xff, 0xfe, 0xc0, b'-', b'-', b'-'])
@@ -408,6 +432,13 @@ async fn poison_spans_are_refused_alone_and_every_good_span_arrives() {
             &[("reason", "invalid_scope")]
         ),
         2.0
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_spans_rejected_total",
+            &[("reason", "invalid_resource")]
+        ),
+        1.0
     );
     // The upstream (a tonic server decoding with prost, as the Collector decodes) never
     // refused a batch.

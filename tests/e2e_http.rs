@@ -356,7 +356,8 @@ async fn cors_preflight_allows_configured_origins_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_export_queue_pushes_back_with_retryable_errors() {
-    let down = Sink::unstarted(free_port());
+    let down = Sink::start(0).await;
+    down.set_mode(SINK_UNAVAILABLE);
     let d = Daemon::start(&format!(
         "sampling:\n  decision_wait: 1s\n  root_grace: 50ms\n  base_rate: 1.0\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    max_spans: 8\n    timeout: 10ms\n  queue:\n    max_spans: 40\n",
         down.endpoint()

@@ -38,8 +38,9 @@ enum Kind {
     Fixed64,
     Fixed32,
     Msg(&'static Schema),
-    /// `AnyValue`, whose nesting is bounded.
-    Any,
+    /// `KeyValue`, the most common message in a span, read without the table; the names
+    /// of its key and value fields.
+    Attributes(&'static str, &'static str),
 }
 
 struct Schema {
@@ -57,21 +58,16 @@ impl Schema {
     }
 }
 
-static KEY_VALUE: Schema = Schema {
-    name: "attributes",
-    fields: &[
-        (1, "attributes.key", Kind::Str),
-        (2, "attributes.value", Kind::Any),
-        (3, "attributes.key_strindex", Kind::Varint),
-    ],
-};
-
 static EVENT: Schema = Schema {
     name: "events",
     fields: &[
         (1, "events.time_unix_nano", Kind::Fixed64),
         (2, "events.name", Kind::Str),
-        (3, "events.attributes", Kind::Msg(&KEY_VALUE)),
+        (
+            3,
+            "events.attributes",
+            Kind::Attributes("events.attributes.key", "events.attributes.value"),
+        ),
         (4, "events.dropped_attributes_count", Kind::Varint),
     ],
 };
@@ -82,7 +78,11 @@ static LINK: Schema = Schema {
         (1, "links.trace_id", Kind::Id(16)),
         (2, "links.span_id", Kind::Id(8)),
         (3, "links.trace_state", Kind::Str),
-        (4, "links.attributes", Kind::Msg(&KEY_VALUE)),
+        (
+            4,
+            "links.attributes",
+            Kind::Attributes("links.attributes.key", "links.attributes.value"),
+        ),
         (5, "links.dropped_attributes_count", Kind::Varint),
         (6, "links.flags", Kind::Fixed32),
     ],
@@ -107,7 +107,11 @@ static SPAN: Schema = Schema {
         (6, "kind", Kind::Varint),
         (7, "start_time_unix_nano", Kind::Fixed64),
         (8, "end_time_unix_nano", Kind::Fixed64),
-        (9, "attributes", Kind::Msg(&KEY_VALUE)),
+        (
+            9,
+            "attributes",
+            Kind::Attributes("attributes.key", "attributes.value"),
+        ),
         (10, "dropped_attributes_count", Kind::Varint),
         (11, "events", Kind::Msg(&EVENT)),
         (12, "dropped_events_count", Kind::Varint),
@@ -131,7 +135,11 @@ static ENTITY_REF: Schema = Schema {
 static RESOURCE: Schema = Schema {
     name: "resource",
     fields: &[
-        (1, "resource.attributes", Kind::Msg(&KEY_VALUE)),
+        (
+            1,
+            "resource.attributes",
+            Kind::Attributes("resource.attributes.key", "resource.attributes.value"),
+        ),
         (2, "resource.dropped_attributes_count", Kind::Varint),
         (3, "resource.entity_refs", Kind::Msg(&ENTITY_REF)),
     ],
@@ -142,7 +150,11 @@ static SCOPE: Schema = Schema {
     fields: &[
         (1, "scope.name", Kind::Str),
         (2, "scope.version", Kind::Str),
-        (3, "scope.attributes", Kind::Msg(&KEY_VALUE)),
+        (
+            3,
+            "scope.attributes",
+            Kind::Attributes("scope.attributes.key", "scope.attributes.value"),
+        ),
         (4, "scope.dropped_attributes_count", Kind::Varint),
     ],
 };
@@ -230,7 +242,7 @@ fn value(
         Kind::Varint => WireType::Varint,
         Kind::Fixed64 => WireType::Fixed64,
         Kind::Fixed32 => WireType::Fixed32,
-        Kind::Str | Kind::Id(_) | Kind::Msg(_) | Kind::Any => WireType::Len,
+        Kind::Str | Kind::Id(_) | Kind::Msg(_) | Kind::Attributes(..) => WireType::Len,
     };
     if wire != expected {
         return Err(wrong_wire_type(name));
@@ -241,11 +253,8 @@ fn value(
     let payload = r.len_delimited().map_err(malformed(name))?.1;
     match kind {
         Kind::Str => utf8(payload, name),
-        Kind::Msg(schema) if std::ptr::eq(schema, &KEY_VALUE) => {
-            attribute(payload, "attributes.key", "attributes.value", depth)
-        }
+        Kind::Attributes(key, value) => attribute(payload, key, value, depth),
         Kind::Msg(schema) => message(payload, schema, depth),
-        Kind::Any => any_value(payload, name, depth),
         Kind::Id(len) if !payload.is_empty() && payload.len() != len => Err(Invalid {
             field: name,
             problem: "an id of the wrong length",
@@ -471,7 +480,6 @@ mod tests {
             &EVENT,
             &LINK,
             &STATUS,
-            &KEY_VALUE,
             &RESOURCE,
             &SCOPE,
             &ENTITY_REF,
