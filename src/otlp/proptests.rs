@@ -257,6 +257,69 @@ proptest! {
         }
     }
 
+    /// OTLP/JSON written by opentelemetry-proto's serde support (camelCase, hex ids)
+    /// transcodes to exactly the request it came from.
+    #[test]
+    fn json_transcodes_to_the_request_it_describes(spans in prop::collection::vec(span(), 1..5)) {
+        let sized = |id: &mut Vec<u8>, n: usize| if !id.is_empty() && id.len() != n { id.resize(n, 7) };
+        let spans: Vec<Span> = spans
+            .into_iter()
+            .map(|mut s| {
+                sized(&mut s.trace_id, 16);
+                sized(&mut s.span_id, 8);
+                sized(&mut s.parent_span_id, 8);
+                // JSON has no NaN or infinity as numbers.
+                s.attributes.retain(|kv| !matches!(
+                    kv.value.as_ref().and_then(|v| v.value.as_ref()),
+                    Some(Value::DoubleValue(d)) if !d.is_finite()
+                ));
+                s
+            })
+            .collect();
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+                resource: Some(Resource { attributes: vec![], ..Default::default() }),
+                scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                    scope: Some(InstrumentationScope { name: "s".into(), ..Default::default() }),
+                    spans,
+                    schema_url: "https://schema".into(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        let json = serde_json::to_vec(&request).unwrap();
+        let converted = super::json::to_protobuf(&json)
+            .map_err(|e| TestCaseError::fail(format!("{e}: {}", String::from_utf8_lossy(&json))))?;
+        let back = ExportTraceServiceRequest::decode(&converted[..]).unwrap();
+        prop_assert_eq!(back, request);
+    }
+
+    /// Whatever JSON transcodes is a request the pipeline can walk and prost can decode.
+    #[test]
+    fn transcoded_json_always_decodes(
+        spans in prop::collection::vec(span(), 1..3),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+    ) {
+        let request = ExportTraceServiceRequest {
+            resource_spans: vec![opentelemetry_proto::tonic::trace::v1::ResourceSpans {
+                scope_spans: vec![opentelemetry_proto::tonic::trace::v1::ScopeSpans {
+                    spans,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let Ok(mut json) = serde_json::to_vec(&request) else { return Ok(()) };
+        for (at, byte) in edits {
+            let i = at.index(json.len());
+            json[i] = byte;
+        }
+        if let Ok(converted) = super::json::to_protobuf(&json) {
+            prop_assert!(super::request::check(&converted).is_ok());
+            prop_assert!(ExportTraceServiceRequest::decode(&converted[..]).is_ok());
+        }
+    }
+
     #[test]
     fn scanner_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
         let _ = scan_span(&bytes);
