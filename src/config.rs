@@ -212,7 +212,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 /// Share of the container's memory limit that the memory budget (`max_buffer_bytes`) takes
 /// by default; the rest is the process's fixed overhead (code, runtime, connections,
-/// allocator slack), measured in README "Operations".
+/// allocator slack), measured in docs/operations.md.
 pub const BUFFER_SHARE_OF_CGROUP: f64 = 0.4;
 /// `max_buffer_bytes` when there is no cgroup memory limit.
 pub const DEFAULT_BUFFER_BYTES: usize = 1 << 30;
@@ -1968,5 +1968,81 @@ exporter:
         assert_eq!(cgroup_limit_from("0::/app/worker\n", read), Some(268435456));
         assert_eq!(cgroup_limit_from("0::/elsewhere\n", read), None);
         assert_eq!(cgroup_limit_from("", read), None);
+    }
+
+    /// The keys a section accepts, as the parser itself reports them for an unknown one;
+    /// `None` when the value at `path` is not a section (a scalar, list or map).
+    fn keys_of(path: &[String]) -> Option<Vec<String>> {
+        let mut yaml = "{zzz: 1}".to_owned();
+        for part in path.iter().rev() {
+            yaml = format!("{{{part}: {yaml}}}");
+        }
+        let errors = match Config::parse(&yaml) {
+            Ok(_) => return None,
+            Err(e) => e.0,
+        };
+        let want = path
+            .iter()
+            .map(String::as_str)
+            .chain(["zzz"])
+            .collect::<Vec<_>>()
+            .join(".");
+        let p = errors.iter().find(|p| p.path == want)?;
+        let list = if path.is_empty() {
+            p.message.split_once("allowed: ")?.1.to_owned()
+        } else if p.message.contains("unknown field") {
+            p.message.split_once("expected ")?.1.to_owned()
+        } else {
+            return None;
+        };
+        Some(
+            list.split(|c| c == ',' || c == ' ')
+                .map(|w| w.trim_matches('`'))
+                .filter(|w| !w.is_empty() && *w != "or" && *w != "one" && *w != "of")
+                .map(str::to_owned)
+                .collect(),
+        )
+    }
+
+    /// docs/configuration.md documents every key the parser accepts: in its own row, as a
+    /// sibling in a row (`a.b.c`, `d`), or inside its section's row (`{x: 1, y: 2}`).
+    #[test]
+    fn docs_configuration_lists_every_key() {
+        let docs = include_str!("../docs/configuration.md");
+        let rows: Vec<&str> = docs.lines().filter(|l| l.starts_with("| `")).collect();
+        let documented = |key: &str| {
+            let (parent, last) = key.rsplit_once('.').unwrap_or(("", key));
+            docs.contains(&format!("`{key}`"))
+                || rows.iter().any(|row| {
+                    let first = row.split('|').nth(1).unwrap_or_default();
+                    (first.contains(&format!("`{parent}.")) && first.contains(&format!("`{last}`")))
+                        || (!parent.is_empty()
+                            && first.contains(&format!("`{parent}`"))
+                            && row.contains(last))
+                })
+        };
+        let mut missing = Vec::new();
+        let mut stack: Vec<Vec<String>> = vec![Vec::new()];
+        let mut seen = 0;
+        while let Some(path) = stack.pop() {
+            for key in keys_of(&path).unwrap_or_default() {
+                let mut child = path.clone();
+                child.push(key);
+                seen += 1;
+                // Sections are documented through their keys.
+                if keys_of(&child).is_none() && !documented(&child.join(".")) {
+                    missing.push(child.join("."));
+                }
+                stack.push(child);
+            }
+        }
+        assert!(
+            seen > 80,
+            "only {seen} keys found: the enumeration is broken"
+        );
+        assert!(
+            missing.is_empty(),
+            "docs/configuration.md lacks {missing:?}"
+        );
     }
 }

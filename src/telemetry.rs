@@ -23,7 +23,7 @@ const DECISION_DELAY_BUCKETS: &[f64] = &[
 /// Buckets for LLM call latency: fast completions to long reasoning calls.
 const LLM_LATENCY_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 
-/// Every metric llmtail publishes; names and labels are part of the contract (README).
+/// Every metric llmtail publishes; names and labels are part of the contract (docs/metrics.md).
 pub struct Metrics {
     pub registry: Registry,
     /// The name of every metric registered, for checks of dashboards and alert rules.
@@ -92,7 +92,7 @@ const GENAI_LABELS: &[&str] = &[
 
 /// Why a span of a kept trace never reached an upstream: the `reason` label of
 /// `llmtail_spans_lost_total`. These are the only ways an accepted span is lost; each is
-/// documented in README "Operations" with when it can happen.
+/// documented in docs/operations.md ("Loss") with when it can happen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loss {
     /// The upstream answered with a permanent error (not retried).
@@ -522,4 +522,31 @@ pub async fn serve_admin(
 /// Binds the admin listener (done early so `/healthz` answers during startup).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    /// docs/metrics.md lists every metric llmtail registers, and nothing else.
+    #[test]
+    fn docs_metrics_lists_every_metric_and_only_those() {
+        let docs = include_str!("../docs/metrics.md");
+        let metrics = super::Metrics::new();
+        for name in &metrics.names {
+            assert!(
+                docs.contains(&format!("`{name}`")),
+                "docs/metrics.md does not list {name}"
+            );
+        }
+        let documented = docs
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .flat_map(|l| l.split('|').nth(1).unwrap_or_default().split(','))
+            .map(|cell| cell.trim().trim_matches('`'));
+        for name in documented {
+            assert!(
+                metrics.names.iter().any(|n| n == name),
+                "docs/metrics.md lists {name}, which llmtail does not publish"
+            );
+        }
+    }
 }

@@ -1,5 +1,5 @@
 //! Which span attributes describe an LLM call, across the conventions in use: one table,
-//! read by the scanner (through [`classify`]) and mirrored in the README.
+//! read by the scanner (through [`classify`]) and mirrored in docs/llm.md.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -154,12 +154,12 @@ mod tests {
     }
 
     #[test]
-    fn the_readme_lists_every_key() {
-        let readme = include_str!("../../README.md");
+    fn docs_llm_lists_every_key() {
+        let readme = include_str!("../../docs/llm.md");
         for (k, ..) in CONVENTIONS {
             assert!(
                 readme.contains(&format!("`{k}`")),
-                "README does not list {k}"
+                "docs/llm.md does not list {k}"
             );
         }
     }
