@@ -1996,7 +1996,7 @@ exporter:
             return None;
         };
         Some(
-            list.split(|c| c == ',' || c == ' ')
+            list.split([',', ' '])
                 .map(|w| w.trim_matches('`'))
                 .filter(|w| !w.is_empty() && *w != "or" && *w != "one" && *w != "of")
                 .map(str::to_owned)
