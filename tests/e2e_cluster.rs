@@ -9,8 +9,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use llmtail::loadgen::{self, GeneratedTrace, Kind};
 use llmtail::otlp::TraceId;
+use llmtail_tools::loadgen::{self, GeneratedTrace, Kind};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

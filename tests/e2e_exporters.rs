@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use llmtail::loadgen::{self, Kind};
+use llmtail_tools::loadgen::{self, Kind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use llmtail::loadgen::{self, Convention, GeneratedTrace, Kind};
 use llmtail::otlp::codec::{Prost, RawCodec};
+use llmtail_tools::loadgen::{self, Convention, GeneratedTrace, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;

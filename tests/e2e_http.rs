@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use llmtail::loadgen::{self, Convention, Kind};
+use llmtail_tools::loadgen::{self, Convention, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
 use rand::SeedableRng;

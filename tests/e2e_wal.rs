@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use llmtail::loadgen::{self, Kind};
+use llmtail_tools::loadgen::{self, Kind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use llmtail::fuzzing::TARGETS;
+use llmtail_tools::fuzzing::TARGETS;
 
 #[test]
 fn every_corpus_input_passes_its_target() {

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use llmtail::loadgen::{self, Kind};
 use llmtail::otlp::codec::{Prost, RawCodec};
 use llmtail::otlp::scan::scan_span;
 use llmtail::otlp::tracestate::Threshold;
 use llmtail::otlp::view;
+use llmtail_tools::loadgen::{self, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use parking_lot::Mutex;
 use prost::Message;

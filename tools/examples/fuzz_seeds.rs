@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use llmtail::loadgen::{self, Kind};
+use llmtail_tools::loadgen::{self, Kind};
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;

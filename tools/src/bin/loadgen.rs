@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
-use llmtail::loadgen::{self, Kind};
+use llmtail_tools::loadgen::{self, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use rand::SeedableRng;
 use rand::rngs::StdRng;

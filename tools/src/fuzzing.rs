@@ -8,18 +8,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
-use crate::config::Config;
-use crate::llm::LlmField;
-use crate::otlp::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
-use crate::otlp::scan::{self, AttrValue};
-use crate::otlp::tracestate::Threshold;
-use crate::otlp::{json, view};
+use llmtail::config::Config;
+use llmtail::llm::LlmField;
+use llmtail::otlp::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
+use llmtail::otlp::scan::{self, AttrValue};
+use llmtail::otlp::tracestate::Threshold;
+use llmtail::otlp::{json, view};
 
 /// The span scanner: every range it returns lies inside the span, and it agrees with a
 /// full protobuf decode on what both read.
 pub fn scan_span(data: &[u8]) {
     // What validation passes, the reference decoder decodes (so an upstream does too).
-    if crate::otlp::validate::span(data).is_ok() {
+    if llmtail::otlp::validate::span(data).is_ok() {
         opentelemetry_proto::tonic::trace::v1::Span::decode(data)
             .expect("a span that validates decodes");
     }
@@ -105,7 +105,7 @@ pub fn otlp_json(data: &[u8]) {
     if let Ok(protobuf) = json::to_protobuf(data) {
         view::ExportTraceServiceRequest::decode(Bytes::from(protobuf.clone()))
             .expect("converted JSON is a valid request");
-        crate::otlp::request::check(&protobuf).expect("converted JSON has valid framing");
+        llmtail::otlp::request::check(&protobuf).expect("converted JSON has valid framing");
         split_and_reframe(&protobuf);
     }
 }

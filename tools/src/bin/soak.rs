@@ -23,9 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use llmtail::loadgen::{self, Kind};
 use llmtail::otlp::TraceId;
 use llmtail::otlp::tracestate::Threshold;
+use llmtail_tools::loadgen::{self, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
