@@ -47,7 +47,9 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
 
     // Reload: base_rate 1 and a new policy name. The held traces stay held and are decided
     // under the new rules.
-    d.reload(&body(&sink, 1.0, "    - {name: slow-v2, type: latency, threshold_ms: 100000}\nlimits:\n  max_buffer_bytes: 64MiB\n"));
+    // (A budget the decision cache reserved at start, ~52 MB, would fill past its soft mark
+    // would decide the held traces early: 512 MiB leaves them held.)
+    d.reload(&body(&sink, 1.0, "    - {name: slow-v2, type: latency, threshold_ms: 100000}\nlimits:\n  max_buffer_bytes: 512MiB\n"));
     let m = d
         .wait_metrics(Duration::from_secs(5), |m| {
             m.sum("llmtail_config_reloads_total", &[("result", "applied")]) == 1.0
@@ -60,7 +62,7 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
     );
     assert_eq!(
         m.sum("llmtail_buffer_limit_bytes", &[]),
-        64.0 * 1024.0 * 1024.0
+        512.0 * 1024.0 * 1024.0
     );
     assert_eq!(sink.wait_for_spans(120, Duration::from_secs(10)).await, 120);
     let got: HashSet<Vec<u8>> = sink.traces().into_keys().collect();
