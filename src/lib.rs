@@ -15,3 +15,4 @@ pub mod pipeline;
 pub mod receiver;
 pub mod sampler;
 pub mod telemetry;
+pub mod units;

@@ -7,6 +7,8 @@
 //! `Pipeline::overloaded`) long before anything accepted would have to be dropped. A span
 //! is lost only for a [`Loss`] reason.
 
+pub mod config;
+
 pub mod file;
 pub mod otlp;
 pub mod otlp_http;
@@ -25,10 +27,10 @@ use tokio_util::sync::CancellationToken;
 use prometheus::{IntCounter, IntGauge};
 
 use crate::buffer::SPAN_OVERHEAD;
-use crate::config::{BatchConfig, ExportProtocol, ExporterConfig, RetryConfig};
 use crate::otlp::reframe::{KeptSpan, encode_request, split_request};
 use crate::pipeline::Budget;
 use crate::telemetry::{Loss, Metrics};
+use config::{BatchConfig, ExportProtocol, ExporterConfig, RetryConfig};
 
 /// How an upstream answered an export request it did not fully accept.
 #[derive(Debug, thiserror::Error)]
@@ -814,9 +816,9 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::config::{ByteSize, Dur};
     use crate::otlp::reframe::{HeldSpan, Origin};
     use crate::otlp::tracestate::Threshold;
+    use crate::units::{ByteSize, Dur};
 
     /// `n` kept spans of `size` bytes each (a valid span: trace id, then padding in the
     /// name field), under one resource.

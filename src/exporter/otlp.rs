@@ -10,8 +10,8 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_types::StatusExt;
 
+use super::config::{Compression, OtlpExporterConfig};
 use super::{Rejected, SendError, SinkError};
-use crate::config::{Compression, OtlpExporterConfig};
 use crate::otlp::codec::{Prost, RawCodec};
 
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";

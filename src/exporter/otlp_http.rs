@@ -18,8 +18,8 @@ use prost::Message;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use super::config::{Compression, OtlpExporterConfig, TlsClientConfig};
 use super::{Rejected, SendError, SinkError};
-use crate::config::{Compression, OtlpExporterConfig, TlsClientConfig};
 
 /// Path appended to the endpoint, per the OTLP/HTTP specification.
 const TRACES_PATH: &str = "/v1/traces";

@@ -1,5 +1,7 @@
 //! LLM calls: what a span says about one (across conventions), and what it cost.
 
+pub mod config;
+
 pub mod anomaly;
 pub mod conventions;
 pub mod labels;

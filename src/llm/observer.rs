@@ -9,9 +9,9 @@ use prometheus::{Counter, Histogram, IntCounter};
 
 use super::LlmCall;
 use super::anomaly::{AnomalyDetector, CallSample};
+use super::config::LlmConfig;
 use super::labels::{FirstSeen, TopK};
 use crate::adaptive::{BaseRate, Boost};
-use crate::config::LlmConfig;
 use crate::sampler::{CallStats, TraceSummary};
 use crate::telemetry::Metrics;
 

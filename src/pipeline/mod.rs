@@ -1,6 +1,8 @@
 //! The pipeline every receiver feeds: split a request into spans, observe every LLM call,
 //! hold spans in the trace buffer, and hand decided traces to the exporters.
 
+pub mod limits;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -121,7 +123,7 @@ pub struct LiveLimits {
 }
 
 impl LiveLimits {
-    pub fn set(&self, l: &crate::config::LimitsConfig) {
+    pub fn set(&self, l: &limits::LimitsConfig) {
         let max = l.buffer_bytes();
         self.max_buffer_bytes.store(max, Ordering::Relaxed);
         self.soft_buffer_bytes

@@ -5,7 +5,7 @@ use http::header::{AUTHORIZATION, HeaderName};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthConfig;
+use super::config::AuthConfig;
 
 /// Checks a request's credentials. Tokens are kept as SHA-256 digests and compared with
 /// `subtle`, so neither a token's content nor its length shows in the time a check takes.

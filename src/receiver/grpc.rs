@@ -100,7 +100,7 @@ pub struct TraceService {
 impl TraceService {
     pub fn new(
         pipeline: Arc<Pipeline>,
-        cfg: &crate::config::GrpcReceiverConfig,
+        cfg: &super::config::GrpcReceiverConfig,
         auth: Option<Arc<Authenticator>>,
     ) -> Self {
         TraceService {

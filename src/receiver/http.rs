@@ -18,7 +18,7 @@ use prost::Message;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::auth::{Authenticator, UNAUTHENTICATED};
-use crate::config::{CorsConfig, HttpReceiverConfig};
+use super::config::{CorsConfig, HttpReceiverConfig};
 use crate::pipeline::{Overload, Pipeline, Protocol};
 
 const PROTOBUF: &str = "application/x-protobuf";

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::ServerTlsConfig;
+use super::config::ServerTlsConfig;
 
 pub fn server_config(cfg: &ServerTlsConfig, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>> {
     let certs = CertificateDer::pem_file_iter(&cfg.cert_file)

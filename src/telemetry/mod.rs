@@ -1,6 +1,8 @@
 //! llmtail's own telemetry: the Prometheus metrics and the admin server that serves them
 //! with the health and readiness probes.
 
+pub mod config;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -529,7 +531,7 @@ mod tests {
     /// docs/metrics.md lists every metric llmtail registers, and nothing else.
     #[test]
     fn docs_metrics_lists_every_metric_and_only_those() {
-        let docs = include_str!("../docs/metrics.md");
+        let docs = include_str!("../../docs/metrics.md");
         let metrics = super::Metrics::new();
         for name in &metrics.names {
             assert!(

@@ -1,6 +1,8 @@
 //! The sampling decision: policies over a whole trace, then OpenTelemetry consistent
 //! probability sampling on the trace id.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -10,11 +12,11 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::adaptive::BaseRate;
-use crate::config::{
-    DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_WINDOW, PolicyConfig, PolicyType, SamplingConfig,
-};
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::Threshold;
+use config::{
+    DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_WINDOW, PolicyConfig, PolicyType, SamplingConfig,
+};
 
 /// What one LLM call adds to its trace.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

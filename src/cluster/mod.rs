@@ -12,6 +12,8 @@
 //! meant for it are taken locally: traces in flight are decided where their spans are, and
 //! base-rate decisions agree everywhere because they are consistent-probability decisions.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -24,19 +26,21 @@ use prometheus::IntCounter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{ClusterConfig, Compression, Dur, ExportProtocol, OtlpExporterConfig};
 use crate::exporter::SendError;
+use crate::exporter::config::{Compression, ExportProtocol, OtlpExporterConfig};
 use crate::exporter::otlp::OtlpGrpcSink;
 use crate::otlp::TraceId;
 use crate::otlp::reframe::{HeldSpan, encode_verbatim};
 use crate::telemetry::Metrics;
+use crate::units::Dur;
+use config::ClusterConfig;
 
 /// The header that marks a request as forwarded by a replica; its value is the sender.
 pub const FORWARDED_HEADER: &str = "x-llmtail-forwarded";
 /// Forwarded spans are sent in batches of at most this many spans, and this many bytes
 /// (below every receiver's `max_request_bytes`, and gRPC's default 4 MiB message)…
 const FORWARD_BATCH_SPANS: usize = 2048;
-const FORWARD_BATCH_BYTES: usize = crate::config::DEFAULT_BATCH_BYTES;
+const FORWARD_BATCH_BYTES: usize = crate::exporter::config::DEFAULT_BATCH_BYTES;
 /// …or this long after the first span of a batch.
 const FORWARD_BATCH_TIMEOUT: Duration = Duration::from_millis(20);
 /// Attempts per batch before the peer is taken out of the ring.

@@ -1,0 +1,353 @@
+//! Configuration: the composition of every component's section, loading with
+//! `${env:…}` substitution, and validation that reports every problem with its key path
+//! and line. Each component's section (schema, defaults, validation) lives beside the
+//! component; values every component uses (durations, sizes) in `crate::units`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_yaml_ng::{Mapping, Value};
+
+mod env;
+mod locator;
+
+pub use env::substitute_env;
+use locator::Locator;
+
+// The sections, where they are defined, for those who compose or read a whole config.
+pub use crate::cluster::config::*;
+pub use crate::exporter::config::*;
+pub use crate::llm::config::*;
+pub use crate::pipeline::limits::*;
+pub use crate::receiver::config::*;
+pub use crate::sampler::config::*;
+pub use crate::telemetry::config::*;
+pub use crate::units::{ByteSize, Dur};
+
+/// How many problems one section may report before validation stops repairing it.
+const MAX_PROBLEMS_PER_SECTION: usize = 64;
+
+/// One problem found in the config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "line {line}: {}: {}", self.path, self.message),
+            None => write!(f, "{}: {}", self.path, self.message),
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Config {
+    pub receiver: ReceiverConfig,
+    pub sampling: SamplingConfig,
+    /// From `exporter:` (one, named "default") or `exporters:` (several, each named).
+    pub exporters: Vec<ExporterConfig>,
+    pub admin: AdminConfig,
+    pub llm: LlmConfig,
+    pub limits: LimitsConfig,
+    pub cluster: ClusterConfig,
+    /// Longest a graceful shutdown may take to decide and flush everything pending.
+    pub shutdown_timeout: Duration,
+}
+
+/// `shutdown_timeout`, read on its own.
+#[derive(serde::Deserialize)]
+struct TopLevelTimeout(Dur);
+
+/// Default for `shutdown_timeout`.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(20);
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "receiver",
+    "sampling",
+    "exporter",
+    "exporters",
+    "admin",
+    "llm",
+    "limits",
+    "cluster",
+    "shutdown_timeout",
+];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![Problem {
+                path: path.display().to_string(),
+                line: None,
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates a config; on failure returns every problem found.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let (text, mut problems) = substitute_env(text, |name| std::env::var(name).ok());
+        let value: Value = match serde_yaml_ng::from_str(&text) {
+            Ok(Value::Null) => Value::Mapping(Mapping::new()),
+            Ok(v) => v,
+            Err(e) => {
+                problems.push(Problem {
+                    path: "(document)".into(),
+                    line: e.location().map(|l| l.line()),
+                    message: format!("not valid YAML: {e}"),
+                });
+                return Err(ConfigErrors(problems));
+            }
+        };
+        let locator = Locator::new(&text);
+        let Value::Mapping(top) = value else {
+            problems.push(Problem {
+                path: "(document)".into(),
+                line: Some(1),
+                message: "the config must be a mapping of sections".into(),
+            });
+            return Err(ConfigErrors(problems));
+        };
+        let report = |path: Vec<String>, message: String, problems: &mut Vec<Problem>| {
+            problems.push(Problem {
+                line: locator.line(&path),
+                path: render(&path),
+                message,
+            });
+        };
+        for key in top.keys() {
+            let name = key.as_str().unwrap_or("");
+            if !TOP_LEVEL_KEYS.contains(&name) {
+                report(
+                    vec![name.to_owned()],
+                    format!("unknown section; allowed: {}", TOP_LEVEL_KEYS.join(", ")),
+                    &mut problems,
+                );
+            }
+        }
+        let section = |name: &str| {
+            top.get(name)
+                .cloned()
+                .unwrap_or(Value::Mapping(Mapping::new()))
+        };
+        let mut cfg = Config {
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            ..Config::default()
+        };
+        // Each section is deserialised and validated on its own, so one bad section does
+        // not hide the problems of the others.
+        macro_rules! load {
+            ($($field:ident),*) => {$(
+                let name = stringify!($field);
+                if let Some(c) = load_section(vec![name.into()], section(name), &mut problems, &report) {
+                    cfg.$field = c;
+                }
+            )*};
+        }
+        load!(receiver, sampling, admin, llm, limits, cluster);
+        match (top.get("exporter"), top.get("exporters")) {
+            (Some(_), Some(_)) => report(
+                vec!["exporters".into()],
+                "use either exporter (one) or exporters (a list), not both".into(),
+                &mut problems,
+            ),
+            (None, None) => problems.push(Problem {
+                path: "exporter".into(),
+                line: None,
+                message: "required: set exporter.otlp.endpoint, or exporter.file.path when there is no upstream".into(),
+            }),
+            (Some(one), None) => {
+                if let Some(mut c) = load_section::<ExporterConfig>(vec!["exporter".into()], one.clone(), &mut problems, &report) {
+                    c.name = DEFAULT_EXPORTER_NAME.into();
+                    cfg.exporters = vec![c];
+                }
+            }
+            (None, Some(Value::Sequence(list))) if !list.is_empty() => {
+                for (i, item) in list.iter().enumerate() {
+                    let path = vec!["exporters".to_owned(), i.to_string()];
+                    if item.get("name").is_none() {
+                        report(path.clone(), "every entry of exporters needs a name".into(), &mut problems);
+                    }
+                    if let Some(c) = load_section::<ExporterConfig>(path.clone(), item.clone(), &mut problems, &report) {
+                        if cfg.exporters.iter().any(|e| e.name == c.name) {
+                            report([path, vec!["name".into()]].concat(), format!("duplicate exporter name {:?}", c.name), &mut problems);
+                        }
+                        cfg.exporters.push(c);
+                    }
+                }
+            }
+            (None, Some(_)) => report(
+                vec!["exporters".into()],
+                "must be a non-empty list of exporters, each with a name".into(),
+                &mut problems,
+            ),
+        }
+        if let Some(v) = top.get("shutdown_timeout") {
+            match serde_yaml_ng::from_value::<TopLevelTimeout>(v.clone()) {
+                Ok(TopLevelTimeout(d)) => cfg.shutdown_timeout = d.0,
+                Err(e) => report(
+                    vec!["shutdown_timeout".into()],
+                    e.to_string(),
+                    &mut problems,
+                ),
+            }
+        }
+        if cfg.cluster.enabled() && cfg.receiver.grpc.tls.is_some() && cfg.cluster.tls.is_none() {
+            report(
+                vec!["cluster".into()],
+                "receiver.grpc serves TLS, so peers must be reached over TLS: set cluster.tls (ca_file, and cert_file/key_file for mutual TLS)".into(),
+                &mut problems,
+            );
+        }
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+}
+
+/// A config section that checks its own values.
+trait Validate {
+    /// Problems as (key path relative to the section, message).
+    fn validate(&self) -> Vec<(String, String)>;
+}
+
+macro_rules! validated {
+    ($($t:ty),*) => {$(
+        impl Validate for $t {
+            fn validate(&self) -> Vec<(String, String)> {
+                <$t>::validate(self)
+            }
+        }
+    )*};
+}
+validated!(
+    ReceiverConfig,
+    SamplingConfig,
+    ExporterConfig,
+    AdminConfig,
+    LlmConfig,
+    LimitsConfig,
+    ClusterConfig
+);
+
+/// Deserializes and validates one section, reporting every problem under `path`.
+fn load_section<T: DeserializeOwned + Validate>(
+    path: Vec<String>,
+    value: Value,
+    problems: &mut Vec<Problem>,
+    report: &impl Fn(Vec<String>, String, &mut Vec<Problem>),
+) -> Option<T> {
+    let (parsed, errs) = deserialize_repairing::<T>(value);
+    for (rel, msg) in errs {
+        report([path.clone(), rel].concat(), msg, problems);
+    }
+    let parsed = parsed?;
+    for (suffix, msg) in parsed.validate() {
+        report([path.clone(), split_path(&suffix)].concat(), msg, problems);
+    }
+    Some(parsed)
+}
+
+/// Deserializes `value` as `T`; on an error, records it, removes the offending key and
+/// tries again, so one pass reports every unknown key and every bad value of a section.
+fn deserialize_repairing<T: DeserializeOwned>(
+    mut value: Value,
+) -> (Option<T>, Vec<(Vec<String>, String)>) {
+    let mut errors = Vec::new();
+    while errors.len() < MAX_PROBLEMS_PER_SECTION {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return (Some(parsed), errors),
+            Err(e) => {
+                let path: Vec<String> = e
+                    .path()
+                    .iter()
+                    .filter_map(|seg| match seg {
+                        serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                        serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                        serde_path_to_error::Segment::Enum { variant } => Some(variant.clone()),
+                        serde_path_to_error::Segment::Unknown => None,
+                    })
+                    .collect();
+                let message = e.into_inner().to_string();
+                let removed = remove_at(&mut value, &path);
+                errors.push((path, message));
+                if !removed {
+                    return (None, errors);
+                }
+            }
+        }
+    }
+    (None, errors)
+}
+
+/// Removes the node at `path` (a key of a mapping or an item of a sequence).
+fn remove_at(value: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for seg in parents {
+        node = match node {
+            Value::Mapping(m) => match m.get_mut(seg.as_str()) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Sequence(s) => match seg.parse::<usize>().ok().and_then(|i| s.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Mapping(m) => m.remove(last.as_str()).is_some(),
+        Value::Sequence(s) => match last.parse::<usize>() {
+            Ok(i) if i < s.len() => {
+                s.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+fn split_path(suffix: &str) -> Vec<String> {
+    suffix
+        .split(['.', '[', ']'])
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `["sampling", "policies", "0", "rate"]` → `sampling.policies[0].rate`.
+fn render(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,314 @@
+//! `exporter:` / `exporters:` — where kept traces go, batching, queueing and retries.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::units::{ByteSize, Dur};
+
+/// One exporter: where kept traces go, with its own batching, queue and retry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExporterConfig {
+    /// Names the exporter in metrics and logs; required in `exporters:`.
+    pub name: String,
+    pub otlp: Option<OtlpExporterConfig>,
+    pub file: Option<FileExporterConfig>,
+    pub batch: BatchConfig,
+    pub queue: QueueConfig,
+    pub retry: RetryConfig,
+}
+
+/// Name of the exporter given as the single `exporter:` section.
+pub const DEFAULT_EXPORTER_NAME: &str = "default";
+
+impl Default for ExporterConfig {
+    fn default() -> Self {
+        ExporterConfig {
+            name: DEFAULT_EXPORTER_NAME.into(),
+            otlp: None,
+            file: None,
+            batch: BatchConfig::default(),
+            queue: QueueConfig::default(),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+impl ExporterConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.name.trim().is_empty() {
+            p.push(("name".into(), "must not be empty".into()));
+        }
+        match (&self.otlp, &self.file) {
+            (None, None) => p.push(("".into(), "set exactly one of otlp or file".into())),
+            (Some(_), Some(_)) => p.push((
+                "file".into(),
+                "set exactly one of otlp or file, not both".into(),
+            )),
+            _ => {}
+        }
+        if let Some(otlp) = &self.otlp {
+            for (key, msg) in otlp.validate() {
+                p.push((format!("otlp.{key}"), msg));
+            }
+        }
+        if let Some(file) = &self.file
+            && file.path.as_os_str().is_empty()
+        {
+            p.push(("file.path".into(), "must not be empty".into()));
+        }
+        if self.batch.max_spans == 0 {
+            p.push(("batch.max_spans".into(), "must be at least 1".into()));
+        }
+        if self.batch.max_bytes.0 < MIN_BATCH_BYTES {
+            p.push((
+                "batch.max_bytes".into(),
+                format!("must be at least {MIN_BATCH_BYTES} bytes"),
+            ));
+        }
+        if self.queue.max_spans < self.batch.max_spans {
+            p.push((
+                "queue.max_spans".into(),
+                "must be at least batch.max_spans".into(),
+            ));
+        }
+        if self.queue.concurrency == 0 {
+            p.push(("queue.concurrency".into(), "must be at least 1".into()));
+        }
+        if self.retry.initial_interval.0.is_zero()
+            || self.retry.max_interval.0 < self.retry.initial_interval.0
+        {
+            p.push((
+                "retry".into(),
+                "need 0 < initial_interval ≤ max_interval".into(),
+            ));
+        }
+        p
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Gzip,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ExportProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpExporterConfig {
+    /// Upstream endpoint: `http://tempo:4317` (gRPC), or for `http/protobuf` the base URL
+    /// that `/v1/traces` is appended to.
+    pub endpoint: String,
+    #[serde(default = "default_export_protocol")]
+    pub protocol: ExportProtocol,
+    #[serde(default = "default_export_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_compression")]
+    pub compression: Compression,
+    /// Sent with every export (API keys); never logged.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub tls: TlsClientConfig,
+}
+
+/// TLS towards the upstream (rustls). `https://` endpoints use TLS with the bundled Mozilla
+/// roots unless `ca_file` names the CA to trust.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsClientConfig {
+    /// Plain text. Defaults to true for `http://` endpoints and false for `https://` ones.
+    pub insecure: Option<bool>,
+    /// PEM file of the CA certificate(s) to trust instead of the bundled roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and key, for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl OtlpExporterConfig {
+    /// Whether the connection is TLS.
+    pub fn uses_tls(&self) -> bool {
+        match self.tls.insecure {
+            Some(insecure) => !insecure,
+            None => self.endpoint.starts_with("https://"),
+        }
+    }
+
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        let scheme_ok =
+            self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://");
+        if !scheme_ok || self.endpoint.parse::<http::Uri>().is_err() {
+            p.push((
+                "endpoint".into(),
+                format!(
+                    "{:?} must be an http:// or https:// URL such as http://tempo:4317",
+                    self.endpoint
+                ),
+            ));
+        }
+        if self.endpoint.starts_with("https://") && self.tls.insecure == Some(true) {
+            p.push((
+                "tls.insecure".into(),
+                "an https:// endpoint cannot be plain text; use http:// or drop tls.insecure"
+                    .into(),
+            ));
+        }
+        if self.timeout.0.is_zero() {
+            p.push(("timeout".into(), "must be greater than 0".into()));
+        }
+        for (name, value) in &self.headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                p.push((
+                    format!("headers.{name}"),
+                    "is not a valid HTTP header name".into(),
+                ));
+            }
+            if http::HeaderValue::from_str(value).is_err() {
+                // The value may be a secret: say what is wrong without echoing it.
+                p.push((
+                    format!("headers.{name}"),
+                    "value is not a valid HTTP header value".into(),
+                ));
+            }
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            p.push((
+                "tls".into(),
+                "cert_file and key_file go together (mutual TLS)".into(),
+            ));
+        }
+        for (key, file) in [
+            ("tls.ca_file", &self.tls.ca_file),
+            ("tls.cert_file", &self.tls.cert_file),
+            ("tls.key_file", &self.tls.key_file),
+        ] {
+            if let Some(f) = file
+                && let Err(e) = std::fs::metadata(f)
+            {
+                p.push((key.into(), format!("cannot read {}: {e}", f.display())));
+            }
+        }
+        if (self.tls.ca_file.is_some() || self.tls.cert_file.is_some()) && !self.uses_tls() {
+            p.push((
+                "tls".into(),
+                "TLS files are set but the connection is plain text; use an https:// endpoint"
+                    .into(),
+            ));
+        }
+        p
+    }
+}
+
+fn default_export_protocol() -> ExportProtocol {
+    ExportProtocol::Grpc
+}
+
+fn default_export_timeout() -> Dur {
+    Dur(Duration::from_secs(10))
+}
+
+fn default_compression() -> Compression {
+    Compression::Gzip
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileExporterConfig {
+    /// OTLP/JSON lines, one ExportTraceServiceRequest per line, appended.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// A batch is sent once it holds this many spans...
+    pub max_spans: usize,
+    /// ...or this many bytes of encoded, uncompressed request (upstreams limit the size of
+    /// a request after decompression: gRPC's default is 4 MiB)...
+    pub max_bytes: ByteSize,
+    /// ...or this long after its first span.
+    pub timeout: Dur,
+}
+
+/// Smallest `batch.max_bytes`: a batch must hold at least one ordinary span.
+const MIN_BATCH_BYTES: usize = 4096;
+
+/// Default `batch.max_bytes`: below gRPC's default 4 MiB message limit (the OpenTelemetry
+/// Collector's `max_recv_msg_size_mib`, Tempo's and most backends'), with room for framing.
+pub const DEFAULT_BATCH_BYTES: usize = 3_670_016;
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_spans: 4096,
+            max_bytes: ByteSize(DEFAULT_BATCH_BYTES),
+            timeout: Dur(Duration::from_millis(200)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// Kept spans waiting for (or retrying) export past which receivers refuse new data
+    /// (retryably) until the queue drains (memory-only queues; a durable queue is bounded
+    /// by `max_disk_bytes`). Decided traces always enter the queue: nothing
+    /// accepted is dropped for want of room; the memory budget bounds what it holds.
+    pub max_spans: usize,
+    /// Export requests in flight at once.
+    pub concurrency: usize,
+    /// Where the write-ahead log of kept spans lives; off (memory only) when unset.
+    pub directory: Option<PathBuf>,
+    /// Largest size of the write-ahead log. Receivers refuse new data before the log and
+    /// the traces held for it would pass it; kept spans that still do not fit are lost
+    /// (`wal_full`).
+    pub max_disk_bytes: ByteSize,
+    /// How often the log is flushed to disk; `0s` flushes every write.
+    pub fsync_interval: Dur,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            max_spans: 200_000,
+            concurrency: 4,
+            directory: None,
+            max_disk_bytes: ByteSize(256 << 20),
+            fsync_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    pub initial_interval: Dur,
+    pub max_interval: Dur,
+    /// Retry horizon: a batch still failing this long after its first attempt is lost
+    /// (`reason="retries_exhausted"`).
+    pub max_elapsed: Dur,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial_interval: Dur(Duration::from_millis(200)),
+            max_interval: Dur(Duration::from_secs(5)),
+            max_elapsed: Dur(Duration::from_secs(300)),
+        }
+    }
+}

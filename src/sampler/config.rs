@@ -1,0 +1,235 @@
+//! `sampling:` — decision timing, policies, base rate and adaptive rates.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::adaptive::{BoostConfig, TargetConfig};
+use crate::units::Dur;
+
+/// Default bound on traces held at once; past it the oldest are decided early.
+pub const DEFAULT_MAX_TRACES: usize = 100_000;
+/// Default number of remembered decisions (about 52 bytes each with hash-map overhead).
+pub const DEFAULT_DECISION_CACHE_SIZE: usize = 1_000_000;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    pub decision_wait: Dur,
+    pub root_grace: Dur,
+    pub base_rate: f64,
+    pub policies: Vec<PolicyConfig>,
+    pub max_traces: usize,
+    pub decision_cache_size: usize,
+    /// Opt-in: keep a service's traces at a higher rate while its calls fail or misbehave.
+    pub boost: Option<BoostConfig>,
+    /// Opt-in: steer the base rate so kept traces come to this many per second.
+    pub target_kept_traces_per_second: Option<f64>,
+    pub min_base_rate: f64,
+    pub max_base_rate: f64,
+    /// How often the target controller adjusts the base rate.
+    pub target_interval: Dur,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        let target = TargetConfig::default();
+        SamplingConfig {
+            decision_wait: Dur(Duration::from_secs(10)),
+            root_grace: Dur(Duration::from_secs(1)),
+            base_rate: 0.1,
+            policies: Vec::new(),
+            max_traces: DEFAULT_MAX_TRACES,
+            decision_cache_size: DEFAULT_DECISION_CACHE_SIZE,
+            boost: None,
+            target_kept_traces_per_second: None,
+            min_base_rate: target.min_base_rate,
+            max_base_rate: target.max_base_rate,
+            target_interval: target.interval,
+        }
+    }
+}
+
+impl SamplingConfig {
+    /// The target controller's settings, when a target is set.
+    pub fn target(&self) -> Option<TargetConfig> {
+        self.target_kept_traces_per_second.map(|t| TargetConfig {
+            kept_traces_per_second: t,
+            min_base_rate: self.min_base_rate,
+            max_base_rate: self.max_base_rate,
+            interval: self.target_interval,
+        })
+    }
+
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.decision_wait.0.is_zero() {
+            p.push(("decision_wait".into(), "must be greater than 0".into()));
+        }
+        if self.root_grace.0 > self.decision_wait.0 {
+            p.push((
+                "root_grace".into(),
+                "must not be longer than decision_wait".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.base_rate) {
+            p.push((
+                "base_rate".into(),
+                format!("must be between 0 and 1, got {}", self.base_rate),
+            ));
+        }
+        if self.max_traces == 0 {
+            p.push(("max_traces".into(), "must be at least 1".into()));
+        }
+        if let Some(target) = self.target() {
+            for (key, msg) in target.validate() {
+                let key = match key.as_str() {
+                    "kept_traces_per_second" => "target_kept_traces_per_second".to_owned(),
+                    "interval" => "target_interval".to_owned(),
+                    other => other.to_owned(),
+                };
+                p.push((key, msg));
+            }
+        }
+        if let Some(boost) = &self.boost {
+            p.extend(
+                boost
+                    .validate()
+                    .into_iter()
+                    .map(|(k, m)| (format!("boost.{k}"), m)),
+            );
+        }
+        for (i, policy) in self.policies.iter().enumerate() {
+            for (key, msg) in policy.validate() {
+                p.push((format!("policies[{i}].{key}"), msg));
+            }
+            if self.policies[..i]
+                .iter()
+                .any(|other| other.name == policy.name)
+            {
+                p.push((
+                    format!("policies[{i}].name"),
+                    format!("duplicate policy name {:?}", policy.name),
+                ));
+            }
+            for trigger in policy.triggers.iter().flatten() {
+                let known = self.policies.iter().find(|q| &q.name == trigger);
+                if !known.is_some_and(|q| q.kind.can_trigger_session()) {
+                    p.push((
+                        format!("policies[{i}].triggers"),
+                        format!("{trigger:?} is not an error, anomaly, latency or cost policy of this list"),
+                    ));
+                }
+            }
+        }
+        p
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyType {
+    /// Any span with status ERROR or an `exception` event.
+    Error,
+    /// Trace duration, or any span's `llm.latency_ms`, at or above `threshold_ms`.
+    Latency,
+    /// Sum of the trace's LLM call costs at or above `threshold_usd`.
+    Cost,
+    /// An LLM call of the trace was anomalous (latency, cost or tokens).
+    Anomaly,
+    /// Another trace of the same session was kept by a trigger policy within `window`.
+    Session,
+}
+
+impl PolicyType {
+    fn can_trigger_session(self) -> bool {
+        !matches!(self, PolicyType::Session)
+    }
+
+    /// The optional keys this type takes, and whether each is required.
+    fn keys(self) -> &'static [(&'static str, bool)] {
+        match self {
+            PolicyType::Error | PolicyType::Anomaly => &[],
+            PolicyType::Latency => &[("threshold_ms", true)],
+            PolicyType::Cost => &[("threshold_usd", true)],
+            PolicyType::Session => &[
+                ("window", false),
+                ("triggers", false),
+                ("max_sessions", false),
+            ],
+        }
+    }
+}
+
+/// Default `window` of a session policy.
+pub const DEFAULT_SESSION_WINDOW: Duration = Duration::from_secs(300);
+/// Default `max_sessions` of a session policy.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: PolicyType,
+    pub threshold_ms: Option<f64>,
+    pub threshold_usd: Option<f64>,
+    #[serde(default = "full_rate")]
+    pub rate: f64,
+    /// Session policy: how long after a trigger the session's traces are kept.
+    pub window: Option<Dur>,
+    /// Session policy: the policies whose keeps mark a session (default: all others).
+    pub triggers: Option<Vec<String>>,
+    /// Session policy: sessions remembered at once.
+    pub max_sessions: Option<usize>,
+}
+
+fn full_rate() -> f64 {
+    1.0
+}
+
+impl PolicyConfig {
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.name.trim().is_empty() {
+            p.push(("name".into(), "must not be empty".into()));
+        }
+        if !(0.0..=1.0).contains(&self.rate) {
+            p.push((
+                "rate".into(),
+                format!("must be between 0 and 1, got {}", self.rate),
+            ));
+        }
+        let kind = format!("{:?}", self.kind).to_lowercase();
+        let present = [
+            ("threshold_ms", self.threshold_ms.is_some()),
+            ("threshold_usd", self.threshold_usd.is_some()),
+            ("window", self.window.is_some()),
+            ("triggers", self.triggers.is_some()),
+            ("max_sessions", self.max_sessions.is_some()),
+        ];
+        let takes = self.kind.keys();
+        for (key, is_set) in present {
+            match takes.iter().find(|(k, _)| *k == key) {
+                None if is_set => {
+                    p.push((key.into(), format!("does not apply to a {kind} policy")))
+                }
+                Some((_, true)) if !is_set => {
+                    p.push((key.into(), format!("required for a {kind} policy")))
+                }
+                _ => {}
+            }
+        }
+        for (key, v) in [
+            ("threshold_ms", self.threshold_ms),
+            ("threshold_usd", self.threshold_usd),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v >= 0.0)
+            {
+                p.push((key.into(), format!("must be a number ≥ 0, got {v}")));
+            }
+        }
+        p
+    }
+}
