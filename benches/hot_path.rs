@@ -30,8 +30,8 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use llmtail::adaptive::BaseRate;
 use llmtail::buffer::{BufferLimits, SpanSummary, TraceBuffer};
 use llmtail::config::Config;
-use llmtail::llm::Pricing;
 use llmtail::llm::observer::LlmObserver;
+use llmtail::llm::{Conventions, Pricing};
 use llmtail::otlp::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
 use llmtail::otlp::scan::scan_span;
 use llmtail::otlp::tracestate::Threshold;
@@ -60,7 +60,7 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("hot_path");
     g.throughput(Throughput::Elements(1));
     g.bench_function("scan_span/llm", |b| {
-        b.iter(|| scan_span(std::hint::black_box(&llm_span)).unwrap())
+        b.iter(|| scan_span(std::hint::black_box(&llm_span), &Conventions).unwrap())
     });
 
     // Validation of what is forwarded (UTF-8, wire types, nesting), per span at ingest.
@@ -89,7 +89,7 @@ fn benches(c: &mut Criterion) {
         b.iter(|| llmtail::otlp::validate::span(std::hint::black_box(&with_prompt)).unwrap())
     });
     g.bench_function("scan_span/llm_with_5kb_prompt", |b| {
-        b.iter(|| scan_span(std::hint::black_box(&with_prompt)).unwrap())
+        b.iter(|| scan_span(std::hint::black_box(&with_prompt), &Conventions).unwrap())
     });
 
     g.throughput(Throughput::Elements(spans.len() as u64));
@@ -122,7 +122,7 @@ fn benches(c: &mut Criterion) {
             span: HeldSpan {
                 origin: origin.clone(),
                 bytes: s.clone(),
-                trace_state: scan_span(s).unwrap().trace_state,
+                trace_state: scan_span(s, &Conventions).unwrap().trace_state,
                 is_root: false,
                 extra: None,
             },
@@ -135,7 +135,10 @@ fn benches(c: &mut Criterion) {
 
     // Buffer: hold 400 spans (100 traces), then decide them all.
     let cfg = Config::parse("exporter:\n  file: {path: x}\nsampling:\n  base_rate: 0.1\n").unwrap();
-    let facts: Vec<_> = spans.iter().map(|s| scan_span(s).unwrap()).collect();
+    let facts: Vec<_> = spans
+        .iter()
+        .map(|s| scan_span(s, &Conventions).unwrap())
+        .collect();
     let held: Vec<HeldSpan> = kept.iter().map(|k| k.span.clone()).collect();
     g.bench_function("buffer_add_and_decide/400_spans", |b| {
         b.iter_batched(
@@ -179,7 +182,7 @@ fn benches(c: &mut Criterion) {
     let observer = LlmObserver::new(&cfg.llm, Metrics::new(), None, Arc::new(BaseRate::new(0.1)));
     let call = llmtail::llm::call_from_span(
         &llm_span,
-        &scan_span(&llm_span).unwrap(),
+        &scan_span(&llm_span, &Conventions).unwrap(),
         &Pricing::default(),
         &mut llmtail::llm::Strings::default(),
     )

@@ -16,9 +16,9 @@ use parking_lot::Mutex;
 use crate::otlp::TraceId;
 use std::sync::Arc;
 
+use crate::memory::{Budget, SPAN_OVERHEAD, TRACE_OVERHEAD};
 use crate::otlp::reframe::{HeldSpan, Origin};
 use crate::otlp::tracestate::Threshold;
-use crate::pipeline::Budget;
 use crate::sampler::{Decision, Sampler, SpanStats, TraceSummary};
 
 /// Number of shards; a power of two well above the core count so that receivers and the
@@ -194,16 +194,6 @@ pub struct Held {
 
 /// Memory relief never decides a trace that arrived less than this long ago.
 pub const MIN_HOLD: Duration = Duration::from_millis(250);
-
-/// Bookkeeping memory per held trace beyond its spans' wire bytes (map entry, summary,
-/// deadline and arrival records), and per held span (its slice, origin and tracestate
-/// position). Measured by `llmtail-bench`: ~955 bytes per 4-span trace in all.
-pub const TRACE_OVERHEAD: usize = 512;
-pub const SPAN_OVERHEAD: usize = 112;
-/// Memory per entry of the decision cache at its fullest (two generations of hash maps of
-/// 16-byte ids and 8-byte decisions, at the maps' load factor): reserved in the memory
-/// budget at start for `decision_cache_size` entries.
-pub const DECISION_CACHE_ENTRY: usize = 52;
 
 impl Held {
     fn add(&mut self, shard: &Shard) {

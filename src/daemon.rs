@@ -12,12 +12,13 @@ use tokio_util::sync::CancellationToken;
 use std::sync::atomic::Ordering as AtomicOrdering;
 
 use crate::adaptive::{BaseRate, Boost, TargetController};
-use crate::buffer::{BufferLimits, DECISION_CACHE_ENTRY, TraceBuffer};
+use crate::buffer::{BufferLimits, TraceBuffer};
 use crate::config::Config;
 use crate::exporter::wal::Wal;
 use crate::exporter::{self, ExporterControl, ExporterSettings, Sink};
 use crate::llm::Pricing;
 use crate::llm::observer::LlmObserver;
+use crate::memory::DECISION_CACHE_ENTRY;
 use crate::otlp::redact::Redactor;
 use crate::pipeline::{Budget, Pipeline};
 use crate::receiver::auth::Authenticator;

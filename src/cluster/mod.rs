@@ -233,7 +233,7 @@ impl Cluster {
             .values()
             .map(|f| f.queued.load(Ordering::Relaxed))
             .sum::<usize>()
-            * crate::buffer::SPAN_OVERHEAD
+            * crate::memory::SPAN_OVERHEAD
     }
 
     /// The address a request's forwarded header names, if it is a known member (the

@@ -26,9 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use prometheus::{IntCounter, IntGauge};
 
-use crate::buffer::SPAN_OVERHEAD;
+use crate::memory::Budget;
+use crate::memory::SPAN_OVERHEAD;
 use crate::otlp::reframe::{KeptSpan, encode_request, split_request};
-use crate::pipeline::Budget;
 use crate::telemetry::{Loss, Metrics};
 use config::{BatchConfig, ExportProtocol, ExporterConfig, RetryConfig};
 

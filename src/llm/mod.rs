@@ -11,6 +11,18 @@ pub mod pricing;
 use std::sync::Arc;
 
 pub use conventions::{LlmField, classify};
+
+/// The scanner's classifier: the LLM conventions table, a slot per [`LlmField`].
+pub struct Conventions;
+
+impl crate::otlp::scan::Classifier for Conventions {
+    #[inline]
+    fn classify(&self, key: &[u8]) -> Option<(usize, u8)> {
+        classify(key).map(|(field, precedence)| (field as usize, precedence))
+    }
+}
+
+const _: () = assert!(LlmField::COUNT <= crate::otlp::scan::ATTR_SLOTS);
 pub use pricing::{Price, Pricing, PricingEntry, Usage};
 
 use crate::otlp::scan::{AttrValue, SpanFacts};
@@ -108,7 +120,7 @@ pub fn text(
     field: LlmField,
     strings: &mut Strings,
 ) -> Option<Arc<str>> {
-    match facts.llm.get(field) {
+    match facts.attrs.get(field as usize) {
         Some(AttrValue::Str(range)) => {
             let s = String::from_utf8_lossy(crate::otlp::scan::str_at(span, range));
             let s = s.trim();
@@ -126,10 +138,10 @@ pub fn call_from_span(
     pricing: &Pricing,
     strings: &mut Strings,
 ) -> Option<LlmCall> {
-    let attrs = &facts.llm;
+    let attrs = &facts.attrs;
     let mut ignored = Vec::new();
     let mut read = |field: LlmField, max: f64, name: &'static str| {
-        plausible(span, attrs.get(field), max).unwrap_or_else(|()| {
+        plausible(span, attrs.get(field as usize), max).unwrap_or_else(|()| {
             ignored.push(name);
             None
         })
@@ -225,7 +237,7 @@ mod tests {
         .encode_to_vec();
         call_from_span(
             &span,
-            &scan_span(&span).unwrap(),
+            &scan_span(&span, &Conventions).unwrap(),
             &Pricing::default(),
             &mut Strings::default(),
         )

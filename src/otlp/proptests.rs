@@ -16,7 +16,12 @@ use proptest::prelude::*;
 use prost::Message;
 
 use super::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
-use super::scan::{AttrValue, LlmAttrs, Reject, scan_span};
+use super::scan::{AttrValue, Attrs, Reject};
+use crate::llm::Conventions;
+
+fn scan_span(span: &[u8]) -> Result<super::scan::SpanFacts, Reject> {
+    super::scan::scan_span(span, &Conventions)
+}
 use super::tracestate::{Threshold, with_threshold};
 use crate::llm::classify;
 
@@ -151,11 +156,11 @@ fn expected_llm(span: &Span) -> Vec<Option<String>> {
     best.into_iter().map(|s| s.map(|(_, v)| v)).collect()
 }
 
-fn rendered_llm(attrs: &LlmAttrs, bytes: &[u8]) -> Vec<Option<String>> {
+fn rendered_llm(attrs: &Attrs, bytes: &[u8]) -> Vec<Option<String>> {
     crate::llm::LlmField::ALL
         .into_iter()
         .map(|f| {
-            attrs.get(f).map(|v| match v {
+            attrs.get(f as usize).map(|v| match v {
                 AttrValue::Str(r) => format!(
                     "s:{}",
                     String::from_utf8_lossy(super::scan::str_at(bytes, r))
@@ -221,7 +226,7 @@ proptest! {
                 prop_assert_eq!(facts.status_error, decoded.status.as_ref().is_some_and(|s| s.code == 2));
                 prop_assert_eq!(facts.has_exception_event, decoded.events.iter().any(|e| e.name == "exception"));
                 prop_assert_eq!(facts.trace_state(&bytes), decoded.trace_state.as_bytes());
-                prop_assert_eq!(rendered_llm(&facts.llm, &bytes), expected_llm(&decoded));
+                prop_assert_eq!(rendered_llm(&facts.attrs, &bytes), expected_llm(&decoded));
             }
         }
     }

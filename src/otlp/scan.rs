@@ -8,7 +8,6 @@ use thiserror::Error;
 use super::TraceId;
 use super::validate::Invalid;
 use super::wire::{Malformed, Reader, WireType};
-use crate::llm::{self, LlmField};
 
 // Field numbers of opentelemetry.proto.trace.v1.Span and the messages inside it.
 const SPAN_TRACE_ID: u32 = 1;
@@ -82,7 +81,7 @@ pub fn str_at<'a>(span: &'a [u8], range: &Range<u32>) -> &'a [u8] {
     &span[range.start as usize..range.end as usize]
 }
 
-/// An attribute value as far as LLM facts care.
+/// An attribute value, as far as the scanner reads it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AttrValue {
     /// Byte range of a string value inside the span (u32: spans are far smaller than
@@ -93,25 +92,37 @@ pub enum AttrValue {
     Bool(bool),
 }
 
-/// The LLM attributes found on a span: for each field, the value of the highest-precedence
-/// key that carried it (see [`llm::classify`]).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LlmAttrs {
-    slots: [Option<(u8, AttrValue)>; LlmField::COUNT],
+/// Which attributes the scanner keeps: the caller's classifier (llmtail's is the LLM
+/// conventions table, in `llm`) maps a key to a slot and a precedence (lower wins). The wire
+/// layer knows no attribute names of its own.
+pub trait Classifier {
+    fn classify(&self, key: &[u8]) -> Option<(usize, u8)>;
 }
 
-impl LlmAttrs {
-    pub fn get(&self, field: LlmField) -> Option<&AttrValue> {
-        self.slots[field as usize].as_ref().map(|(_, v)| v)
+/// Slots a classifier may use.
+pub const ATTR_SLOTS: usize = 24;
+
+/// The classified attributes found on a span: for each slot, the value of the
+/// highest-precedence key that carried it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attrs {
+    slots: [Option<(u8, AttrValue)>; ATTR_SLOTS],
+}
+
+impl Attrs {
+    pub fn get(&self, slot: usize) -> Option<&AttrValue> {
+        self.slots.get(slot)?.as_ref().map(|(_, v)| v)
     }
 
     pub fn is_empty(&self) -> bool {
         self.slots.iter().all(Option::is_none)
     }
 
-    /// Keeps `value` unless a key of better (lower) precedence already set this field.
-    pub fn offer(&mut self, field: LlmField, precedence: u8, value: AttrValue) {
-        let slot = &mut self.slots[field as usize];
+    /// Keeps `value` unless a key of better (lower) precedence already set this slot.
+    pub fn offer(&mut self, slot: usize, precedence: u8, value: AttrValue) {
+        let Some(slot) = self.slots.get_mut(slot) else {
+            return;
+        };
         if slot.as_ref().is_none_or(|(p, _)| precedence < *p) {
             *slot = Some((precedence, value));
         }
@@ -134,7 +145,8 @@ pub struct SpanFacts {
     pub trace_state: Option<TraceStateField>,
     /// Encoded size of the largest attribute (key and value), for `max_attribute_bytes`.
     pub largest_attribute: u32,
-    pub llm: LlmAttrs,
+    /// The attributes the classifier picked.
+    pub attrs: Attrs,
 }
 
 /// Where a span's `trace_state` field sits, so it can be replaced without re-encoding:
@@ -179,7 +191,7 @@ impl SpanFacts {
 }
 
 /// Scans one encoded `Span`.
-pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
+pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts, Reject> {
     let mut r = Reader::new(span);
     let mut trace_id: &[u8] = &[];
     let mut span_id: &[u8] = &[];
@@ -194,7 +206,7 @@ pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
         has_exception_event: false,
         trace_state: None,
         largest_attribute: 0,
-        llm: LlmAttrs::default(),
+        attrs: Attrs::default(),
     };
     while !r.is_empty() {
         let field_start = r.pos();
@@ -216,7 +228,7 @@ pub fn scan_span(span: &[u8]) -> Result<SpanFacts, Reject> {
             (SPAN_ATTRIBUTES, WireType::Len) => {
                 let (offset, kv) = r.len_delimited()?;
                 facts.largest_attribute = facts.largest_attribute.max(kv.len() as u32);
-                scan_llm_attribute(kv, offset, &mut facts.llm)?;
+                scan_attribute(kv, offset, classifier, &mut facts.attrs)?;
             }
             (SPAN_EVENTS, WireType::Len) => {
                 if event_is_exception(r.len_delimited()?.1)? {
@@ -271,9 +283,14 @@ fn status_code(status: &[u8]) -> Result<Option<u64>, Malformed> {
     Ok(code)
 }
 
-/// Reads one `KeyValue`; records it when its key is an LLM attribute. `offset` is where the
+/// Reads one `KeyValue`; records it when the classifier wants its key. `offset` is where the
 /// KeyValue starts inside the span, so string values are kept as span byte ranges.
-fn scan_llm_attribute(kv: &[u8], offset: usize, out: &mut LlmAttrs) -> Result<(), Malformed> {
+fn scan_attribute(
+    kv: &[u8],
+    offset: usize,
+    classifier: &impl Classifier,
+    out: &mut Attrs,
+) -> Result<(), Malformed> {
     let mut r = Reader::new(kv);
     let mut key: &[u8] = &[];
     let mut value: Option<(usize, &[u8])> = None;
@@ -284,13 +301,13 @@ fn scan_llm_attribute(kv: &[u8], offset: usize, out: &mut LlmAttrs) -> Result<()
             (_, wire) => r.skip(wire)?,
         }
     }
-    let Some((field, precedence)) = llm::classify(key) else {
+    let Some((slot, precedence)) = classifier.classify(key) else {
         return Ok(());
     };
     if let Some((start, any)) = value
         && let Some(v) = any_value(any, offset + start)?
     {
-        out.offer(field, precedence, v);
+        out.offer(slot, precedence, v);
     }
     Ok(())
 }

@@ -21,8 +21,7 @@ use crate::otlp::{request, validate};
 use crate::sampler::{DecidedBy, SpanStats, TraceSummary};
 use crate::telemetry::{Loss, Metrics};
 
-pub mod budget;
-pub use budget::{Budget, Reservation};
+pub use crate::memory::{Budget, Reservation};
 
 /// Kept traces are handed to the exporters in groups of about this many spans (whole traces
 /// only): one channel send per group instead of one per trace, while a full export queue
@@ -202,7 +201,7 @@ impl Pipeline {
         // worst) is charged now, not at the next decision tick: a request of 500,000 tiny
         // spans must not take the budget past its mark by the 300 MB its bookkeeping costs.
         let bookkeeping =
-            shape.spans * (crate::buffer::TRACE_OVERHEAD + crate::buffer::SPAN_OVERHEAD);
+            shape.spans * (crate::memory::TRACE_OVERHEAD + crate::memory::SPAN_OVERHEAD);
         if admit
             && self.memory() + bookkeeping > self.limits.max_buffer_bytes.load(Ordering::Relaxed)
         {
@@ -256,7 +255,7 @@ impl Pipeline {
                         if span.len() > max_span_bytes {
                             return Err(Reject::SpanTooLarge);
                         }
-                        let facts = scan::scan_span(&span)?;
+                        let facts = scan::scan_span(&span, &crate::llm::Conventions)?;
                         if facts.largest_attribute as usize > max_attribute_bytes {
                             return Err(Reject::AttributeTooLarge);
                         }

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use llmtail::config::Config;
-use llmtail::llm::LlmField;
+use llmtail::llm::{Conventions, LlmField};
 use llmtail::otlp::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
 use llmtail::otlp::scan::{self, AttrValue};
 use llmtail::otlp::tracestate::Threshold;
@@ -23,12 +23,12 @@ pub fn scan_span(data: &[u8]) {
         opentelemetry_proto::tonic::trace::v1::Span::decode(data)
             .expect("a span that validates decodes");
     }
-    let Ok(facts) = scan::scan_span(data) else {
+    let Ok(facts) = scan::scan_span(data, &Conventions) else {
         return;
     };
     let trace_state = facts.trace_state(data);
     for field in LlmField::ALL {
-        if let Some(AttrValue::Str(range)) = facts.llm.get(field) {
+        if let Some(AttrValue::Str(range)) = facts.attrs.get(field as usize) {
             let _ = scan::str_at(data, range);
         }
     }
@@ -61,7 +61,7 @@ pub fn split_and_reframe(data: &[u8]) {
                 service: Arc::from("fuzz"),
             });
             for span in ss.spans {
-                let Ok(facts) = scan::scan_span(&span) else {
+                let Ok(facts) = scan::scan_span(&span, &Conventions) else {
                     continue;
                 };
                 kept.push(KeptSpan {
@@ -88,8 +88,8 @@ pub fn split_and_reframe(data: &[u8]) {
         .collect();
     assert_eq!(spans.len(), kept.len());
     for (span, k) in spans.iter().zip(&kept) {
-        let facts = scan::scan_span(span).expect("a re-framed span scans");
-        let original = scan::scan_span(&k.span.bytes).expect("scanned before");
+        let facts = scan::scan_span(span, &Conventions).expect("a re-framed span scans");
+        let original = scan::scan_span(&k.span.bytes, &Conventions).expect("scanned before");
         assert_eq!(facts.trace_id, original.trace_id);
         let ts = String::from_utf8_lossy(facts.trace_state(span)).into_owned();
         assert!(ts.contains("ot=th:"), "threshold written: {ts:?}");

@@ -127,7 +127,7 @@ impl tonic::server::UnaryService<Bytes> for SinkService {
                 .flat_map(|s| &s.spans)
             {
                 n += 1;
-                if let Ok(f) = scan_span(span)
+                if let Ok(f) = scan_span(span, &llmtail::llm::Conventions)
                     && f.trace_id.0[0] == TIMED
                     && f.is_root
                     && let Some(sent) = stats.sent.lock().remove(&f.trace_id.0)
