@@ -1,22 +1,19 @@
 //! llmtail's own telemetry: the Prometheus metrics and the admin server that serves them
 //! with the health and readiness probes.
 
+mod admin;
+
+pub use admin::{Admin, bind, serve_admin};
+
 pub mod config;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus::{
     CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio_util::sync::CancellationToken;
 
 /// Buckets for the decision delay: from well under `root_grace` to past `decision_wait`.
 const DECISION_DELAY_BUCKETS: &[f64] = &[
@@ -465,65 +462,6 @@ impl Throttle {
         *last = Some(std::time::Instant::now());
         Some(self.held_back.swap(0, Ordering::Relaxed))
     }
-}
-
-/// Shared state of the admin endpoints.
-#[derive(Clone)]
-pub struct Admin {
-    pub metrics: Arc<Metrics>,
-    /// True once receivers are bound, false again when shutdown begins.
-    pub ready: Arc<AtomicBool>,
-    /// False once a task the daemon cannot do without (the decision task) has died:
-    /// `/healthz` then fails, so the orchestrator restarts the process.
-    pub healthy: Arc<AtomicBool>,
-}
-
-/// Rendered off the async workers: a scrape never holds up a receiver or the decision task.
-async fn metrics(State(admin): State<Admin>) -> impl IntoResponse {
-    let body = tokio::task::spawn_blocking(move || admin.metrics.render())
-        .await
-        .unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
-}
-
-async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {
-    if admin.healthy.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the decision task has stopped; restart llmtail\n",
-        )
-    }
-}
-
-async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
-    if admin.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until `stop` is cancelled.
-pub async fn serve_admin(
-    listener: tokio::net::TcpListener,
-    admin: Admin,
-    stop: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .with_state(admin);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
-}
-
-/// Binds the admin listener (done early so `/healthz` answers during startup).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,14 @@
 //! The trace buffer: spans held by trace id until their trace is decided, sharded so that
 //! receivers never take a global lock, plus the cache of recent decisions for late spans.
 
+mod cache;
+mod detach;
+
+pub use cache::CachedDecision;
+use cache::DecisionCache;
+pub use detach::COMPACT_AFTER;
+use detach::{Copies, detach};
+
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
@@ -17,8 +25,7 @@ use crate::otlp::TraceId;
 use std::sync::Arc;
 
 use crate::memory::{Budget, SPAN_OVERHEAD, TRACE_OVERHEAD};
-use crate::otlp::reframe::{HeldSpan, Origin};
-use crate::otlp::tracestate::Threshold;
+use crate::otlp::reframe::HeldSpan;
 use crate::sampler::{Decision, Sampler, SpanStats, TraceSummary};
 
 /// Number of shards; a power of two well above the core count so that receivers and the
@@ -65,26 +72,6 @@ pub struct DecidedTrace {
     pub reason: DecideReason,
 }
 
-/// A remembered decision, packed into 8 bytes: the threshold, and bit 63 for "kept".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CachedDecision(u64);
-
-const KEPT_BIT: u64 = 1 << 63;
-
-impl CachedDecision {
-    fn new(d: &Decision) -> Self {
-        CachedDecision(d.threshold.value() | if d.keep { KEPT_BIT } else { 0 })
-    }
-
-    pub fn keep(self) -> bool {
-        self.0 & KEPT_BIT != 0
-    }
-
-    pub fn threshold(self) -> Threshold {
-        Threshold::from_value(self.0 & !KEPT_BIT)
-    }
-}
-
 /// What happened to a span handed to [`TraceBuffer::add`].
 #[derive(Debug)]
 pub enum Added {
@@ -92,41 +79,6 @@ pub enum Added {
     Held,
     /// Its trace was already decided; the span follows that decision.
     Late(CachedDecision, HeldSpan),
-}
-
-/// Two generations of decisions: when the current one fills, it becomes the previous one
-/// and the old previous is forgotten. Bounded at `capacity` entries, O(1) per operation.
-struct DecisionCache {
-    current: HashMap<TraceId, CachedDecision>,
-    previous: HashMap<TraceId, CachedDecision>,
-    generation_capacity: usize,
-}
-
-impl DecisionCache {
-    fn new(capacity: usize) -> Self {
-        DecisionCache {
-            current: HashMap::default(),
-            previous: HashMap::default(),
-            generation_capacity: capacity / 2,
-        }
-    }
-
-    fn get(&self, id: &TraceId) -> Option<CachedDecision> {
-        self.current
-            .get(id)
-            .or_else(|| self.previous.get(id))
-            .copied()
-    }
-
-    fn insert(&mut self, id: TraceId, d: CachedDecision) {
-        if self.generation_capacity == 0 {
-            return;
-        }
-        if self.current.len() >= self.generation_capacity {
-            self.previous = std::mem::take(&mut self.current);
-        }
-        self.current.insert(id, d);
-    }
 }
 
 struct TraceEntry {
@@ -137,35 +89,6 @@ struct TraceEntry {
     bytes: usize,
     /// Its spans own their bytes (see [`COMPACT_AFTER`]); later spans are copied too.
     detached: bool,
-}
-
-/// Held spans are slices of the request they arrived in, so one trace held long would keep
-/// its whole request alive after the request's other traces are decided. A trace held this
-/// long gets its spans (and their resource and scope) copied out, once; the memory limit
-/// then counts what is really held.
-pub const COMPACT_AFTER: Duration = Duration::from_secs(2);
-
-/// Origins copied during one detaching pass, by the original's address: spans of one
-/// request detached together share one copy. The original is kept alive for the pass, so
-/// its address cannot be reused meanwhile.
-type Copies = HashMap<*const Origin, (Arc<Origin>, Arc<Origin>)>;
-
-/// Copies a span's bytes, and its origin (once per pass), out of the request buffer they
-/// share; the copies are charged to the memory budget.
-fn detach(span: &mut HeldSpan, copies: &mut Copies, budget: &Arc<Budget>) {
-    span.bytes = budget.copy(&span.bytes);
-    let original = span.origin.clone();
-    let (_, copy) = copies.entry(Arc::as_ptr(&original)).or_insert_with(|| {
-        let copy = Arc::new(Origin {
-            resource: budget.copy(&original.resource),
-            resource_schema_url: budget.copy(&original.resource_schema_url),
-            scope: budget.copy(&original.scope),
-            scope_schema_url: budget.copy(&original.scope_schema_url),
-            service: original.service.clone(),
-        });
-        (original.clone(), copy)
-    });
-    span.origin = copy.clone();
 }
 
 struct Shard {
@@ -582,6 +505,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::otlp::reframe::Origin;
+    use crate::otlp::tracestate::Threshold;
 
     fn buffer(max_traces: usize, cache: usize) -> TraceBuffer {
         let cfg = Config::parse("exporter:\n  file:\n    path: x\nsampling:\n  base_rate: 1.0\n")
@@ -827,16 +751,5 @@ mod tests {
         assert_eq!(ev[0].trace_id, TraceId([first; 16]));
         assert_eq!(ev[0].reason, DecideReason::Pressure);
         assert_eq!(b.held().traces, 1);
-    }
-
-    #[test]
-    fn decision_cache_is_bounded() {
-        let mut c = DecisionCache::new(4);
-        for i in 0..10u8 {
-            c.insert(TraceId([i; 16]), CachedDecision(u64::from(i)));
-        }
-        assert!(c.current.len() + c.previous.len() <= 4);
-        assert!(c.get(&TraceId([9; 16])).is_some());
-        assert!(c.get(&TraceId([0; 16])).is_none());
     }
 }
