@@ -21,9 +21,6 @@ use crate::llm::observer::LlmObserver;
 use crate::memory::DECISION_CACHE_ENTRY;
 use crate::otlp::redact::Redactor;
 use crate::pipeline::{Budget, Pipeline};
-use crate::receiver::auth::Authenticator;
-use crate::receiver::conn::ConnConfig;
-use crate::receiver::grpc::TraceService;
 use crate::sampler::Sampler;
 use crate::telemetry::{self, Admin, Loss, Metrics};
 
@@ -228,72 +225,8 @@ pub async fn run(
     }
 
     let stop_receivers = CancellationToken::new();
-    let auth = Authenticator::new(&cfg.receiver.auth).map(Arc::new);
-    let mut receivers: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    let connection_room = connection_room(&cfg.receiver);
-    let mut bound = Vec::new();
-    if cfg.receiver.grpc.enabled {
-        let addr = parse_addr(&cfg.receiver.grpc.endpoint, "receiver.grpc.endpoint")?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on receiver.grpc.endpoint {addr}"))?;
-        bound.push(format!("grpc={}", listener.local_addr()?));
-        let stop = stop_receivers.clone();
-        let service = TraceService::new(pipeline.clone(), &cfg.receiver.grpc, auth.clone());
-        let app = axum::Router::new().fallback_service(service);
-        let tls = match &cfg.receiver.grpc.tls {
-            Some(tls) => Some(
-                crate::receiver::tls::server_config(tls, &[b"h2"]).context("receiver.grpc.tls")?,
-            ),
-            None => None,
-        };
-        let grpc = &cfg.receiver.grpc;
-        let conn_cfg = ConnConfig {
-            receiver: "grpc",
-            max_connections: grpc.max_connections.min(connection_room),
-            header_read_timeout: grpc.header_read_timeout.0,
-            idle_timeout: grpc.idle_timeout.0,
-            http2_only: true,
-            max_concurrent_streams: Some(grpc.max_concurrent_streams),
-        };
-        let metrics = pipeline.metrics.clone();
-        receivers.push(tokio::spawn(async move {
-            crate::receiver::conn::serve(listener, app, tls, conn_cfg, metrics, stop).await;
-        }));
-    }
-    if cfg.receiver.http.enabled {
-        let addr = parse_addr(&cfg.receiver.http.endpoint, "receiver.http.endpoint")?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on receiver.http.endpoint {addr}"))?;
-        bound.push(format!(
-            "http={}{}",
-            listener.local_addr()?,
-            cfg.receiver.http.path
-        ));
-        let stop = stop_receivers.clone();
-        let app = crate::receiver::http::router(pipeline.clone(), &cfg.receiver.http, auth.clone());
-        let tls = match &cfg.receiver.http.tls {
-            Some(tls) => Some(
-                crate::receiver::tls::server_config(tls, &[b"h2", b"http/1.1"])
-                    .context("receiver.http.tls")?,
-            ),
-            None => None,
-        };
-        let http = &cfg.receiver.http;
-        let conn_cfg = ConnConfig {
-            receiver: "http",
-            max_connections: http.max_connections.min(connection_room),
-            header_read_timeout: http.header_read_timeout.0,
-            idle_timeout: http.idle_timeout.0,
-            http2_only: false,
-            max_concurrent_streams: None,
-        };
-        let metrics = pipeline.metrics.clone();
-        receivers.push(tokio::spawn(async move {
-            crate::receiver::conn::serve(listener, app, tls, conn_cfg, metrics, stop).await;
-        }));
-    }
+    let (receivers, bound) =
+        crate::receiver::start(&cfg.receiver, pipeline.clone(), &stop_receivers).await?;
 
     let stop_ticker = CancellationToken::new();
     let ticker_task = {
@@ -678,38 +611,6 @@ pub async fn termination_signal() {
 }
 
 /// tonic's TLS settings for the gRPC receiver (mutual TLS with a client CA).
-/// Descriptors kept for everything but receiver connections: exporters, the log, peers,
-/// the admin server, files.
-const RESERVED_FILES: u64 = 256;
-
-/// The most connections each receiver may hold within the open-file limit (raised to its
-/// hard limit first). When the configured `max_connections` would not fit, they are
-/// lowered, with a warning: past the limit, accepts fail and /healthz with them.
-fn connection_room(r: &crate::config::ReceiverConfig) -> usize {
-    let Some(room) = crate::receiver::conn::fit_file_limit(RESERVED_FILES) else {
-        return usize::MAX;
-    };
-    let receivers = u64::from(r.grpc.enabled) + u64::from(r.http.enabled);
-    let wanted = [
-        (r.grpc.enabled, r.grpc.max_connections),
-        (r.http.enabled, r.http.max_connections),
-    ]
-    .iter()
-    .filter(|(on, _)| *on)
-    .map(|(_, n)| *n as u64)
-    .sum::<u64>();
-    if wanted <= room {
-        return usize::MAX;
-    }
-    let each = (room / receivers.max(1)).max(1) as usize;
-    tracing::warn!(
-        open_file_limit = room + RESERVED_FILES,
-        max_connections = each,
-        "the open-file limit cannot hold every receiver's max_connections; lowered to fit (raise the limit: ulimit -n, or the container runtime's nofile)"
-    );
-    each
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
