@@ -7,12 +7,10 @@
 //! tokens × price, in turn; the rest are normal. The client writes a manifest of what it
 //! sent, and the test checks what llmtail kept and counted against it.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 #[derive(serde::Deserialize)]
 struct Sent {

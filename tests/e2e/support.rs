@@ -25,6 +25,45 @@ pub fn python() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/.venv/bin/python3")
 }
 
+/// Now, in Unix nanoseconds (span timestamps).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// `n` generated traces of `kind` (the conventions in turn), starting now.
+pub fn generated(
+    seed: u64,
+    kind: llmtail_tools::loadgen::Kind,
+    n: usize,
+) -> Vec<llmtail_tools::loadgen::GeneratedTrace> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let now = now_ns();
+    (0..n)
+        .map(|i| {
+            llmtail_tools::loadgen::trace(
+                &mut rng,
+                kind,
+                llmtail_tools::loadgen::convention_for(i),
+                now,
+            )
+        })
+        .collect()
+}
+
+/// Sends every span of `traces` to the daemon in one gRPC request.
+pub async fn send_traces(d: &Daemon, traces: &[llmtail_tools::loadgen::GeneratedTrace]) {
+    let spans = traces.iter().flat_map(|t| t.spans.clone()).collect();
+    client(&d.endpoint())
+        .await
+        .export(llmtail_tools::loadgen::request(spans))
+        .await
+        .expect("llmtail takes the request");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

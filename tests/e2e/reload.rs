@@ -1,15 +1,11 @@
 //! Config reload on SIGHUP: policies, base rate and limits change live without losing
 //! buffered traces; an invalid config is rejected with its problems and the old one stays.
 
-mod common;
-
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::*;
-use llmtail_tools::loadgen::{self, Kind};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
+use crate::support::*;
+use llmtail_tools::loadgen::Kind;
 
 fn body(sink: &Sink, base_rate: f64, extra: &str) -> String {
     format!(
@@ -19,20 +15,8 @@ fn body(sink: &Sink, base_rate: f64, extra: &str) -> String {
 }
 
 async fn send_normal(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let traces: Vec<_> = (0..n)
-        .map(|i| loadgen::trace(&mut rng, Kind::Normal, loadgen::convention_for(i), now))
-        .collect();
-    let spans = traces.iter().flat_map(|t| t.spans.clone()).collect();
-    client(&d.endpoint())
-        .await
-        .export(loadgen::request(spans))
-        .await
-        .unwrap();
+    let traces = generated(seed, Kind::Normal, n);
+    send_traces(d, &traces).await;
     traces.iter().map(|t| t.trace_id.to_vec()).collect()
 }
 

@@ -1,12 +1,10 @@
 //! The durable export queue: kept traces decided while the upstream is down survive
 //! `kill -9` and a graceful stop, and arrive after the restart; a full log counts its loss.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::support::*;
 use llmtail_tools::loadgen::{self, Kind};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -20,17 +18,10 @@ fn config(sink: &Sink, wal: &std::path::Path, extra: &str) -> String {
 }
 
 async fn send_errors(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let traces: Vec<_> = (0..n)
-        .map(|i| loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now))
-        .collect();
-    let mut c = client(&d.endpoint()).await;
+    // One request per trace.
+    let traces = generated(seed, Kind::Error, n);
     for t in &traces {
-        c.export(loadgen::request(t.spans.clone())).await.unwrap();
+        send_traces(d, std::slice::from_ref(t)).await;
     }
     traces.iter().map(|t| t.trace_id.to_vec()).collect()
 }

@@ -1,13 +1,11 @@
 //! Receiver security: TLS and mutual TLS, bearer tokens and API keys (refused before the
 //! body is read, counted), secrets kept out of the log, slow clients cut off.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::support::*;
 use llmtail_tools::loadgen::{self, Kind};
 use prost::Message;
 use rand::SeedableRng;

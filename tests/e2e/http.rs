@@ -1,12 +1,10 @@
 //! OTLP/HTTP receiver, black-box: protobuf and JSON bodies, compression, errors, CORS,
 //! backpressure.
 
-mod common;
-
 use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use llmtail_tools::loadgen::{self, Convention, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use prost::Message;
@@ -15,13 +13,6 @@ use rand::rngs::StdRng;
 
 const PB: (&str, &str) = ("Content-Type", "application/x-protobuf");
 const JSON: (&str, &str) = ("Content-Type", "application/json");
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 fn config(sink: &Sink, base_rate: f64) -> String {
     format!(

@@ -1,24 +1,15 @@
 //! LLM intelligence, black-box: roll-ups on kept roots, privacy, anomalies, session keeps,
 //! the pricing file, the `pricing` command, spend per user, GenAI metrics.
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use common::*;
+use crate::support::*;
 use llmtail_tools::loadgen::{self, Convention, GeneratedTrace, Kind};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 fn string(k: &str, v: &str) -> KeyValue {
     KeyValue {

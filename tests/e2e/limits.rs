@@ -2,24 +2,15 @@
 //! mark refuses with retryable errors until memory falls, a huge trace is decided at
 //! `max_spans_per_trace`, oversized spans and attributes are refused one by one.
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use common::*;
+use crate::support::*;
 use llmtail_tools::loadgen::{self, Kind};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
 use opentelemetry_proto::tonic::trace::v1::Span;
 use prost::Message;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 fn normal_spans(rng: &mut StdRng, traces: usize) -> Vec<Span> {
     (0..traces)

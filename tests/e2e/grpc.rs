@@ -1,11 +1,9 @@
 //! Black-box tests: the real binary, real sockets, an OTLP sink as the upstream.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use llmtail::otlp::codec::{Prost, RawCodec};
 use llmtail_tools::loadgen::{self, Convention, GeneratedTrace, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
@@ -19,13 +17,6 @@ const POLICIES: &str = "  policies:
     - {name: slow, type: latency, threshold_ms: 5000}
     - {name: expensive, type: cost, threshold_usd: 0.10}
 ";
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 fn generate(rng: &mut StdRng, kinds: &[(Kind, usize)]) -> Vec<GeneratedTrace> {
     let mut out = Vec::new();
@@ -490,7 +481,7 @@ fn validate_lists_every_problem_with_path_and_line() {
     assert!(err.contains("line 3: sampling.colour"), "{err}");
     assert!(err.contains("line 6: exporter.otlp.endpoint"), "{err}");
 
-    let shipped = include_str!("../config.yaml");
+    let shipped = include_str!("../../config.yaml");
     let (code, err) = validate(shipped);
     assert_eq!(code, Some(0), "{err}");
 }

@@ -1,36 +1,17 @@
 //! Exporters, black-box: OTLP/HTTP upstream with gzip and an API key, TLS and mutual TLS
 //! upstreams with a CA made in the test, and several exporters at once.
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use common::*;
-use llmtail_tools::loadgen::{self, Kind};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
+use crate::support::*;
+use llmtail_tools::loadgen::Kind;
 
 const SAMPLING: &str = "sampling:\n  decision_wait: 2s\n  root_grace: 100ms\n  base_rate: 0.0\n  policies:\n    - {name: errors, type: error}\n";
 const FAST: &str = "    batch:\n      timeout: 50ms\n    retry:\n      initial_interval: 100ms\n      max_interval: 500ms\n";
 
 async fn send_errors(d: &Daemon, seed: u64, n: usize) -> Vec<[u8; 16]> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let traces: Vec<_> = (0..n)
-        .map(|i| loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now_ns()))
-        .collect();
-    let spans = traces.iter().flat_map(|t| t.spans.clone()).collect();
-    client(&d.endpoint())
-        .await
-        .export(loadgen::request(spans))
-        .await
-        .unwrap();
+    let traces = generated(seed, Kind::Error, n);
+    send_traces(d, &traces).await;
     traces.iter().map(|t| t.trace_id).collect()
 }
 

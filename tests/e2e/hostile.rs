@@ -4,16 +4,14 @@
 //! product (`/metrics` measured), absurd numbers, silent and idle connections, rapid
 //! resets, a forged peer header, and privacy masks written with `*` anywhere.
 
-mod common;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use crate::support::*;
 use bytes::Bytes;
-use common::*;
 use llmtail::otlp::codec::{Prost, RawCodec};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -27,13 +25,6 @@ use prost::Message;
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const PROTOBUF: (&str, &str) = ("content-type", "application/x-protobuf");
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 fn kv(k: &str, v: Value) -> KeyValue {
     KeyValue {

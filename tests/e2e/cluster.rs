@@ -3,12 +3,10 @@
 //! base-rate decisions follow the consistent rule. Then one replica stops: the others
 //! carry on, and traces sent after they noticed arrive whole again.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::support::*;
 use llmtail::otlp::TraceId;
 use llmtail_tools::loadgen::{self, GeneratedTrace, Kind};
 use opentelemetry_proto::tonic::trace::v1::Span;

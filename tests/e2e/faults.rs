@@ -3,14 +3,10 @@
 //! Over OTLP/HTTP: 429 with Retry-After and a permanent 400. (An unreachable upstream:
 //! `upstream_down_for_ten_seconds_loses_nothing` in e2e_grpc.rs.)
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use common::*;
-use llmtail_tools::loadgen::{self, Kind};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
+use crate::support::*;
+use llmtail_tools::loadgen::Kind;
 
 /// base_rate 0 and an error policy: exactly the error traces are kept; one export request
 /// in flight so the sink sees the batches one after another.
@@ -23,21 +19,9 @@ fn config(sink: &Sink, timeout: &str) -> String {
 
 /// Sends `n` four-span error traces in one request; returns the number of spans.
 async fn send_errors(d: &Daemon, seed: u64, n: usize) -> usize {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    let spans: Vec<_> = (0..n)
-        .flat_map(|i| loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now).spans)
-        .collect();
-    let count = spans.len();
-    client(&d.endpoint())
-        .await
-        .export(loadgen::request(spans))
-        .await
-        .unwrap();
-    count
+    let traces = generated(seed, Kind::Error, n);
+    send_traces(d, &traces).await;
+    traces.iter().map(|t| t.spans.len()).sum()
 }
 
 fn lost(m: &Metrics, reason: &str) -> f64 {

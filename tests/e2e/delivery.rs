@@ -3,12 +3,10 @@
 //! memory-limited cgroup, and through outages longer than the retry horizon with the
 //! durable queue. Each test counts that every span the receivers accepted arrives, once.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use llmtail_tools::loadgen::{self, Kind};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value};
@@ -22,13 +20,6 @@ const FOUR_MIB: usize = 4 << 20;
 /// The tests of this file run one at a time: each floods the machine, and a flood beside
 /// another test's would measure the two together.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
 
 fn lost(m: &Metrics) -> f64 {
     m.sum("llmtail_spans_lost_total", &[])
