@@ -27,7 +27,6 @@ use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use llmtail::adaptive::BaseRate;
 use llmtail::buffer::{BufferLimits, SpanSummary, TraceBuffer};
 use llmtail::config::Config;
 use llmtail::llm::observer::LlmObserver;
@@ -36,7 +35,8 @@ use llmtail::otlp::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
 use llmtail::otlp::scan::scan_span;
 use llmtail::otlp::tracestate::Threshold;
 use llmtail::otlp::view;
-use llmtail::sampler::{Sampler, SpanStats};
+use llmtail::sampling::adaptive::BaseRate;
+use llmtail::sampling::{Sampler, SpanStats};
 use llmtail::telemetry::Metrics;
 use llmtail_tools::loadgen::{self, Kind};
 use prost::Message;

@@ -3,18 +3,17 @@
 //! Data flows one way: `receiver` → `pipeline` (LLM metrics for every span) → `buffer`
 //! (held by trace id) → `sampler` (decided) → `exporter` (kept traces upstream).
 
-pub mod adaptive;
+pub mod app;
 pub mod buffer;
 pub mod cluster;
 pub mod config;
-pub mod daemon;
 pub mod exporter;
 pub mod llm;
 pub mod memory;
 pub mod otlp;
 pub mod pipeline;
 pub mod receiver;
-pub mod sampler;
+pub mod sampling;
 pub mod telemetry;
 pub mod units;
 

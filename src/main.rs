@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use llmtail::app::{self as daemon, Ended};
 use llmtail::config::Config;
-use llmtail::daemon::{self, Ended};
 use llmtail::llm::{Pricing, Usage};
 
 /// Tail-sampling OTLP trace processor that understands LLM calls.

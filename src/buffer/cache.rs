@@ -4,7 +4,7 @@
 use super::HashMap;
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::Threshold;
-use crate::sampler::Decision;
+use crate::sampling::Decision;
 
 /// A remembered decision, packed into 8 bytes: the threshold, and bit 63 for "kept".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use crate::memory::{Budget, SPAN_OVERHEAD, TRACE_OVERHEAD};
 use crate::otlp::reframe::HeldSpan;
-use crate::sampler::{Decision, Sampler, SpanStats, TraceSummary};
+use crate::sampling::{Decision, Sampler, SpanStats, TraceSummary};
 
 /// Number of shards; a power of two well above the core count so that receivers and the
 /// decision sweep rarely meet on one lock.
@@ -518,7 +518,10 @@ mod tests {
                 decision_cache_size: cache,
                 max_spans_per_trace: 100,
             },
-            Sampler::new(&cfg.sampling, Arc::new(crate::adaptive::BaseRate::new(1.0))),
+            Sampler::new(
+                &cfg.sampling,
+                Arc::new(crate::sampling::adaptive::BaseRate::new(1.0)),
+            ),
             Budget::new(),
         )
     }

@@ -21,7 +21,7 @@ pub use crate::exporter::config::*;
 pub use crate::llm::config::*;
 pub use crate::pipeline::limits::*;
 pub use crate::receiver::config::*;
-pub use crate::sampler::config::*;
+pub use crate::sampling::config::*;
 pub use crate::telemetry::config::*;
 pub use crate::units::{ByteSize, Dur};
 

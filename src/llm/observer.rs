@@ -11,8 +11,8 @@ use super::LlmCall;
 use super::anomaly::{AnomalyDetector, CallSample};
 use super::config::LlmConfig;
 use super::labels::{FirstSeen, TopK};
-use crate::adaptive::{BaseRate, Boost};
-use crate::sampler::{CallStats, TraceSummary};
+use crate::sampling::adaptive::{BaseRate, Boost};
+use crate::sampling::{CallStats, TraceSummary};
 use crate::telemetry::Metrics;
 
 /// The metrics of one (service, model), resolved once: label lookups are the costly part of

@@ -1,6 +1,7 @@
 //! The sampling decision: policies over a whole trace, then OpenTelemetry consistent
 //! probability sampling on the trace id.
 
+pub mod adaptive;
 pub mod config;
 
 use std::collections::HashMap;
@@ -11,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::adaptive::BaseRate;
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::Threshold;
+use crate::sampling::adaptive::BaseRate;
 use config::{
     DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_WINDOW, PolicyConfig, PolicyType, SamplingConfig,
 };

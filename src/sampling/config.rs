@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::adaptive::{BoostConfig, TargetConfig};
+use crate::sampling::adaptive::{BoostConfig, TargetConfig};
 use crate::units::Dur;
 
 /// Default bound on traces held at once; past it the oldest are decided early.

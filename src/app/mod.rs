@@ -1,6 +1,13 @@
 //! Wiring and lifecycle: start every stage, then on SIGTERM/SIGINT shut down in order —
 //! not ready, receivers stopped, every pending trace decided, the exporter flushed.
 
+mod reload;
+
+use reload::{reload_on_sighup, reload_pricing};
+
+/// How often `llmtail_sampling_probability` is refreshed.
+const PROBABILITY_TICK: Duration = Duration::from_secs(1);
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::atomic::Ordering as AtomicOrdering;
 
-use crate::adaptive::{BaseRate, Boost, TargetController};
 use crate::buffer::{BufferLimits, TraceBuffer};
 use crate::config::Config;
 use crate::exporter::wal::Wal;
@@ -21,7 +27,8 @@ use crate::llm::observer::LlmObserver;
 use crate::memory::DECISION_CACHE_ENTRY;
 use crate::otlp::redact::Redactor;
 use crate::pipeline::{Budget, Pipeline};
-use crate::sampler::Sampler;
+use crate::sampling::Sampler;
+use crate::sampling::adaptive::{BaseRate, Boost, TargetController};
 use crate::telemetry::{self, Admin, Loss, Metrics};
 
 /// How often the buffer is swept for traces whose deadline passed; bounds how late past
@@ -383,130 +390,6 @@ async fn sync_wal(wal: Arc<Wal>, every: Duration, stop: CancellationToken) {
     }
 }
 
-/// Reloads the config file on every SIGHUP. A valid config's sampling policies, base
-/// rate, limits and pricing take effect at once, without touching buffered traces; keys
-/// that need a restart are named in the log. An invalid config is rejected with every
-/// problem logged, and the running config stays.
-async fn reload_on_sighup(
-    path: std::path::PathBuf,
-    mut current: Config,
-    pipeline: Arc<Pipeline>,
-    stop: CancellationToken,
-) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; config reload is off");
-            return;
-        };
-        loop {
-            tokio::select! {
-                biased;
-                () = stop.cancelled() => return,
-                received = hup.recv() => if received.is_none() { return },
-            }
-            let metrics = &pipeline.metrics;
-            match Config::load(&path) {
-                Ok(next) => {
-                    apply_reload(&pipeline, &current, &next);
-                    metrics.config_reloads.with_label_values(&["applied"]).inc();
-                    current = next;
-                }
-                Err(errors) => {
-                    for problem in &errors.0 {
-                        tracing::error!(%problem, "config reload rejected");
-                    }
-                    tracing::error!(
-                        path = %path.display(),
-                        problems = errors.0.len(),
-                        "config reload rejected; the running config stays"
-                    );
-                    metrics
-                        .config_reloads
-                        .with_label_values(&["rejected"])
-                        .inc();
-                }
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (path, current, pipeline);
-        stop.cancelled().await;
-    }
-}
-
-/// Puts the live parts of a reloaded config in force.
-fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
-    let s = &next.sampling;
-    let buffer = &pipeline.buffer;
-    buffer.set_sampler(buffer.sampler().reconfigured(s));
-    if s.target().is_none() {
-        buffer.sampler().base().set(s.base_rate);
-    }
-    buffer.set_limits(&BufferLimits {
-        decision_wait: s.decision_wait.0,
-        root_grace: s.root_grace.0,
-        max_traces: s.max_traces,
-        decision_cache_size: s.decision_cache_size,
-        max_spans_per_trace: next.limits.max_spans_per_trace,
-    });
-    pipeline.limits.set(&next.limits);
-    pipeline
-        .metrics
-        .buffer_limit_bytes
-        .set(next.limits.buffer_bytes() as i64);
-    pipeline
-        .metrics
-        .buffer_limit_traces
-        .set(s.max_traces as i64);
-    pipeline.pricing.set_config(&next.llm.pricing);
-    if let Some(file) = &next.llm.pricing_file
-        && let Err(e) = pipeline.pricing.load_file(file)
-    {
-        tracing::warn!(error = %e, "pricing file not reloaded; the previous one stays");
-    }
-    let mut restart = Vec::new();
-    if next.receiver != old.receiver {
-        restart.push("receiver");
-    }
-    if next.exporters != old.exporters {
-        restart.push("exporter(s)");
-    }
-    if next.admin != old.admin {
-        restart.push("admin");
-    }
-    if next.shutdown_timeout != old.shutdown_timeout {
-        restart.push("shutdown_timeout");
-    }
-    let live_llm = crate::config::LlmConfig {
-        pricing: old.llm.pricing.clone(),
-        pricing_file: old.llm.pricing_file.clone(),
-        ..next.llm.clone()
-    };
-    if live_llm != old.llm {
-        restart.push("llm (other than pricing)");
-    }
-    if s.boost != old.sampling.boost
-        || s.target() != old.sampling.target()
-        || s.decision_cache_size != old.sampling.decision_cache_size
-    {
-        restart.push("sampling.boost/target/decision_cache_size");
-    }
-    if restart.is_empty() {
-        tracing::info!("config reloaded: sampling, limits and pricing in force");
-    } else {
-        tracing::warn!(
-            needs_restart = %restart.join(", "),
-            "config reloaded: sampling, limits and pricing in force; other changes wait for a restart"
-        );
-    }
-}
-
-/// How often `llmtail_sampling_probability` is refreshed.
-const PROBABILITY_TICK: Duration = Duration::from_secs(1);
-
 /// Publishes the sampling probabilities and, with a target, steers the base rate.
 async fn adapt(
     pipeline: Arc<Pipeline>,
@@ -534,42 +417,6 @@ async fn adapt(
             last_adjust = now;
         }
         pipeline.observer.publish_probabilities(now.into_std());
-    }
-}
-
-/// Re-reads the pricing file when it changes; a bad file leaves the last good one in force.
-async fn reload_pricing(
-    pricing: Arc<Pricing>,
-    file: std::path::PathBuf,
-    every: Duration,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) {
-    let modified = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
-    let mut last = modified(&file);
-    let mut tick = tokio::time::interval(every);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            biased;
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = modified(&file);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match pricing.load_file(&file) {
-            Ok(n) => {
-                metrics.pricing_reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(file = %file.display(), entries = n, "pricing file reloaded");
-            }
-            Err(e) => {
-                metrics.pricing_reloads.with_label_values(&["error"]).inc();
-                tracing::warn!(error = %e, "pricing file not reloaded; the previous prices stay in force");
-            }
-        }
     }
 }
 

@@ -1,0 +1,196 @@
+//! Dispatch: decided traces counted, their spend attributed, kept ones redacted, rolled up
+//! and handed to every exporter.
+
+use super::*;
+
+impl Pipeline {
+    /// The span with its content redacted (privacy), ready to export. Fails closed: a
+    /// span that cannot be redacted is not exported (counted as lost, `redaction_failed`).
+    pub(super) fn redacted(&self, span: HeldSpan) -> Option<HeldSpan> {
+        let Some(redactor) = &self.redactor else {
+            return Some(span);
+        };
+        let rewritten = match redactor.rewrite(&span.bytes) {
+            Ok(None) => return Some(span),
+            Ok(Some(bytes)) => scan::trace_state_field(&bytes)
+                .map(|trace_state| (bytes, trace_state))
+                .map_err(|_| Reject::Malformed),
+            Err(_) => Err(Reject::Malformed),
+        };
+        match rewritten {
+            Ok((bytes, trace_state)) => Some(HeldSpan {
+                bytes: self.budget.charge(Bytes::from(bytes)),
+                trace_state,
+                ..span
+            }),
+            Err(_) => {
+                self.count_lost_everywhere(Loss::RedactionFailed, 1);
+                None
+            }
+        }
+    }
+
+    /// Counts spans that no exporter will send.
+    fn count_lost_everywhere(&self, reason: Loss, n: u64) {
+        for queue in &self.exporters {
+            self.metrics
+                .spans_lost
+                .with_label_values(&[queue.name(), reason.label()])
+                .inc_by(n);
+        }
+    }
+
+    /// Counts decisions, attributes spend, and sends kept traces to the exporters.
+    pub fn dispatch(&self, decided: Vec<DecidedTrace>) {
+        if decided.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        // Decisions are counted per batch: a handful of label sets, looked up once each.
+        let mut counts: Vec<(bool, DecidedBy, u64)> = Vec::new();
+        let mut dropped_spans = 0u64;
+        let mut early: Vec<(&'static str, u64)> = Vec::new();
+        let mut kept: Vec<KeptSpan> = Vec::new();
+        for trace in decided {
+            let decision = trace.decision;
+            match counts
+                .iter_mut()
+                .find(|(k, b, _)| *k == decision.keep && *b == decision.by)
+            {
+                Some((_, _, n)) => *n += 1,
+                None => counts.push((decision.keep, decision.by, 1)),
+            }
+            self.metrics
+                .decision_delay
+                .observe(trace.delay.as_secs_f64());
+            self.observer.record_spend(&trace.summary, now);
+            if let Some(reason) = trace.reason.early_label() {
+                match early.iter_mut().find(|(r, _)| *r == reason) {
+                    Some((_, n)) => *n += 1,
+                    None => early.push((reason, 1)),
+                }
+                self.metrics
+                    .early_decision_delay
+                    .with_label_values(&[reason])
+                    .observe(trace.delay.as_secs_f64());
+            }
+            if !decision.keep {
+                dropped_spans += trace.spans.len() as u64;
+                continue;
+            }
+            let mut spans = trace.spans;
+            if self.rollup
+                && let Some(root) = spans.iter_mut().find(|s| s.is_root)
+            {
+                root.extra = Some(Box::new(rollup(&trace.summary, decision.by.label())));
+            }
+            kept.extend(
+                spans
+                    .into_iter()
+                    .filter_map(|span| self.redacted(span))
+                    .map(|span| KeptSpan {
+                        span,
+                        threshold: decision.threshold,
+                    }),
+            );
+            if kept.len() >= SUBMIT_SPANS {
+                self.submit(std::mem::take(&mut kept));
+            }
+        }
+        self.submit(kept);
+        for (keep, by, n) in counts {
+            let label = if keep { "kept" } else { "dropped" };
+            self.metrics
+                .traces
+                .with_label_values(&[label, by.label()])
+                .inc_by(n);
+        }
+        if dropped_spans > 0 {
+            self.metrics
+                .spans_dropped
+                .with_label_values(&["sampled_out"])
+                .inc_by(dropped_spans);
+        }
+        for (reason, n) in early {
+            self.metrics
+                .early_decisions
+                .with_label_values(&[reason])
+                .inc_by(n);
+        }
+    }
+
+    /// Hands kept spans to every exporter (the last one takes them without a copy).
+    pub(super) fn submit(&self, spans: Vec<KeptSpan>) {
+        if let Some((last, others)) = self.exporters.split_last() {
+            for queue in others {
+                queue.submit(spans.clone());
+            }
+            last.submit(spans);
+        }
+    }
+
+    /// Decides every trace whose deadline has passed, and refreshes the buffer gauges.
+    pub fn decide_due(&self) {
+        let mut decided = Vec::new();
+        let now = Instant::now();
+        let mut held = self.buffer.decide_due(now, &mut decided);
+        // Past the soft mark, held traces are decided early, oldest first, until what
+        // they are estimated to free brings the budget a little under the mark (so relief
+        // is not paid on every tick). Kept ones then wait in the export queues; the hard
+        // mark refuses new data until the upstream takes them.
+        let soft = self.limits.soft_buffer_bytes.load(Ordering::Relaxed);
+        let excess = self.memory().saturating_sub(soft - soft / 20);
+        if excess > 0 {
+            let target = held.memory().saturating_sub(excess);
+            held = self.buffer.relieve(held, target, now, &mut decided);
+        }
+        // Counted before the decided traces move to the queues; the next tick sees them.
+        // What requests were charged since the last tick is in `held` now.
+        self.limits
+            .held_bookkeeping
+            .store(held.bookkeeping(), Ordering::Relaxed);
+        self.limits.ingested_bookkeeping.store(0, Ordering::Relaxed);
+        self.limits
+            .held_wire_bytes
+            .store(held.bytes, Ordering::Relaxed);
+        self.dispatch(decided);
+        self.metrics.buffer_traces.set(held.traces as i64);
+        self.metrics.buffer_spans.set(held.spans as i64);
+        self.metrics.buffer_bytes.set(held.bytes as i64);
+        self.publish_memory();
+    }
+
+    /// Decides everything still held (shutdown).
+    pub fn decide_all(&self) {
+        let mut decided = Vec::new();
+        self.buffer.decide_all(Instant::now(), &mut decided);
+        self.dispatch(decided);
+        for gauge in [
+            &self.metrics.buffer_traces,
+            &self.metrics.buffer_spans,
+            &self.metrics.buffer_bytes,
+        ] {
+            gauge.set(0);
+        }
+    }
+}
+
+/// The roll-up attributes appended to a kept trace's root span: its LLM totals and the
+/// policy that kept it.
+fn rollup(s: &TraceSummary, policy: &str) -> Bytes {
+    let mut out = Vec::with_capacity(192);
+    put_attribute(&mut out, "llm.trace.cost_usd", Value::Double(s.cost_usd));
+    put_attribute(
+        &mut out,
+        "llm.trace.input_tokens",
+        Value::Int(s.input_tokens as i64),
+    );
+    put_attribute(
+        &mut out,
+        "llm.trace.output_tokens",
+        Value::Int(s.output_tokens as i64),
+    );
+    put_attribute(&mut out, "llm.trace.calls", Value::Int(i64::from(s.calls)));
+    put_attribute(&mut out, "sampling.policy", Value::Str(policy));
+    Bytes::from(out)
+}

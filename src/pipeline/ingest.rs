@@ -1,0 +1,209 @@
+//! Ingest: a request's framing checked, its resources, scopes and spans validated and
+//! scanned, every LLM call observed, spans held (or forwarded to their trace's owner).
+
+use super::*;
+
+impl Pipeline {
+    /// Takes one encoded `ExportTraceServiceRequest`. Invalid spans are refused one by one;
+    /// the request as a whole fails only when it cannot be split into spans at all, in which
+    /// case nothing of it was taken.
+    pub fn ingest(&self, request: Bytes, protocol: Protocol) -> Result<IngestOutcome, IngestError> {
+        self.take(request, protocol, true)
+    }
+
+    /// Takes spans this replica accepted already and could not hand to a peer: never
+    /// refused for memory (they are the budget's already; refusing would lose them).
+    pub fn take_back(&self, request: Bytes) {
+        let _ = self.take(request, Protocol::Peer, false);
+    }
+
+    fn take(
+        &self,
+        request: Bytes,
+        protocol: Protocol,
+        admit: bool,
+    ) -> Result<IngestOutcome, IngestError> {
+        // Charged while any span of it is held or queued.
+        let request = self.budget.charge(request);
+        // The framing is read first, so a request that is not one is refused whole.
+        let shape = request::check(&request)?;
+        // What holding its spans could cost in bookkeeping (each span a new trace, at
+        // worst) is charged now, not at the next decision tick: a request of 500,000 tiny
+        // spans must not take the budget past its mark by the 300 MB its bookkeeping costs.
+        let bookkeeping =
+            shape.spans * (crate::memory::TRACE_OVERHEAD + crate::memory::SPAN_OVERHEAD);
+        if admit
+            && self.memory() + bookkeeping > self.limits.max_buffer_bytes.load(Ordering::Relaxed)
+        {
+            return Err(IngestError::Full(Overload::Memory));
+        }
+        self.limits
+            .ingested_bookkeeping
+            .fetch_add(bookkeeping, Ordering::Relaxed);
+
+        let now = Instant::now();
+        let mut outcome = IngestOutcome::default();
+        let mut first_reject: Option<(Reject, String)> = None;
+        let mut evicted = Vec::new();
+        let mut strings = crate::llm::Strings::default();
+        let max_span_bytes = self.limits.max_span_bytes.load(Ordering::Relaxed);
+        let max_attribute_bytes = self.limits.max_attribute_bytes.load(Ordering::Relaxed);
+        // Spans of traces another replica owns are forwarded to it, unless they were
+        // forwarded here already.
+        let ring = match (&self.cluster, protocol) {
+            (Some(c), p) if !matches!(p, Protocol::Peer) => Some(c.ring()),
+            _ => None,
+        };
+        let mut forwards: Vec<(Arc<str>, Vec<HeldSpan>)> = Vec::new();
+        let mut refuse =
+            |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
+                outcome.rejected += 1;
+                self.metrics
+                    .spans_rejected
+                    .with_label_values(&[reject.label()])
+                    .inc();
+                if first_reject.is_none() {
+                    first_reject = Some((reject, place()));
+                }
+            };
+        for (ri, rs) in request::resource_spans(&request).enumerate() {
+            // A resource is checked once for all its spans; the service name and the
+            // shared origin are made only when a span is taken.
+            let resource_ok = validate::resource(&rs.resource)
+                .and_then(|()| validate::utf8(&rs.schema_url, "resource_spans.schema_url"))
+                .map_err(Reject::InvalidResource);
+            let mut service: Option<Arc<str>> = None;
+            for (si, ss) in rs.scope_spans().enumerate() {
+                let scope_ok = resource_ok.and_then(|()| {
+                    validate::scope(&ss.scope)
+                        .and_then(|()| validate::utf8(&ss.schema_url, "scope_spans.schema_url"))
+                        .map_err(Reject::InvalidScope)
+                });
+                let mut origin: Option<Arc<Origin>> = None;
+                for (pi, span) in ss.spans().enumerate() {
+                    let checked = scope_ok.and_then(|()| {
+                        if span.len() > max_span_bytes {
+                            return Err(Reject::SpanTooLarge);
+                        }
+                        let facts = scan::scan_span(&span, &crate::llm::Conventions)?;
+                        if facts.largest_attribute as usize > max_attribute_bytes {
+                            return Err(Reject::AttributeTooLarge);
+                        }
+                        validate::span(&span).map_err(Reject::InvalidSpan)?;
+                        Ok(facts)
+                    });
+                    let facts = match checked {
+                        Ok(facts) => facts,
+                        Err(reject) => {
+                            refuse(&mut outcome, reject, &|| {
+                                format!("resource_spans[{ri}].scope_spans[{si}].spans[{pi}]")
+                            });
+                            continue;
+                        }
+                    };
+                    let origin = origin
+                        .get_or_insert_with(|| {
+                            let service = service
+                                .get_or_insert_with(|| service_label(&rs.resource))
+                                .clone();
+                            Arc::new(Origin {
+                                resource: rs.resource.clone(),
+                                resource_schema_url: rs.schema_url.clone(),
+                                scope: ss.scope.clone(),
+                                scope_schema_url: ss.schema_url.clone(),
+                                service,
+                            })
+                        })
+                        .clone();
+                    outcome.accepted += 1;
+                    if let Some(peer) = ring.as_ref().and_then(|r| r.elsewhere(&facts.trace_id)) {
+                        let held = HeldSpan {
+                            origin: origin.clone(),
+                            bytes: span,
+                            trace_state: facts.trace_state,
+                            is_root: facts.is_root,
+                            extra: None,
+                        };
+                        match forwards.iter_mut().find(|(p, _)| p == peer) {
+                            Some((_, spans)) => spans.push(held),
+                            None => forwards.push((peer.clone(), vec![held])),
+                        }
+                        continue;
+                    }
+                    let call =
+                        crate::llm::call_from_span(&span, &facts, &self.pricing, &mut strings);
+                    let stats = SpanStats {
+                        start_ns: facts.start_ns,
+                        end_ns: facts.end_ns,
+                        error: facts.is_error() || call.as_ref().is_some_and(|c| c.error),
+                        call: call
+                            .as_ref()
+                            .map(|c| self.observer.observe(&origin.service, c, now)),
+                        user: crate::llm::text(&span, &facts, LlmField::UserId, &mut strings),
+                        session: crate::llm::text(&span, &facts, LlmField::SessionId, &mut strings),
+                    };
+                    let summary = SpanSummary {
+                        trace_id: facts.trace_id,
+                        is_root: facts.is_root,
+                        stats,
+                    };
+                    let held = HeldSpan {
+                        origin: origin.clone(),
+                        bytes: span,
+                        trace_state: facts.trace_state,
+                        is_root: facts.is_root,
+                        extra: None,
+                    };
+                    if let Added::Late(decision, span) =
+                        self.buffer.add(summary, held, now, &mut evicted)
+                    {
+                        let label = if decision.keep() { "kept" } else { "dropped" };
+                        self.metrics.late_spans.with_label_values(&[label]).inc();
+                        if decision.keep() {
+                            if let Some(span) = self.redacted(span) {
+                                self.submit(vec![KeptSpan {
+                                    span,
+                                    threshold: decision.threshold(),
+                                }]);
+                            }
+                        } else {
+                            self.metrics
+                                .spans_dropped
+                                .with_label_values(&["late"])
+                                .inc();
+                        }
+                    }
+                }
+            }
+        }
+        self.metrics
+            .spans_received
+            .with_label_values(&[protocol.label()])
+            .inc_by(outcome.accepted);
+        if let Some(cluster) = &self.cluster {
+            for (peer, spans) in forwards {
+                if let Err(spans) = cluster.forward(&peer, spans) {
+                    // The peer's queue is full: decided here instead.
+                    self.take_back(crate::otlp::reframe::encode_verbatim(&spans));
+                }
+            }
+        }
+        if let Some((reject, place)) = first_reject {
+            outcome.error_message = format!(
+                "{} of {} spans rejected; first at {place}: {reject}",
+                outcome.rejected,
+                outcome.rejected + outcome.accepted
+            );
+        }
+        self.dispatch(evicted);
+        Ok(outcome)
+    }
+}
+
+/// The service label of a resource: its `service.name`, as the SDKs default it when absent.
+fn service_label(resource: &[u8]) -> Arc<str> {
+    match scan::service_name(resource) {
+        Ok(Some(name)) => Arc::from(String::from_utf8_lossy(name).as_ref()),
+        _ => Arc::from(UNKNOWN_SERVICE),
+    }
+}
