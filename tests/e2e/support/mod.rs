@@ -1,0 +1,216 @@
+//! The harness of the end-to-end tests: the daemon (`daemon`), upstreams (`sink`), TLS
+//! material (`pki`), Prometheus text (`metrics`), and here the small helpers every area
+//! shares: clients, raw HTTP, generated traffic, ports.
+#![allow(dead_code)] // each test uses a different part of the harness
+
+mod daemon;
+mod metrics;
+mod pki;
+mod sink;
+
+pub use daemon::*;
+pub use metrics::*;
+pub use pki::*;
+pub use sink::*;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+/// The Python of the test virtualenv (tests/install-deps.sh), with the pinned SDKs.
+pub fn python() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/.venv/bin/python3")
+}
+
+/// Now, in Unix nanoseconds (span timestamps).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// `n` generated traces of `kind` (the conventions in turn), starting now.
+pub fn generated(
+    seed: u64,
+    kind: llmtail_tools::loadgen::Kind,
+    n: usize,
+) -> Vec<llmtail_tools::loadgen::GeneratedTrace> {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let now = now_ns();
+    (0..n)
+        .map(|i| {
+            llmtail_tools::loadgen::trace(
+                &mut rng,
+                kind,
+                llmtail_tools::loadgen::convention_for(i),
+                now,
+            )
+        })
+        .collect()
+}
+
+/// Sends every span of `traces` to the daemon in one gRPC request.
+pub async fn send_traces(d: &Daemon, traces: &[llmtail_tools::loadgen::GeneratedTrace]) {
+    let spans = traces.iter().flat_map(|t| t.spans.clone()).collect();
+    client(&d.endpoint())
+        .await
+        .export(llmtail_tools::loadgen::request(spans))
+        .await
+        .expect("llmtail takes the request");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// Every span of the requests, in order.
+fn spans_of(requests: &[ExportTraceServiceRequest]) -> Vec<Span> {
+    requests
+        .iter()
+        .flat_map(|r| &r.resource_spans)
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| ss.spans.iter().cloned())
+        .collect()
+}
+
+/// Polls `count` until it reaches `n` or the timeout passes; returns the last count.
+async fn wait_for_count(n: usize, timeout: Duration, count: impl Fn() -> usize) -> usize {
+    let end = Instant::now() + timeout;
+    loop {
+        let got = count();
+        if got >= n || Instant::now() > end {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs `llmtail --validate` on `yaml`; returns the exit code and stderr.
+pub fn validate(yaml: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(binary())
+        .args(["--validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A plain HTTP/1.0 GET; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let code = raw.split_whitespace().nth(1)?.parse().ok()?;
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+pub async fn client(endpoint: &str) -> TraceServiceClient<tonic::transport::Channel> {
+    TraceServiceClient::connect(endpoint.to_owned())
+        .await
+        .expect("connect to llmtail")
+}
+
+/// Threshold arithmetic of the consistent rule, written out independently of llmtail:
+/// keep iff R ≥ round((1 − p) · 2^56), R = the trace id's last 7 bytes.
+pub fn consistent_keep(trace_id: &[u8], p: f64) -> bool {
+    let mut r: u64 = 0;
+    for b in &trace_id[9..16] {
+        r = (r << 8) | u64::from(*b);
+    }
+    let t = ((1.0 - p) * 2f64.powi(56)).round();
+    (r as f64) >= t
+}
+
+/// A raw HTTP/1.1 request; returns the status, the headers (lower-cased names) and the body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, HashMap<String, String>, Vec<u8>) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    // The server may answer (413) and close before reading a large body.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("an HTTP response head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect::<HashMap<_, _>>();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t == "chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, headers, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&data[..eol])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+            .unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+    out
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
