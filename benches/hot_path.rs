@@ -27,7 +27,7 @@ use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use llmtail::buffer::{BufferLimits, SpanSummary, TraceBuffer};
+use llmtail::buffer::{BufferLimits, TraceBuffer};
 use llmtail::config::Config;
 use llmtail::llm::observer::LlmObserver;
 use llmtail::llm::{Conventions, Pricing};
@@ -159,14 +159,12 @@ fn benches(c: &mut Criterion) {
                 let now = Instant::now();
                 let mut evicted = Vec::new();
                 for (f, h) in facts.iter().zip(&held) {
-                    let summary = SpanSummary {
+                    let summary = SpanStats {
                         trace_id: f.trace_id,
                         is_root: f.is_root,
-                        stats: SpanStats {
-                            start_ns: f.start_ns,
-                            end_ns: f.end_ns,
-                            ..Default::default()
-                        },
+                        start_ns: f.start_ns,
+                        end_ns: f.end_ns,
+                        ..Default::default()
                     };
                     buffer.add(summary, h.clone(), now, &mut evicted);
                 }

@@ -179,14 +179,6 @@ impl LiveLimits {
     }
 }
 
-/// One span's contribution to its trace, from the scanner and the LLM facts.
-#[derive(Debug, Clone)]
-pub struct SpanSummary {
-    pub trace_id: TraceId,
-    pub is_root: bool,
-    pub stats: SpanStats,
-}
-
 pub struct TraceBuffer {
     shards: Box<[Mutex<Shard>]>,
     limits: LiveLimits,
@@ -276,7 +268,7 @@ impl TraceBuffer {
     /// decided early because the buffer is full are appended to `evicted`.
     pub fn add(
         &self,
-        s: SpanSummary,
+        s: SpanStats,
         span: HeldSpan,
         now: Instant,
         evicted: &mut Vec<DecidedTrace>,
@@ -300,7 +292,7 @@ impl TraceBuffer {
                 detached: false,
             }
         });
-        entry.summary.add(&s.stats);
+        entry.summary.add(&s);
         let mut span = span;
         if entry.detached {
             detach(&mut span, &mut Copies::default(), &self.budget);
@@ -542,15 +534,13 @@ mod tests {
         }
     }
 
-    fn summary(id: u8, is_root: bool) -> SpanSummary {
-        SpanSummary {
+    fn summary(id: u8, is_root: bool) -> SpanStats {
+        SpanStats {
             trace_id: TraceId([id; 16]),
             is_root,
-            stats: SpanStats {
-                start_ns: 0,
-                end_ns: 1,
-                ..Default::default()
-            },
+            start_ns: 0,
+            end_ns: 1,
+            ..Default::default()
         }
     }
 

@@ -21,8 +21,9 @@ pub mod view {
 
 use std::fmt;
 
-/// A 16-byte W3C trace id, valid (not all zero).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A 16-byte W3C trace id; valid when not all zero (the all-zero default is the invalid
+/// id, a placeholder).
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TraceId(pub [u8; 16]);
 
 impl TraceId {

@@ -133,6 +133,8 @@ impl Pipeline {
                     let call =
                         crate::llm::call_from_span(&span, &facts, &self.pricing, &mut strings);
                     let stats = SpanStats {
+                        trace_id: facts.trace_id,
+                        is_root: facts.is_root,
                         start_ns: facts.start_ns,
                         end_ns: facts.end_ns,
                         error: facts.is_error() || call.as_ref().is_some_and(|c| c.error),
@@ -142,11 +144,6 @@ impl Pipeline {
                         user: crate::llm::text(&span, &facts, LlmField::UserId, &mut strings),
                         session: crate::llm::text(&span, &facts, LlmField::SessionId, &mut strings),
                     };
-                    let summary = SpanSummary {
-                        trace_id: facts.trace_id,
-                        is_root: facts.is_root,
-                        stats,
-                    };
                     let held = HeldSpan {
                         origin: origin.clone(),
                         bytes: span,
@@ -155,7 +152,7 @@ impl Pipeline {
                         extra: None,
                     };
                     if let Added::Late(decision, span) =
-                        self.buffer.add(summary, held, now, &mut evicted)
+                        self.buffer.add(stats, held, now, &mut evicted)
                     {
                         let label = if decision.keep() { "kept" } else { "dropped" };
                         self.metrics.late_spans.with_label_values(&[label]).inc();

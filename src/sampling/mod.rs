@@ -31,9 +31,12 @@ pub struct CallStats {
     pub boost: Option<f64>,
 }
 
-/// What one span adds to its trace.
+/// What one span adds to its trace: what the buffer files it under (its trace, whether it
+/// is the root) and what the sampler's summary takes from it (times, error, the LLM call).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpanStats {
+    pub trace_id: TraceId,
+    pub is_root: bool,
     pub start_ns: u64,
     pub end_ns: u64,
     pub error: bool,
