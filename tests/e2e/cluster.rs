@@ -98,6 +98,28 @@ fn arrived(sink: &Sink) -> HashMap<Vec<u8>, usize> {
     by_trace
 }
 
+/// Waits until every replica holds nothing and has nothing queued: every trace sent so far
+/// is decided and exported (or forwarded and then so).
+async fn settled(replicas: &[&Daemon]) {
+    // The gauges are refreshed every decision tick (10 ms): a reading taken right after the
+    // last send may predate it, so only readings 100 ms later count.
+    let fresh = std::time::Instant::now() + Duration::from_millis(100);
+    for d in replicas {
+        let m = d
+            .wait_metrics(Duration::from_secs(30), |m| {
+                std::time::Instant::now() >= fresh
+                    && m.sum("llmtail_buffer_traces", &[]) == 0.0
+                    && m.sum("llmtail_export_queue_spans", &[]) == 0.0
+            })
+            .await;
+        assert_eq!(
+            m.sum("llmtail_buffer_traces", &[]),
+            0.0,
+            "still held after 30 s"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
     let sink = Sink::start(0).await;
@@ -118,7 +140,7 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
             .await,
         spans_wanted
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    settled(&replicas.iter().collect::<Vec<_>>()).await;
     let got = arrived(&sink);
     assert_eq!(got.keys().cloned().collect::<HashSet<_>>(), want);
     assert!(
@@ -177,7 +199,7 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
         })
         .sum();
     assert!(failures >= 1.0, "the failed forwards are counted");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    settled(&left).await;
     let got = arrived(&sink);
     let gone_addr = members[2].as_str();
     let mut split = 0;
@@ -210,7 +232,7 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
     let second = generate(&mut rng, 200);
     scatter(&mut rng, &left, &second).await;
     let want2 = expected(&second);
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    settled(&left).await;
     let got = arrived(&sink);
     for id in &want2 {
         assert_eq!(got.get(id).copied(), Some(4), "trace {id:?} whole");

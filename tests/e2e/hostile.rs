@@ -498,7 +498,10 @@ async fn bombs_and_empty_message_floods_cost_a_bounded_multiple_of_their_size() 
         },
     );
     let good = GoodTraffic::start(daemon.endpoint());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The baseline: after the good traffic's first requests were taken.
+    while good.taken.lock().unwrap().len() < 120 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let base = daemon.peak_rss();
 
     // Four zstd window bombs at once: refused before the window is allocated.

@@ -26,8 +26,12 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
     let d = Daemon::start(&body(&sink, 0.0, ""));
     // Held under base_rate 0: none of these would be kept.
     let held = send_normal(&d, 21, 30).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(d.metrics().sum("llmtail_buffer_traces", &[]), 30.0);
+    let m = d
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.sum("llmtail_buffer_traces", &[]) == 30.0
+        })
+        .await;
+    assert_eq!(m.sum("llmtail_buffer_traces", &[]), 30.0);
 
     // Reload: base_rate 1 and a new policy name. The held traces stay held and are decided
     // under the new rules.
