@@ -1,0 +1,44 @@
+//! Deadlines: traces decided when their time comes (`decision_wait` after the first span,
+//! `root_grace` after the root), held ones old enough detached from their request.
+
+use super::*;
+
+impl TraceBuffer {
+    /// Decides every trace whose deadline has passed; returns what is still held.
+    pub fn decide_due(&self, now: Instant, out: &mut Vec<DecidedTrace>) -> Held {
+        let mut held = Held::default();
+        let mut copies = Copies::default();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            while let Some(Reverse((deadline, id))) = shard.deadlines.peek().copied() {
+                if deadline > now {
+                    break;
+                }
+                shard.deadlines.pop();
+                if shard
+                    .traces
+                    .get(&id)
+                    .is_some_and(|e| e.deadline == deadline)
+                {
+                    out.push(self.decide(&mut shard, id, now, DecideReason::Deadline));
+                }
+            }
+            // Drop arrival records of traces decided by deadline, so the queue stays small.
+            while let Some((first_seen, id)) = shard.arrivals.front().copied() {
+                if shard
+                    .traces
+                    .get(&id)
+                    .is_some_and(|e| e.first_seen == first_seen)
+                {
+                    break;
+                }
+                shard.pop_arrival();
+            }
+            if let Some(cutoff) = now.checked_sub(COMPACT_AFTER) {
+                shard.detach_old(cutoff, &mut copies, &self.budget);
+            }
+            held.add(&shard);
+        }
+        held
+    }
+}
