@@ -1,7 +1,9 @@
 //! llmtail: a tail-sampling OTLP trace processor that understands LLM calls.
 //!
 //! Data flows one way: `receiver` → `pipeline` (LLM metrics for every span) → `buffer`
-//! (held by trace id) → `sampler` (decided) → `exporter` (kept traces upstream).
+//! (held by trace id) → `sampling` (decided) → `exporter` (kept traces upstream), with
+//! `cluster` routing each trace to its owner; `app` wires them, `config` composes their
+//! sections; `otlp`, `llm`, `telemetry`, `units` and `memory` serve them all.
 
 pub mod app;
 pub mod buffer;
