@@ -1,4 +1,4 @@
 #![no_main]
-//! Fuzz target: `llmtail_tools::fuzzing::scan_span` (see src/fuzzing.rs for what it checks).
+//! Fuzz target: `llmtail_tools::fuzzing::scan_span` (see tools/src/fuzzing.rs for what it checks).
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| llmtail_tools::fuzzing::scan_span(data));
