@@ -374,4 +374,38 @@ mod tests {
         assert_eq!(at_max.cost_usd, Some(MAX_COST_USD));
         assert!(at_max.ignored.is_empty());
     }
+
+    #[test]
+    fn cache_writes_are_read_under_the_current_genai_name_and_the_old_one() {
+        let current = call(&[
+            (
+                "gen_ai.request.model",
+                Value::StringValue("claude-sonnet-4".into()),
+            ),
+            ("gen_ai.usage.input_tokens", Value::IntValue(1000)),
+            (
+                "gen_ai.usage.cache_write.input_tokens",
+                Value::IntValue(800),
+            ),
+            (
+                "gen_ai.usage.cache_creation.input_tokens",
+                Value::IntValue(5),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(current.usage.cache_write, 800, "the current name wins");
+        let old = call(&[
+            (
+                "gen_ai.request.model",
+                Value::StringValue("claude-sonnet-4".into()),
+            ),
+            ("gen_ai.usage.input_tokens", Value::IntValue(1000)),
+            (
+                "gen_ai.usage.cache_creation.input_tokens",
+                Value::IntValue(300),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(old.usage.cache_write, 300);
+    }
 }
