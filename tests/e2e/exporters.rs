@@ -18,7 +18,7 @@ async fn send_errors(d: &Daemon, seed: u64, n: usize) -> Vec<[u8; 16]> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_upstream_gets_gzip_and_the_api_key_from_the_environment() {
     let secret = "s3cr3t-key-4f9a";
-    let sink = HttpSink::start(free_port(), secret, None).await;
+    let sink = HttpSink::start(0, secret, None).await;
     let d = Daemon::start_env(
         &format!(
             "{SAMPLING}exporters:\n  - name: vendor\n    otlp:\n      protocol: http/protobuf\n      endpoint: http://127.0.0.1:{}/otlp\n      headers:\n        x-api-key: ${{env:VENDOR_KEY}}\n{FAST}",
@@ -48,7 +48,7 @@ async fn http_protobuf_upstream_gets_gzip_and_the_api_key_from_the_environment()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_api_key_is_a_permanent_error_counted_as_lost() {
-    let sink = HttpSink::start(free_port(), "right", None).await;
+    let sink = HttpSink::start(0, "right", None).await;
     let d = Daemon::start(&format!(
         "{SAMPLING}exporter:\n  otlp:\n    protocol: http/protobuf\n    endpoint: http://127.0.0.1:{}/otlp\n    headers: {{x-api-key: wrong}}\n  batch:\n    timeout: 50ms\n",
         sink.port
@@ -78,7 +78,7 @@ async fn a_wrong_api_key_is_a_permanent_error_counted_as_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_upstream_over_mutual_tls_with_a_private_ca() {
     let pki = Pki::new();
-    let sink = Sink::start_mtls(free_port(), &pki).await;
+    let sink = Sink::start_mtls(0, &pki).await;
     let d = Daemon::start(&format!(
         "{SAMPLING}exporter:\n  otlp:\n    endpoint: https://localhost:{}\n    tls:\n      ca_file: {}\n      cert_file: {}\n      key_file: {}\n  batch:\n    timeout: 50ms\n",
         sink.port,
@@ -116,7 +116,7 @@ async fn grpc_upstream_over_mutual_tls_with_a_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_upstream_over_tls_with_a_private_ca() {
     let pki = Pki::new();
-    let sink = HttpSink::start(free_port(), "k", Some(&pki)).await;
+    let sink = HttpSink::start(0, "k", Some(&pki)).await;
     let d = Daemon::start(&format!(
         "{SAMPLING}exporter:\n  otlp:\n    protocol: http/protobuf\n    endpoint: https://localhost:{}/otlp\n    headers: {{x-api-key: k}}\n    tls:\n      ca_file: {}\n  batch:\n    timeout: 50ms\n",
         sink.port,
@@ -134,7 +134,9 @@ async fn http_upstream_over_tls_with_a_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_exporters_each_get_every_kept_trace_and_a_down_one_blocks_no_other() {
     let grpc = Sink::start(0).await;
-    let http_port = free_port();
+    let vendor = HttpSink::start(0, "k", None).await;
+    vendor.down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let http_port = vendor.port;
     let d = Daemon::start(&format!(
         "{SAMPLING}exporters:\n  - name: tempo\n    otlp:\n      endpoint: {}\n{FAST}  - name: vendor\n    otlp:\n      protocol: http/protobuf\n      endpoint: http://127.0.0.1:{http_port}/otlp\n      headers: {{x-api-key: k}}\n{FAST}",
         grpc.endpoint()
@@ -145,6 +147,7 @@ async fn several_exporters_each_get_every_kept_trace_and_a_down_one_blocks_no_ot
     let m = d
         .wait_metrics(Duration::from_secs(5), |m| {
             m.sum("llmtail_export_queue_spans", &[("exporter", "vendor")]) == 20.0
+                && m.sum("llmtail_spans_exported_total", &[("exporter", "tempo")]) == 20.0
         })
         .await;
     assert_eq!(
@@ -156,7 +159,9 @@ async fn several_exporters_each_get_every_kept_trace_and_a_down_one_blocks_no_ot
         0.0
     );
     // The vendor comes up and catches up from its own queue.
-    let vendor = HttpSink::start(http_port, "k", None).await;
+    vendor
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         vendor.wait_for_spans(20, Duration::from_secs(10)).await,
         20,

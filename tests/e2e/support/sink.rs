@@ -279,6 +279,9 @@ pub struct HttpSink {
     pub requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
     /// Requests refused for a wrong or missing key.
     pub unauthorized: Arc<AtomicU64>,
+    /// While set, every request is answered 503: the upstream is down (reachable, unlike a
+    /// closed port, which another test's server could take meanwhile).
+    pub down: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -288,12 +291,18 @@ impl HttpSink {
         use prost::Message;
         let requests: Arc<Mutex<Vec<ExportTraceServiceRequest>>> = Arc::default();
         let unauthorized = Arc::new(AtomicU64::new(0));
+        let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (reqs, unauth, key) = (requests.clone(), unauthorized.clone(), api_key.to_owned());
+        let is_down = down.clone();
         let app = axum::Router::new().route(
             "/otlp/v1/traces",
             axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
                 let (reqs, unauth, key) = (reqs.clone(), unauth.clone(), key.clone());
+                let is_down = is_down.clone();
                 async move {
+                    if is_down.load(Ordering::SeqCst) {
+                        return (StatusCode::SERVICE_UNAVAILABLE, Vec::new());
+                    }
                     if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(key.as_str())
                     {
                         unauth.fetch_add(1, Ordering::SeqCst);
@@ -323,6 +332,7 @@ impl HttpSink {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
+        let port = listener.local_addr().unwrap().port();
         let task = match tls {
             None => tokio::spawn(async move {
                 let _ = axum::serve(listener, app).await;
@@ -372,6 +382,7 @@ impl HttpSink {
             port,
             requests,
             unauthorized,
+            down,
             task,
         }
     }
