@@ -953,7 +953,9 @@ async fn rapid_resets_cost_no_log_volume_and_no_service() {
 async fn only_cluster_members_may_claim_to_forward_and_auth_comes_first() {
     let sink = Sink::start_counting(0).await;
     let port = free_port();
-    let absent_peer = free_port();
+    // A peer that is never up: port 1 is outside the ephemeral range, so no other test's
+    // server can be listening there.
+    let absent_peer = 1;
     let cluster = format!(
         "cluster:\n  self: 127.0.0.1:{port}\n  peers: [127.0.0.1:{port}, 127.0.0.1:{absent_peer}]\n"
     );
