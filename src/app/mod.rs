@@ -144,6 +144,7 @@ pub async fn run(
     let decision_cache_size = decision_cache_size(s.decision_cache_size, cfg.limits.buffer_bytes());
     let base = Arc::new(BaseRate::new(s.base_rate));
     let pricing = Arc::new(Pricing::new(&cfg.llm.pricing));
+    pricing.set_cost_source(cfg.llm.cost_source);
     if let Some(file) = &cfg.llm.pricing_file {
         pricing.load_file(file)?;
     }

@@ -82,6 +82,7 @@ fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
         .buffer_limit_traces
         .set(s.max_traces as i64);
     pipeline.pricing.set_config(&next.llm.pricing);
+    pipeline.pricing.set_cost_source(next.llm.cost_source);
     if let Some(file) = &next.llm.pricing_file
         && let Err(e) = pipeline.pricing.load_file(file)
     {
@@ -103,6 +104,7 @@ fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
     let live_llm = crate::config::LlmConfig {
         pricing: old.llm.pricing.clone(),
         pricing_file: old.llm.pricing_file.clone(),
+        cost_source: old.llm.cost_source,
         ..next.llm.clone()
     };
     if live_llm != old.llm {

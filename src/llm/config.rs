@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::PricingEntry;
 use super::anomaly::AnomalyConfig;
+use super::pricing::CostSource;
 use crate::otlp::redact::PrivacyConfig;
 use crate::units::Dur;
 
@@ -18,6 +19,8 @@ pub struct LlmConfig {
     /// come before `pricing`'s.
     pub pricing_file: Option<PathBuf>,
     pub pricing_reload_interval: Dur,
+    /// Where a call's cost comes from: `auto`, `attribute` or `pricing` (see [`CostSource`]).
+    pub cost_source: CostSource,
     pub anomaly: AnomalyConfig,
     pub labels: LabelLimits,
     /// Append the trace's LLM totals and the keeping policy to the root span on export.
@@ -31,6 +34,7 @@ impl Default for LlmConfig {
             pricing: Vec::new(),
             pricing_file: None,
             pricing_reload_interval: Dur(Duration::from_secs(30)),
+            cost_source: CostSource::default(),
             anomaly: AnomalyConfig::default(),
             labels: LabelLimits::default(),
             trace_rollup: true,

@@ -176,7 +176,7 @@ pub fn call_from_span(
         cache_read: cache_read.unwrap_or(0),
         cache_write: cache_write.unwrap_or(0),
     };
-    let cost_usd = cost_attr.or_else(|| pricing.price(&model).map(|p| p.cost(&usage)));
+    let cost_usd = pricing.call_cost(&model, &usage, cost_attr);
     let duration = facts.end_ns.saturating_sub(facts.start_ns) as f64 / 1e9;
     let latency_seconds = match latency_attr_ms {
         Some(ms) => Some(ms / 1e3),

@@ -369,10 +369,27 @@ pub struct PriceMatch {
 /// Distinct model ids whose lookup is remembered; past it the memo starts over.
 const MEMO_CAPACITY: usize = 4096;
 
+/// Where a call's cost comes from (`llm.cost_source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CostSource {
+    /// The span's cost attribute, else the price table; but a cost attribute of 0 on a
+    /// call whose tokens the table prices is taken as "unknown", not as free (OpenLIT, for
+    /// one, writes 0 for models its own table lacks).
+    #[default]
+    Auto,
+    /// The span's cost attribute whenever there is one (0 included), else the table.
+    Attribute,
+    /// The price table only; cost attributes are ignored.
+    Pricing,
+}
+
 /// The pricing table: the pricing file's entries, then the config's (first match wins),
 /// then the built-in table (the longest matching id wins).
 #[derive(Debug, Default)]
 pub struct Pricing {
+    /// `llm.cost_source`, changed live by a reload.
+    cost_source: RwLock<CostSource>,
     config: RwLock<Vec<PricingEntry>>,
     file: RwLock<Option<(PathBuf, Vec<PricingEntry>)>>,
     /// Lookups by the model id as reported, so each distinct id is matched once.
@@ -392,6 +409,33 @@ impl Pricing {
         Pricing {
             config: RwLock::new(config.to_vec()),
             ..Default::default()
+        }
+    }
+
+    pub fn cost_source(&self) -> CostSource {
+        *self.cost_source.read()
+    }
+
+    pub fn set_cost_source(&self, source: CostSource) {
+        *self.cost_source.write() = source;
+    }
+
+    /// The cost of a call: from its cost attribute or the price of its tokens, as
+    /// `llm.cost_source` says; `None` when neither is known.
+    pub fn call_cost(
+        &self,
+        model: &Arc<str>,
+        usage: &Usage,
+        attribute: Option<f64>,
+    ) -> Option<f64> {
+        let priced = || self.price(model).map(|p| p.cost(usage));
+        match (self.cost_source(), attribute) {
+            (CostSource::Pricing, _) | (_, None) => priced(),
+            (CostSource::Attribute, Some(cost)) => Some(cost),
+            (CostSource::Auto, Some(cost)) if cost == 0.0 => {
+                priced().filter(|p| *p > 0.0).or(Some(cost))
+            }
+            (CostSource::Auto, Some(cost)) => Some(cost),
         }
     }
 
@@ -653,5 +697,38 @@ mod tests {
         assert!(glob_match("abc", "abc"));
         assert!(!glob_match("abc", "abcd"));
         assert!(!glob_match("ab*ba", "aba"));
+    }
+
+    #[test]
+    fn a_zero_cost_attribute_on_priceable_tokens_is_not_taken_as_free() {
+        let pricing = Pricing::default();
+        let gpt: Arc<str> = Arc::from("gpt-4o");
+        let unknown: Arc<str> = Arc::from("in-house-model-7");
+        let usage = Usage {
+            input: 1_000_000,
+            output: 0,
+            cache_read: 0,
+            cache_write: 0,
+        };
+        // auto (the default): a 0 the table can price is replaced by the price.
+        assert_eq!(pricing.call_cost(&gpt, &usage, Some(0.0)), Some(2.5));
+        assert_eq!(
+            pricing.call_cost(&unknown, &usage, Some(0.0)),
+            Some(0.0),
+            "nothing better known"
+        );
+        assert_eq!(
+            pricing.call_cost(&gpt, &usage, Some(0.7)),
+            Some(0.7),
+            "a real figure is kept"
+        );
+        assert_eq!(pricing.call_cost(&gpt, &usage, None), Some(2.5));
+        assert_eq!(pricing.call_cost(&unknown, &usage, None), None, "unpriced");
+        pricing.set_cost_source(CostSource::Attribute);
+        assert_eq!(pricing.call_cost(&gpt, &usage, Some(0.0)), Some(0.0));
+        assert_eq!(pricing.call_cost(&gpt, &usage, None), Some(2.5));
+        pricing.set_cost_source(CostSource::Pricing);
+        assert_eq!(pricing.call_cost(&gpt, &usage, Some(0.7)), Some(2.5));
+        assert_eq!(pricing.call_cost(&unknown, &usage, Some(0.7)), None);
     }
 }
