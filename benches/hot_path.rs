@@ -27,6 +27,7 @@ use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use llmtail::buffer::SpanStats;
 use llmtail::buffer::{BufferLimits, TraceBuffer};
 use llmtail::config::Config;
 use llmtail::llm::observer::LlmObserver;
@@ -35,8 +36,8 @@ use llmtail::otlp::reframe::{HeldSpan, KeptSpan, Origin, encode_request};
 use llmtail::otlp::scan::scan_span;
 use llmtail::otlp::tracestate::Threshold;
 use llmtail::otlp::view;
+use llmtail::sampling::Sampler;
 use llmtail::sampling::adaptive::BaseRate;
-use llmtail::sampling::{Sampler, SpanStats};
 use llmtail::telemetry::Metrics;
 use llmtail_tools::loadgen::{self, Kind};
 use prost::Message;
@@ -140,6 +141,12 @@ fn benches(c: &mut Criterion) {
         .map(|s| scan_span(s, &Conventions).unwrap())
         .collect();
     let held: Vec<HeldSpan> = kept.iter().map(|k| k.span.clone()).collect();
+    let observer = Arc::new(LlmObserver::new(
+        &cfg.llm,
+        Metrics::new(),
+        None,
+        Arc::new(BaseRate::new(0.1)),
+    ));
     g.bench_function("buffer_add_and_decide/400_spans", |b| {
         b.iter_batched(
             || {
@@ -153,6 +160,7 @@ fn benches(c: &mut Criterion) {
                     },
                     Sampler::new(&cfg.sampling, Arc::new(BaseRate::new(0.1))),
                     llmtail::pipeline::Budget::new(),
+                    observer.clone(),
                 )
             },
             |buffer| {
@@ -177,14 +185,18 @@ fn benches(c: &mut Criterion) {
     });
 
     // LLM metrics: one call observed (labels bounded, handles cached, anomaly baseline).
-    let observer = LlmObserver::new(&cfg.llm, Metrics::new(), None, Arc::new(BaseRate::new(0.1)));
     let call = llmtail::llm::call_from_span(
         &llm_span,
         &scan_span(&llm_span, &Conventions).unwrap(),
+        &llmtail::llm::SpanOrigin {
+            scope: &Arc::from("opentelemetry.instrumentation.openai.v1"),
+            service: &Arc::from("chat-api"),
+        },
         &Pricing::default(),
         &mut llmtail::llm::Strings::default(),
     )
-    .unwrap();
+    .unwrap()
+    .call;
     let service: Arc<str> = Arc::from("chat-api");
     g.throughput(Throughput::Elements(1));
     g.bench_function("observe_llm_call", |b| {

@@ -162,6 +162,12 @@ pub async fn run(
         Some((c, rx)) => (Some(c), Some(rx)),
         None => (None, None),
     };
+    let observer = Arc::new(LlmObserver::new(
+        &cfg.llm,
+        metrics.clone(),
+        s.boost.clone().map(Boost::new),
+        base.clone(),
+    ));
     let pipeline = Arc::new(Pipeline {
         buffer: TraceBuffer::new(
             BufferLimits {
@@ -173,14 +179,10 @@ pub async fn run(
             },
             Sampler::new(s, base.clone()),
             budget.clone(),
+            observer.clone(),
         ),
         pricing: pricing.clone(),
-        observer: LlmObserver::new(
-            &cfg.llm,
-            metrics.clone(),
-            s.boost.clone().map(Boost::new),
-            base.clone(),
-        ),
+        observer,
         metrics: metrics.clone(),
         exporters: exporters.clone(),
         redactor: Redactor::new(&cfg.llm.privacy).context("llm.privacy")?,

@@ -27,9 +27,39 @@ use parking_lot::Mutex;
 use crate::otlp::TraceId;
 use std::sync::Arc;
 
+use crate::llm::CallSpan;
+use crate::llm::trace::Settle;
 use crate::memory::{Budget, SPAN_OVERHEAD, TRACE_OVERHEAD};
 use crate::otlp::reframe::HeldSpan;
-use crate::sampling::{Decision, Sampler, SpanStats, TraceSummary};
+use crate::sampling::{Decision, Sampler, TraceSummary};
+
+/// Bookkeeping memory per held LLM span beyond [`SPAN_OVERHEAD`]: its facts until the
+/// trace is decided (strings are shared per request, so mostly the struct itself).
+pub const CALL_OVERHEAD: usize = std::mem::size_of::<CallSpan>() + 32;
+
+/// What one span adds to its trace: what the buffer files it under (its trace, whether it
+/// is the root) and what the sampler's summary takes from it (times, error, user, session;
+/// the LLM span, counted when the trace is decided).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SpanStats {
+    pub trace_id: TraceId,
+    pub is_root: bool,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub error: bool,
+    pub call: Option<CallSpan>,
+    pub user: Option<Arc<str>>,
+    pub session: Option<Arc<str>>,
+}
+
+/// Leaves LLM spans uncounted (the buffer's own tests).
+#[cfg(test)]
+pub struct NoLlm;
+
+#[cfg(test)]
+impl Settle for NoLlm {
+    fn settle(&self, _: &mut TraceSummary, _: Vec<CallSpan>, _: &[HeldSpan], _: Instant) {}
+}
 
 /// Number of shards; a power of two well above the core count so that receivers and the
 /// decision sweep rarely meet on one lock.
@@ -70,6 +100,8 @@ pub struct DecidedTrace {
     pub spans: Vec<HeldSpan>,
     pub summary: TraceSummary,
     pub bytes: usize,
+    /// LLM spans it held until decided.
+    pub llm_spans: usize,
     /// First span → decision.
     pub delay: Duration,
     pub reason: DecideReason,
@@ -80,8 +112,9 @@ pub struct DecidedTrace {
 pub enum Added {
     /// Held with its trace.
     Held,
-    /// Its trace was already decided; the span follows that decision.
-    Late(CachedDecision, HeldSpan),
+    /// Its trace was already decided; the span follows that decision (its LLM span, if
+    /// any, is counted alone).
+    Late(CachedDecision, HeldSpan, Option<CallSpan>),
 }
 
 struct TraceEntry {
@@ -89,6 +122,8 @@ struct TraceEntry {
     deadline: Instant,
     summary: TraceSummary,
     spans: Vec<HeldSpan>,
+    /// Its LLM spans, counted when it is decided.
+    calls: Vec<CallSpan>,
     bytes: usize,
     /// Its spans own their bytes (see [`COMPACT_AFTER`]); later spans are copied too.
     detached: bool,
@@ -105,6 +140,7 @@ struct Shard {
     /// Spans and wire bytes held (kept here, under the lock, rather than in shared atomics
     /// every receiver thread would contend on).
     spans: usize,
+    calls: usize,
     bytes: usize,
     /// Leading `arrivals` records already looked at for detaching.
     detached_upto: usize,
@@ -115,6 +151,8 @@ struct Shard {
 pub struct Held {
     pub traces: usize,
     pub spans: usize,
+    /// LLM spans among them.
+    pub calls: usize,
     pub bytes: usize,
 }
 
@@ -125,6 +163,7 @@ impl Held {
     fn add(&mut self, shard: &Shard) {
         self.traces += shard.traces.len();
         self.spans += shard.spans;
+        self.calls += shard.calls;
         self.bytes += shard.bytes;
     }
 
@@ -137,7 +176,7 @@ impl Held {
     /// Their bookkeeping beyond the wire bytes (which the memory budget counts as the
     /// buffers they pin).
     pub fn bookkeeping(&self) -> usize {
-        self.traces * TRACE_OVERHEAD + self.spans * SPAN_OVERHEAD
+        self.traces * TRACE_OVERHEAD + self.spans * SPAN_OVERHEAD + self.calls * CALL_OVERHEAD
     }
 }
 
@@ -189,6 +228,7 @@ pub struct TraceBuffer {
     sampler: arc_swap::ArcSwap<Sampler>,
     /// Charged with the copies made when traces are detached from their requests.
     budget: Arc<Budget>,
+    settle: Arc<dyn Settle>,
 }
 
 impl Shard {
@@ -219,7 +259,12 @@ impl Shard {
 }
 
 impl TraceBuffer {
-    pub fn new(limits: BufferLimits, sampler: Sampler, budget: Arc<Budget>) -> TraceBuffer {
+    pub fn new(
+        limits: BufferLimits,
+        sampler: Sampler,
+        budget: Arc<Budget>,
+        settle: Arc<dyn Settle>,
+    ) -> TraceBuffer {
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
@@ -228,6 +273,7 @@ impl TraceBuffer {
                     arrivals: VecDeque::new(),
                     decided: DecisionCache::new(limits.decision_cache_size.div_ceil(SHARDS)),
                     spans: 0,
+                    calls: 0,
                     bytes: 0,
                     detached_upto: 0,
                 })
@@ -245,6 +291,7 @@ impl TraceBuffer {
             limits: live,
             sampler: arc_swap::ArcSwap::from_pointee(sampler),
             budget,
+            settle,
         }
     }
 
@@ -278,12 +325,13 @@ impl TraceBuffer {
     ) -> Added {
         let mut shard = self.shard(&s.trace_id).lock();
         if let Some(d) = shard.decided.get(&s.trace_id) {
-            return Added::Late(d, span);
+            return Added::Late(d, span, s.call);
         }
         let len = span.bytes.len();
         let decision_wait = self.limits.decision_wait();
         let root_grace = self.limits.root_grace();
         let mut is_new = false;
+        let mut shard_calls_added = 0;
         let entry = shard.traces.entry(s.trace_id).or_insert_with(|| {
             is_new = true;
             TraceEntry {
@@ -291,11 +339,18 @@ impl TraceBuffer {
                 deadline: now + decision_wait,
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
+                calls: Vec::new(),
                 bytes: 0,
                 detached: false,
             }
         });
-        entry.summary.add(&s);
+        entry
+            .summary
+            .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
+        if let Some(call) = s.call {
+            entry.calls.push(call);
+            shard_calls_added = 1;
+        }
         let mut span = span;
         if entry.detached {
             detach(&mut span, &mut Copies::default(), &self.budget);
@@ -316,6 +371,7 @@ impl TraceBuffer {
             shard.deadlines.push(Reverse((deadline, s.trace_id)));
         }
         shard.spans += 1;
+        shard.calls += shard_calls_added;
         shard.bytes += len;
         if full {
             // One huge trace (an agent loop) is decided now; its later spans follow the
@@ -341,18 +397,23 @@ impl TraceBuffer {
         now: Instant,
         reason: DecideReason,
     ) -> DecidedTrace {
-        let entry = shard
+        let mut entry = shard
             .traces
             .remove(&id)
             .expect("decide is only called for a held trace");
+        shard.spans -= entry.spans.len();
+        let llm_spans = entry.calls.len();
+        shard.calls -= llm_spans;
+        shard.bytes -= entry.bytes;
+        self.settle
+            .settle(&mut entry.summary, entry.calls, &entry.spans, now);
         let decision = self.sampler.load().decide(&id, &entry.summary, now);
         shard.decided.insert(id, CachedDecision::new(&decision));
-        shard.spans -= entry.spans.len();
-        shard.bytes -= entry.bytes;
         DecidedTrace {
             trace_id: id,
             decision,
             bytes: entry.bytes,
+            llm_spans,
             spans: entry.spans,
             summary: entry.summary,
             delay: now.saturating_duration_since(entry.first_seen),
@@ -411,6 +472,7 @@ mod tests {
                 Arc::new(crate::sampling::adaptive::BaseRate::new(1.0)),
             ),
             Budget::new(),
+            Arc::new(NoLlm),
         )
     }
 
@@ -458,6 +520,7 @@ mod tests {
             Held {
                 traces: 2,
                 spans: 3,
+                calls: 0,
                 bytes: 30
             }
         );
@@ -489,7 +552,7 @@ mod tests {
             t0 + Duration::from_secs(2),
             &mut ev,
         ) {
-            Added::Late(d, _) => {
+            Added::Late(d, ..) => {
                 assert!(d.keep());
                 assert_eq!(d.threshold(), Threshold::ALWAYS);
             }

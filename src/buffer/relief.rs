@@ -56,6 +56,7 @@ impl TraceBuffer {
                     // since (spans keep arriving), so its current size can exceed it.
                     held.traces = held.traces.saturating_sub(1);
                     held.spans = held.spans.saturating_sub(t.spans.len());
+                    held.calls = held.calls.saturating_sub(t.llm_spans);
                     held.bytes = held.bytes.saturating_sub(t.bytes);
                     out.push(DecidedTrace {
                         reason: DecideReason::Memory,

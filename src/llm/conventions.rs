@@ -24,10 +24,22 @@ pub enum LlmField {
     ErrorType,
     UserId,
     SessionId,
+    /// `openinference.span.kind` (LLM, EMBEDDING, CHAIN, AGENT, TOOL...).
+    OpenInferenceKind,
+    /// `langfuse.observation.type` (generation, embedding, span, agent...).
+    LangfuseType,
+    /// `logfire.span_type` (span, log).
+    LogfireSpanType,
+    /// `llm.invocation_parameters`: the request's parameters as JSON (OpenInference).
+    InvocationParameters,
+    /// `langfuse.observation.usage_details`: token counts as JSON.
+    UsageDetails,
+    /// `langfuse.observation.cost_details`: costs as JSON.
+    CostDetails,
 }
 
 impl LlmField {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 22;
     pub const ALL: [LlmField; Self::COUNT] = [
         LlmField::Model,
         LlmField::RequestModel,
@@ -45,6 +57,12 @@ impl LlmField {
         LlmField::ErrorType,
         LlmField::UserId,
         LlmField::SessionId,
+        LlmField::OpenInferenceKind,
+        LlmField::LangfuseType,
+        LlmField::LogfireSpanType,
+        LlmField::InvocationParameters,
+        LlmField::UsageDetails,
+        LlmField::CostDetails,
     ];
 }
 
@@ -54,6 +72,8 @@ impl LlmField {
 pub const CONVENTIONS: &[(&str, LlmField, u8, &str)] = &[
     ("gen_ai.request.model", LlmField::RequestModel, 0, "OpenTelemetry GenAI"),
     ("gen_ai.response.model", LlmField::ResponseModel, 0, "OpenTelemetry GenAI"),
+    ("llm.request.model_name", LlmField::RequestModel, 1, "OpenInference"),
+    ("llm.response.model_name", LlmField::ResponseModel, 1, "OpenInference"),
     ("llm.model", LlmField::Model, 0, "seed (`llm.*`)"),
     ("llm.model_name", LlmField::Model, 1, "OpenInference"),
     ("llm.request.model", LlmField::Model, 2, "OpenLLMetry (old)"),
@@ -99,6 +119,12 @@ pub const CONVENTIONS: &[(&str, LlmField, u8, &str)] = &[
     ("session.id", LlmField::SessionId, 0, "OpenTelemetry, OpenInference"),
     ("gen_ai.conversation.id", LlmField::SessionId, 1, "OpenTelemetry GenAI"),
     ("langfuse.session.id", LlmField::SessionId, 2, "Langfuse"),
+    ("openinference.span.kind", LlmField::OpenInferenceKind, 0, "OpenInference"),
+    ("langfuse.observation.type", LlmField::LangfuseType, 0, "Langfuse"),
+    ("logfire.span_type", LlmField::LogfireSpanType, 0, "Logfire"),
+    ("llm.invocation_parameters", LlmField::InvocationParameters, 0, "OpenInference"),
+    ("langfuse.observation.usage_details", LlmField::UsageDetails, 0, "Langfuse"),
+    ("langfuse.observation.cost_details", LlmField::CostDetails, 0, "Langfuse"),
 ];
 
 /// Maps an attribute key to the LLM fact it carries and its precedence.
@@ -106,7 +132,7 @@ pub const CONVENTIONS: &[(&str, LlmField, u8, &str)] = &[
 pub fn classify(key: &[u8]) -> Option<(LlmField, u8)> {
     // Most attributes of a span are not LLM facts; every key in the table starts with one
     // of these letters, so one byte turns most others away before the table is consulted.
-    if !matches!(key.first(), Some(b'g' | b'l' | b'e' | b'u' | b's')) {
+    if !matches!(key.first(), Some(b'g' | b'l' | b'e' | b'u' | b's' | b'o')) {
         return None;
     }
     table().get(key).copied()
@@ -148,7 +174,7 @@ mod tests {
                 "{k}: precedence {p} taken"
             );
             assert!(
-                matches!(k.as_bytes()[0], b'g' | b'l' | b'e' | b'u' | b's'),
+                matches!(k.as_bytes()[0], b'g' | b'l' | b'e' | b'u' | b's' | b'o'),
                 "{k} escapes the prefilter"
             );
         }

@@ -7,10 +7,12 @@ use std::time::Instant;
 use dashmap::DashMap;
 use prometheus::{Counter, Histogram, IntCounter};
 
-use super::LlmCall;
 use super::anomaly::{AnomalyDetector, CallSample};
 use super::config::LlmConfig;
 use super::labels::{FirstSeen, TopK};
+use super::trace::{Counted, Settle, links, resolve};
+use super::{CallSpan, LlmCall, Role};
+use crate::otlp::reframe::HeldSpan;
 use crate::sampling::adaptive::{BaseRate, Boost};
 use crate::sampling::{CallStats, TraceSummary};
 use crate::telemetry::Metrics;
@@ -22,6 +24,9 @@ struct CallHandles {
     error: IntCounter,
     tokens_in: IntCounter,
     tokens_out: IntCounter,
+    tokens_cache_read: IntCounter,
+    tokens_cache_write: IntCounter,
+    tokens_reasoning: IntCounter,
     cost: Counter,
     unpriced: IntCounter,
     latency: Histogram,
@@ -86,24 +91,10 @@ impl LlmObserver {
 
     /// Records one call of `service`; returns what it adds to its trace.
     pub fn observe(&self, service: &Arc<str>, call: &LlmCall, now: Instant) -> CallStats {
-        let service = self.services.bound(service);
-        let model = self.models.bound(&call.model);
-        let (service, model, h) = self.call_handles(service, model);
+        let (service, model, h) = self.spend(service, call);
         if call.error { &h.error } else { &h.ok }.inc();
-        h.tokens_in.inc_by(call.usage.input);
-        h.tokens_out.inc_by(call.usage.output);
-        match call.cost_usd {
-            Some(cost) => h.cost.inc_by(cost),
-            None => h.unpriced.inc(),
-        }
         if let Some(latency) = call.latency_seconds {
             h.latency.observe(latency);
-        }
-        for field in &call.ignored {
-            self.metrics
-                .llm_values_ignored
-                .with_label_values(&[field])
-                .inc();
         }
         self.genai_metrics(call);
 
@@ -137,6 +128,43 @@ impl LlmObserver {
         }
     }
 
+    /// Records the usage of calls not seen as spans of their own (an agent's or workflow's
+    /// aggregate): tokens and cost, no call.
+    pub fn observe_usage(&self, service: &Arc<str>, call: &LlmCall) -> CallStats {
+        self.spend(service, call);
+        CallStats {
+            latency_attr_ms: None,
+            cost_usd: call.cost_usd,
+            input_tokens: call.usage.input,
+            output_tokens: call.usage.output,
+            anomalous: false,
+            boost: None,
+        }
+    }
+
+    /// Counts a call's tokens and cost under its (service, model); returns the labels used.
+    fn spend(&self, service: &Arc<str>, call: &LlmCall) -> (Arc<str>, Arc<str>, Arc<CallHandles>) {
+        let service = self.services.bound(service);
+        let model = self.models.bound(&call.model);
+        let (service, model, h) = self.call_handles(service, model);
+        h.tokens_in.inc_by(call.usage.input);
+        h.tokens_out.inc_by(call.usage.output);
+        h.tokens_cache_read.inc_by(call.usage.cache_read);
+        h.tokens_cache_write.inc_by(call.usage.cache_write);
+        h.tokens_reasoning.inc_by(call.reasoning_tokens);
+        match call.cost_usd {
+            Some(cost) => h.cost.inc_by(cost),
+            None => h.unpriced.inc(),
+        }
+        for field in &call.ignored {
+            self.metrics
+                .llm_values_ignored
+                .with_label_values(&[field])
+                .inc();
+        }
+        (service, model, h)
+    }
+
     /// The metrics of (service, model), or of (other, other) once `max_service_models`
     /// pairs have their own; returns the labels used.
     fn call_handles(
@@ -167,6 +195,9 @@ impl LlmObserver {
             error: m.llm_requests.with_label_values(&[s, md, "error"]),
             tokens_in: m.llm_tokens.with_label_values(&[s, md, "input"]),
             tokens_out: m.llm_tokens.with_label_values(&[s, md, "output"]),
+            tokens_cache_read: m.llm_tokens.with_label_values(&[s, md, "cache_read"]),
+            tokens_cache_write: m.llm_tokens.with_label_values(&[s, md, "cache_write"]),
+            tokens_reasoning: m.llm_tokens.with_label_values(&[s, md, "reasoning"]),
             cost: m.llm_cost.with_label_values(&[s, md]),
             unpriced: m.llm_unpriced.with_label_values(&[md]),
             latency: m.llm_latency.with_label_values(&[s, md]),
@@ -261,6 +292,19 @@ impl LlmObserver {
         }
     }
 
+    /// Counts one LLM span alone: a late span of a trace already decided.
+    pub fn observe_alone(&self, span: &CallSpan, now: Instant) {
+        match span.role {
+            Role::Call | Role::Record => {
+                self.observe(&span.service, &span.call, now);
+            }
+            Role::Aggregate if span.has_usage => {
+                self.observe_usage(&span.service, &span.call);
+            }
+            Role::Aggregate => {}
+        }
+    }
+
     /// Refreshes `llmtail_sampling_probability{service}` for every service seen.
     pub fn publish_probabilities(&self, now: Instant) {
         let base = self.base.get();
@@ -280,6 +324,30 @@ impl LlmObserver {
                     .sampling_probability
                     .with_label_values(&[&s])
                     .set(p);
+            }
+        }
+    }
+}
+
+impl Settle for LlmObserver {
+    fn settle(
+        &self,
+        summary: &mut TraceSummary,
+        calls: Vec<CallSpan>,
+        spans: &[HeldSpan],
+        now: Instant,
+    ) {
+        if calls.is_empty() {
+            return;
+        }
+        for counted in resolve(calls, || links(spans)) {
+            match counted {
+                Counted::Call(call, service) => {
+                    summary.count(&self.observe(&service, &call, now), true);
+                }
+                Counted::Usage(call, service) => {
+                    summary.count(&self.observe_usage(&service, &call), false);
+                }
             }
         }
     }

@@ -9,6 +9,8 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use serde::Deserialize;
 
+use super::quirks::ZeroCost;
+
 /// Rates of one tier, USD per million tokens. A missing cache rate bills those tokens at
 /// the input rate.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -384,6 +386,40 @@ pub enum CostSource {
     Pricing,
 }
 
+/// Where a call's cost came from (`llmtail pricing` says which).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostFrom {
+    /// The span's cost attribute.
+    Attribute,
+    /// The price table, on the call's tokens (no cost attribute, or `cost_source: pricing`).
+    PriceTable,
+    /// The price table, because the cost attribute was 0 on tokens it prices.
+    PriceTableOverZero,
+    /// Neither: no attribute and no price.
+    Unpriced,
+}
+
+impl CostFrom {
+    pub fn describe(self) -> &'static str {
+        match self {
+            CostFrom::Attribute => "the span's cost attribute",
+            CostFrom::PriceTable => "the price table, on the call's tokens",
+            CostFrom::PriceTableOverZero => {
+                "the price table: the span's cost attribute of 0 is taken as unknown, not \
+                 free (llm.cost_source: auto; the library writes 0 for models it cannot price)"
+            }
+            CostFrom::Unpriced => "unknown: no cost attribute and no price for the model",
+        }
+    }
+}
+
+/// A call's cost and where it came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CallCost {
+    pub usd: Option<f64>,
+    pub from: CostFrom,
+}
+
 /// The pricing table: the pricing file's entries, then the config's (first match wins),
 /// then the built-in table (the longest matching id wins).
 #[derive(Debug, Default)]
@@ -428,14 +464,46 @@ impl Pricing {
         usage: &Usage,
         attribute: Option<f64>,
     ) -> Option<f64> {
-        let priced = || self.price(model).map(|p| p.cost(usage));
+        self.explain_cost(model, usage, attribute, ZeroCost::Unknown)
+            .usd
+    }
+
+    /// The cost of a call and where it came from. `zero` says what a cost attribute of 0
+    /// means for the library that wrote it (its row in `llm::quirks`).
+    pub fn explain_cost(
+        &self,
+        model: &Arc<str>,
+        usage: &Usage,
+        attribute: Option<f64>,
+        zero: ZeroCost,
+    ) -> CallCost {
+        let priced = || {
+            self.price(model).map(|p| CallCost {
+                usd: Some(p.cost(usage)),
+                from: CostFrom::PriceTable,
+            })
+        };
+        let unpriced = CallCost {
+            usd: None,
+            from: CostFrom::Unpriced,
+        };
+        let attr = |usd| CallCost {
+            usd: Some(usd),
+            from: CostFrom::Attribute,
+        };
         match (self.cost_source(), attribute) {
-            (CostSource::Pricing, _) | (_, None) => priced(),
-            (CostSource::Attribute, Some(cost)) => Some(cost),
-            (CostSource::Auto, Some(cost)) if cost == 0.0 => {
-                priced().filter(|p| *p > 0.0).or(Some(cost))
+            (CostSource::Pricing, _) | (_, None) => priced().unwrap_or(unpriced),
+            (CostSource::Attribute, Some(cost)) => attr(cost),
+            (CostSource::Auto, Some(cost)) if cost == 0.0 && zero == ZeroCost::Unknown => {
+                match priced() {
+                    Some(p) if p.usd.is_some_and(|usd| usd > 0.0) => CallCost {
+                        from: CostFrom::PriceTableOverZero,
+                        ..p
+                    },
+                    _ => attr(cost),
+                }
             }
-            (CostSource::Auto, Some(cost)) => Some(cost),
+            (CostSource::Auto, Some(cost)) => attr(cost),
         }
     }
 

@@ -28,6 +28,7 @@ const ANY_BOOL: u32 = 2;
 const ANY_INT: u32 = 3;
 const ANY_DOUBLE: u32 = 4;
 const RESOURCE_ATTRIBUTES: u32 = 1;
+const SCOPE_NAME: u32 = 1;
 
 /// `Status.code` value for STATUS_CODE_ERROR.
 pub const STATUS_CODE_ERROR: u64 = 2;
@@ -134,6 +135,8 @@ impl Attrs {
 pub struct SpanFacts {
     pub trace_id: TraceId,
     pub span_id: [u8; 8],
+    /// The parent's span id, zero for the root (or a parent id of another size).
+    pub parent_id: [u8; 8],
     /// True when the parent span id is empty (or all zero): the trace's root.
     pub is_root: bool,
     pub start_ns: u64,
@@ -199,6 +202,7 @@ pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts,
     let mut facts = SpanFacts {
         trace_id: TraceId([0; 16]),
         span_id: [0; 8],
+        parent_id: [0; 8],
         is_root: true,
         start_ns: 0,
         end_ns: 0,
@@ -256,7 +260,37 @@ pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts,
         .filter(|id: &[u8; 8]| id != &[0; 8])
         .ok_or(Reject::InvalidSpanId)?;
     facts.is_root = parent.iter().all(|b| *b == 0);
+    facts.parent_id = parent.try_into().unwrap_or([0; 8]);
     Ok(facts)
+}
+
+/// A span's id and its parent's (zero for none), read without looking at anything else.
+pub fn ids(span: &[u8]) -> Result<([u8; 8], [u8; 8]), Malformed> {
+    let mut r = Reader::new(span);
+    let (mut id, mut parent) = ([0; 8], [0; 8]);
+    while !r.is_empty() {
+        match r.tag()? {
+            (SPAN_SPAN_ID, WireType::Len) => id = r.len_delimited()?.1.try_into().unwrap_or([0; 8]),
+            (SPAN_PARENT_SPAN_ID, WireType::Len) => {
+                parent = r.len_delimited()?.1.try_into().unwrap_or([0; 8])
+            }
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    Ok((id, parent))
+}
+
+/// The name of an encoded `InstrumentationScope`, if it has one.
+pub fn scope_name(scope: &[u8]) -> Result<Option<&[u8]>, Malformed> {
+    let mut r = Reader::new(scope);
+    let mut name = None;
+    while !r.is_empty() {
+        match r.tag()? {
+            (SCOPE_NAME, WireType::Len) => name = Some(r.len_delimited()?.1),
+            (_, wire) => r.skip(wire)?,
+        }
+    }
+    Ok(name)
 }
 
 fn event_is_exception(event: &[u8]) -> Result<bool, Malformed> {

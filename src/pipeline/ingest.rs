@@ -2,6 +2,7 @@
 //! scanned, every LLM call observed, spans held (or forwarded to their trace's owner).
 
 use super::*;
+use crate::llm::{SpanOrigin, call_from_span, text};
 
 impl Pipeline {
     /// Takes one encoded `ExportTraceServiceRequest`. Invalid spans are refused one by one;
@@ -80,6 +81,8 @@ impl Pipeline {
                         .map_err(Reject::InvalidScope)
                 });
                 let mut origin: Option<Arc<Origin>> = None;
+                // The scope's name and whether its every span is an LLM call, read once.
+                let mut scope_name: Option<(Arc<str>, bool)> = None;
                 for (pi, span) in ss.spans().enumerate() {
                     let checked = scope_ok.and_then(|()| {
                         if span.len() > max_span_bytes {
@@ -130,19 +133,31 @@ impl Pipeline {
                         }
                         continue;
                     }
-                    let call =
-                        crate::llm::call_from_span(&span, &facts, &self.pricing, &mut strings);
+                    let (scope, all_calls) = scope_name.get_or_insert_with(|| {
+                        let name = scope_label(&ss.scope);
+                        let all = crate::llm::quirks::lookup(&name, None).every_span_is_a_call;
+                        (name, all)
+                    });
+                    // A span without LLM attributes is an LLM call only in a scope whose
+                    // every span is one.
+                    let call = if facts.attrs.is_empty() && !*all_calls {
+                        None
+                    } else {
+                        let from = SpanOrigin {
+                            scope,
+                            service: &origin.service,
+                        };
+                        call_from_span(&span, &facts, &from, &self.pricing, &mut strings)
+                    };
                     let stats = SpanStats {
                         trace_id: facts.trace_id,
                         is_root: facts.is_root,
                         start_ns: facts.start_ns,
                         end_ns: facts.end_ns,
-                        error: facts.is_error() || call.as_ref().is_some_and(|c| c.error),
-                        call: call
-                            .as_ref()
-                            .map(|c| self.observer.observe(&origin.service, c, now)),
-                        user: crate::llm::text(&span, &facts, LlmField::UserId, &mut strings),
-                        session: crate::llm::text(&span, &facts, LlmField::SessionId, &mut strings),
+                        error: facts.is_error() || call.as_ref().is_some_and(|c| c.call.error),
+                        user: text(&span, &facts, LlmField::UserId, &mut strings),
+                        session: text(&span, &facts, LlmField::SessionId, &mut strings),
+                        call,
                     };
                     let held = HeldSpan {
                         origin: origin.clone(),
@@ -151,9 +166,12 @@ impl Pipeline {
                         is_root: facts.is_root,
                         extra: None,
                     };
-                    if let Added::Late(decision, span) =
+                    if let Added::Late(decision, span, call) =
                         self.buffer.add(stats, held, now, &mut evicted)
                     {
+                        if let Some(call) = &call {
+                            self.observer.observe_alone(call, now);
+                        }
                         let label = if decision.keep() { "kept" } else { "dropped" };
                         self.metrics.late_spans.with_label_values(&[label]).inc();
                         if decision.keep() {
@@ -194,6 +212,14 @@ impl Pipeline {
         }
         self.dispatch(evicted);
         Ok(outcome)
+    }
+}
+
+/// The name of an instrumentation scope, as the LLM quirks table is keyed.
+fn scope_label(scope: &[u8]) -> Arc<str> {
+    match scan::scope_name(scope) {
+        Ok(Some(name)) => Arc::from(String::from_utf8_lossy(name).as_ref()),
+        _ => Arc::from(""),
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::buffer::{Added, DecidedTrace, TraceBuffer};
+use crate::buffer::{Added, DecidedTrace, SpanStats, TraceBuffer};
 use crate::exporter::ExportQueue;
 use crate::llm::observer::LlmObserver;
 use crate::llm::{LlmField, Pricing};
@@ -21,7 +21,7 @@ use crate::otlp::reframe::{HeldSpan, KeptSpan, Origin};
 use crate::otlp::scan::{self, Reject};
 use crate::otlp::wire::{Value, put_attribute};
 use crate::otlp::{request, validate};
-use crate::sampling::{DecidedBy, SpanStats, TraceSummary};
+use crate::sampling::{DecidedBy, TraceSummary};
 use crate::telemetry::{Loss, Metrics};
 
 pub use crate::memory::{Budget, Reservation};
@@ -79,7 +79,7 @@ pub struct Pipeline {
     pub buffer: TraceBuffer,
     pub pricing: Arc<Pricing>,
     pub metrics: Arc<Metrics>,
-    pub observer: LlmObserver,
+    pub observer: Arc<LlmObserver>,
     /// One queue per exporter; every kept span goes to each.
     pub exporters: Vec<Arc<ExportQueue>>,
     /// Privacy rewriting of kept spans, when configured.

@@ -19,7 +19,7 @@ use config::{
     DEFAULT_MAX_SESSIONS, DEFAULT_SESSION_WINDOW, PolicyConfig, PolicyType, SamplingConfig,
 };
 
-/// What one LLM call adds to its trace.
+/// What one LLM call adds to its trace, once counted.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct CallStats {
     pub latency_attr_ms: Option<f64>,
@@ -29,20 +29,6 @@ pub struct CallStats {
     pub anomalous: bool,
     /// The boosted base probability of the call's service, if boosted.
     pub boost: Option<f64>,
-}
-
-/// What one span adds to its trace: what the buffer files it under (its trace, whether it
-/// is the root) and what the sampler's summary takes from it (times, error, the LLM call).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SpanStats {
-    pub trace_id: TraceId,
-    pub is_root: bool,
-    pub start_ns: u64,
-    pub end_ns: u64,
-    pub error: bool,
-    pub call: Option<CallStats>,
-    pub user: Option<Arc<str>>,
-    pub session: Option<Arc<str>>,
 }
 
 /// What a trace looked like, accumulated span by span as it arrives.
@@ -86,27 +72,39 @@ impl Default for TraceSummary {
 }
 
 impl TraceSummary {
-    pub fn add(&mut self, s: &SpanStats) {
-        self.min_start_ns = self.min_start_ns.min(s.start_ns);
-        self.max_end_ns = self.max_end_ns.max(s.end_ns);
-        self.has_error |= s.error;
-        if let Some(c) = &s.call {
-            self.calls = self.calls.saturating_add(1);
-            self.input_tokens = self.input_tokens.saturating_add(c.input_tokens);
-            self.output_tokens = self.output_tokens.saturating_add(c.output_tokens);
-            self.cost_usd += c.cost_usd.unwrap_or(0.0);
-            self.has_anomaly |= c.anomalous;
-            if let Some(ms) = c.latency_attr_ms {
-                self.max_llm_latency_ms = self.max_llm_latency_ms.max(ms);
-            }
-            self.boost = self.boost.max(c.boost.unwrap_or(0.0));
-        }
+    /// Adds one span's times, error, user and session (its LLM call is counted when the
+    /// trace is decided, through [`TraceSummary::count`]).
+    pub fn add_span(
+        &mut self,
+        (start_ns, end_ns): (u64, u64),
+        error: bool,
+        user: Option<Arc<str>>,
+        session: Option<Arc<str>>,
+    ) {
+        self.min_start_ns = self.min_start_ns.min(start_ns);
+        self.max_end_ns = self.max_end_ns.max(end_ns);
+        self.has_error |= error;
         if self.user.is_none() {
-            self.user.clone_from(&s.user);
+            self.user = user;
         }
         if self.session.is_none() {
-            self.session.clone_from(&s.session);
+            self.session = session;
         }
+    }
+
+    /// Adds one counted LLM call (`call`: whether it is a call, or usage alone).
+    pub fn count(&mut self, c: &CallStats, call: bool) {
+        if call {
+            self.calls = self.calls.saturating_add(1);
+        }
+        self.input_tokens = self.input_tokens.saturating_add(c.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(c.output_tokens);
+        self.cost_usd += c.cost_usd.unwrap_or(0.0);
+        self.has_anomaly |= c.anomalous;
+        if let Some(ms) = c.latency_attr_ms {
+            self.max_llm_latency_ms = self.max_llm_latency_ms.max(ms);
+        }
+        self.boost = self.boost.max(c.boost.unwrap_or(0.0));
     }
 
     /// Max end − min start over the trace.
@@ -404,22 +402,18 @@ mod tests {
     - {name: session, type: session, window: 1m, triggers: [errors, odd]}
 ";
 
-    fn with(f: impl FnOnce(&mut SpanStats)) -> TraceSummary {
-        let mut stats = SpanStats {
-            start_ns: 0,
-            end_ns: 1,
-            ..Default::default()
-        };
-        f(&mut stats);
+    fn with(f: impl FnOnce(&mut TraceSummary)) -> TraceSummary {
         let mut s = TraceSummary::default();
-        s.add(&stats);
+        s.add_span((0, 1), false, None, None);
+        f(&mut s);
         s
     }
 
-    fn call(f: impl FnOnce(&mut CallStats)) -> Option<CallStats> {
+    /// A summary with one counted LLM call.
+    fn call(f: impl FnOnce(&mut CallStats)) -> TraceSummary {
         let mut c = CallStats::default();
         f(&mut c);
-        Some(c)
+        with(|s| s.count(&c, true))
     }
 
     #[test]
@@ -439,30 +433,27 @@ mod tests {
         let s = sampler(POLICIES);
         let now = Instant::now();
         let low_r = trace_with_r(1);
-        let d = s.decide(&low_r, &with(|x| x.error = true), now);
+        let d = s.decide(&low_r, &with(|x| x.has_error = true), now);
         assert!(d.keep);
         assert_eq!((d.by).label(), "errors");
         assert_eq!(d.threshold, Threshold::ALWAYS);
-        let slow = with(|x| x.call = call(|c| c.latency_attr_ms = Some(6000.0)));
+        let slow = call(|c| c.latency_attr_ms = Some(6000.0));
         assert_eq!((s.decide(&low_r, &slow, now).by).label(), "slow");
-        let slow_by_duration = with(|x| (x.start_ns, x.end_ns) = (1_000, 5_000_001_000));
+        let slow_by_duration = with(|x| x.add_span((1_000, 5_000_001_000), false, None, None));
         assert_eq!(
             (s.decide(&low_r, &slow_by_duration, now).by).label(),
             "slow"
         );
-        let odd = with(|x| x.call = call(|c| c.anomalous = true));
+        let odd = call(|c| c.anomalous = true);
         assert_eq!((s.decide(&low_r, &odd, now).by).label(), "odd");
 
         // expensive has rate 0.5: kept only when R ≥ 2^55.
-        let mut pricey = with(|x| x.call = call(|c| c.cost_usd = Some(0.2)));
+        let mut pricey = call(|c| c.cost_usd = Some(0.2));
         let d = s.decide(&low_r, &pricey, now);
         assert_eq!((d.keep, (d.by).label()), (false, "expensive"));
         assert!(s.decide(&trace_with_r(1 << 55), &pricey, now).keep);
         // Matching both expensive (0.5) and errors (1.0): errors sets p.
-        pricey.add(&SpanStats {
-            error: true,
-            ..Default::default()
-        });
+        pricey.add_span((0, 1), true, None, None);
         assert_eq!((s.decide(&low_r, &pricey, now).by).label(), "errors");
     }
 
@@ -471,12 +462,8 @@ mod tests {
         let s = sampler(POLICIES);
         let t0 = Instant::now();
         let low_r = trace_with_r(1);
-        let in_session = |id: &str, error: bool| {
-            with(|x| {
-                x.error = error;
-                x.session = Some(Arc::from(id));
-            })
-        };
+        let in_session =
+            |id: &str, error: bool| with(|x| x.add_span((0, 1), error, None, Some(Arc::from(id))));
         assert!(
             !s.decide(&low_r, &in_session("s1", false), t0).keep,
             "not hot yet"
@@ -502,10 +489,8 @@ mod tests {
             "window over"
         );
         // `expensive` is not a trigger of this session policy.
-        let pricey = with(|x| {
-            x.call = call(|c| c.cost_usd = Some(1.0));
-            x.session = Some(Arc::from("s3"));
-        });
+        let mut pricey = call(|c| c.cost_usd = Some(1.0));
+        pricey.add_span((0, 1), false, None, Some(Arc::from("s3")));
         s.decide(&trace_with_r(u64::MAX >> 8), &pricey, t0);
         assert!(!s.decide(&low_r, &in_session("s3", false), t0).keep);
     }
@@ -515,7 +500,7 @@ mod tests {
         let s = sampler(POLICIES);
         let now = Instant::now();
         let r = Threshold::from_probability(0.5).value();
-        let boosted = with(|x| x.call = call(|c| c.boost = Some(0.5)));
+        let boosted = call(|c| c.boost = Some(0.5));
         let d = s.decide(&trace_with_r(r), &boosted, now);
         assert_eq!((d.keep, d.by), (true, DecidedBy::Boost));
         assert!(!s.decide(&trace_with_r(r - 1), &boosted, now).keep);
