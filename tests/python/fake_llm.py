@@ -16,7 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAIL_MODEL = "gpt-4o-fails"
-FAIL_CLAUDE = "claude-sonnet-4-fails"
+FAIL_CLAUDE = "claude-sonnet-4-5-fails"
 
 # Usage each endpoint reports, in the API's own shape.
 USAGE = {

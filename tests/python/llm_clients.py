@@ -127,9 +127,11 @@ def main() -> None:
         tracer = None
     else:
         provider = TracerProvider(resource=Resource.create({"service.name": service}))
-        provider.add_span_processor(
-            SimpleSpanProcessor(span_exporter) if dump else BatchSpanProcessor(span_exporter)
-        )
+        if case != "langfuse-openai":
+            # (Langfuse adds its own processor with the exporter it is given.)
+            provider.add_span_processor(
+                SimpleSpanProcessor(span_exporter) if dump else BatchSpanProcessor(span_exporter)
+            )
         trace.set_tracer_provider(provider)
         tracer = None
 
@@ -163,7 +165,8 @@ def main() -> None:
             base_url=api,
             span_exporter=span_exporter,
             tracer_provider=provider,
-            flush_interval=0.2,
+            # Every span, the application's root included (by default only LLM ones).
+            should_export_span=lambda span: True,
         )
 
     if tracer is None:
@@ -178,10 +181,6 @@ def main() -> None:
                 call_openai(api, case, langfuse)
             else:
                 call_anthropic(api, case, own_tracing)
-        if case.startswith("logfire"):
-            import logfire
-
-            logfire.instrument_openai  # the instrumented client is made in call_*
     if langfuse is not None:
         langfuse.flush()
     if case.startswith("logfire"):
@@ -238,7 +237,7 @@ def call_anthropic(api: str, case: str, own_tracing: bool) -> None:
 
         logfire.instrument_anthropic(client)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    model = "claude-sonnet-4-20250514"
+    model = "claude-sonnet-4-5-20250929"
     client.messages.create(model=model, max_tokens=256, messages=messages)
     with client.messages.stream(model=model, max_tokens=256, messages=messages) as stream:
         for _ in stream.text_stream:
