@@ -37,12 +37,49 @@ enum Command {
         cache_read: u64,
         #[arg(long, default_value_t = 0)]
         cache_write: u64,
+        /// The call's cost attribute (USD), as the span carries it: the output then says
+        /// whether llmtail takes it or the price table, and why.
+        #[arg(long)]
+        cost_attribute: Option<f64>,
+        /// The instrumentation scope of the span (its library's quirks apply).
+        #[arg(long, default_value = "")]
+        scope: String,
+        /// The span's provider (`gen_ai.provider.name`).
+        #[arg(long)]
+        provider: Option<String>,
     },
 }
 
+/// What `llmtail pricing` prices: a call as a span reports it.
+struct PricedCall<'a> {
+    model: &'a str,
+    usage: Usage,
+    cost_attribute: Option<f64>,
+    scope: &'a str,
+    provider: Option<&'a str>,
+}
+
 /// `llmtail pricing`: exit 0 with the match, 1 when the model has no price.
-fn pricing(cfg: Option<&Config>, model: &str, usage: Usage) -> ExitCode {
+fn pricing(cfg: Option<&Config>, call: &PricedCall) -> ExitCode {
+    let (model, usage) = (call.model, call.usage);
     let pricing = Pricing::new(cfg.map_or(&[][..], |c| &c.llm.pricing));
+    if let Some(c) = cfg {
+        pricing.set_cost_source(c.llm.cost_source);
+    }
+    let quirks = llmtail::llm::quirks::lookup(call.scope, call.provider);
+    let cost = pricing.explain_cost(
+        &std::sync::Arc::from(model),
+        &usage,
+        call.cost_attribute,
+        quirks.zero_cost,
+    );
+    let explain = || {
+        println!("library:     {} (its quirks apply)", quirks.library);
+        match cost.usd {
+            Some(usd) => println!("call cost:   ${usd:.6} from {}", cost.from.describe()),
+            None => println!("call cost:   {}", cost.from.describe()),
+        }
+    };
     if let Some(file) = cfg.and_then(|c| c.llm.pricing_file.as_ref())
         && let Err(e) = pricing.load_file(file)
     {
@@ -54,6 +91,7 @@ fn pricing(cfg: Option<&Config>, model: &str, usage: Usage) -> ExitCode {
             "{model}: no price (normalised: {})",
             llmtail::llm::pricing::normalize(model)
         );
+        explain();
         return ExitCode::FAILURE;
     };
     let r = m.price.rates;
@@ -85,6 +123,7 @@ fn pricing(cfg: Option<&Config>, model: &str, usage: Usage) -> ExitCode {
         usage.cache_write,
         usage.output
     );
+    explain();
     ExitCode::SUCCESS
 }
 
@@ -129,19 +168,28 @@ fn main() -> ExitCode {
         output,
         cache_read,
         cache_write,
+        cost_attribute,
+        scope,
+        provider,
     }) = &cli.command
     {
-        let usage = Usage {
-            input: *input,
-            output: *output,
-            cache_read: *cache_read,
-            cache_write: *cache_write,
+        let call = PricedCall {
+            model,
+            usage: Usage {
+                input: *input,
+                output: *output,
+                cache_read: *cache_read,
+                cache_write: *cache_write,
+            },
+            cost_attribute: *cost_attribute,
+            scope,
+            provider: provider.as_deref(),
         };
         if !cli.config.exists() {
-            return pricing(None, model, usage);
+            return pricing(None, &call);
         }
         return match Config::load(&cli.config) {
-            Ok(cfg) => pricing(Some(&cfg), model, usage),
+            Ok(cfg) => pricing(Some(&cfg), &call),
             Err(errors) => {
                 eprintln!("{}: {errors}", cli.config.display());
                 ExitCode::from(EXIT_INVALID_CONFIG)

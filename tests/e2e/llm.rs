@@ -398,6 +398,37 @@ fn the_pricing_command_prints_the_match_and_the_cost() {
     let (code, out) = run(&["o3-pro"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("no price"));
+
+    // Where a call's cost comes from: OpenLIT's 0 on priced tokens is unknown, not free.
+    let (code, out) = run(&[
+        "gpt-4o",
+        "--input",
+        "1200",
+        "--cache-read",
+        "1000",
+        "--output",
+        "300",
+        "--cost-attribute",
+        "0",
+        "--scope",
+        "openlit.instrumentation.openai",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("library:     OpenLIT"), "{out}");
+    assert!(
+        out.contains("call cost:   $0.004750 from the price table: the span's cost attribute of 0 is taken as unknown"),
+        "{out}"
+    );
+    let (_, out) = run(&["gpt-4o", "--input", "1200", "--cost-attribute", "0.5"]);
+    assert!(
+        out.contains("call cost:   $0.500000 from the span's cost attribute"),
+        "{out}"
+    );
+    let (_, out) = run(&["gpt-4o", "--input", "1000"]);
+    assert!(
+        out.contains("call cost:   $0.002500 from the price table, on the call's tokens"),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
