@@ -4,7 +4,8 @@
 //! llmtail over OTLP/HTTP. Each case makes, per provider, one call answered whole, one
 //! streamed and one that fails, inside one application span; llmtail must count three calls,
 //! one failed, and the tokens and cost the provider would bill — in `/metrics` and in the
-//! kept root's roll-up.
+//! kept root's roll-up. One JavaScript case: the OpenAI Node client under OpenInference's
+//! instrumentation (`tests/node/llm_openai.mjs`, packages in `tests/node/package.json`).
 //!
 //! Where a library does not report a figure (no cache tokens, no reasoning tokens, a
 //! streamed count off by one), the case says so in `Reported` and docs/llm.md lists it as
@@ -81,12 +82,15 @@ struct Reported {
 
 struct Case {
     name: &'static str,
-    /// `tests/.venv` or `tests/.venv-openlit`.
+    /// `tests/.venv` or `tests/.venv-openlit`; `node` for the JavaScript case.
     venv: &'static str,
     anthropic: bool,
     /// `None`: the library reports exactly what the provider bills.
     reported: Option<Reported>,
 }
+
+/// Calls and failed calls of a case (its library writes a span for each).
+const CALLS: (f64, f64) = (3.0, 1.0);
 
 async fn check(case: Case) {
     let sink = Sink::start(0).await;
@@ -103,21 +107,40 @@ exporter:
 ",
         sink.endpoint()
     ));
-    let python = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join(case.venv)
-        .join("bin/python3");
-    let out = tokio::process::Command::new(&python)
-        .arg(format!(
-            "{}/tests/python/llm_clients.py",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .arg(case.name)
-        .arg(format!("http://{}", daemon.http))
-        .env("TMPDIR", daemon.dir.path())
-        .output()
+    let tests = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let llmtail = format!("http://{}", daemon.http);
+    let out = if case.venv == "node" {
+        // The fake API from Python, serving until its stdin closes.
+        let mut api = tokio::process::Command::new(python())
+            .arg(tests.join("python/fake_llm.py"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the fake API starts");
+        let mut url = String::new();
+        tokio::io::AsyncBufReadExt::read_line(
+            &mut tokio::io::BufReader::new(api.stdout.take().unwrap()),
+            &mut url,
+        )
         .await
-        .expect("the client runs (tests/install-deps.sh installs it)");
+        .unwrap();
+        tokio::process::Command::new("node")
+            .arg(tests.join("node/llm_openai.mjs"))
+            .arg(&llmtail)
+            .arg(url.trim())
+            .output()
+            .await
+    } else {
+        tokio::process::Command::new(tests.join(case.venv).join("bin/python3"))
+            .arg(tests.join("python/llm_clients.py"))
+            .arg(case.name)
+            .arg(&llmtail)
+            .env("TMPDIR", daemon.dir.path())
+            .output()
+            .await
+    }
+    .expect("the client runs (tests/install-deps.sh installs it)");
     assert!(
         out.status.success(),
         "{}: {}",
@@ -153,10 +176,20 @@ exporter:
         m.sum(name, &f)
     };
     let what = case.name;
-    assert_eq!(sum("llmtail_llm_requests_total", &[]), 3.0, "{what}: calls");
+    let (calls, failed) = if case.venv == "node" {
+        // OpenInference for JavaScript writes no span for a call that fails.
+        (2.0, 0.0)
+    } else {
+        CALLS
+    };
+    assert_eq!(
+        sum("llmtail_llm_requests_total", &[]),
+        calls,
+        "{what}: calls"
+    );
     assert_eq!(
         sum("llmtail_llm_requests_total", &[("status", "error")]),
-        1.0,
+        failed,
         "{what}: failed calls"
     );
     let tokens = |t: &str| sum("llmtail_llm_tokens_total", &[("type", t)]);
@@ -197,7 +230,7 @@ exporter:
     };
     assert_eq!(
         attr("llm.trace.calls"),
-        Some(Value::IntValue(3)),
+        Some(Value::IntValue(calls as i64)),
         "{what}: roll-up calls"
     );
     assert_eq!(
@@ -384,6 +417,21 @@ async fn langfuse_openai() {
         venv: VENV,
         anthropic: false,
         reported: None,
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openinference_openai_javascript() {
+    check(Case {
+        name: "openinference-openai-js",
+        venv: "node",
+        anthropic: false,
+        // No usage on a streamed call's span (and no span for a failed call).
+        reported: Some(Reported {
+            whole: OPENAI,
+            streamed: Usage::default(),
+        }),
     })
     .await;
 }

@@ -233,3 +233,11 @@ def start() -> str:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+if __name__ == "__main__":
+    # Serves until stdin closes: prints the base URL on one line.
+    import sys
+
+    print(start(), flush=True)
+    sys.stdin.read()
