@@ -114,7 +114,7 @@ pub enum Added {
     Held,
     /// Its trace was already decided; the span follows that decision (its LLM span, if
     /// any, is counted alone).
-    Late(CachedDecision, HeldSpan, Option<CallSpan>),
+    Late(CachedDecision, HeldSpan, Option<Box<CallSpan>>),
 }
 
 struct TraceEntry {
@@ -325,7 +325,7 @@ impl TraceBuffer {
     ) -> Added {
         let mut shard = self.shard(&s.trace_id).lock();
         if let Some(d) = shard.decided.get(&s.trace_id) {
-            return Added::Late(d, span, s.call);
+            return Added::Late(d, span, s.call.map(Box::new));
         }
         let len = span.bytes.len();
         let decision_wait = self.limits.decision_wait();

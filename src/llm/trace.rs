@@ -122,10 +122,8 @@ pub fn resolve(
     let mut leaves = vec![0usize; n];
     let mut usage_below = vec![false; n];
     let mut is_leaf = vec![true; n];
-    for i in 0..n {
-        if let Some(w) = wrapper[i] {
-            is_leaf[w] = false;
-        }
+    for w in wrapper.iter().flatten() {
+        is_leaf[*w] = false;
     }
     for i in 0..n {
         let mut up = wrapper[i];
