@@ -1,5 +1,6 @@
 //! Ingest: a request's framing checked, its resources, scopes and spans validated and
-//! scanned, every LLM call observed, spans held (or forwarded to their trace's owner).
+//! scanned, LLM spans read (counted when their trace is decided), spans held (or forwarded
+//! to their trace's owner).
 
 use super::*;
 use crate::llm::{SpanOrigin, call_from_span, text};

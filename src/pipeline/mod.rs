@@ -1,4 +1,4 @@
-//! The pipeline every receiver feeds: split a request into spans, observe every LLM call,
+//! The pipeline every receiver feeds: split a request into spans, read their LLM facts,
 //! hold spans in the trace buffer, and hand decided traces to the exporters.
 
 mod dispatch;
