@@ -17,7 +17,7 @@ use bytes::Bytes;
 /// deadline and arrival records), and per held span (its slice, origin and tracestate
 /// position). Measured by `llmtail-bench`: ~955 bytes per 4-span trace in all.
 pub const TRACE_OVERHEAD: usize = 512;
-pub const SPAN_OVERHEAD: usize = 112;
+pub const SPAN_OVERHEAD: usize = 128;
 /// Memory per entry of the decision cache at its fullest (two generations of hash maps of
 /// 16-byte ids and 8-byte decisions, at the maps' load factor): reserved in the memory
 /// budget at start for `decision_cache_size` entries.

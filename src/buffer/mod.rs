@@ -37,12 +37,18 @@ use crate::sampling::{Decision, Sampler, TraceSummary};
 /// trace is decided (strings are shared per request, so mostly the struct itself).
 pub const CALL_OVERHEAD: usize = std::mem::size_of::<CallSpan>() + 32;
 
+/// (span id, parent span id).
+pub type Link = ([u8; 8], [u8; 8]);
+
 /// What one span adds to its trace: what the buffer files it under (its trace, whether it
 /// is the root) and what the sampler's summary takes from it (times, error, user, session;
 /// the LLM span, counted when the trace is decided).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpanStats {
     pub trace_id: TraceId,
+    /// The span's id and its parent's (zero for none): the trace's shape, which LLM
+    /// accounting needs to tell layers of one call apart.
+    pub link: Link,
     pub is_root: bool,
     pub start_ns: u64,
     pub end_ns: u64,
@@ -58,7 +64,7 @@ pub struct NoLlm;
 
 #[cfg(test)]
 impl Settle for NoLlm {
-    fn settle(&self, _: &mut TraceSummary, _: Vec<CallSpan>, _: &[HeldSpan], _: Instant) {}
+    fn settle(&self, _: &mut TraceSummary, _: Vec<CallSpan>, _: &[Link], _: Instant) {}
 }
 
 /// Number of shards; a power of two well above the core count so that receivers and the
@@ -124,6 +130,8 @@ struct TraceEntry {
     spans: Vec<HeldSpan>,
     /// Its LLM spans, counted when it is decided.
     calls: Vec<CallSpan>,
+    /// Every span's id and parent's.
+    links: Vec<Link>,
     bytes: usize,
     /// Its spans own their bytes (see [`COMPACT_AFTER`]); later spans are copied too.
     detached: bool,
@@ -340,6 +348,7 @@ impl TraceBuffer {
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 calls: Vec::new(),
+                links: Vec::new(),
                 bytes: 0,
                 detached: false,
             }
@@ -347,6 +356,7 @@ impl TraceBuffer {
         entry
             .summary
             .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
+        entry.links.push(s.link);
         if let Some(call) = s.call {
             entry.calls.push(call);
             shard_calls_added = 1;
@@ -406,7 +416,7 @@ impl TraceBuffer {
         shard.calls -= llm_spans;
         shard.bytes -= entry.bytes;
         self.settle
-            .settle(&mut entry.summary, entry.calls, &entry.spans, now);
+            .settle(&mut entry.summary, entry.calls, &entry.links, now);
         let decision = self.sampler.load().decide(&id, &entry.summary, now);
         shard.decided.insert(id, CachedDecision::new(&decision));
         DecidedTrace {

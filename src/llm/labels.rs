@@ -1,7 +1,7 @@
 //! Bounded label values: metric labels taken from span data (services, models, users,
 //! sessions) must not let one sender create a million time series.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,8 +72,37 @@ type Fast = foldhash::fast::RandomState;
 
 struct TopKState {
     weights: HashMap<Arc<str>, f64, Fast>,
+    /// The candidates ordered by weight, smallest first: Space-Saving's victim is found at
+    /// the front, not by scanning every candidate (which cost a hash lookup per candidate on
+    /// every record of a new value: 35–45% of the daemon's CPU with tens of thousands of
+    /// users), and re-ranking reads the top from the back without sorting.
+    order: BTreeSet<(Weight, Arc<str>)>,
     promoted: HashSet<Arc<str>, Fast>,
     last_rank: Instant,
+}
+
+/// A weight ordered by `f64::total_cmp`.
+#[derive(Debug, Clone, Copy)]
+struct Weight(f64);
+
+impl PartialEq for Weight {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.total_cmp(&other.0).is_eq()
+    }
+}
+
+impl Eq for Weight {}
+
+impl PartialOrd for Weight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Weight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
 }
 
 /// The label to use for a value, and values that just lost their own label.
@@ -88,6 +117,7 @@ impl TopK {
             k,
             state: Mutex::new(TopKState {
                 weights: HashMap::default(),
+                order: BTreeSet::new(),
                 promoted: HashSet::default(),
                 last_rank: Instant::now(),
             }),
@@ -96,37 +126,47 @@ impl TopK {
     }
 
     pub fn record(&self, value: &str, weight: f64, now: Instant) -> Ranked {
-        let mut s = self.state.lock();
-        let key: Arc<str> = match s.weights.get_key_value(value) {
-            Some((k, _)) => k.clone(),
-            None => Arc::from(value),
-        };
+        let mut guard = self.state.lock();
+        let s = &mut *guard;
         let capacity = self.k * CANDIDATES_PER_SLOT;
-        if let Some(w) = s.weights.get_mut(&key) {
-            *w += weight;
-        } else if s.weights.len() < capacity {
-            s.weights.insert(key.clone(), weight);
+        let key: Arc<str> = if let Some((k, w)) = s.weights.get_key_value(value) {
+            let (k, old) = (k.clone(), *w);
+            s.order.remove(&(Weight(old), k.clone()));
+            s.order.insert((Weight(old + weight), k.clone()));
+            s.weights.insert(k.clone(), old + weight);
+            k
         } else {
-            // Space-Saving: the newcomer replaces the smallest counter and inherits its
-            // count, so a heavy hitter cannot be kept out by an early crowd.
-            let (min_key, min_w) = s
-                .weights
-                .iter()
-                .filter(|(k, _)| !s.promoted.contains(*k))
-                .min_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(k, w)| (k.clone(), *w))
-                .unwrap_or((key.clone(), 0.0));
-            s.weights.remove(&min_key);
-            s.weights.insert(key.clone(), min_w + weight);
-        }
+            let key: Arc<str> = Arc::from(value);
+            let mut start = 0.0;
+            if s.weights.len() >= capacity {
+                // Space-Saving: the newcomer replaces the smallest counter not holding a
+                // label and inherits its count, so a heavy hitter cannot be kept out by an
+                // early crowd.
+                if let Some((w, victim)) = s
+                    .order
+                    .iter()
+                    .find(|(_, k)| !s.promoted.contains(k))
+                    .cloned()
+                {
+                    s.order.remove(&(w, victim.clone()));
+                    s.weights.remove(&victim);
+                    start = w.0;
+                }
+            }
+            s.weights.insert(key.clone(), start + weight);
+            s.order.insert((Weight(start + weight), key.clone()));
+            key
+        };
         let mut demoted = Vec::new();
         if now.duration_since(s.last_rank) >= RERANK_EVERY {
             s.last_rank = now;
-            let mut ranked: Vec<(Arc<str>, f64)> =
-                s.weights.iter().map(|(k, w)| (k.clone(), *w)).collect();
-            ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let top: HashSet<Arc<str>, Fast> =
-                ranked.into_iter().take(self.k).map(|(k, _)| k).collect();
+            let top: HashSet<Arc<str>, Fast> = s
+                .order
+                .iter()
+                .rev()
+                .take(self.k)
+                .map(|(_, k)| k.clone())
+                .collect();
             demoted = s.promoted.difference(&top).cloned().collect();
             s.promoted = top;
         } else if !s.promoted.contains(&key) && s.promoted.len() < self.k {

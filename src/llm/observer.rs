@@ -10,9 +10,8 @@ use prometheus::{Counter, Histogram, IntCounter};
 use super::anomaly::{AnomalyDetector, CallSample};
 use super::config::LlmConfig;
 use super::labels::{FirstSeen, TopK};
-use super::trace::{Counted, Settle, links, resolve};
+use super::trace::{Counted, Settle, resolve};
 use super::{CallSpan, LlmCall, Role};
-use crate::otlp::reframe::HeldSpan;
 use crate::sampling::adaptive::{BaseRate, Boost};
 use crate::sampling::{CallStats, TraceSummary};
 use crate::telemetry::Metrics;
@@ -334,13 +333,13 @@ impl Settle for LlmObserver {
         &self,
         summary: &mut TraceSummary,
         calls: Vec<CallSpan>,
-        spans: &[HeldSpan],
+        links: &[([u8; 8], [u8; 8])],
         now: Instant,
     ) {
         if calls.is_empty() {
             return;
         }
-        for counted in resolve(calls, || links(spans)) {
+        for counted in resolve(calls, || links.iter().copied().collect()) {
             match counted {
                 Counted::Call(call, service) => {
                     summary.count(&self.observe(&service, &call, now), true);

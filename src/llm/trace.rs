@@ -26,28 +26,20 @@ use std::time::Instant;
 
 use super::call::{CallSpan, Role};
 use super::{LlmCall, UNKNOWN_MODEL};
-use crate::otlp::reframe::HeldSpan;
 use crate::sampling::TraceSummary;
 
 /// Counts a trace's LLM calls when it is decided, before the sampler sees its summary:
 /// resolves its LLM spans into calls counted once ([`resolve`]), records them (metrics,
 /// anomalies, boost) and completes the summary's LLM figures.
+/// `links` are the trace's (span id, parent span id) pairs, every span's.
 pub trait Settle: Send + Sync {
     fn settle(
         &self,
         summary: &mut TraceSummary,
         calls: Vec<CallSpan>,
-        spans: &[HeldSpan],
+        links: &[([u8; 8], [u8; 8])],
         now: Instant,
     );
-}
-
-/// Every span's parent by span id, read from the held spans.
-pub fn links(spans: &[HeldSpan]) -> HashMap<[u8; 8], [u8; 8]> {
-    spans
-        .iter()
-        .filter_map(|s| crate::otlp::scan::ids(&s.bytes).ok())
-        .collect()
 }
 
 /// What a trace's LLM spans come to.

@@ -264,22 +264,6 @@ pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts,
     Ok(facts)
 }
 
-/// A span's id and its parent's (zero for none), read without looking at anything else.
-pub fn ids(span: &[u8]) -> Result<([u8; 8], [u8; 8]), Malformed> {
-    let mut r = Reader::new(span);
-    let (mut id, mut parent) = ([0; 8], [0; 8]);
-    while !r.is_empty() {
-        match r.tag()? {
-            (SPAN_SPAN_ID, WireType::Len) => id = r.len_delimited()?.1.try_into().unwrap_or([0; 8]),
-            (SPAN_PARENT_SPAN_ID, WireType::Len) => {
-                parent = r.len_delimited()?.1.try_into().unwrap_or([0; 8])
-            }
-            (_, wire) => r.skip(wire)?,
-        }
-    }
-    Ok((id, parent))
-}
-
 /// The name of an encoded `InstrumentationScope`, if it has one.
 pub fn scope_name(scope: &[u8]) -> Result<Option<&[u8]>, Malformed> {
     let mut r = Reader::new(scope);

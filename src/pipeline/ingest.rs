@@ -152,6 +152,7 @@ impl Pipeline {
                     };
                     let stats = SpanStats {
                         trace_id: facts.trace_id,
+                        link: (facts.span_id, facts.parent_id),
                         is_root: facts.is_root,
                         start_ns: facts.start_ns,
                         end_ns: facts.end_ns,

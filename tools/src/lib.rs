@@ -4,3 +4,4 @@
 
 pub mod fuzzing;
 pub mod loadgen;
+pub mod mix;

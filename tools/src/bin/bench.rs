@@ -1,8 +1,15 @@
 //! `llmtail-bench`: the side-by-side benchmark. On this machine it starts a counting OTLP
 //! sink, then in turn llmtail (base_rate 1.0 and 0.1) and rotel (a pass-through collector),
-//! drives each with the same pre-encoded LLM traces over several gRPC streams, compression
-//! off, and prints accepted spans/s, the processor's CPU per span, peak RSS, what reached the
-//! sink and the decision delay; then a memory run holding 1,000,000 spans.
+//! drives each with the same pre-encoded LLM traces over several gRPC streams, and prints
+//! accepted spans/s, the processor's CPU per span, peak RSS, what reached the sink and the
+//! delay from a root's send to its arrival upstream — once with export compression off on
+//! every processor, once with each one's default (gzip); then a memory run holding
+//! 1,000,000 spans.
+//!
+//! `--mix realistic` (the default) sends production-shaped traffic (`llmtail_tools::mix`:
+//! 20 services, 30 models, Zipf users and sessions, agent traces, prompt-carrying spans) in
+//! requests of `--request-spans` spans; `--mix legacy` the old shape (4-span traces, one
+//! user and session, `--traces-per-request` traces per request), so old figures compare.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -33,9 +40,19 @@ struct Args {
     /// Concurrent gRPC streams (one connection each).
     #[arg(long, default_value_t = 4)]
     streams: usize,
-    /// Traces per request (4 spans each).
+    /// Traces per request (4 spans each), for `--mix legacy`.
     #[arg(long, default_value_t = 25)]
     traces_per_request: usize,
+    /// `realistic` or `legacy`.
+    #[arg(long, default_value = "realistic")]
+    mix: String,
+    /// Spans per request, for `--mix realistic` (512: the SDKs' default batch; 8192: a
+    /// Collector's batch processor in front).
+    #[arg(long, default_value_t = 512)]
+    request_spans: usize,
+    /// Export compression: `none`, `default` (each processor's own: gzip) or `both`.
+    #[arg(long, default_value = "both")]
+    compression: String,
     /// The rotel-agent binary (`pip install rotel==0.0.1a15` ships it); `auto` asks python3.
     #[arg(long, default_value = "auto")]
     rotel: String,
@@ -52,7 +69,7 @@ const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Expor
 const TIMED: u8 = 0;
 /// Share of errors, slow and expensive traces in the load.
 const SHARES: (f64, f64, f64) = (0.05, 0.03, 0.02);
-/// Distinct pre-encoded request templates.
+/// Distinct pre-encoded request templates (of 512 spans; fewer of larger requests).
 const TEMPLATES: usize = 32;
 
 /// A pre-encoded request and where its trace ids sit, so each send gets fresh ids with a
@@ -63,36 +80,54 @@ struct Template {
     traces: Vec<(Kind, Vec<usize>)>,
 }
 
-fn templates(traces_per_request: usize) -> Vec<Template> {
+/// Where each trace's id sits in an encoded request.
+fn with_offsets(bytes: Vec<u8>, traces: impl Iterator<Item = (Kind, [u8; 16])>) -> Template {
+    let traces = traces
+        .map(|(kind, id)| {
+            let offsets = bytes
+                .windows(16)
+                .enumerate()
+                .filter(|(_, w)| *w == id)
+                .map(|(i, _)| i)
+                .collect();
+            (kind, offsets)
+        })
+        .collect();
+    Template { bytes, traces }
+}
+
+fn templates(args: &Args) -> Vec<Template> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    (0..TEMPLATES)
+    if args.mix == "legacy" {
+        return (0..TEMPLATES)
+            .map(|_| {
+                let traces: Vec<_> = (0..args.traces_per_request)
+                    .map(|i| {
+                        let kind = loadgen::pick_kind(&mut rng, SHARES.0, SHARES.1, SHARES.2);
+                        loadgen::trace(
+                            &mut rng,
+                            kind,
+                            loadgen::convention_for(i),
+                            1_700_000_000_000_000_000,
+                        )
+                    })
+                    .collect();
+                let bytes = loadgen::request(traces.iter().flat_map(|t| t.spans.clone()).collect())
+                    .encode_to_vec();
+                with_offsets(bytes, traces.iter().map(|t| (t.kind, t.trace_id)))
+            })
+            .collect();
+    }
+    let mix = llmtail_tools::mix::Mix::default();
+    let n = (TEMPLATES * 512 / args.request_spans.max(1)).clamp(4, TEMPLATES);
+    (0..n)
         .map(|_| {
-            let traces: Vec<_> = (0..traces_per_request)
-                .map(|i| {
-                    let kind = loadgen::pick_kind(&mut rng, SHARES.0, SHARES.1, SHARES.2);
-                    loadgen::trace(
-                        &mut rng,
-                        kind,
-                        loadgen::convention_for(i),
-                        1_700_000_000_000_000_000,
-                    )
-                })
-                .collect();
-            let bytes = loadgen::request(traces.iter().flat_map(|t| t.spans.clone()).collect())
-                .encode_to_vec();
-            let traces = traces
-                .iter()
-                .map(|t| {
-                    let offsets = bytes
-                        .windows(16)
-                        .enumerate()
-                        .filter(|(_, w)| *w == t.trace_id)
-                        .map(|(i, _)| i)
-                        .collect();
-                    (t.kind, offsets)
-                })
-                .collect();
-            Template { bytes, traces }
+            let (request, traces) =
+                mix.request(&mut rng, args.request_spans, 1_700_000_000_000_000_000);
+            with_offsets(
+                request.encode_to_vec(),
+                traces.iter().map(|t| (t.kind, t.trace_id)),
+            )
         })
         .collect()
 }
@@ -242,16 +277,23 @@ impl Drop for Processor {
     }
 }
 
-fn llmtail(sink: u16, base_rate: f64, wait: &str, grace: &str, dir: &std::path::Path) -> Processor {
+fn llmtail(
+    sink: u16,
+    base_rate: f64,
+    (wait, grace): (&str, &str),
+    gzip: bool,
+    dir: &std::path::Path,
+) -> Processor {
     let (grpc, admin) = (free_port(), free_port());
     let config = format!(
         "receiver:\n  grpc: {{endpoint: 127.0.0.1:{grpc}, max_request_bytes: 67108864}}\n  http: {{enabled: false}}\n\
          sampling:\n  decision_wait: {wait}\n  root_grace: {grace}\n  base_rate: {base_rate}\n  max_traces: 2000000\n  policies:\n\
          \x20   - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\n\
-         exporter:\n  otlp: {{endpoint: \"http://127.0.0.1:{sink}\", compression: none}}\n  batch: {{timeout: 20ms}}\n  queue: {{max_spans: 4000000}}\n\
-         admin:\n  endpoint: 127.0.0.1:{admin}\n"
+         exporter:\n  otlp: {{endpoint: \"http://127.0.0.1:{sink}\"{compression}}}\n  batch: {{timeout: 20ms}}\n  queue: {{max_spans: 4000000}}\n\
+         admin:\n  endpoint: 127.0.0.1:{admin}\n",
+        compression = if gzip { "" } else { ", compression: none" }
     );
-    let path = dir.join(format!("llmtail-{base_rate}-{wait}.yaml"));
+    let path = dir.join(format!("llmtail-{base_rate}-{wait}-{gzip}.yaml"));
     std::fs::write(&path, config).expect("write the config");
     let exe = std::env::current_exe()
         .expect("own path")
@@ -264,25 +306,33 @@ fn llmtail(sink: u16, base_rate: f64, wait: &str, grace: &str, dir: &std::path::
         .spawn()
         .expect("start llmtail (build it with `cargo build --release`)");
     Processor {
-        name: format!("llmtail base_rate {base_rate}"),
+        name: format!(
+            "llmtail, base_rate {base_rate}, {}",
+            if gzip {
+                "gzip (default)"
+            } else {
+                "compression off"
+            }
+        ),
         child,
         grpc,
         admin: Some(admin),
     }
 }
 
-fn rotel(bin: &str, sink: u16) -> Processor {
+fn rotel(bin: &str, sink: u16, gzip: bool) -> Processor {
     let grpc = free_port();
-    let child = Command::new(bin)
-        .args([
-            "start",
-            "--exporter",
-            "otlp",
+    let mut cmd = Command::new(bin);
+    cmd.args(["start", "--exporter", "otlp"]);
+    if !gzip {
+        cmd.args([
             "--otlp-exporter-compression",
             "none",
             "--otlp-exporter-traces-compression",
             "none",
-        ])
+        ]);
+    }
+    let child = cmd
         .args([
             "--otlp-exporter-endpoint",
             &format!("http://127.0.0.1:{sink}"),
@@ -300,7 +350,14 @@ fn rotel(bin: &str, sink: u16) -> Processor {
         .spawn()
         .expect("start rotel-agent");
     Processor {
-        name: "rotel (pass-through)".into(),
+        name: format!(
+            "rotel (pass-through), {}",
+            if gzip {
+                "gzip (default)"
+            } else {
+                "compression off"
+            }
+        ),
         child,
         grpc,
         admin: None,
@@ -507,15 +564,19 @@ fn rotel_path(arg: &str) -> Option<String> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    let tpl = Arc::new(templates(args.traces_per_request));
+    let tpl = Arc::new(templates(&args));
     let wire: usize = tpl.iter().map(|t| t.bytes.len()).sum();
-    let spans_per_tpl = args.traces_per_request * 4;
+    let spans: usize = tpl
+        .iter()
+        .flat_map(|t| &t.traces)
+        .map(|(_, o)| o.len())
+        .sum();
     println!(
-        "load: {} streams, {} traces ({} spans) per request, {:.0} bytes/span on the wire, {:?} per processor, compression off",
+        "load: {} mix, {} streams, {:.0} spans per request, {:.0} bytes/span on the wire, {:?} per processor",
+        args.mix,
         args.streams,
-        args.traces_per_request,
-        spans_per_tpl,
-        wire as f64 / (TEMPLATES * spans_per_tpl) as f64,
+        spans as f64 / tpl.len() as f64,
+        wire as f64 / spans as f64,
         args.duration
     );
     let stats = Arc::new(SinkStats::default());
@@ -529,67 +590,89 @@ async fn main() {
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
     let dir = tempfile::tempdir().expect("a temp dir");
-    let mut rows = Vec::new();
-    for p in [1.0, 0.1]
-        .into_iter()
-        .filter(|_| std::env::var("BENCH_ROTEL_ONLY").is_err())
-    {
-        let proc_ = llmtail(sink_port, p, "10s", "1s", dir.path());
-        rows.push(run(proc_, &args, tpl.clone(), Some(p), stats.clone()).await);
+    let modes: &[bool] = match args.compression.as_str() {
+        "none" => &[false],
+        "default" => &[true],
+        _ => &[false, true],
+    };
+    let rotel_bin = rotel_path(&args.rotel);
+    if args.memory_only {
+        return memory(&args, tpl, stats, sink_port, dir.path()).await;
     }
-    match rotel_path(&args.rotel) {
-        Some(bin) => rows.push(
-            run(
-                rotel(&bin, sink_port),
-                &args,
-                tpl.clone(),
-                None,
-                stats.clone(),
-            )
-            .await,
-        ),
-        None => println!("rotel-agent not found (pip install rotel==0.0.1a15): skipped"),
-    }
-    println!();
-    println!(
-        "| processor | accepted spans/s | CPU µs/span | peak RSS MB | spans at sink / expected | decision delay p50 / p99 ms |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for r in &rows {
+    for &gzip in modes {
+        let mut rows = Vec::new();
+        for p in [1.0, 0.1]
+            .into_iter()
+            .filter(|_| std::env::var("BENCH_ROTEL_ONLY").is_err())
+        {
+            let proc_ = llmtail(sink_port, p, ("10s", "1s"), gzip, dir.path());
+            rows.push(run(proc_, &args, tpl.clone(), Some(p), stats.clone()).await);
+        }
+        match &rotel_bin {
+            Some(bin) => rows.push(
+                run(
+                    rotel(bin, sink_port, gzip),
+                    &args,
+                    tpl.clone(),
+                    None,
+                    stats.clone(),
+                )
+                .await,
+            ),
+            None => println!("rotel-agent not found (pip install rotel==0.0.1a15): skipped"),
+        }
+        println!();
         println!(
-            "| {} | {:.0} | {:.3} | {:.0} | {} / {} | {:.0} / {:.0} |",
-            r.name,
-            r.spans_per_s,
-            r.cpu_us,
-            r.peak_rss_mb,
-            r.at_sink,
-            r.expected,
-            r.p50_ms,
-            r.p99_ms
+            "| processor | accepted spans/s | CPU µs/span | peak RSS MB | spans at sink / expected | root → upstream p50 / p99 ms |"
         );
-    }
-    if let Some(rotel) = rows.iter().find(|r| r.name.starts_with("rotel")) {
-        for r in rows.iter().filter(|r| r.name.starts_with("llmtail")) {
+        println!("|---|---|---|---|---|---|");
+        for r in &rows {
             println!(
-                "{}: {:.1}x less CPU per span than rotel",
+                "| {} | {:.0} | {:.3} | {:.0} | {} / {} | {:.0} / {:.0} |",
                 r.name,
-                rotel.cpu_us / r.cpu_us
+                r.spans_per_s,
+                r.cpu_us,
+                r.peak_rss_mb,
+                r.at_sink,
+                r.expected,
+                r.p50_ms,
+                r.p99_ms
             );
+        }
+        if let Some(rotel) = rows.iter().find(|r| r.name.starts_with("rotel")) {
+            for r in rows.iter().filter(|r| r.name.starts_with("llmtail")) {
+                println!(
+                    "{}: {:.2}x rotel's CPU per span, {:.2}x its accepted spans/s",
+                    r.name,
+                    r.cpu_us / rotel.cpu_us,
+                    r.spans_per_s / rotel.spans_per_s
+                );
+            }
         }
     }
     if args.no_memory {
         return;
     }
-    // Memory: hold 1,000,000 spans (decision_wait and root_grace 120 s) and compare RSS
-    // growth with the wire bytes held.
-    let p = llmtail(sink_port, 1.0, "120s", "120s", dir.path());
+    memory(&args, tpl, stats, sink_port, dir.path()).await;
+}
+
+/// Memory: hold 1,000,000 spans (decision_wait and root_grace 120 s) and compare RSS growth
+/// with the wire bytes held.
+async fn memory(
+    args: &Args,
+    tpl: Arc<Vec<Template>>,
+    stats: Arc<SinkStats>,
+    sink_port: u16,
+    dir: &std::path::Path,
+) {
+    let p = llmtail(sink_port, 1.0, ("120s", "120s"), false, dir);
     wait_listening(p.grpc).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = p.child.id();
     let before = rss(pid);
     let load = drive(
         p.grpc,
-        &args,
+        args,
         tpl.clone(),
         stats.clone(),
         None,
@@ -600,7 +683,13 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss(pid);
     let growth = after.saturating_sub(before) as f64;
-    let traces = load.spans / 4;
+    let per_trace = tpl
+        .iter()
+        .flat_map(|t| &t.traces)
+        .map(|(_, o)| o.len())
+        .sum::<usize>() as f64
+        / tpl.iter().map(|t| t.traces.len()).sum::<usize>() as f64;
+    let traces = (load.spans as f64 / per_trace) as u64;
     println!();
     println!(
         "memory: {} spans ({} traces, {:.1} MB on the wire) held; RSS {:.1} → {:.1} MB; growth = {:.2} × wire bytes; {:.0} bytes per trace beyond the wire bytes",
