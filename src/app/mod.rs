@@ -247,11 +247,14 @@ pub async fn run(
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(DECISION_TICK);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // One decision thread per core: deciding (LLM accounting, sampling) and
+                // re-framing kept spans for export is most of the work per span.
+                let parts = std::thread::available_parallelism().map_or(1, |n| n.get());
                 loop {
                     tokio::select! {
                         biased;
                         () = stop.cancelled() => break,
-                        _ = tick.tick() => pipeline.decide_due(),
+                        _ = tick.tick() => pipeline.decide_due_parallel(parts).await,
                     }
                 }
             }),

@@ -6,9 +6,22 @@ use super::*;
 impl TraceBuffer {
     /// Decides every trace whose deadline has passed; returns what is still held.
     pub fn decide_due(&self, now: Instant, out: &mut Vec<DecidedTrace>) -> Held {
+        self.decide_due_part(0, 1, now, out)
+    }
+
+    /// [`decide_due`](Self::decide_due) for one of `parts` disjoint sets of shards (every
+    /// `parts`-th, from `part`), so that several threads decide at once; returns what those
+    /// shards still hold.
+    pub fn decide_due_part(
+        &self,
+        part: usize,
+        parts: usize,
+        now: Instant,
+        out: &mut Vec<DecidedTrace>,
+    ) -> Held {
         let mut held = Held::default();
         let mut copies = Copies::default();
-        for shard in self.shards.iter() {
+        for shard in self.shards.iter().skip(part).step_by(parts.max(1)) {
             let mut shard = shard.lock();
             while let Some(Reverse((deadline, id))) = shard.deadlines.peek().copied() {
                 if deadline > now {

@@ -168,6 +168,14 @@ pub struct Held {
 pub const MIN_HOLD: Duration = Duration::from_millis(250);
 
 impl Held {
+    /// Adds what another set of shards holds.
+    pub fn merge(&mut self, other: &Held) {
+        self.traces += other.traces;
+        self.spans += other.spans;
+        self.calls += other.calls;
+        self.bytes += other.bytes;
+    }
+
     fn add(&mut self, shard: &Shard) {
         self.traces += shard.traces.len();
         self.spans += shard.spans;

@@ -65,6 +65,7 @@ impl Cluster {
             protocol: ExportProtocol::Grpc,
             timeout: Dur(FORWARD_TIMEOUT),
             compression: Compression::None,
+            compression_level: 1,
             headers,
             tls,
         });

@@ -504,3 +504,14 @@ mod tests {
         }
     }
 }
+
+/// `prefix` followed by `data` gzip-compressed at `level` (1–9), in one buffer.
+pub(crate) fn gzip(prefix: &[u8], data: &[u8], level: u32) -> Result<Vec<u8>, SendError> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(prefix.len() + data.len() / 4);
+    out.extend_from_slice(prefix);
+    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.clamp(1, 9)));
+    enc.write_all(data)
+        .and_then(|()| enc.finish())
+        .map_err(|e| SendError::Permanent(format!("gzip failed: {e}")))
+}

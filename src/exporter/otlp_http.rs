@@ -1,7 +1,6 @@
 //! OTLP/HTTP upstream (`http/protobuf`): POSTs re-framed request bytes to
 //! `<endpoint>/v1/traces`, optionally gzip-compressed, over rustls when TLS is on.
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +29,8 @@ pub struct OtlpHttpSink {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     url: Uri,
     headers: HeaderMap,
-    gzip: bool,
+    /// gzip level, when compressing.
+    gzip: Option<u32>,
     timeout: Duration,
 }
 
@@ -105,18 +105,21 @@ impl OtlpHttpSink {
             client: Client::builder(TokioExecutor::new()).build(connector),
             url,
             headers,
-            gzip: cfg.compression == Compression::Gzip,
+            gzip: (cfg.compression == Compression::Gzip).then_some(cfg.compression_level),
             timeout: cfg.timeout.0,
         })
     }
 
     pub async fn send(&self, request: Bytes) -> Result<Rejected, SendError> {
-        let body = if self.gzip { gzip(&request)? } else { request };
+        let body = match self.gzip {
+            Some(level) => Bytes::from(super::gzip(&[], &request, level)?),
+            None => request,
+        };
         let mut req = Request::post(&self.url)
             .header(CONTENT_TYPE, "application/x-protobuf")
             .body(Full::new(body))
             .map_err(|e| SendError::Permanent(format!("cannot build the request: {e}")))?;
-        if self.gzip {
+        if self.gzip.is_some() {
             req.headers_mut()
                 .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         }
@@ -166,15 +169,4 @@ impl OtlpHttpSink {
             _ => Err(SendError::Permanent(msg)),
         }
     }
-}
-
-fn gzip(data: &[u8]) -> Result<Bytes, SendError> {
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(data.len() / 4),
-        flate2::Compression::fast(),
-    );
-    enc.write_all(data)
-        .and_then(|()| enc.finish())
-        .map(Bytes::from)
-        .map_err(|e| SendError::Permanent(format!("gzip failed: {e}")))
 }

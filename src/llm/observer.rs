@@ -59,6 +59,9 @@ pub struct LlmObserver {
     /// `max_genai_label_sets`): past them, new combinations share the all-`other` one.
     max_pairs: usize,
     max_genai: usize,
+    /// Held while a new label combination is admitted, so that deciding threads running at
+    /// once cannot both take the last place under a bound (misses only: rare).
+    admit: parking_lot::Mutex<()>,
     other: Arc<str>,
 }
 
@@ -83,6 +86,7 @@ impl LlmObserver {
             base,
             max_pairs: cfg.labels.max_service_models,
             max_genai: cfg.labels.max_genai_label_sets,
+            admit: parking_lot::Mutex::new(()),
             other: Arc::from(super::labels::OTHER),
             metrics,
         }
@@ -176,6 +180,11 @@ impl LlmObserver {
             let h = h.clone();
             return (key.0, key.1, h);
         }
+        let _admitting = self.admit.lock();
+        if let Some(h) = self.handles.get(&key) {
+            let h = h.clone();
+            return (key.0, key.1, h);
+        }
         if self.handles.len() >= self.max_pairs {
             self.metrics
                 .labels_folded
@@ -219,6 +228,7 @@ impl LlmObserver {
                 .map_or(empty.clone(), |r| self.models.bound(r)),
             bound(&call.error_type),
         ];
+        let _admitting = (!self.genai.contains_key(&key)).then(|| self.admit.lock());
         if !self.genai.contains_key(&key) && self.genai.len() >= self.max_genai {
             self.metrics
                 .labels_folded

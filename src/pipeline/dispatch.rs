@@ -131,9 +131,45 @@ impl Pipeline {
 
     /// Decides every trace whose deadline has passed, and refreshes the buffer gauges.
     pub fn decide_due(&self) {
-        let mut decided = Vec::new();
         let now = Instant::now();
-        let mut held = self.buffer.decide_due(now, &mut decided);
+        let mut decided = Vec::new();
+        let held = self.buffer.decide_due(now, &mut decided);
+        self.dispatch(decided);
+        self.after_decisions(held, now);
+    }
+
+    /// [`decide_due`](Self::decide_due) on `parts` threads of the blocking pool at once, each
+    /// deciding and dispatching its share of the buffer's shards: the decision path (LLM
+    /// accounting, sampling, re-framing for export) is not capped at one core.
+    pub async fn decide_due_parallel(self: &Arc<Self>, parts: usize) {
+        if parts <= 1 {
+            return self.decide_due();
+        }
+        let now = Instant::now();
+        let tasks: Vec<_> = (0..parts)
+            .map(|part| {
+                let pipeline = self.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut decided = Vec::new();
+                    let held = pipeline
+                        .buffer
+                        .decide_due_part(part, parts, now, &mut decided);
+                    pipeline.dispatch(decided);
+                    held
+                })
+            })
+            .collect();
+        let mut held = Held::default();
+        for task in tasks {
+            if let Ok(part) = task.await {
+                held.merge(&part);
+            }
+        }
+        self.after_decisions(held, now);
+    }
+
+    /// Memory relief past the soft mark, then the bookkeeping and gauges of what is held.
+    fn after_decisions(&self, mut held: Held, now: Instant) {
         // Past the soft mark, held traces are decided early, oldest first, until what
         // they are estimated to free brings the budget a little under the mark (so relief
         // is not paid on every tick). Kept ones then wait in the export queues; the hard
@@ -141,8 +177,10 @@ impl Pipeline {
         let soft = self.limits.soft_buffer_bytes.load(Ordering::Relaxed);
         let excess = self.memory().saturating_sub(soft - soft / 20);
         if excess > 0 {
+            let mut decided = Vec::new();
             let target = held.memory().saturating_sub(excess);
             held = self.buffer.relieve(held, target, now, &mut decided);
+            self.dispatch(decided);
         }
         // Counted before the decided traces move to the queues; the next tick sees them.
         // What requests were charged since the last tick is in `held` now.
@@ -153,7 +191,6 @@ impl Pipeline {
         self.limits
             .held_wire_bytes
             .store(held.bytes, Ordering::Relaxed);
-        self.dispatch(decided);
         self.metrics.buffer_traces.set(held.traces as i64);
         self.metrics.buffer_spans.set(held.spans as i64);
         self.metrics.buffer_bytes.set(held.bytes as i64);

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::buffer::{Added, DecidedTrace, SpanStats, TraceBuffer};
+use crate::buffer::{Added, DecidedTrace, Held, SpanStats, TraceBuffer};
 use crate::exporter::ExportQueue;
 use crate::llm::observer::LlmObserver;
 use crate::llm::{LlmField, Pricing};

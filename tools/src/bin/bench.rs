@@ -62,6 +62,9 @@ struct Args {
     /// Only the memory run.
     #[arg(long)]
     memory_only: bool,
+    /// Write one request of the load to this file (encoded protobuf) and exit.
+    #[arg(long)]
+    dump_request: Option<PathBuf>,
 }
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -565,6 +568,10 @@ fn rotel_path(arg: &str) -> Option<String> {
 async fn main() {
     let args = Args::parse();
     let tpl = Arc::new(templates(&args));
+    if let Some(path) = &args.dump_request {
+        std::fs::write(path, &tpl[0].bytes).expect("write the request");
+        return;
+    }
     let wire: usize = tpl.iter().map(|t| t.bytes.len()).sum();
     let spans: usize = tpl
         .iter()
