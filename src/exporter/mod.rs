@@ -385,6 +385,17 @@ pub fn start(
     (queue, task)
 }
 
+/// `prefix` followed by `data` gzip-compressed at `level` (1–9), in one buffer.
+pub(crate) fn gzip(prefix: &[u8], data: &[u8], level: u32) -> Result<Vec<u8>, SendError> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(prefix.len() + data.len() / 4);
+    out.extend_from_slice(prefix);
+    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.clamp(1, 9)));
+    enc.write_all(data)
+        .and_then(|()| enc.finish())
+        .map_err(|e| SendError::Permanent(format!("gzip failed: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -503,15 +514,4 @@ mod tests {
             assert!(prost::Message::encoded_len(&request) <= 100_000);
         }
     }
-}
-
-/// `prefix` followed by `data` gzip-compressed at `level` (1–9), in one buffer.
-pub(crate) fn gzip(prefix: &[u8], data: &[u8], level: u32) -> Result<Vec<u8>, SendError> {
-    use std::io::Write;
-    let mut out = Vec::with_capacity(prefix.len() + data.len() / 4);
-    out.extend_from_slice(prefix);
-    let mut enc = flate2::write::GzEncoder::new(out, flate2::Compression::new(level.clamp(1, 9)));
-    enc.write_all(data)
-        .and_then(|()| enc.finish())
-        .map_err(|e| SendError::Permanent(format!("gzip failed: {e}")))
 }
