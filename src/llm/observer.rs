@@ -219,7 +219,7 @@ impl LlmObserver {
         let empty: Arc<str> = Arc::from("");
         let bound =
             |v: &Option<Arc<str>>| v.as_ref().map_or(empty.clone(), |v| self.kinds.bound(v));
-        let mut key: GenAiKey = [
+        let key: GenAiKey = [
             bound(&call.operation),
             bound(&call.provider),
             self.models.bound(&call.request_model),
@@ -228,43 +228,53 @@ impl LlmObserver {
                 .map_or(empty.clone(), |r| self.models.bound(r)),
             bound(&call.error_type),
         ];
-        let _admitting = (!self.genai.contains_key(&key)).then(|| self.admit.lock());
-        if !self.genai.contains_key(&key) && self.genai.len() >= self.max_genai {
-            self.metrics
-                .labels_folded
-                .with_label_values(&["genai_label_set"])
-                .inc();
-            key = std::array::from_fn(|_| self.other.clone());
-        }
         let h = match self.genai.get(&key) {
             Some(h) => h.clone(),
-            None => {
-                let m = &self.metrics;
-                let [op, provider, request, response, error] = &key;
-                let l = |last: &str| {
-                    [
-                        op.as_ref(),
-                        provider.as_ref(),
-                        request.as_ref(),
-                        response.as_ref(),
-                        last,
-                    ]
-                    .map(str::to_owned)
-                };
-                let h = Arc::new(GenAiHandles {
-                    tokens_in: m.genai_token_usage.with_label_values(&l("input")),
-                    tokens_out: m.genai_token_usage.with_label_values(&l("output")),
-                    duration: m.genai_duration.with_label_values(&l(error)),
-                });
-                self.genai.insert(key, h.clone());
-                h
-            }
+            None => self.new_genai_handles(key),
         };
         h.tokens_in.observe(call.usage.input as f64);
         h.tokens_out.observe(call.usage.output as f64);
         if let Some(latency) = call.latency_seconds {
             h.duration.observe(latency);
         }
+    }
+
+    /// The handles of a label set not seen yet, or of the all-`other` one once
+    /// `max_genai_label_sets` have their own.
+    fn new_genai_handles(&self, mut key: GenAiKey) -> Arc<GenAiHandles> {
+        let _admitting = self.admit.lock();
+        if let Some(h) = self.genai.get(&key) {
+            return h.clone();
+        }
+        if self.genai.len() >= self.max_genai {
+            self.metrics
+                .labels_folded
+                .with_label_values(&["genai_label_set"])
+                .inc();
+            key = std::array::from_fn(|_| self.other.clone());
+            if let Some(h) = self.genai.get(&key) {
+                return h.clone();
+            }
+        }
+        let m = &self.metrics;
+        let [op, provider, request, response, error] = &key;
+        let l = |last: &str| {
+            [
+                op.as_ref(),
+                provider.as_ref(),
+                request.as_ref(),
+                response.as_ref(),
+                last,
+            ]
+            .map(str::to_owned)
+        };
+        let h = Arc::new(GenAiHandles {
+            tokens_in: m.genai_token_usage.with_label_values(&l("input")),
+            tokens_out: m.genai_token_usage.with_label_values(&l("output")),
+            duration: m.genai_duration.with_label_values(&l(error)),
+        });
+        self.genai.insert(key, h.clone());
+        h
     }
 
     /// Attributes a decided trace's LLM spend to its user and session (every trace is
@@ -349,7 +359,7 @@ impl Settle for LlmObserver {
         if calls.is_empty() {
             return;
         }
-        for counted in resolve(calls, || links.iter().copied().collect()) {
+        for counted in resolve(calls, links) {
             match counted {
                 Counted::Call(call, service) => {
                     summary.count(&self.observe(&service, &call, now), true);

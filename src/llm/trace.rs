@@ -56,24 +56,49 @@ const MAX_DEPTH: usize = 256;
 /// Sibling layers are looked for among at most this many LLM spans of one parent.
 const MAX_SIBLINGS: usize = 64;
 
-/// Resolves a trace's LLM spans. `links` gives every span's parent by span id (all spans
-/// of the trace, not only LLM ones); it is asked for only when there are two LLM spans or
-/// more.
-pub fn resolve(
-    mut spans: Vec<CallSpan>,
-    links: impl FnOnce() -> HashMap<[u8; 8], [u8; 8]>,
-) -> Vec<Counted> {
+/// Below this many entries, lookups scan a slice: cheaper than building a hash map for the
+/// handful of spans most traces have.
+const SCAN_BELOW: usize = 64;
+
+/// Parent by span id over a trace's (span id, parent id) pairs.
+enum Parents<'a> {
+    Scan(&'a [([u8; 8], [u8; 8])]),
+    Map(HashMap<[u8; 8], [u8; 8]>),
+}
+
+impl Parents<'_> {
+    fn of(&self, id: &[u8; 8]) -> Option<[u8; 8]> {
+        match self {
+            Parents::Scan(links) => links.iter().find(|(s, _)| s == id).map(|(_, p)| *p),
+            Parents::Map(map) => map.get(id).copied(),
+        }
+    }
+}
+
+/// Resolves a trace's LLM spans. `links` are every span's (span id, parent id), all spans
+/// of the trace, not only LLM ones.
+pub fn resolve(mut spans: Vec<CallSpan>, links: &[([u8; 8], [u8; 8])]) -> Vec<Counted> {
     if spans.len() <= 1 {
         return spans.into_iter().filter_map(alone).collect();
     }
     pair_records(&mut spans);
     let n = spans.len();
-    let links = links();
-    let index: HashMap<[u8; 8], usize> = spans
-        .iter()
-        .enumerate()
-        .map(|(i, s)| (s.span_id, i))
-        .collect();
+    let parents = if links.len() < SCAN_BELOW {
+        Parents::Scan(links)
+    } else {
+        Parents::Map(links.iter().copied().collect())
+    };
+    let index: Option<HashMap<[u8; 8], usize>> = (n >= SCAN_BELOW).then(|| {
+        spans
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.span_id, i))
+            .collect()
+    });
+    let find = |id: &[u8; 8]| match &index {
+        Some(map) => map.get(id).copied(),
+        None => spans.iter().position(|s| &s.span_id == id),
+    };
     // Rule 2: each span's wrapper.
     let mut wrapper: Vec<Option<usize>> = spans
         .iter()
@@ -83,20 +108,19 @@ pub fn resolve(
                 if id == [0; 8] {
                     return None;
                 }
-                if let Some(&w) = index.get(&id) {
+                if let Some(w) = find(&id) {
                     return Some(w);
                 }
-                id = *links.get(&id)?;
+                id = parents.of(&id)?;
             }
             None
         })
         .collect();
-    let mut by_parent: HashMap<[u8; 8], Vec<usize>> = HashMap::new();
-    for (i, s) in spans.iter().enumerate() {
-        by_parent.entry(s.parent_id).or_default().push(i);
-    }
+    // Siblings: LLM spans grouped by parent.
+    let mut by_parent: Vec<usize> = (0..n).collect();
+    by_parent.sort_unstable_by_key(|&i| spans[i].parent_id);
     for siblings in by_parent
-        .values()
+        .chunk_by(|&a, &b| spans[a].parent_id == spans[b].parent_id)
         .filter(|v| v.len() >= 2 && v.len() <= MAX_SIBLINGS)
     {
         for &inner in siblings {
@@ -305,9 +329,7 @@ mod tests {
         }
     }
 
-    fn no_links() -> HashMap<[u8; 8], [u8; 8]> {
-        HashMap::new()
-    }
+    const NO_LINKS: &[([u8; 8], [u8; 8])] = &[];
 
     /// (calls, failed calls, input tokens, usage records).
     fn totals(counted: &[Counted]) -> (usize, usize, u64, usize) {
@@ -333,7 +355,7 @@ mod tests {
         // OpenInference's messages.create (1) around the Anthropic client's own span (2).
         let outer = span(1, 9, "openinference", (0, 100), Some(999));
         let inner = span(2, 1, "com.anthropic.sdk.python", (5, 95), Some(1700));
-        let counted = resolve(vec![outer, inner], no_links);
+        let counted = resolve(vec![outer, inner], NO_LINKS);
         assert_eq!(totals(&counted), (1, 0, 1700, 0));
     }
 
@@ -343,17 +365,17 @@ mod tests {
         let stream = span(1, 9, "openinference", (0, 100), Some(2250));
         let sdk = span(2, 9, "com.anthropic.sdk.python", (1, 99), Some(2100));
         assert_eq!(
-            totals(&resolve(vec![stream, sdk], no_links)),
+            totals(&resolve(vec![stream, sdk], NO_LINKS)),
             (1, 0, 2100, 0)
         );
         // Two concurrent calls of one library under one parent stay two calls.
         let a = span(1, 9, "openinference", (0, 100), Some(10));
         let b = span(2, 9, "openinference", (10, 90), Some(20));
-        assert_eq!(totals(&resolve(vec![a, b], no_links)), (2, 0, 30, 0));
+        assert_eq!(totals(&resolve(vec![a, b], NO_LINKS)), (2, 0, 30, 0));
         // Another library's span that does not contain it is another call.
         let a = span(1, 9, "openinference", (0, 50), Some(10));
         let b = span(2, 9, "com.anthropic.sdk.python", (40, 90), Some(20));
-        assert_eq!(totals(&resolve(vec![a, b], no_links)), (2, 0, 30, 0));
+        assert_eq!(totals(&resolve(vec![a, b], NO_LINKS)), (2, 0, 30, 0));
     }
 
     #[test]
@@ -362,12 +384,12 @@ mod tests {
         outer.call.error = true;
         let mut inner = span(2, 1, "com.anthropic.sdk.python", (5, 95), None);
         inner.call.error = true;
-        assert_eq!(totals(&resolve(vec![outer, inner], no_links)), (1, 1, 0, 0));
+        assert_eq!(totals(&resolve(vec![outer, inner], NO_LINKS)), (1, 1, 0, 0));
         // The wrapper's error is the call's when only it saw the failure.
         let mut outer = span(1, 9, "openinference", (0, 100), None);
         outer.call.error = true;
         let inner = span(2, 1, "sdk", (5, 95), None);
-        assert_eq!(totals(&resolve(vec![outer, inner], no_links)), (1, 1, 0, 0));
+        assert_eq!(totals(&resolve(vec![outer, inner], NO_LINKS)), (1, 1, 0, 0));
     }
 
     #[test]
@@ -376,7 +398,7 @@ mod tests {
         let mut record = span(2, 9, "logfire.openai", (1250, 1250), Some(800));
         record.role = Role::Record;
         let other = span(3, 9, "logfire.openai", (1300, 1400), Some(1200));
-        let counted = resolve(vec![record, request, other], no_links);
+        let counted = resolve(vec![record, request, other], NO_LINKS);
         assert_eq!(totals(&counted), (2, 0, 2000, 0));
         let Counted::Call(streamed, _) = counted
             .iter()
@@ -395,7 +417,7 @@ mod tests {
         alone.role = Role::Record;
         let unrelated = span(1, 9, "logfire.openai", (0, 10), Some(5));
         assert_eq!(
-            totals(&resolve(vec![alone, unrelated], no_links)),
+            totals(&resolve(vec![alone, unrelated], NO_LINKS)),
             (2, 0, 805, 0)
         );
     }
@@ -407,7 +429,7 @@ mod tests {
         agent.role = Role::Aggregate;
         let a = span(2, 5, "agents", (10, 400), Some(100));
         let b = span(3, 5, "agents", (500, 900), Some(200));
-        let links = || HashMap::from([([5; 8], [1; 8]), ([1; 8], [9; 8])]);
+        let links = &[([5; 8], [1; 8]), ([1; 8], [9; 8])][..];
         assert_eq!(
             totals(&resolve(vec![agent.clone(), a.clone(), b.clone()], links)),
             (2, 0, 300, 0)
@@ -433,7 +455,7 @@ mod tests {
     fn a_looping_parent_chain_ends() {
         let a = span(1, 7, "x", (0, 10), Some(1));
         let b = span(2, 8, "x", (20, 30), Some(2));
-        let links = || HashMap::from([([7; 8], [8; 8]), ([8; 8], [7; 8])]);
+        let links = &[([7; 8], [8; 8]), ([8; 8], [7; 8])][..];
         assert_eq!(totals(&resolve(vec![a, b], links)), (2, 0, 3, 0));
     }
 }

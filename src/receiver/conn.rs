@@ -124,7 +124,13 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(cfg.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    // Windows sized by bandwidth-delay estimation (as grpc-go does), not the fixed 1 MiB: a
+    // Collector in front sends requests of 8,192 spans, megabytes each, and a fixed window
+    // holds each one to a round trip per window's worth.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .adaptive_window(true);
     if let Some(n) = cfg.max_concurrent_streams {
         builder.http2().max_concurrent_streams(n);
     }

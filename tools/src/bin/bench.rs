@@ -387,7 +387,9 @@ struct Load {
     elapsed: f64,
 }
 
-/// Sends as fast as accepted for `duration` (or until `max_spans`) over `streams` streams.
+/// Sends as fast as accepted — or, with `rate`, at that many spans/s in all — for `duration`
+/// (or until `max_spans`) over `streams` streams.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     port: u16,
     args: &Args,
@@ -396,6 +398,7 @@ async fn drive(
     keep_p: Option<f64>,
     duration: Duration,
     max_spans: u64,
+    rate: Option<f64>,
 ) -> Load {
     let spans = Arc::new(AtomicU64::new(0));
     let expected = Arc::new(AtomicU64::new(0));
@@ -403,6 +406,7 @@ async fn drive(
     let started = Instant::now();
     let end = started + duration;
     let mut tasks = Vec::new();
+    let streams = args.streams;
     for s in 0..args.streams {
         let (tpl, stats, spans, expected, bytes) = (
             tpl.clone(),
@@ -421,7 +425,13 @@ async fn drive(
             let mut grpc = tonic::client::Grpc::new(channel);
             let mut rng = rand::rngs::StdRng::seed_from_u64(s as u64 + 99);
             let mut i = s;
+            let per_stream = rate.map(|r| r / streams as f64);
+            let mut sent_here = 0u64;
             while Instant::now() < end && spans.load(Ordering::Relaxed) < max_spans {
+                if let Some(r) = per_stream {
+                    let due = started + Duration::from_secs_f64(sent_here as f64 / r);
+                    tokio::time::sleep_until(due.into()).await;
+                }
                 let t = &tpl[i % tpl.len()];
                 i += 1;
                 let mut body = t.bytes.clone();
@@ -448,6 +458,7 @@ async fn drive(
                     }
                 }
                 let n: u64 = t.traces.iter().map(|(_, o)| o.len() as u64).sum();
+                sent_here += n;
                 let len = body.len() as u64;
                 grpc.ready().await.expect("ready");
                 let r = grpc
@@ -516,6 +527,7 @@ async fn run(
     tpl: Arc<Vec<Template>>,
     keep_p: Option<f64>,
     stats: Arc<SinkStats>,
+    rate: Option<f64>,
 ) -> Row {
     wait_listening(p.grpc).await;
     stats.spans.store(0, Ordering::Relaxed);
@@ -531,6 +543,7 @@ async fn run(
         keep_p,
         args.duration,
         u64::MAX,
+        rate,
     )
     .await;
     settle(&stats, Duration::from_secs(2)).await;
@@ -593,6 +606,8 @@ async fn main() {
         .unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
+            // As an OpenTelemetry Collector's grpc-go server grows them (BDP estimation).
+            .http2_adaptive_window(Some(true))
             .add_service(SinkServer(stats.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
@@ -613,7 +628,7 @@ async fn main() {
             .filter(|_| std::env::var("BENCH_ROTEL_ONLY").is_err())
         {
             let proc_ = llmtail(sink_port, p, ("10s", "1s"), gzip, dir.path());
-            rows.push(run(proc_, &args, tpl.clone(), Some(p), stats.clone()).await);
+            rows.push(run(proc_, &args, tpl.clone(), Some(p), stats.clone(), None).await);
         }
         match &rotel_bin {
             Some(bin) => rows.push(
@@ -623,6 +638,7 @@ async fn main() {
                     tpl.clone(),
                     None,
                     stats.clone(),
+                    None,
                 )
                 .await,
             ),
@@ -656,6 +672,16 @@ async fn main() {
                 );
             }
         }
+        // Latency: base_rate 1.0 at half the load it saturates at.
+        if let Some(full) = rows.first() {
+            let half = full.spans_per_s / 2.0;
+            let proc_ = llmtail(sink_port, 1.0, ("10s", "1s"), gzip, dir.path());
+            let r = run(proc_, &args, tpl.clone(), Some(1.0), stats.clone(), Some(half)).await;
+            println!(
+                "{} at half load ({:.0} spans/s): root → upstream p50 {:.0} ms, p99 {:.0} ms (root_grace 1000 ms; target p99 ≤ 1050 ms); {} / {} spans at the sink",
+                r.name, r.spans_per_s, r.p50_ms, r.p99_ms, r.at_sink, r.expected
+            );
+        }
     }
     if args.no_memory {
         return;
@@ -685,6 +711,7 @@ async fn memory(
         None,
         Duration::from_secs(120),
         1_000_000,
+        None,
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
