@@ -53,7 +53,8 @@ pub struct SpanStats {
     pub start_ns: u64,
     pub end_ns: u64,
     pub error: bool,
-    pub call: Option<CallSpan>,
+    /// Boxed: most spans are not LLM calls, and a request's spans wait in one vector.
+    pub call: Option<Box<CallSpan>>,
     pub user: Option<Arc<str>>,
     pub session: Option<Arc<str>>,
 }
@@ -340,8 +341,19 @@ impl TraceBuffer {
         evicted: &mut Vec<DecidedTrace>,
     ) -> Added {
         let mut shard = self.shard(&s.trace_id).lock();
+        self.add_locked(&mut shard, s, span, now, evicted)
+    }
+
+    fn add_locked(
+        &self,
+        shard: &mut Shard,
+        s: SpanStats,
+        span: HeldSpan,
+        now: Instant,
+        evicted: &mut Vec<DecidedTrace>,
+    ) -> Added {
         if let Some(d) = shard.decided.get(&s.trace_id) {
-            return Added::Late(d, span, s.call.map(Box::new));
+            return Added::Late(d, span, s.call);
         }
         let len = span.bytes.len();
         let decision_wait = self.limits.decision_wait();
@@ -366,7 +378,7 @@ impl TraceBuffer {
             .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
         entry.links.push(s.link);
         if let Some(call) = s.call {
-            entry.calls.push(call);
+            entry.calls.push(*call);
             shard_calls_added = 1;
         }
         let mut span = span;
@@ -394,11 +406,11 @@ impl TraceBuffer {
         if full {
             // One huge trace (an agent loop) is decided now; its later spans follow the
             // decision as late spans and never hold memory others need.
-            evicted.push(self.decide(&mut shard, s.trace_id, now, DecideReason::MaxSpans));
+            evicted.push(self.decide(shard, s.trace_id, now, DecideReason::MaxSpans));
         }
         let max_traces = self.limits.max_traces_per_shard.load(Ordering::Relaxed);
         while shard.traces.len() > max_traces {
-            match self.evict_oldest(&mut shard, now) {
+            match self.evict_oldest(shard, now) {
                 Some(decided) => evicted.push(decided),
                 None => break,
             }

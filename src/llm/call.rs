@@ -137,21 +137,21 @@ fn checked(n: f64, max: f64) -> Result<Option<f64>, ()> {
 /// Strings already seen in this request (models, providers, users, sessions repeat across
 /// its spans): each distinct value is allocated once per request, not once per span.
 #[derive(Default)]
-pub struct Strings(Vec<Arc<str>>);
+pub struct Strings(std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>);
 
 /// Distinct strings one [`Strings`] remembers; a request with more starts over.
-const STRINGS_CAPACITY: usize = 64;
+const STRINGS_CAPACITY: usize = 1024;
 
 impl Strings {
     pub fn get(&mut self, s: &str) -> Arc<str> {
-        if let Some(a) = self.0.iter().find(|a| a.as_ref() == s) {
+        if let Some(a) = self.0.get(s) {
             return a.clone();
         }
         if self.0.len() >= STRINGS_CAPACITY {
             self.0.clear();
         }
         let a: Arc<str> = Arc::from(s);
-        self.0.push(a.clone());
+        self.0.insert(a.clone());
         a
     }
 }

@@ -149,6 +149,7 @@ impl Pipeline {
                             service: &origin.service,
                         };
                         call_from_span(&span, &facts, &from, &self.pricing, &mut strings)
+                            .map(Box::new)
                     };
                     let stats = SpanStats {
                         trace_id: facts.trace_id,

@@ -676,7 +676,15 @@ async fn main() {
         if let Some(full) = rows.first() {
             let half = full.spans_per_s / 2.0;
             let proc_ = llmtail(sink_port, 1.0, ("10s", "1s"), gzip, dir.path());
-            let r = run(proc_, &args, tpl.clone(), Some(1.0), stats.clone(), Some(half)).await;
+            let r = run(
+                proc_,
+                &args,
+                tpl.clone(),
+                Some(1.0),
+                stats.clone(),
+                Some(half),
+            )
+            .await;
             println!(
                 "{} at half load ({:.0} spans/s): root → upstream p50 {:.0} ms, p99 {:.0} ms (root_grace 1000 ms; target p99 ≤ 1050 ms); {} / {} spans at the sink",
                 r.name, r.spans_per_s, r.p50_ms, r.p99_ms, r.at_sink, r.expected
