@@ -1,5 +1,5 @@
-//! Hot-path micro-benchmarks on realistic LLM spans (the loadgen's 4-span traces, ~20
-//! attributes on the LLM span).
+//! Hot-path micro-benchmarks: `hot_path/*` on the loadgen's 4-span traces (~20 attributes
+//! on the LLM span), `mix/*` on the production-shaped mix `llmtail-bench` sends.
 //!
 //! Figures to keep on this project's 2-core machine (release build), measured when written:
 //! - `scan_span/llm`: ≤ 0.45 µs for the 27-attribute LLM span (measured 0.37 µs); the
@@ -205,5 +205,139 @@ fn benches(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(hot_path, benches);
+/// The production-shaped mix (`llmtail_tools::mix`: 20 services, 30 models, Zipf users of
+/// 10,000 and sessions of 100,000, agent traces, prompt-carrying spans) in a 512-span
+/// request: what ingest does per span, and holding and deciding its traces with LLM
+/// accounting and spend per user (the top-K labels) on.
+fn mix(c: &mut Criterion) {
+    let mut rng = StdRng::seed_from_u64(7);
+    let mix = llmtail_tools::mix::Mix::default();
+    // Several requests, so users and sessions churn as they do in production.
+    let requests: Vec<Bytes> = (0..16)
+        .map(|_| Bytes::from(mix.request(&mut rng, 512, 1).0.encode_to_vec()))
+        .collect();
+    let spans_in = |req: &Bytes| {
+        let mut out = Vec::new();
+        for rs in llmtail::otlp::request::resource_spans(req) {
+            for ss in rs.scope_spans() {
+                let scope: Arc<str> = Arc::from(
+                    String::from_utf8_lossy(
+                        llmtail::otlp::scan::scope_name(&ss.scope)
+                            .unwrap()
+                            .unwrap_or_default(),
+                    )
+                    .as_ref(),
+                );
+                for span in ss.spans() {
+                    out.push((scope.clone(), span));
+                }
+            }
+        }
+        out
+    };
+    let n: usize = requests.iter().map(|r| spans_in(r).len()).sum();
+    let mut g = c.benchmark_group("mix");
+    g.throughput(Throughput::Elements(n as u64));
+    let pricing = Pricing::default();
+    let service: Arc<str> = Arc::from("svc-01");
+    let read = |req: &Bytes| {
+        let mut strings = llmtail::llm::Strings::default();
+        let mut out = Vec::new();
+        for (scope, span) in spans_in(req) {
+            llmtail::otlp::validate::span(&span).unwrap();
+            let facts = scan_span(&span, &Conventions).unwrap();
+            let call = llmtail::llm::call_from_span(
+                &span,
+                &facts,
+                &llmtail::llm::SpanOrigin {
+                    scope: &scope,
+                    service: &service,
+                },
+                &pricing,
+                &mut strings,
+            );
+            let user =
+                llmtail::llm::text(&span, &facts, llmtail::llm::LlmField::UserId, &mut strings);
+            out.push((facts, call, user, span));
+        }
+        out
+    };
+    g.bench_function("ingest_read/512_span_requests", |b| {
+        b.iter(|| {
+            requests
+                .iter()
+                .map(|r| read(std::hint::black_box(r)).len())
+                .sum::<usize>()
+        })
+    });
+    let cfg = Config::parse("exporter:\n  file: {path: x}\nsampling:\n  base_rate: 0.1\n").unwrap();
+    let observer = Arc::new(LlmObserver::new(
+        &cfg.llm,
+        Metrics::new(),
+        None,
+        Arc::new(BaseRate::new(0.1)),
+    ));
+    let origin = Arc::new(Origin {
+        resource: Bytes::new(),
+        resource_schema_url: Bytes::new(),
+        scope: Bytes::new(),
+        scope_schema_url: Bytes::new(),
+        service: service.clone(),
+    });
+    let read_all: Vec<_> = requests.iter().flat_map(read).collect();
+    g.bench_function("hold_decide_account/512_span_requests", |b| {
+        b.iter_batched(
+            || {
+                let buffer = TraceBuffer::new(
+                    BufferLimits {
+                        decision_wait: Duration::from_secs(10),
+                        root_grace: Duration::from_secs(1),
+                        max_traces: 100_000,
+                        decision_cache_size: 100_000,
+                        max_spans_per_trace: 10_000,
+                    },
+                    Sampler::new(&cfg.sampling, Arc::new(BaseRate::new(0.1))),
+                    llmtail::pipeline::Budget::new(),
+                    observer.clone(),
+                );
+                (buffer, read_all.clone())
+            },
+            |(buffer, spans)| {
+                let now = Instant::now();
+                let mut evicted = Vec::new();
+                for (f, call, user, bytes) in spans {
+                    let stats = SpanStats {
+                        trace_id: f.trace_id,
+                        link: (f.span_id, f.parent_id),
+                        is_root: f.is_root,
+                        start_ns: f.start_ns,
+                        end_ns: f.end_ns,
+                        error: f.is_error(),
+                        call: call.map(Box::new),
+                        user,
+                        session: None,
+                    };
+                    let held = HeldSpan {
+                        origin: origin.clone(),
+                        bytes,
+                        trace_state: f.trace_state,
+                        is_root: f.is_root,
+                        extra: None,
+                    };
+                    buffer.add(stats, held, now, &mut evicted);
+                }
+                let mut out = Vec::new();
+                buffer.decide_due(now + Duration::from_secs(11), &mut out);
+                for t in &out {
+                    observer.record_spend(&t.summary, now);
+                }
+                out
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(hot_path, benches, mix);
 criterion_main!(hot_path);
