@@ -140,7 +140,7 @@ impl OtlpGrpcSink {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
             Err(_) => Err(classify(&tonic::Status::deadline_exceeded(
-                "the upstream did not answer within the export timeout",
+                "timed out: no answer within the export timeout",
             ))),
         }
     }
