@@ -62,12 +62,19 @@ struct Args {
     /// Only the memory run.
     #[arg(long)]
     memory_only: bool,
+    /// Only the latency run, at this many spans/s (llmtail, base_rate 1.0, each
+    /// `--compression` mode): to study the root → upstream delay alone.
+    #[arg(long)]
+    latency_at: Option<f64>,
     /// Write one request of the load to this file (encoded protobuf) and exit.
     #[arg(long)]
     dump_request: Option<PathBuf>,
 }
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// Traces sent this soon after a processor starts are left out of the steady-state delay
+/// percentile (reported beside the whole run's).
+const WARM_UP: Duration = Duration::from_secs(2);
 /// Traces whose id starts with this byte are timed from send to arrival at the sink.
 const TIMED: u8 = 0;
 /// Share of errors, slow and expensive traces in the load.
@@ -139,9 +146,9 @@ fn templates(args: &Args) -> Vec<Template> {
 #[derive(Default)]
 struct SinkStats {
     spans: AtomicU64,
-    /// Send instants of timed traces, and their measured delays.
+    /// Send instants of timed traces, and their measured delays (with the send instant).
     sent: Mutex<HashMap<[u8; 16], Instant>>,
-    delays: Mutex<Vec<f64>>,
+    delays: Mutex<Vec<(Instant, f64)>>,
 }
 
 #[derive(Clone)]
@@ -173,7 +180,7 @@ impl tonic::server::UnaryService<Bytes> for SinkService {
                     stats
                         .delays
                         .lock()
-                        .push(now.duration_since(sent).as_secs_f64());
+                        .push((sent, now.duration_since(sent).as_secs_f64()));
                 }
             }
             stats.spans.fetch_add(n, Ordering::Relaxed);
@@ -255,6 +262,18 @@ fn usage(pid: u32) -> (f64, u64) {
     (ticks / 100.0, kb("VmHWM:") * 1024)
 }
 
+/// The admin server's `/metrics` text (empty if it does not answer).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
 fn rss(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
@@ -293,8 +312,14 @@ fn llmtail(
          sampling:\n  decision_wait: {wait}\n  root_grace: {grace}\n  base_rate: {base_rate}\n  max_traces: 2000000\n  policies:\n\
          \x20   - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\n\
          exporter:\n  otlp: {{endpoint: \"http://127.0.0.1:{sink}\"{compression}}}\n  batch: {{timeout: 20ms}}\n  queue: {{max_spans: 4000000}}\n\
-         admin:\n  endpoint: 127.0.0.1:{admin}\n",
-        compression = if gzip { "" } else { ", compression: none" }
+         admin:\n  endpoint: 127.0.0.1:{admin}\n{limits}",
+        compression = if gzip { "" } else { ", compression: none" },
+        // The memory run holds everything: no early decision may free what it measures.
+        limits = if wait == "120s" {
+            "limits:\n  max_buffer_bytes: 8GiB\n"
+        } else {
+            ""
+        }
     );
     let path = dir.join(format!("llmtail-{base_rate}-{wait}-{gzip}.yaml"));
     std::fs::write(&path, config).expect("write the config");
@@ -519,6 +544,9 @@ struct Row {
     expected: u64,
     p50_ms: f64,
     p99_ms: f64,
+    max_ms: f64,
+    /// p99 of the traces sent after [`WARM_UP`].
+    steady_p99_ms: f64,
 }
 
 async fn run(
@@ -535,6 +563,7 @@ async fn run(
     stats.sent.lock().clear();
     let pid = p.child.id();
     let (cpu0, _) = usage(pid);
+    let started = Instant::now();
     let load = drive(
         p.grpc,
         args,
@@ -548,7 +577,15 @@ async fn run(
     .await;
     settle(&stats, Duration::from_secs(2)).await;
     let (cpu1, peak) = usage(pid);
-    let mut delays = stats.delays.lock().clone();
+    let timed = stats.delays.lock().clone();
+    let mut delays: Vec<f64> = timed.iter().map(|&(_, d)| d).collect();
+    // The processor's first second: its upstream connection's HTTP/2 windows and TCP
+    // window still growing (an upstream's grpc-go server sizes them by BDP estimation).
+    let mut steady: Vec<f64> = timed
+        .iter()
+        .filter(|&&(sent, _)| sent >= started + WARM_UP)
+        .map(|&(_, d)| d)
+        .collect();
     let _ = p.admin;
     Row {
         name: p.name.clone(),
@@ -559,6 +596,8 @@ async fn run(
         expected: load.expected_kept,
         p50_ms: percentile(&mut delays, 0.5) * 1e3,
         p99_ms: percentile(&mut delays, 0.99) * 1e3,
+        max_ms: percentile(&mut delays, 1.0) * 1e3,
+        steady_p99_ms: percentile(&mut steady, 0.99) * 1e3,
     }
 }
 
@@ -621,6 +660,12 @@ async fn main() {
     if args.memory_only {
         return memory(&args, tpl, stats, sink_port, dir.path()).await;
     }
+    if let Some(rate) = args.latency_at {
+        for &gzip in modes {
+            latency(&args, &tpl, &stats, sink_port, dir.path(), gzip, rate).await;
+        }
+        return;
+    }
     for &gzip in modes {
         let mut rows = Vec::new();
         for p in [1.0, 0.1]
@@ -675,26 +720,47 @@ async fn main() {
         // Latency: base_rate 1.0 at half the load it saturates at.
         if let Some(full) = rows.first() {
             let half = full.spans_per_s / 2.0;
-            let proc_ = llmtail(sink_port, 1.0, ("10s", "1s"), gzip, dir.path());
-            let r = run(
-                proc_,
-                &args,
-                tpl.clone(),
-                Some(1.0),
-                stats.clone(),
-                Some(half),
-            )
-            .await;
-            println!(
-                "{} at half load ({:.0} spans/s): root → upstream p50 {:.0} ms, p99 {:.0} ms (root_grace 1000 ms; target p99 ≤ 1050 ms); {} / {} spans at the sink",
-                r.name, r.spans_per_s, r.p50_ms, r.p99_ms, r.at_sink, r.expected
-            );
+            latency(&args, &tpl, &stats, sink_port, dir.path(), gzip, half).await;
         }
     }
     if args.no_memory {
         return;
     }
     memory(&args, tpl, stats, sink_port, dir.path()).await;
+}
+
+/// Runs llmtail (base_rate 1.0) at `rate` spans/s and prints the root → upstream delay.
+async fn latency(
+    args: &Args,
+    tpl: &Arc<Vec<Template>>,
+    stats: &Arc<SinkStats>,
+    sink_port: u16,
+    dir: &std::path::Path,
+    gzip: bool,
+    rate: f64,
+) {
+    let proc_ = llmtail(sink_port, 1.0, ("10s", "1s"), gzip, dir);
+    let r = run(
+        proc_,
+        args,
+        tpl.clone(),
+        Some(1.0),
+        stats.clone(),
+        Some(rate),
+    )
+    .await;
+    println!(
+        "{} at {:.0} spans/s: root → upstream p50 {:.0} ms, p99 {:.0} ms after the first {:?} ({:.0} ms over the whole run, max {:.0} ms; root_grace 1000 ms, target p99 ≤ 1050 ms at half load); {} / {} spans at the sink",
+        r.name,
+        r.spans_per_s,
+        r.p50_ms,
+        r.steady_p99_ms,
+        WARM_UP,
+        r.p99_ms,
+        r.max_ms,
+        r.at_sink,
+        r.expected
+    );
 }
 
 /// Memory: hold 1,000,000 spans (decision_wait and root_grace 120 s) and compare RSS growth
@@ -708,6 +774,7 @@ async fn memory(
 ) {
     let p = llmtail(sink_port, 1.0, ("120s", "120s"), false, dir);
     wait_listening(p.grpc).await;
+    stats.spans.store(0, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = p.child.id();
     let before = rss(pid);
@@ -724,6 +791,21 @@ async fn memory(
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss(pid);
+    // What llmtail's memory budget counts, beside what the kernel says.
+    let metrics = p.admin.map(scrape).unwrap_or_default();
+    let part = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("llmtail_memory_bytes{{part=\"{name}\"}} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+            / 1e6
+    };
+    let exported = stats.spans.load(Ordering::Relaxed);
+    assert_eq!(
+        exported, 0,
+        "the memory run decided spans early: what it measures is no longer held"
+    );
     let growth = after.saturating_sub(before) as f64;
     let per_trace = tpl
         .iter()
@@ -742,5 +824,12 @@ async fn memory(
         after as f64 / 1e6,
         growth / load.bytes as f64,
         (growth - load.bytes as f64) / traces as f64
+    );
+    println!(
+        "memory budget: buffers {:.1} MB, bookkeeping {:.1} MB (estimated per trace, span and LLM span), reserved {:.1} MB; RSS beyond the budget {:.1} MB",
+        part("buffers"),
+        part("bookkeeping"),
+        part("reserved"),
+        after as f64 / 1e6 - part("buffers") - part("bookkeeping") - part("reserved")
     );
 }
