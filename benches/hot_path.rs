@@ -315,7 +315,7 @@ fn mix(c: &mut Criterion) {
                         error: f.is_error(),
                         call: call.map(Box::new),
                         user,
-                        session: None,
+                        ..Default::default()
                     };
                     let held = HeldSpan {
                         origin: origin.clone(),

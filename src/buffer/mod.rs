@@ -57,6 +57,9 @@ pub struct SpanStats {
     pub call: Option<Box<CallSpan>>,
     pub user: Option<Arc<str>>,
     pub session: Option<Arc<str>>,
+    /// The sampling conditions' span-level tests it passed, and their generation.
+    pub matched: u64,
+    pub tests_generation: u64,
 }
 
 /// Leaves LLM spans uncounted (the buffer's own tests).
@@ -376,6 +379,14 @@ impl TraceBuffer {
         entry
             .summary
             .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
+        entry.summary.matched |= s.matched;
+        if entry.summary.tests_generation == 0 {
+            entry.summary.tests_generation = s.tests_generation;
+        } else if entry.summary.tests_generation != s.tests_generation {
+            // Spans tested under two sets of conditions (a reload): tested again at the
+            // decision.
+            entry.summary.tests_generation = u64::MAX;
+        }
         entry.links.push(s.link);
         if let Some(call) = s.call {
             entry.calls.push(*call);
@@ -437,7 +448,24 @@ impl TraceBuffer {
         shard.bytes -= entry.bytes;
         self.settle
             .settle(&mut entry.summary, entry.calls, &entry.links, now);
-        let decision = self.sampler.load().decide(&id, &entry.summary, now);
+        let sampler = self.sampler.load();
+        let tests = sampler.span_tests();
+        if entry.summary.tests_generation != tests.generation() {
+            entry.summary.matched = if tests.is_empty() {
+                0
+            } else {
+                // The model test reads the span's model attributes here, not the LLM
+                // call ingest made of the span.
+                let mut strings = crate::llm::Strings::default();
+                tests.retest(&entry.spans, crate::llm::Conventions, |span, facts| {
+                    use crate::llm::LlmField::{Model, RequestModel, ResponseModel};
+                    [ResponseModel, RequestModel, Model]
+                        .into_iter()
+                        .find_map(|f| crate::llm::text(span, facts, f, &mut strings))
+                })
+            };
+        }
+        let decision = sampler.decide(&id, &entry.summary, now);
         shard.decided.insert(id, CachedDecision::new(&decision));
         DecidedTrace {
             trace_id: id,

@@ -38,6 +38,8 @@ pub enum LlmField {
     CostDetails,
 }
 
+const _: () = assert!(LlmField::COUNT <= crate::otlp::scan::EXTRA_SLOTS.start);
+
 impl LlmField {
     pub const COUNT: usize = 22;
     pub const ALL: [LlmField; Self::COUNT] = [

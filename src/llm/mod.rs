@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub use conventions::{LlmField, classify};
 
 /// The scanner's classifier: the LLM conventions table, a slot per [`LlmField`].
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Conventions;
 
 impl crate::otlp::scan::Classifier for Conventions {

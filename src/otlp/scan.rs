@@ -14,6 +14,8 @@ const SPAN_TRACE_ID: u32 = 1;
 const SPAN_SPAN_ID: u32 = 2;
 const SPAN_TRACE_STATE: u32 = 3;
 const SPAN_PARENT_SPAN_ID: u32 = 4;
+const SPAN_NAME: u32 = 5;
+const SPAN_KIND: u32 = 6;
 const SPAN_START: u32 = 7;
 const SPAN_END: u32 = 8;
 const SPAN_ATTRIBUTES: u32 = 9;
@@ -98,10 +100,18 @@ pub enum AttrValue {
 /// layer knows no attribute names of its own.
 pub trait Classifier {
     fn classify(&self, key: &[u8]) -> Option<(usize, u8)>;
+
+    /// A second slot for the same key, taken as is: keys that sampling conditions name,
+    /// which may also be keys of the first classification.
+    fn extra(&self, _key: &[u8]) -> Option<usize> {
+        None
+    }
 }
 
-/// Slots a classifier may use.
-pub const ATTR_SLOTS: usize = 24;
+/// Slots a classifier may use: `classify` those below [`EXTRA_SLOTS`], `extra` the rest.
+pub const ATTR_SLOTS: usize = 32;
+/// Slots of [`Classifier::extra`].
+pub const EXTRA_SLOTS: std::ops::Range<usize> = 24..ATTR_SLOTS;
 
 /// The classified attributes found on a span: for each slot, the value of the
 /// highest-precedence key that carried it.
@@ -143,6 +153,12 @@ pub struct SpanFacts {
     pub end_ns: u64,
     /// Status code ERROR, or an `exception` event.
     pub status_error: bool,
+    /// `Status.code` (0 unset, 1 ok, 2 error).
+    pub status_code: u8,
+    /// The span's name, as a byte range of the span.
+    pub name: Range<u32>,
+    /// `Span.kind` (0 unspecified, 1 internal, 2 server, 3 client, 4 producer, 5 consumer).
+    pub kind: u8,
     pub has_exception_event: bool,
     /// The whole `trace_state` field (key, length, value) and its value, as byte ranges.
     pub trace_state: Option<TraceStateField>,
@@ -207,6 +223,9 @@ pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts,
         start_ns: 0,
         end_ns: 0,
         status_error: false,
+        status_code: 0,
+        name: 0..0,
+        kind: 0,
         has_exception_event: false,
         trace_state: None,
         largest_attribute: 0,
@@ -227,6 +246,11 @@ pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts,
                     start + value.len(),
                 ));
             }
+            (SPAN_NAME, WireType::Len) => {
+                let (start, name) = r.len_delimited()?;
+                facts.name = start as u32..(start + name.len()) as u32;
+            }
+            (SPAN_KIND, WireType::Varint) => facts.kind = r.varint()?.min(u8::MAX as u64) as u8,
             (SPAN_START, WireType::Fixed64) => facts.start_ns = r.fixed64()?,
             (SPAN_END, WireType::Fixed64) => facts.end_ns = r.fixed64()?,
             (SPAN_ATTRIBUTES, WireType::Len) => {
@@ -242,6 +266,7 @@ pub fn scan_span(span: &[u8], classifier: &impl Classifier) -> Result<SpanFacts,
             (SPAN_STATUS, WireType::Len) => {
                 if let Some(code) = status_code(r.len_delimited()?.1)? {
                     facts.status_error = code == STATUS_CODE_ERROR;
+                    facts.status_code = code.min(u8::MAX as u64) as u8;
                 }
             }
             (_, wire) => r.skip(wire)?,
@@ -319,13 +344,20 @@ fn scan_attribute(
             (_, wire) => r.skip(wire)?,
         }
     }
-    let Some((slot, precedence)) = classifier.classify(key) else {
+    let first = classifier.classify(key);
+    let extra = classifier.extra(key);
+    if first.is_none() && extra.is_none() {
         return Ok(());
-    };
+    }
     if let Some((start, any)) = value
         && let Some(v) = any_value(any, offset + start)?
     {
-        out.offer(slot, precedence, v);
+        if let Some(slot) = extra {
+            out.offer(slot, 0, v.clone());
+        }
+        if let Some((slot, precedence)) = first {
+            out.offer(slot, precedence, v);
+        }
     }
     Ok(())
 }
@@ -355,10 +387,34 @@ fn any_value(any: &[u8], offset: usize) -> Result<Option<AttrValue>, Malformed> 
     Ok(value)
 }
 
-/// Reads `service.name` from an encoded `Resource`.
-pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
+/// A scalar attribute value, borrowed from the bytes it was read from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Scalar<'a> {
+    Str(&'a [u8]),
+    Int(i64),
+    Double(f64),
+    Bool(bool),
+}
+
+impl AttrValue {
+    /// The value, its string read from the span it was scanned from.
+    pub fn scalar<'a>(&self, span: &'a [u8]) -> Scalar<'a> {
+        match self {
+            AttrValue::Str(range) => Scalar::Str(str_at(span, range)),
+            AttrValue::Int(v) => Scalar::Int(*v),
+            AttrValue::Double(v) => Scalar::Double(*v),
+            AttrValue::Bool(v) => Scalar::Bool(*v),
+        }
+    }
+}
+
+/// The value of one attribute of an encoded `Resource` (the last one with that key).
+pub fn resource_attribute<'a>(
+    resource: &'a [u8],
+    wanted: &[u8],
+) -> Result<Option<Scalar<'a>>, Malformed> {
     let mut r = Reader::new(resource);
-    let mut name = None;
+    let mut found = None;
     while !r.is_empty() {
         match r.tag()? {
             (RESOURCE_ATTRIBUTES, WireType::Len) => {
@@ -373,16 +429,24 @@ pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
                         (_, wire) => kr.skip(wire)?,
                     }
                 }
-                if key == b"service.name"
-                    && let Some(AttrValue::Str(range)) = any_value(value, 0)?
+                if key == wanted
+                    && let Some(v) = any_value(value, 0)?
                 {
-                    name = Some(&value[range.start as usize..range.end as usize]);
+                    found = Some(v.scalar(value));
                 }
             }
             (_, wire) => r.skip(wire)?,
         }
     }
-    Ok(name)
+    Ok(found)
+}
+
+/// Reads `service.name` from an encoded `Resource`.
+pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
+    Ok(match resource_attribute(resource, b"service.name")? {
+        Some(Scalar::Str(name)) => Some(name),
+        _ => None,
+    })
 }
 
 /// Where a span's `trace_state` field is, read without scanning anything else (for spans

@@ -48,6 +48,9 @@ impl Pipeline {
         let mut first_reject: Option<(Reject, String)> = None;
         let mut evicted = Vec::new();
         let mut strings = crate::llm::Strings::default();
+        // The sampling conditions' span-level tests, run on every span as it is scanned.
+        let tests = self.buffer.sampler().span_tests().clone();
+        let keys = tests.keys(crate::llm::Conventions);
         let max_span_bytes = self.limits.max_span_bytes.load(Ordering::Relaxed);
         let max_attribute_bytes = self.limits.max_attribute_bytes.load(Ordering::Relaxed);
         // Spans of traces another replica owns are forwarded to it, unless they were
@@ -84,12 +87,14 @@ impl Pipeline {
                 let mut origin: Option<Arc<Origin>> = None;
                 // The scope's name and whether its every span is an LLM call, read once.
                 let mut scope_name: Option<(Arc<str>, bool)> = None;
+                // Tests on the resource and the scope, run once for all its spans.
+                let mut origin_bits: Option<(u64, u64)> = None;
                 for (pi, span) in ss.spans().enumerate() {
                     let checked = scope_ok.and_then(|()| {
                         if span.len() > max_span_bytes {
                             return Err(Reject::SpanTooLarge);
                         }
-                        let facts = scan::scan_span(&span, &crate::llm::Conventions)?;
+                        let facts = scan::scan_span(&span, &keys)?;
                         if facts.largest_attribute as usize > max_attribute_bytes {
                             return Err(Reject::AttributeTooLarge);
                         }
@@ -151,6 +156,17 @@ impl Pipeline {
                         call_from_span(&span, &facts, &from, &self.pricing, &mut strings)
                             .map(Box::new)
                     };
+                    let matched = if tests.is_empty() {
+                        0
+                    } else {
+                        let origin = *origin_bits
+                            .get_or_insert_with(|| tests.origin_bits(&rs.resource, &ss.scope));
+                        let model = call
+                            .as_ref()
+                            .map(|c| &*c.call.model)
+                            .filter(|m| *m != crate::llm::UNKNOWN_MODEL);
+                        tests.span_bits(&span, &facts, origin, model)
+                    };
                     let stats = SpanStats {
                         trace_id: facts.trace_id,
                         link: (facts.span_id, facts.parent_id),
@@ -161,6 +177,8 @@ impl Pipeline {
                         user: text(&span, &facts, LlmField::UserId, &mut strings),
                         session: text(&span, &facts, LlmField::SessionId, &mut strings),
                         call,
+                        matched,
+                        tests_generation: tests.generation(),
                     };
                     let held = HeldSpan {
                         origin: origin.clone(),

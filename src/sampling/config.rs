@@ -99,9 +99,30 @@ impl SamplingConfig {
                     .map(|(k, m)| (format!("boost.{k}"), m)),
             );
         }
+        // All conditions share one compiler: together they hold at most 64 span-level
+        // tests and 10 span attribute keys.
+        let mut compiler = super::condition::Compiler::default();
         for (i, policy) in self.policies.iter().enumerate() {
             for (key, msg) in policy.validate() {
                 p.push((format!("policies[{i}].{key}"), msg));
+            }
+            if let Some(c) = &policy.condition
+                && let Err(problems) = compiler.compile(c)
+            {
+                for (key, msg) in problems {
+                    let key = if key == "condition" {
+                        key
+                    } else {
+                        format!("condition.{key}")
+                    };
+                    p.push((format!("policies[{i}].{key}"), msg));
+                }
+            }
+            if policy.kind == PolicyType::Drop && policy.rate != 1.0 {
+                p.push((
+                    format!("policies[{i}].rate"),
+                    "does not apply to a drop policy (it drops every trace it matches)".into(),
+                ));
             }
             if self.policies[..i]
                 .iter()
@@ -117,7 +138,7 @@ impl SamplingConfig {
                 if !known.is_some_and(|q| q.kind.can_trigger_session()) {
                     p.push((
                         format!("policies[{i}].triggers"),
-                        format!("{trigger:?} is not an error, anomaly, latency or cost policy of this list"),
+                        format!("{trigger:?} is not an error, anomaly, latency, cost or condition policy of this list"),
                     ));
                 }
             }
@@ -139,11 +160,16 @@ pub enum PolicyType {
     Anomaly,
     /// Another trace of the same session was kept by a trigger policy within `window`.
     Session,
+    /// `condition` matches the trace (attributes, resource, scope, name, kind, status,
+    /// duration, span count, LLM totals).
+    Condition,
+    /// `condition` matches: the trace is dropped, whatever else matches.
+    Drop,
 }
 
 impl PolicyType {
     fn can_trigger_session(self) -> bool {
-        !matches!(self, PolicyType::Session)
+        !matches!(self, PolicyType::Session | PolicyType::Drop)
     }
 
     /// The optional keys this type takes, and whether each is required.
@@ -157,6 +183,7 @@ impl PolicyType {
                 ("triggers", false),
                 ("max_sessions", false),
             ],
+            PolicyType::Condition | PolicyType::Drop => &[("condition", true)],
         }
     }
 }
@@ -182,6 +209,8 @@ pub struct PolicyConfig {
     pub triggers: Option<Vec<String>>,
     /// Session policy: sessions remembered at once.
     pub max_sessions: Option<usize>,
+    /// Condition and drop policies: what a trace must match.
+    pub condition: Option<super::condition::ConditionConfig>,
 }
 
 fn full_rate() -> f64 {
@@ -207,6 +236,7 @@ impl PolicyConfig {
             ("window", self.window.is_some()),
             ("triggers", self.triggers.is_some()),
             ("max_sessions", self.max_sessions.is_some()),
+            ("condition", self.condition.is_some()),
         ];
         let takes = self.kind.keys();
         for (key, is_set) in present {

@@ -2,6 +2,7 @@
 //! probability sampling on the trace id.
 
 pub mod adaptive;
+pub mod condition;
 pub mod config;
 
 use std::collections::HashMap;
@@ -50,6 +51,12 @@ pub struct TraceSummary {
     /// The first user and session id any span named.
     pub user: Option<Arc<str>>,
     pub session: Option<Arc<str>>,
+    /// Spans added.
+    pub spans: u32,
+    /// Span-level condition tests some span passed (bits of [`condition::SpanTests`]).
+    pub matched: u64,
+    /// The generation of the tests `matched` comes from (0: none yet).
+    pub tests_generation: u64,
 }
 
 impl Default for TraceSummary {
@@ -67,6 +74,9 @@ impl Default for TraceSummary {
             boost: 0.0,
             user: None,
             session: None,
+            spans: 0,
+            matched: 0,
+            tests_generation: 0,
         }
     }
 }
@@ -81,6 +91,7 @@ impl TraceSummary {
         user: Option<Arc<str>>,
         session: Option<Arc<str>>,
     ) {
+        self.spans = self.spans.saturating_add(1);
         self.min_start_ns = self.min_start_ns.min(start_ns);
         self.max_end_ns = self.max_end_ns.max(end_ns);
         self.has_error |= error;
@@ -126,6 +137,10 @@ pub enum Rule {
     Anomaly,
     /// Matched through the session keeper, not the summary alone.
     Session,
+    /// The sampler's condition of this index.
+    Condition(usize),
+    /// A drop policy's condition of this index: a trace it matches is dropped.
+    Drop(usize),
 }
 
 impl Rule {
@@ -137,7 +152,7 @@ impl Rule {
             }
             Rule::Cost { threshold_usd } => s.cost_usd >= threshold_usd,
             Rule::Anomaly => s.has_anomaly,
-            Rule::Session => false,
+            Rule::Session | Rule::Condition(_) | Rule::Drop(_) => false,
         }
     }
 }
@@ -150,8 +165,26 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn from_config(cfg: &PolicyConfig) -> Policy {
+    /// The policy; a condition is compiled into `conditions` (its rule names the index).
+    pub fn from_config(
+        cfg: &PolicyConfig,
+        compiler: &mut condition::Compiler,
+        conditions: &mut Vec<condition::Condition>,
+    ) -> Policy {
+        let mut compiled = || {
+            // Validated before a sampler is built; a condition that does not compile
+            // matches nothing.
+            let c = cfg
+                .condition
+                .as_ref()
+                .and_then(|c| compiler.compile(c).ok())
+                .unwrap_or(condition::Condition::Any(Vec::new()));
+            conditions.push(c);
+            conditions.len() - 1
+        };
         let rule = match cfg.kind {
+            PolicyType::Condition => Rule::Condition(compiled()),
+            PolicyType::Drop => Rule::Drop(compiled()),
             PolicyType::Error => Rule::Error,
             PolicyType::Latency => Rule::Latency {
                 threshold_ms: cfg.threshold_ms.unwrap_or(f64::INFINITY),
@@ -264,6 +297,8 @@ pub struct DecisionCounts {
 
 pub struct Sampler {
     policies: Vec<Policy>,
+    conditions: Vec<condition::Condition>,
+    span_tests: Arc<condition::SpanTests>,
     base: Arc<BaseRate>,
     sessions: Option<SessionKeeper>,
     pub counts: Arc<DecisionCounts>,
@@ -271,7 +306,14 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(cfg: &SamplingConfig, base: Arc<BaseRate>) -> Sampler {
-        let policies: Vec<Policy> = cfg.policies.iter().map(Policy::from_config).collect();
+        let mut compiler = condition::Compiler::default();
+        let mut conditions = Vec::new();
+        let policies: Vec<Policy> = cfg
+            .policies
+            .iter()
+            .map(|p| Policy::from_config(p, &mut compiler, &mut conditions))
+            .collect();
+        let span_tests = compiler.finish();
         let sessions = cfg
             .policies
             .iter()
@@ -297,9 +339,23 @@ impl Sampler {
             });
         Sampler {
             policies,
+            conditions,
+            span_tests,
             base,
             sessions,
             counts: Arc::default(),
+        }
+    }
+
+    /// The span-level tests of the conditions, which ingest runs on every span.
+    pub fn span_tests(&self) -> &Arc<condition::SpanTests> {
+        &self.span_tests
+    }
+
+    fn matches(&self, rule: &Rule, s: &TraceSummary) -> bool {
+        match *rule {
+            Rule::Condition(i) | Rule::Drop(i) => self.conditions[i].matches(s),
+            ref other => other.matches(s),
         }
     }
 
@@ -308,9 +364,24 @@ impl Sampler {
     /// service in the trace); keep iff R ≥ T(p). A keep by a session trigger marks the
     /// trace's session, so its other traces decided within the window are kept too.
     pub fn decide(&self, trace_id: &TraceId, summary: &TraceSummary, now: Instant) -> Decision {
+        // A drop policy wins over everything else.
+        if let Some(p) = self
+            .policies
+            .iter()
+            .find(|p| matches!(p.rule, Rule::Drop(_)) && self.matches(&p.rule, summary))
+        {
+            return Decision {
+                keep: false,
+                by: DecidedBy::Policy(p.name),
+                threshold: Threshold::NEVER,
+            };
+        }
         let mut best: Option<(usize, Threshold)> = None;
         for (i, p) in self.policies.iter().enumerate() {
-            if p.rule.matches(summary) && best.is_none_or(|(_, t)| p.threshold < t) {
+            if matches!(p.rule, Rule::Drop(_)) {
+                continue;
+            }
+            if self.matches(&p.rule, summary) && best.is_none_or(|(_, t)| p.threshold < t) {
                 best = Some((i, p.threshold));
             }
         }
