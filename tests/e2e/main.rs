@@ -19,6 +19,7 @@ mod limits;
 mod llm;
 mod llm_clients;
 mod reload;
+mod rules;
 mod sdk_clients;
 mod security;
 mod wal;
