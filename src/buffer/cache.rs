@@ -11,10 +11,15 @@ use crate::sampling::Decision;
 pub struct CachedDecision(u64);
 
 const KEPT_BIT: u64 = 1 << 63;
+const DRY_RUN_BIT: u64 = 1 << 62;
 
 impl CachedDecision {
     pub(super) fn new(d: &Decision) -> Self {
-        CachedDecision(d.threshold.value() | if d.keep { KEPT_BIT } else { 0 })
+        CachedDecision(
+            d.threshold.value()
+                | if d.keep { KEPT_BIT } else { 0 }
+                | if d.dry_run { DRY_RUN_BIT } else { 0 },
+        )
     }
 
     pub fn keep(self) -> bool {
@@ -22,7 +27,21 @@ impl CachedDecision {
     }
 
     pub fn threshold(self) -> Threshold {
-        Threshold::from_value(self.0 & !KEPT_BIT)
+        Threshold::from_value(self.0 & !(KEPT_BIT | DRY_RUN_BIT))
+    }
+
+    /// Whether the trace's spans are exported: kept, or decided in a dry run.
+    pub fn exports(self) -> bool {
+        self.0 & (KEPT_BIT | DRY_RUN_BIT) != 0
+    }
+
+    /// The threshold exported spans carry (p = 1 in a dry run).
+    pub fn export_threshold(self) -> Threshold {
+        if self.0 & DRY_RUN_BIT != 0 {
+            Threshold::ALWAYS
+        } else {
+            self.threshold()
+        }
     }
 }
 

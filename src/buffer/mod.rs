@@ -78,8 +78,10 @@ const SHARDS: usize = 64;
 /// Why a trace was decided when it was; the sweep, eviction and shutdown each say which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecideReason {
-    /// `decision_wait` after the first span, or `root_grace` after the root span.
+    /// `decision_wait` after the first span.
     Deadline,
+    /// `root_grace` after the root span.
+    Root,
     /// The buffer was full (`max_traces`): the oldest trace was decided early.
     Pressure,
     /// Held span memory passed the soft mark of `limits.max_buffer_bytes`: the oldest
@@ -97,7 +99,19 @@ impl DecideReason {
             DecideReason::Pressure => Some("pressure"),
             DecideReason::Memory => Some("memory"),
             DecideReason::MaxSpans => Some("max_spans"),
-            DecideReason::Deadline | DecideReason::Shutdown => None,
+            DecideReason::Deadline | DecideReason::Root | DecideReason::Shutdown => None,
+        }
+    }
+
+    /// Why it was decided then, as kept roots' `sampling.reason` says.
+    pub fn label(self) -> &'static str {
+        match self {
+            DecideReason::Deadline => "decision_wait",
+            DecideReason::Root => "root",
+            DecideReason::Pressure => "max_traces",
+            DecideReason::Memory => "memory",
+            DecideReason::MaxSpans => "max_spans",
+            DecideReason::Shutdown => "shutdown",
         }
     }
 }
@@ -442,6 +456,15 @@ impl TraceBuffer {
             .traces
             .remove(&id)
             .expect("decide is only called for a held trace");
+        // A deadline brought forward by the root span is the root's.
+        let reason = match reason {
+            DecideReason::Deadline
+                if entry.deadline < entry.first_seen + self.limits.decision_wait() =>
+            {
+                DecideReason::Root
+            }
+            other => other,
+        };
         shard.spans -= entry.spans.len();
         let llm_spans = entry.calls.len();
         shard.calls -= llm_spans;

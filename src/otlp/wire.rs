@@ -160,6 +160,7 @@ pub enum Value<'a> {
     Str(&'a str),
     Int(i64),
     Double(f64),
+    Bool(bool),
 }
 
 /// Appends one span attribute: field 9, a `KeyValue` with the given `AnyValue`.
@@ -175,6 +176,10 @@ pub fn put_attribute(out: &mut Vec<u8>, key: &str, value: Value<'_>) {
         Value::Double(d) => {
             put_varint(&mut any, (4 << 3) | 1);
             any.extend_from_slice(&d.to_le_bytes());
+        }
+        Value::Bool(b) => {
+            put_varint(&mut any, 2 << 3);
+            put_varint(&mut any, u64::from(b));
         }
     }
     let mut kv = Vec::with_capacity(key.len() + any.len() + 4);

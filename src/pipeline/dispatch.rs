@@ -2,6 +2,8 @@
 //! and handed to every exporter.
 
 use super::*;
+use crate::buffer::DecideReason;
+use crate::sampling::Decision;
 
 impl Pipeline {
     /// The span with its content redacted (privacy), ready to export. Fails closed: a
@@ -74,15 +76,18 @@ impl Pipeline {
                     .with_label_values(&[reason])
                     .observe(trace.delay.as_secs_f64());
             }
-            if !decision.keep {
+            if !decision.exports() {
                 dropped_spans += trace.spans.len() as u64;
                 continue;
             }
             let mut spans = trace.spans;
-            if self.rollup
-                && let Some(root) = spans.iter_mut().find(|s| s.is_root)
-            {
-                root.extra = Some(Box::new(rollup(&trace.summary, decision.by.label())));
+            if let Some(root) = spans.iter_mut().find(|s| s.is_root) {
+                let mut extra = Vec::with_capacity(256);
+                explain(&mut extra, &decision, trace.reason);
+                if self.rollup {
+                    rollup(&mut extra, &trace.summary);
+                }
+                root.extra = Some(Box::new(Bytes::from(extra)));
             }
             kept.extend(
                 spans
@@ -90,7 +95,7 @@ impl Pipeline {
                     .filter_map(|span| self.redacted(span))
                     .map(|span| KeptSpan {
                         span,
-                        threshold: decision.threshold,
+                        threshold: decision.export_threshold(),
                     }),
             );
             if kept.len() >= SUBMIT_SPANS {
@@ -214,20 +219,28 @@ impl Pipeline {
 
 /// The roll-up attributes appended to a kept trace's root span: its LLM totals and the
 /// policy that kept it.
-fn rollup(s: &TraceSummary, policy: &str) -> Bytes {
-    let mut out = Vec::with_capacity(192);
-    put_attribute(&mut out, "llm.trace.cost_usd", Value::Double(s.cost_usd));
+fn rollup(out: &mut Vec<u8>, s: &TraceSummary) {
+    put_attribute(out, "llm.trace.cost_usd", Value::Double(s.cost_usd));
     put_attribute(
-        &mut out,
+        out,
         "llm.trace.input_tokens",
         Value::Int(s.input_tokens as i64),
     );
     put_attribute(
-        &mut out,
+        out,
         "llm.trace.output_tokens",
         Value::Int(s.output_tokens as i64),
     );
-    put_attribute(&mut out, "llm.trace.calls", Value::Int(i64::from(s.calls)));
-    put_attribute(&mut out, "sampling.policy", Value::Str(policy));
-    Bytes::from(out)
+    put_attribute(out, "llm.trace.calls", Value::Int(i64::from(s.calls)));
+}
+
+/// Why the trace was kept, on its root: the policy that set p (or `base_rate` / `boost`),
+/// p, and what made the decision happen then; in a dry run, whether it would have been kept.
+fn explain(out: &mut Vec<u8>, d: &Decision, reason: DecideReason) {
+    put_attribute(out, "sampling.policy", Value::Str(d.by.label()));
+    put_attribute(out, "sampling.probability", Value::Double(d.probability()));
+    put_attribute(out, "sampling.reason", Value::Str(reason.label()));
+    if d.dry_run {
+        put_attribute(out, "sampling.dry_run.kept", Value::Bool(d.keep));
+    }
 }

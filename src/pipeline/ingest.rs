@@ -195,11 +195,11 @@ impl Pipeline {
                         }
                         let label = if decision.keep() { "kept" } else { "dropped" };
                         self.metrics.late_spans.with_label_values(&[label]).inc();
-                        if decision.keep() {
+                        if decision.exports() {
                             if let Some(span) = self.redacted(span) {
                                 self.submit(vec![KeptSpan {
                                     span,
-                                    threshold: decision.threshold(),
+                                    threshold: decision.export_threshold(),
                                 }]);
                             }
                         } else {

@@ -29,6 +29,8 @@ pub struct SamplingConfig {
     pub max_base_rate: f64,
     /// How often the target controller adjusts the base rate.
     pub target_interval: Dur,
+    /// Export every trace; tag each root with what the decision would have been.
+    pub dry_run: bool,
 }
 
 impl Default for SamplingConfig {
@@ -46,6 +48,7 @@ impl Default for SamplingConfig {
             min_base_rate: target.min_base_rate,
             max_base_rate: target.max_base_rate,
             target_interval: target.interval,
+            dry_run: false,
         }
     }
 }

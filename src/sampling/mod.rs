@@ -246,6 +246,29 @@ pub struct Decision {
     pub by: DecidedBy,
     /// The threshold the decision used; kept spans carry it as `ot=th:`.
     pub threshold: Threshold,
+    /// `sampling.dry_run`: the trace is exported whatever `keep` says.
+    pub dry_run: bool,
+}
+
+impl Decision {
+    /// Whether its spans are exported: kept, or in a dry run.
+    pub fn exports(&self) -> bool {
+        self.keep || self.dry_run
+    }
+
+    /// The threshold exported spans carry: in a dry run every trace is exported, so p = 1.
+    pub fn export_threshold(&self) -> Threshold {
+        if self.dry_run {
+            Threshold::ALWAYS
+        } else {
+            self.threshold
+        }
+    }
+
+    /// The probability it kept (or would have kept) the trace with.
+    pub fn probability(&self) -> f64 {
+        self.threshold.probability()
+    }
 }
 
 /// Sessions marked by a trigger policy's keep, each until its window ends. Bounded: when
@@ -299,6 +322,7 @@ pub struct Sampler {
     policies: Vec<Policy>,
     conditions: Vec<condition::Condition>,
     span_tests: Arc<condition::SpanTests>,
+    dry_run: bool,
     base: Arc<BaseRate>,
     sessions: Option<SessionKeeper>,
     pub counts: Arc<DecisionCounts>,
@@ -341,6 +365,7 @@ impl Sampler {
             policies,
             conditions,
             span_tests,
+            dry_run: cfg.dry_run,
             base,
             sessions,
             counts: Arc::default(),
@@ -374,6 +399,7 @@ impl Sampler {
                 keep: false,
                 by: DecidedBy::Policy(p.name),
                 threshold: Threshold::NEVER,
+                dry_run: self.dry_run,
             };
         }
         let mut best: Option<(usize, Threshold)> = None;
@@ -423,6 +449,7 @@ impl Sampler {
             keep,
             by,
             threshold,
+            dry_run: self.dry_run,
         }
     }
 

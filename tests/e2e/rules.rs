@@ -2,8 +2,11 @@
 //! an attribute of a non-root span keeps, a drop policy wins over an error keep, and the
 //! rest is sampled consistently.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
+
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::Span;
 
 use crate::support::*;
 
@@ -16,39 +19,25 @@ struct Sent {
 const TRACES: usize = 250;
 const BASE_RATE: f64 = 0.25;
 
-fn bytes_of(hex: &str) -> Vec<u8> {
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
+fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn conditions_keep_and_drop_policies_win() {
-    let sink = Sink::start(0).await;
-    let daemon = Daemon::start(&format!(
-        "sampling:
-  decision_wait: 3s
-  root_grace: 300ms
-  base_rate: {BASE_RATE}
-  policies:
-    - name: health
-      type: drop
-      condition: {{field: span_name, root: true, regex: '^GET /(healthz|ready)$'}}
-    - {{name: errors, type: error}}
-    - name: gold
-      type: condition
-      condition:
-        all:
-          - {{attribute: customer.tier, one_of: [gold, platinum]}}
-          - {{resource_attribute: service.name, equals: py-shop}}
-exporter:
-  otlp:
-    endpoint: {}
-  batch:
-    timeout: 50ms
-",
-        sink.endpoint()
-    ));
+fn root(spans: &[Span]) -> &Span {
+    spans
+        .iter()
+        .find(|s| s.parent_span_id.is_empty())
+        .expect("a root span")
+}
+
+/// Runs `rule_traces.py` against the daemon; what it sent, by trace id.
+async fn send(daemon: &Daemon) -> Vec<Sent> {
     let manifest = daemon.dir.path().join("manifest.json");
     let script = format!("{}/tests/python/rule_traces.py", env!("CARGO_MANIFEST_DIR"));
     let out = tokio::process::Command::new(python())
@@ -66,14 +55,60 @@ exporter:
     );
     let sent: Vec<Sent> = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     assert_eq!(sent.len(), TRACES);
+    sent
+}
+
+fn config(sink: &Sink, extra: &str) -> String {
+    format!(
+        "sampling:
+  decision_wait: 3s
+  root_grace: 300ms
+  base_rate: {BASE_RATE}
+{extra}  policies:
+    - name: health
+      type: drop
+      condition: {{field: span_name, root: true, regex: '^GET /(healthz|ready)$'}}
+    - {{name: errors, type: error}}
+    - name: gold
+      type: condition
+      condition:
+        all:
+          - {{attribute: customer.tier, one_of: [gold, platinum]}}
+          - {{resource_attribute: service.name, equals: py-shop}}
+exporter:
+  otlp:
+    endpoint: {}
+  batch:
+    timeout: 50ms
+",
+        sink.endpoint()
+    )
+}
+
+/// What the sampling rules decide for a trace of this kind.
+fn would_keep(s: &Sent) -> bool {
+    match s.kind.as_str() {
+        "gold" | "error" => true,
+        "health" => false,
+        _ => consistent_keep(&bytes_of(&s.trace_id), BASE_RATE),
+    }
+}
+
+fn bytes_of(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_keep_and_drop_policies_win() {
+    let sink = Sink::start(0).await;
+    let daemon = Daemon::start(&config(&sink, ""));
+    let sent = send(&daemon).await;
     let count = |kind: &str| sent.iter().filter(|s| s.kind == kind).count() as f64;
     let expected: HashSet<Vec<u8>> = sent
         .iter()
-        .filter(|s| match s.kind.as_str() {
-            "gold" | "error" => true,
-            "health" => false,
-            _ => consistent_keep(&bytes_of(&s.trace_id), BASE_RATE),
-        })
+        .filter(|s| would_keep(s))
         .map(|s| bytes_of(&s.trace_id))
         .collect();
     let m = daemon
@@ -82,8 +117,9 @@ exporter:
                 && m.sum("llmtail_spans_exported_total", &[]) == (expected.len() * 2) as f64
         })
         .await;
-    let got: HashSet<Vec<u8>> = sink.traces().keys().cloned().collect();
-    assert_eq!(got, expected, "{}", daemon.log());
+    let got = sink.traces();
+    let ids: HashSet<Vec<u8>> = got.keys().cloned().collect();
+    assert_eq!(ids, expected, "{}", daemon.log());
     let traces = |decision, policy| {
         m.sum(
             "llmtail_traces_total",
@@ -94,4 +130,83 @@ exporter:
     assert_eq!(traces("kept", "errors"), count("error"));
     assert_eq!(traces("dropped", "health"), count("health"));
     assert_eq!(traces("kept", "health"), 0.0);
+    // Each kept root says why: the policy, p, and that its root arrived.
+    let kinds: HashMap<Vec<u8>, &str> = sent
+        .iter()
+        .map(|s| (bytes_of(&s.trace_id), s.kind.as_str()))
+        .collect();
+    for (id, spans) in &got {
+        let root = root(spans);
+        let (policy, p) = match kinds[id] {
+            "gold" => ("gold", 1.0),
+            "error" => ("errors", 1.0),
+            _ => ("base_rate", BASE_RATE),
+        };
+        assert_eq!(
+            attr(root, "sampling.policy"),
+            Some(&Value::StringValue(policy.into()))
+        );
+        assert_eq!(
+            attr(root, "sampling.probability"),
+            Some(&Value::DoubleValue(p))
+        );
+        assert_eq!(
+            attr(root, "sampling.reason"),
+            Some(&Value::StringValue("root".into()))
+        );
+        assert_eq!(attr(root, "sampling.dry_run.kept"), None);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_exports_everything_and_says_what_it_would_have_done() {
+    let sink = Sink::start(0).await;
+    let daemon = Daemon::start(&config(&sink, "  dry_run: true\n"));
+    let sent = send(&daemon).await;
+    let m = daemon
+        .wait_metrics(Duration::from_secs(20), |m| {
+            m.sum("llmtail_traces_total", &[]) == TRACES as f64
+                && m.sum("llmtail_spans_exported_total", &[]) == (TRACES * 2) as f64
+        })
+        .await;
+    let got = sink.traces();
+    assert_eq!(got.len(), TRACES, "every trace is exported");
+    let would_keep_count = sent.iter().filter(|s| would_keep(s)).count() as f64;
+    assert_eq!(
+        m.sum("llmtail_traces_total", &[("decision", "kept")]),
+        would_keep_count
+    );
+    assert_eq!(
+        m.sum(
+            "llmtail_traces_total",
+            &[("decision", "dropped"), ("policy", "health")]
+        ),
+        sent.iter().filter(|s| s.kind == "health").count() as f64
+    );
+    assert_eq!(
+        m.sum("llmtail_spans_dropped_total", &[]),
+        0.0,
+        "nothing is dropped in a dry run"
+    );
+    for s in &sent {
+        let spans = &got[&bytes_of(&s.trace_id)];
+        assert_eq!(spans.len(), 2);
+        let root = root(spans);
+        assert_eq!(
+            attr(root, "sampling.dry_run.kept"),
+            Some(&Value::BoolValue(would_keep(s))),
+            "{}",
+            s.kind
+        );
+        if s.kind == "health" {
+            assert_eq!(
+                attr(root, "sampling.policy"),
+                Some(&Value::StringValue("health".into()))
+            );
+        }
+        // Everything is exported, so each span counts for itself downstream: th:0.
+        for span in spans {
+            assert!(span.trace_state.contains("th:0"), "{}", span.trace_state);
+        }
+    }
 }
