@@ -60,6 +60,8 @@ pub struct SpanStats {
     /// The sampling conditions' span-level tests it passed, and their generation.
     pub matched: u64,
     pub tests_generation: u64,
+    /// Its tracestate's explicit randomness value (`ot=rv:`).
+    pub rv: Option<u64>,
 }
 
 /// Leaves LLM spans uncounted (the buffer's own tests).
@@ -394,6 +396,9 @@ impl TraceBuffer {
             .summary
             .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
         entry.summary.matched |= s.matched;
+        if entry.summary.rv.is_none() {
+            entry.summary.rv = s.rv;
+        }
         if entry.summary.tests_generation == 0 {
             entry.summary.tests_generation = s.tests_generation;
         } else if entry.summary.tests_generation != s.tests_generation {

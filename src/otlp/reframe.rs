@@ -107,7 +107,7 @@ impl FreshTraceStates {
         let mut fresh: Vec<(Threshold, Vec<u8>)> = Vec::new();
         for k in spans {
             if k.span.trace_state.is_none() && !fresh.iter().any(|(t, _)| *t == k.threshold) {
-                fresh.push((k.threshold, with_threshold(&[], k.threshold)));
+                fresh.push((k.threshold, with_threshold(&[], k.threshold, || 0)));
             }
         }
         FreshTraceStates(fresh)
@@ -125,6 +125,8 @@ fn plan<'a>(kept: &'a KeptSpan, fresh: &'a FreshTraceStates) -> SpanPlan<'a> {
         _ => Cow::Owned(with_threshold(
             kept.span.trace_state_value(),
             kept.threshold,
+            // Read only when the span carries a threshold already (head sampling).
+            || super::scan::trace_id(bytes).map_or(0, |id| id.randomness()),
         )),
     };
     let extra = kept.span.extra.as_deref().map_or(&[][..], |b| &b[..]);

@@ -449,6 +449,19 @@ pub fn service_name(resource: &[u8]) -> Result<Option<&[u8]>, Malformed> {
     })
 }
 
+/// A span's trace id, read without scanning anything else.
+pub fn trace_id(span: &[u8]) -> Option<TraceId> {
+    let mut r = Reader::new(span);
+    let mut id = None;
+    while !r.is_empty() {
+        match r.tag().ok()? {
+            (SPAN_TRACE_ID, WireType::Len) => id = r.len_delimited().ok()?.1.try_into().ok(),
+            (_, wire) => r.skip(wire).ok()?,
+        }
+    }
+    id.map(TraceId)
+}
+
 /// Where a span's `trace_state` field is, read without scanning anything else (for spans
 /// whose bytes were rewritten after the scan).
 pub fn trace_state_field(span: &[u8]) -> Result<Option<TraceStateField>, Malformed> {

@@ -84,11 +84,32 @@ impl Threshold {
     }
 }
 
+/// The explicit randomness value of a tracestate (`ot=…;rv:` with exactly 14 lowercase hex
+/// digits), which stands for the trace's randomness R instead of its trace id's bits.
+pub fn randomness_value(tracestate: &[u8]) -> Option<u64> {
+    let ot = tracestate
+        .split(|b| *b == b',')
+        .find_map(|m| m.trim_ascii().strip_prefix(b"ot="))?;
+    let rv = ot
+        .split(|b| *b == b';')
+        .find_map(|sub| sub.strip_prefix(b"rv:"))?;
+    if rv.len() != THRESHOLD_HEX_DIGITS || rv.iter().any(|c| c.is_ascii_uppercase()) {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(rv).ok()?, 16).ok()
+}
+
 /// Returns `tracestate` with the OpenTelemetry entry's `th` set to `t`, unless it already
 /// carries a higher threshold (a head sampler was stricter; lowering it would overstate
-/// the trace's weight). The `ot` entry moves to the front, as W3C asks of an updated entry;
-/// its other sub-keys and every other vendor's entry are kept in order.
-pub fn with_threshold(tracestate: &[u8], t: Threshold) -> Vec<u8> {
+/// the trace's weight). A `th` the trace's randomness R contradicts (T > R: the trace
+/// would not have been sampled) is erased, as the specification says; R is the entry's
+/// `rv`, else `trace_randomness()`. The `ot` entry moves to the front, as W3C asks of an
+/// updated entry; its other sub-keys and every other vendor's entry are kept in order.
+pub fn with_threshold(
+    tracestate: &[u8],
+    t: Threshold,
+    trace_randomness: impl FnOnce() -> u64,
+) -> Vec<u8> {
     let mut existing = None;
     let mut ot_rest: Vec<&[u8]> = Vec::new();
     let mut others: Vec<&[u8]> = Vec::new();
@@ -107,6 +128,12 @@ pub fn with_threshold(tracestate: &[u8], t: Threshold) -> Vec<u8> {
                 }
             }
             None => others.push(member),
+        }
+    }
+    if let Some(e) = existing {
+        let r = randomness_value(tracestate).unwrap_or_else(trace_randomness);
+        if !e.keeps(r) {
+            existing = None;
         }
     }
     let effective = existing.map_or(t, |e| e.max(t));
@@ -202,18 +229,56 @@ mod tests {
     #[test]
     fn tracestate_edits() {
         let c = Threshold::from_probability(0.25);
-        assert_eq!(with_threshold(b"", c), b"ot=th:c");
+        let high = || MAX_THRESHOLD - 1;
+        assert_eq!(with_threshold(b"", c, high), b"ot=th:c");
         assert_eq!(
-            with_threshold(b"vendor=x,ot=rv:abcdef01234567", c),
-            b"ot=th:c;rv:abcdef01234567,vendor=x"
+            with_threshold(b"vendor=x,ot=rv:fbcdef01234567", c, high),
+            b"ot=th:c;rv:fbcdef01234567,vendor=x"
         );
         // A stricter head-sampling threshold is never lowered...
         assert_eq!(
-            with_threshold(b"ot=th:e", Threshold::ALWAYS),
+            with_threshold(b"ot=th:e", Threshold::ALWAYS, high),
             b"ot=th:e".to_vec()
         );
         // ...but a more permissive one is raised to ours.
-        assert_eq!(with_threshold(b"ot=th:8 , a=b", c), b"ot=th:c,a=b");
-        assert_eq!(with_threshold(b"a=1", Threshold::ALWAYS), b"ot=th:0,a=1");
+        assert_eq!(with_threshold(b"ot=th:8 , a=b", c, high), b"ot=th:c,a=b");
+        assert_eq!(
+            with_threshold(b"a=1", Threshold::ALWAYS, high),
+            b"ot=th:0,a=1"
+        );
+        // A threshold R contradicts is erased: by the trace id's bits...
+        let low = || 0x10_0000_0000_0000;
+        assert_eq!(
+            with_threshold(b"ot=th:e", Threshold::ALWAYS, low),
+            b"ot=th:0"
+        );
+        // ...or by the explicit randomness value, which wins over the trace id.
+        assert_eq!(
+            with_threshold(b"ot=th:e;rv:01000000000000", Threshold::ALWAYS, high),
+            b"ot=th:0;rv:01000000000000"
+        );
+    }
+
+    #[test]
+    fn randomness_values_are_read_exactly() {
+        assert_eq!(
+            randomness_value(b"ot=rv:abcdef01234567"),
+            Some(0xabcdef01234567)
+        );
+        assert_eq!(randomness_value(b"x=1, ot=th:8;rv:00000000000001"), Some(1));
+        for bad in [
+            &b"ot=rv:abc"[..],
+            b"ot=rv:ABCDEF01234567",
+            b"ot=rv:abcdef012345678",
+            b"rv:abcdef01234567",
+            b"ot=th:8",
+        ] {
+            assert_eq!(
+                randomness_value(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::llm::{SpanOrigin, call_from_span, text};
+use crate::otlp::tracestate::randomness_value;
 
 impl Pipeline {
     /// Takes one encoded `ExportTraceServiceRequest`. Invalid spans are refused one by one;
@@ -179,6 +180,10 @@ impl Pipeline {
                         call,
                         matched,
                         tests_generation: tests.generation(),
+                        rv: facts
+                            .trace_state
+                            .as_ref()
+                            .and_then(|ts| randomness_value(&span[ts.value()])),
                     };
                     let held = HeldSpan {
                         origin: origin.clone(),

@@ -57,6 +57,9 @@ pub struct TraceSummary {
     pub matched: u64,
     /// The generation of the tests `matched` comes from (0: none yet).
     pub tests_generation: u64,
+    /// The explicit randomness value (`ot=rv:`) the first span carrying one gave: the
+    /// trace's R instead of its trace id's bits.
+    pub rv: Option<u64>,
 }
 
 impl Default for TraceSummary {
@@ -77,6 +80,7 @@ impl Default for TraceSummary {
             spans: 0,
             matched: 0,
             tests_generation: 0,
+            rv: None,
         }
     }
 }
@@ -428,7 +432,7 @@ impl Sampler {
                 }
             }
         };
-        let keep = threshold.keeps(trace_id.randomness());
+        let keep = threshold.keeps(summary.rv.unwrap_or_else(|| trace_id.randomness()));
         match (by, best) {
             (DecidedBy::Policy(_), Some((i, _))) => {
                 if keep {

@@ -210,3 +210,88 @@ async fn a_dry_run_exports_everything_and_says_what_it_would_have_done() {
         }
     }
 }
+
+#[derive(serde::Deserialize)]
+struct HeadSampled {
+    trace_id: String,
+    rv: String,
+    th: String,
+}
+
+/// A head sampler's explicit randomness (`ot=rv:`) is the trace's R, not its trace id's
+/// bits; a threshold R contradicts is erased on export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_randomness_value_decides_and_contradicted_thresholds_are_erased() {
+    const N: usize = 300;
+    let sink = Sink::start(0).await;
+    let daemon = Daemon::start(&format!(
+        "sampling:\n  decision_wait: 3s\n  root_grace: 300ms\n  base_rate: {BASE_RATE}\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n",
+        sink.endpoint()
+    ));
+    let manifest = daemon.dir.path().join("manifest.json");
+    let script = format!(
+        "{}/tests/python/head_sampled.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let out = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(daemon.endpoint())
+        .arg(N.to_string())
+        .arg(&manifest)
+        .output()
+        .await
+        .expect("the client runs");
+    assert!(
+        out.status.success(),
+        "{script} failed (run tests/install-deps.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: Vec<HeadSampled> =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(sent.len(), N);
+    // base_rate 0.25: T = 0xc0000000000000.
+    let t = 0xc0_0000_0000_0000u64;
+    let rv = |s: &HeadSampled| u64::from_str_radix(&s.rv, 16).unwrap();
+    let expected: HashSet<Vec<u8>> = sent
+        .iter()
+        .filter(|s| rv(s) >= t)
+        .map(|s| bytes_of(&s.trace_id))
+        .collect();
+    // The rv and the trace id disagree for many traces: the test tells them apart.
+    let by_trace_id = sent
+        .iter()
+        .filter(|s| consistent_keep(&bytes_of(&s.trace_id), BASE_RATE) != (rv(s) >= t))
+        .count();
+    assert!(by_trace_id > N / 10, "{by_trace_id}");
+    daemon
+        .wait_metrics(Duration::from_secs(20), |m| {
+            m.sum("llmtail_traces_total", &[]) == N as f64
+                && m.sum("llmtail_spans_exported_total", &[]) == (expected.len() * 2) as f64
+        })
+        .await;
+    let got = sink.traces();
+    let ids: HashSet<Vec<u8>> = got.keys().cloned().collect();
+    assert_eq!(ids, expected, "{}", daemon.log());
+    let mut erased = 0;
+    for s in sent.iter().filter(|s| rv(s) >= t) {
+        // th:e (T = 0xe0…) stands only where R ≥ T; elsewhere it is erased and ours (c)
+        // is written.
+        let th = if s.th == "e" && rv(s) >= 0xe0_0000_0000_0000 {
+            "e"
+        } else {
+            if s.th == "e" {
+                erased += 1;
+            }
+            "c"
+        };
+        for span in &got[&bytes_of(&s.trace_id)] {
+            assert_eq!(
+                span.trace_state,
+                format!("ot=th:{th};rv:{}", s.rv),
+                "{}",
+                s.trace_id
+            );
+        }
+    }
+    assert!(erased > 0, "some thresholds were contradicted");
+}
