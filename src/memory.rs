@@ -19,9 +19,9 @@ use bytes::Bytes;
 pub const TRACE_OVERHEAD: usize = 512;
 pub const SPAN_OVERHEAD: usize = 128;
 /// Memory per entry of the decision cache at its fullest (two generations of hash maps of
-/// 16-byte ids and 8-byte decisions, at the maps' load factor): reserved in the memory
+/// 16-byte ids and 16-byte decisions, at the maps' load factor): reserved in the memory
 /// budget at start for `decision_cache_size` entries.
-pub const DECISION_CACHE_ENTRY: usize = 52;
+pub const DECISION_CACHE_ENTRY: usize = 69;
 
 /// Bytes of live buffers charged to the budget.
 #[derive(Debug, Default)]

@@ -1,6 +1,7 @@
 //! Wiring and lifecycle: start every stage, then on SIGTERM/SIGINT shut down in order —
 //! not ready, receivers stopped, every pending trace decided, the exporter flushed.
 
+mod debug;
 mod reload;
 
 use reload::{reload_on_sighup, reload_pricing};
@@ -85,12 +86,17 @@ pub async fn run(
     // The bound address, which differs from the configured one for port 0.
     let admin_addr = admin_listener.local_addr()?;
     let stop_admin = CancellationToken::new();
+    let debug = cfg
+        .admin
+        .debug_traces
+        .then(|| debug::debug_traces(&cfg.admin.bearer_tokens));
     let admin_task = tokio::spawn(telemetry::serve_admin(
         admin_listener,
         Admin {
             metrics: metrics.clone(),
             ready: ready.clone(),
             healthy: healthy.clone(),
+            debug: debug.clone(),
         },
         stop_admin.clone(),
     ));
@@ -192,6 +198,12 @@ pub async fn run(
         budget,
         reserved_memory: decision_cache_size * DECISION_CACHE_ENTRY,
     });
+    if let Some(debug) = &debug {
+        let pipeline = pipeline.clone();
+        let _ = debug
+            .lookup
+            .set(Box::new(move |id: &str| debug::lookup(&pipeline, id)));
+    }
     let stop_fallback = CancellationToken::new();
     let fallback_task =
         fallback.map(|rx| tokio::spawn(take_fallback(rx, pipeline.clone(), stop_fallback.clone())));

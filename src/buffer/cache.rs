@@ -4,44 +4,83 @@
 use super::HashMap;
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::Threshold;
-use crate::sampling::Decision;
+use std::time::{Duration, Instant};
+
+use super::DecideReason;
+use crate::sampling::{DecidedBy, Decision};
 
 /// A remembered decision, packed into 8 bytes: the threshold, and bit 63 for "kept".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CachedDecision(u64);
+pub struct CachedDecision {
+    /// Threshold, kept and dry-run bits.
+    bits: u64,
+    /// What decided it ([`DecidedBy::from_id`]).
+    by: u16,
+    /// Why then ([`DecideReason`] as a byte).
+    reason: u8,
+    /// When: seconds since the process started.
+    at: u32,
+}
+
+/// Seconds since the process's first decision (for the cache's 4-byte timestamps).
+fn clock() -> &'static Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now)
+}
 
 const KEPT_BIT: u64 = 1 << 63;
 const DRY_RUN_BIT: u64 = 1 << 62;
 
 impl CachedDecision {
-    pub(super) fn new(d: &Decision) -> Self {
-        CachedDecision(
-            d.threshold.value()
+    pub(super) fn new(d: &Decision, reason: DecideReason, now: Instant) -> Self {
+        CachedDecision {
+            bits: d.threshold.value()
                 | if d.keep { KEPT_BIT } else { 0 }
                 | if d.dry_run { DRY_RUN_BIT } else { 0 },
-        )
+            by: d.by_id,
+            reason: reason as u8,
+            at: now.saturating_duration_since(*clock()).as_secs() as u32,
+        }
     }
 
     pub fn keep(self) -> bool {
-        self.0 & KEPT_BIT != 0
+        self.bits & KEPT_BIT != 0
+    }
+
+    pub fn dry_run(self) -> bool {
+        self.bits & DRY_RUN_BIT != 0
     }
 
     pub fn threshold(self) -> Threshold {
-        Threshold::from_value(self.0 & !(KEPT_BIT | DRY_RUN_BIT))
+        Threshold::from_value(self.bits & !(KEPT_BIT | DRY_RUN_BIT))
     }
 
     /// Whether the trace's spans are exported: kept, or decided in a dry run.
     pub fn exports(self) -> bool {
-        self.0 & (KEPT_BIT | DRY_RUN_BIT) != 0
+        self.bits & (KEPT_BIT | DRY_RUN_BIT) != 0
     }
 
     /// The threshold exported spans carry (p = 1 in a dry run).
     pub fn export_threshold(self) -> Threshold {
-        if self.0 & DRY_RUN_BIT != 0 {
+        if self.dry_run() {
             Threshold::ALWAYS
         } else {
             self.threshold()
         }
+    }
+
+    pub fn by(self) -> DecidedBy {
+        DecidedBy::from_id(self.by)
+    }
+
+    pub fn reason(self) -> DecideReason {
+        DecideReason::from_u8(self.reason)
+    }
+
+    /// How long ago it was decided (to the second).
+    pub fn age(self, now: Instant) -> Duration {
+        now.saturating_duration_since(*clock())
+            .saturating_sub(Duration::from_secs(u64::from(self.at)))
     }
 }
 
@@ -88,10 +127,48 @@ mod tests {
     fn decision_cache_is_bounded() {
         let mut c = DecisionCache::new(4);
         for i in 0..10u8 {
-            c.insert(TraceId([i; 16]), CachedDecision(u64::from(i)));
+            c.insert(
+                TraceId([i; 16]),
+                CachedDecision {
+                    bits: u64::from(i),
+                    by: 0,
+                    reason: 0,
+                    at: 0,
+                },
+            );
         }
         assert!(c.current.len() + c.previous.len() <= 4);
         assert!(c.get(&TraceId([9; 16])).is_some());
         assert!(c.get(&TraceId([0; 16])).is_none());
+    }
+
+    #[test]
+    fn a_cached_decision_remembers_its_policy_reason_and_time() {
+        let cfg = crate::config::Config::parse(
+            "exporter:\n  file: {path: x}\nsampling:\n  policies:\n    - {name: cache-test-errors, type: error}\n",
+        )
+        .unwrap();
+        let sampler = crate::sampling::Sampler::new(
+            &cfg.sampling,
+            std::sync::Arc::new(crate::sampling::adaptive::BaseRate::new(0.1)),
+        );
+        let summary = crate::sampling::TraceSummary {
+            has_error: true,
+            ..Default::default()
+        };
+        let now = Instant::now();
+        let d = sampler.decide(&TraceId([3; 16]), &summary, now);
+        let c = CachedDecision::new(&d, DecideReason::MaxSpans, now);
+        assert!(c.keep() && !c.dry_run());
+        assert_eq!(c.by().label(), "cache-test-errors");
+        assert_eq!(c.reason(), DecideReason::MaxSpans);
+        assert_eq!(c.threshold(), d.threshold);
+        assert!(c.age(now + Duration::from_secs(5)) >= Duration::from_secs(4));
+        let base = sampler.decide(&TraceId([3; 16]), &Default::default(), now);
+        let c = CachedDecision::new(&base, DecideReason::Root, now);
+        assert_eq!(
+            (c.by().label(), c.reason()),
+            ("base_rate", DecideReason::Root)
+        );
     }
 }

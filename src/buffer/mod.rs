@@ -79,6 +79,7 @@ const SHARDS: usize = 64;
 
 /// Why a trace was decided when it was; the sweep, eviction and shutdown each say which.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum DecideReason {
     /// `decision_wait` after the first span.
     Deadline,
@@ -103,6 +104,20 @@ impl DecideReason {
             DecideReason::MaxSpans => Some("max_spans"),
             DecideReason::Deadline | DecideReason::Root | DecideReason::Shutdown => None,
         }
+    }
+
+    fn from_u8(v: u8) -> DecideReason {
+        [
+            DecideReason::Deadline,
+            DecideReason::Root,
+            DecideReason::Pressure,
+            DecideReason::Memory,
+            DecideReason::MaxSpans,
+            DecideReason::Shutdown,
+        ]
+        .into_iter()
+        .find(|r| *r as u8 == v)
+        .unwrap_or(DecideReason::Deadline)
     }
 
     /// Why it was decided then, as kept roots' `sampling.reason` says.
@@ -131,6 +146,24 @@ pub struct DecidedTrace {
     /// First span → decision.
     pub delay: Duration,
     pub reason: DecideReason,
+}
+
+/// Where a trace is ([`TraceBuffer::lookup`]).
+#[derive(Debug)]
+pub enum Lookup {
+    Held {
+        spans: usize,
+        bytes: usize,
+        llm_spans: usize,
+        root_seen: bool,
+        /// Since its first span.
+        age: Duration,
+        /// Until its deadline.
+        due_in: Duration,
+        /// Its LLM totals are counted only when it is decided.
+        summary: TraceSummary,
+    },
+    Decided(CachedDecision),
 }
 
 /// What happened to a span handed to [`TraceBuffer::add`].
@@ -494,7 +527,9 @@ impl TraceBuffer {
             };
         }
         let decision = sampler.decide(&id, &entry.summary, now);
-        shard.decided.insert(id, CachedDecision::new(&decision));
+        shard
+            .decided
+            .insert(id, CachedDecision::new(&decision, reason, now));
         DecidedTrace {
             trace_id: id,
             decision,
@@ -519,6 +554,24 @@ impl TraceBuffer {
             shard.arrivals.clear();
             shard.detached_upto = 0;
         }
+    }
+
+    /// Where a trace is: held (what it looks like so far) or decided (from the decision
+    /// cache), for `/debug/traces`.
+    pub fn lookup(&self, id: &TraceId, now: Instant) -> Option<Lookup> {
+        let shard = self.shard(id).lock();
+        if let Some(e) = shard.traces.get(id) {
+            return Some(Lookup::Held {
+                spans: e.spans.len(),
+                bytes: e.bytes,
+                llm_spans: e.calls.len(),
+                root_seen: e.spans.iter().any(|s| s.is_root),
+                age: now.saturating_duration_since(e.first_seen),
+                due_in: e.deadline.saturating_duration_since(now),
+                summary: e.summary.clone(),
+            });
+        }
+        shard.decided.get(id).map(Lookup::Decided)
     }
 
     /// What is held now (takes every shard's lock: not for the hot path).

@@ -9,7 +9,7 @@ use crate::units::Dur;
 
 /// Default bound on traces held at once; past it the oldest are decided early.
 pub const DEFAULT_MAX_TRACES: usize = 100_000;
-/// Default number of remembered decisions (about 52 bytes each with hash-map overhead).
+/// Default number of remembered decisions (about 69 bytes each with hash-map overhead).
 pub const DEFAULT_DECISION_CACHE_SIZE: usize = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -164,6 +164,8 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub name: &'static str,
+    /// The name's process-wide id.
+    pub id: u16,
     pub rule: Rule,
     pub threshold: Threshold,
 }
@@ -199,8 +201,10 @@ impl Policy {
             PolicyType::Anomaly => Rule::Anomaly,
             PolicyType::Session => Rule::Session,
         };
+        let (name, id) = intern(&cfg.name);
         Policy {
-            name: intern(&cfg.name),
+            name,
+            id,
             rule,
             threshold: Threshold::from_probability(cfg.rate),
         }
@@ -228,18 +232,60 @@ impl DecidedBy {
     }
 }
 
-/// Policy names live for the whole process, each distinct name stored once, so decisions
-/// made before a config reload keep a valid label after it.
-fn intern(name: &str) -> &'static str {
-    static NAMES: std::sync::OnceLock<Mutex<std::collections::HashSet<&'static str>>> =
-        std::sync::OnceLock::new();
+/// Policy names live for the whole process, each distinct name stored once with an id, so
+/// decisions made before a config reload keep a valid label after it, and the decision
+/// cache remembers a policy in two bytes.
+#[derive(Default)]
+struct Names {
+    ids: HashMap<&'static str, u16>,
+    names: Vec<&'static str>,
+}
+
+static NAMES: std::sync::OnceLock<Mutex<Names>> = std::sync::OnceLock::new();
+
+/// Ids below this are [`DecidedBy::BaseRate`] and [`DecidedBy::Boost`].
+const FIRST_POLICY_ID: u16 = 2;
+
+fn intern(name: &str) -> (&'static str, u16) {
     let mut names = NAMES.get_or_init(Default::default).lock();
-    match names.get(name) {
-        Some(n) => n,
-        None => {
-            let n: &'static str = Box::leak(name.to_owned().into_boxed_str());
-            names.insert(n);
-            n
+    if let Some((n, id)) = names.ids.get_key_value(name) {
+        return (n, *id);
+    }
+    let n: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    // Past 65,533 distinct names over a process's life (reload after reload), later ones
+    // share the last id: their cached decisions show that name.
+    let id = (names.names.len() as u16).saturating_add(FIRST_POLICY_ID);
+    names.names.push(n);
+    names.ids.insert(n, id);
+    (n, id)
+}
+
+impl DecidedBy {
+    /// A small id for the decision cache.
+    pub fn id(self, policies: &[Policy]) -> u16 {
+        match self {
+            DecidedBy::BaseRate => 0,
+            DecidedBy::Boost => 1,
+            DecidedBy::Policy(name) => policies
+                .iter()
+                .find(|p| std::ptr::eq(p.name, name))
+                .map_or(FIRST_POLICY_ID, |p| p.id),
+        }
+    }
+
+    /// The decision an id stands for.
+    pub fn from_id(id: u16) -> DecidedBy {
+        match id {
+            0 => DecidedBy::BaseRate,
+            1 => DecidedBy::Boost,
+            id => {
+                let names = NAMES.get_or_init(Default::default).lock();
+                let i = usize::from(id - FIRST_POLICY_ID).min(names.names.len().saturating_sub(1));
+                names
+                    .names
+                    .get(i)
+                    .map_or(DecidedBy::BaseRate, |n| DecidedBy::Policy(n))
+            }
         }
     }
 }
@@ -252,6 +298,8 @@ pub struct Decision {
     pub threshold: Threshold,
     /// `sampling.dry_run`: the trace is exported whatever `keep` says.
     pub dry_run: bool,
+    /// `by`'s id ([`DecidedBy::from_id`]).
+    pub by_id: u16,
 }
 
 impl Decision {
@@ -404,6 +452,7 @@ impl Sampler {
                 by: DecidedBy::Policy(p.name),
                 threshold: Threshold::NEVER,
                 dry_run: self.dry_run,
+                by_id: p.id,
             };
         }
         let mut best: Option<(usize, Threshold)> = None;
@@ -454,6 +503,7 @@ impl Sampler {
             by,
             threshold,
             dry_run: self.dry_run,
+            by_id: by.id(&self.policies),
         }
     }
 

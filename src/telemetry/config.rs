@@ -8,18 +8,42 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub endpoint: String,
+    /// Serve `GET /debug/traces/{trace_id}`: where a trace is and why it was decided.
+    pub debug_traces: bool,
+    /// Bearer tokens the debug endpoints require (`/metrics` and the probes stay open for
+    /// Prometheus and the kubelet).
+    pub bearer_tokens: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             endpoint: "0.0.0.0:8888".into(),
+            debug_traces: false,
+            bearer_tokens: Vec::new(),
         }
     }
 }
 
 impl AdminConfig {
     pub fn validate(&self) -> Vec<(String, String)> {
+        let mut p: Vec<(String, String)> = self
+            .bearer_tokens
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.len() < 16)
+            .map(|(i, _)| {
+                (
+                    format!("bearer_tokens[{i}]"),
+                    "must be at least 16 characters".to_owned(),
+                )
+            })
+            .collect();
+        p.extend(self.validate_endpoint());
+        p
+    }
+
+    fn validate_endpoint(&self) -> Vec<(String, String)> {
         match self.endpoint.parse::<SocketAddr>() {
             Ok(_) => Vec::new(),
             Err(_) => vec![(

@@ -3,7 +3,7 @@
 
 mod admin;
 
-pub use admin::{Admin, bind, serve_admin};
+pub use admin::{Admin, DebugTraces, TraceLookup, bind, serve_admin};
 
 pub mod config;
 

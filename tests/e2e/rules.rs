@@ -295,3 +295,97 @@ async fn an_explicit_randomness_value_decides_and_contradicted_thresholds_are_er
     }
     assert!(erased > 0, "some thresholds were contradicted");
 }
+
+/// `GET /debug/traces/{id}` for a held, a kept and a dropped trace, behind the admin token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_debug_endpoint_says_where_a_trace_is_and_why() {
+    use llmtail_tools::loadgen::{self, Kind};
+    use rand::SeedableRng;
+
+    const TOKEN: &str = "debug-token-0123456789";
+    let sink = Sink::start(0).await;
+    // The harness's config ends in `admin:`; these lines continue it.
+    let daemon = Daemon::start(&format!(
+        "  debug_traces: true\n  bearer_tokens: [{TOKEN}]\nsampling:\n  decision_wait: 60s\n  root_grace: 200ms\n  base_rate: 0\n  policies:\n    - {{name: errors, type: error}}\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n",
+        sink.endpoint()
+    ));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let make = |rng: &mut rand::rngs::StdRng, kind| {
+        loadgen::trace(rng, kind, loadgen::convention_for(0), now_ns())
+    };
+    let held = make(&mut rng, Kind::Normal);
+    let kept = make(&mut rng, Kind::Error);
+    let dropped = make(&mut rng, Kind::Normal);
+    let mut spans: Vec<_> = held.spans[1..].to_vec(); // no root: held for decision_wait
+    spans.extend(kept.spans.iter().cloned());
+    spans.extend(dropped.spans.iter().cloned());
+    client(&daemon.endpoint())
+        .await
+        .export(loadgen::request(spans))
+        .await
+        .unwrap();
+    daemon
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_traces_total", &[]) == 2.0
+        })
+        .await;
+    let hex = |id: &[u8; 16]| id.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let get = |path: &str, token: Option<&str>| {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
+        let (code, _, body) = http_request(daemon.admin, "GET", path, &headers, b"");
+        let json: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (code, json)
+    };
+    let path = |id: &[u8; 16]| format!("/debug/traces/{}", hex(id));
+
+    let (code, _) = get(&path(&kept.trace_id), None);
+    assert_eq!(code, 401, "the debug endpoint needs the admin token");
+    let (code, _) = get(&path(&kept.trace_id), Some("wrong-token-0123456789"));
+    assert_eq!(code, 401);
+
+    let (code, j) = get(&path(&held.trace_id), Some(TOKEN));
+    assert_eq!(code, 200, "{j}");
+    assert_eq!(j["state"], "held");
+    assert_eq!(j["spans"], held.spans.len() - 1);
+    assert_eq!(j["root_seen"], false);
+    assert!(j["decided_in_ms"].as_u64().unwrap() > 50_000, "{j}");
+
+    let (code, j) = get(&path(&kept.trace_id), Some(TOKEN));
+    assert_eq!(code, 200, "{j}");
+    assert_eq!(
+        (&j["state"], &j["decision"], &j["policy"], &j["reason"]),
+        (
+            &serde_json::json!("decided"),
+            &serde_json::json!("kept"),
+            &serde_json::json!("errors"),
+            &serde_json::json!("root")
+        ),
+        "{j}"
+    );
+    assert_eq!(j["probability"], 1.0);
+
+    let (code, j) = get(&path(&dropped.trace_id), Some(TOKEN));
+    assert_eq!(code, 200, "{j}");
+    assert_eq!(
+        (&j["decision"], &j["policy"], &j["probability"]),
+        (
+            &serde_json::json!("dropped"),
+            &serde_json::json!("base_rate"),
+            &serde_json::json!(0.0)
+        ),
+        "{j}"
+    );
+
+    let (code, j) = get("/debug/traces/not-an-id", Some(TOKEN));
+    assert_eq!(code, 400);
+    assert!(j["error"].as_str().unwrap().contains("trace_id"), "{j}");
+    let (code, j) = get(&path(&[0x5a; 16]), Some(TOKEN));
+    assert_eq!((code, &j["state"]), (404, &serde_json::json!("unknown")));
+    // /metrics stays open.
+    assert_eq!(get("/metrics", None).0, 200);
+}
