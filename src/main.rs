@@ -24,6 +24,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Replay OTLP/JSON traces (one ExportTraceServiceRequest per line, as the file exporter
+    /// writes them, or one document) through the config's sampling rules and print, per
+    /// trace, the decision and the policy that made it. Every trace is decided as complete.
+    Explain {
+        /// The OTLP/JSON file.
+        file: PathBuf,
+        /// One JSON object per trace instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the price entry a model id matches (with the config's pricing, if the config
     /// file exists) and the cost of a call.
     Pricing {
@@ -152,6 +162,67 @@ fn log_filter() -> tracing_subscriber::EnvFilter {
     filter
 }
 
+/// `llmtail explain`: 0 when the file was replayed, 2 for an invalid config, 1 otherwise.
+fn explain(config: &std::path::Path, file: &std::path::Path, json: bool) -> ExitCode {
+    use llmtail::app::explain;
+    let cfg = match Config::load(config) {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            eprintln!("{}: {errors}", config.display());
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    let result = std::fs::read_to_string(file)
+        .map_err(anyhow::Error::from)
+        .and_then(|text| explain::requests(&text))
+        .and_then(|requests| explain::explain(&cfg, requests));
+    let traces = match result {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: {e:#}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        for t in &traces {
+            println!("{}", serde_json::to_string(t).unwrap_or_default());
+        }
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<32}  {:>5}  {:<8}  {:<20}  {:>8}  {:>11}  {:<5}  {:>5}  {:>9}",
+        "TRACE ID", "SPANS", "DECISION", "POLICY", "P", "DURATION_MS", "ERROR", "CALLS", "COST_USD"
+    );
+    let mut by_policy: std::collections::BTreeMap<(&str, &str), usize> = Default::default();
+    for t in &traces {
+        println!(
+            "{:<32}  {:>5}  {:<8}  {:<20}  {:>8.6}  {:>11.1}  {:<5}  {:>5}  {:>9.6}",
+            t.trace_id,
+            t.spans,
+            t.decision,
+            t.policy,
+            t.probability,
+            t.duration_ms,
+            t.error,
+            t.llm_calls,
+            t.cost_usd
+        );
+        *by_policy.entry((t.policy, t.decision)).or_default() += 1;
+    }
+    let kept = traces.iter().filter(|t| t.decision == "kept").count();
+    let summary: Vec<String> = by_policy
+        .iter()
+        .map(|((policy, decision), n)| format!("{policy} {decision} {n}"))
+        .collect();
+    println!(
+        "{} traces: {kept} kept, {} dropped ({})",
+        traces.len(),
+        traces.len() - kept,
+        summary.join(", ")
+    );
+    ExitCode::SUCCESS
+}
+
 /// Exit code for an invalid config, as `--validate` documents.
 const EXIT_INVALID_CONFIG: u8 = 2;
 
@@ -162,6 +233,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Explain { file, json }) = &cli.command {
+        return explain(&cli.config, file, *json);
+    }
     if let Some(Command::Pricing {
         model,
         input,

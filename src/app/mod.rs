@@ -2,6 +2,7 @@
 //! not ready, receivers stopped, every pending trace decided, the exporter flushed.
 
 mod debug;
+pub mod explain;
 mod reload;
 
 use reload::{reload_on_sighup, reload_pricing};

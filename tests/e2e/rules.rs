@@ -389,3 +389,85 @@ async fn the_debug_endpoint_says_where_a_trace_is_and_why() {
     // /metrics stays open.
     assert_eq!(get("/metrics", None).0, 200);
 }
+
+/// `llmtail explain` on what the file exporter wrote: every trace the Python SDK sent,
+/// decided by another config's rules as the daemon would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_replays_a_file_exporter_file_through_a_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("all.jsonl");
+    // Keep everything, into a file.
+    let daemon = Daemon::start(&format!(
+        "sampling:\n  decision_wait: 3s\n  root_grace: 300ms\n  base_rate: 1.0\nexporter:\n  file:\n    path: {}\n  batch:\n    timeout: 50ms\n",
+        file.display()
+    ));
+    let sent = send(&daemon).await;
+    daemon
+        .wait_metrics(Duration::from_secs(20), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) == (TRACES * 2) as f64
+        })
+        .await;
+    // The rules under test, in a config of their own.
+    let sink = Sink::unstarted(free_port());
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, config(&sink, "")).unwrap();
+    let out = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(&rules)
+        .arg("explain")
+        .arg(&file)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decided: HashMap<String, serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["trace_id"].as_str().unwrap().to_owned(), v)
+        })
+        .collect();
+    assert_eq!(decided.len(), TRACES);
+    for s in &sent {
+        let d = &decided[&s.trace_id];
+        let (decision, policy) = match s.kind.as_str() {
+            "gold" => ("kept", "gold"),
+            "health" => ("dropped", "health"),
+            "error" => ("kept", "errors"),
+            _ if would_keep(s) => ("kept", "base_rate"),
+            _ => ("dropped", "base_rate"),
+        };
+        assert_eq!(
+            (
+                d["decision"].as_str(),
+                d["policy"].as_str(),
+                d["spans"].as_u64()
+            ),
+            (Some(decision), Some(policy), Some(2)),
+            "{} {d}",
+            s.kind
+        );
+    }
+    // The table form ends with the counts.
+    let table = std::process::Command::new(binary())
+        .arg("--config")
+        .arg(&rules)
+        .arg("explain")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(table.stdout).unwrap();
+    let kept = sent.iter().filter(|s| would_keep(s)).count();
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .starts_with(&format!("{TRACES} traces: {kept} kept")),
+        "{text}"
+    );
+}
