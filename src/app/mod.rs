@@ -436,6 +436,17 @@ async fn adapt(
             last_adjust = now;
         }
         pipeline.observer.publish_probabilities(now.into_std());
+        if let Some((policy, keys)) = pipeline.buffer.sampler().dynamic_snapshot() {
+            // Keys that left the set (or a reload) are not shown stale.
+            pipeline.metrics.dynamic_probability.reset();
+            for (key, p) in keys {
+                pipeline
+                    .metrics
+                    .dynamic_probability
+                    .with_label_values(&[policy, &key])
+                    .set(p);
+            }
+        }
     }
 }
 

@@ -62,6 +62,8 @@ pub struct SpanStats {
     pub tests_generation: u64,
     /// Its tracestate's explicit randomness value (`ot=rv:`).
     pub rv: Option<u64>,
+    /// The dynamic policy's key parts it supplies.
+    pub key: Option<crate::sampling::condition::KeyValues>,
 }
 
 /// Leaves LLM spans uncounted (the buffer's own tests).
@@ -431,6 +433,19 @@ impl TraceBuffer {
         entry.summary.matched |= s.matched;
         if entry.summary.rv.is_none() {
             entry.summary.rv = s.rv;
+        }
+        if let Some(values) = s.key {
+            match &mut entry.summary.key {
+                None => entry.summary.key = Some(values),
+                // The first span to supply a part gives it.
+                Some(have) => {
+                    for (have, new) in have.iter_mut().zip(values) {
+                        if have.is_none() {
+                            *have = new;
+                        }
+                    }
+                }
+            }
         }
         if entry.summary.tests_generation == 0 {
             entry.summary.tests_generation = s.tests_generation;

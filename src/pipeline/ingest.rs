@@ -157,6 +157,17 @@ impl Pipeline {
                         call_from_span(&span, &facts, &from, &self.pricing, &mut strings)
                             .map(Box::new)
                     };
+                    let key = if tests.has_key() {
+                        let model = call
+                            .as_ref()
+                            .map(|c| &*c.call.model)
+                            .filter(|m| *m != crate::llm::UNKNOWN_MODEL);
+                        tests.key_values(&span, &facts, (&rs.resource, &ss.scope), model, |v| {
+                            strings.get(v)
+                        })
+                    } else {
+                        None
+                    };
                     let matched = if tests.is_empty() {
                         0
                     } else {
@@ -184,6 +195,7 @@ impl Pipeline {
                             .trace_state
                             .as_ref()
                             .and_then(|ts| randomness_value(&span[ts.value()])),
+                        key,
                     };
                     let held = HeldSpan {
                         origin: origin.clone(),

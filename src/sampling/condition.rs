@@ -155,10 +155,22 @@ impl Condition {
     }
 }
 
-/// Every condition's span-level tests, which ingest evaluates per span.
+/// One part of a dynamic policy's key: a span value, or the trace's status.
+#[derive(Debug, Clone, PartialEq)]
+enum KeyPart {
+    Span { field: SpanField, root: bool },
+    Status,
+}
+
+/// A trace's dynamic-sampling key parts, as its spans supply them.
+pub type KeyValues = Box<[Option<Arc<str>>]>;
+
+/// Every condition's span-level tests, which ingest evaluates per span (and the dynamic
+/// policy's key parts, read from the same scan).
 #[derive(Debug, Default)]
 pub struct SpanTests {
     tests: Vec<SpanTest>,
+    key: Vec<KeyPart>,
     /// Span attribute keys, by scanner slot (`EXTRA_SLOTS.start + i`).
     keys: Vec<Vec<u8>>,
     /// Whether any test reads a resource or the scope (evaluated once per origin).
@@ -192,6 +204,72 @@ impl SpanTests {
 
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Whether a dynamic policy needs key values from spans.
+    pub fn has_key(&self) -> bool {
+        self.key.iter().any(|k| matches!(k, KeyPart::Span { .. }))
+    }
+
+    /// The key parts one span supplies (`None` when it supplies none). Resource and scope
+    /// values are read from `resource` and `scope`; `intern` makes the shared strings.
+    pub fn key_values(
+        &self,
+        span: &[u8],
+        facts: &SpanFacts,
+        (resource, scope): (&[u8], &[u8]),
+        model: Option<&str>,
+        mut intern: impl FnMut(&str) -> Arc<str>,
+    ) -> Option<KeyValues> {
+        let mut out: Option<Vec<Option<Arc<str>>>> = None;
+        for (i, part) in self.key.iter().enumerate() {
+            let KeyPart::Span { field, root } = part else {
+                continue;
+            };
+            if *root && !facts.is_root {
+                continue;
+            }
+            let v = match field {
+                SpanField::Attribute(slot) => facts.attrs.get(*slot).map(|v| v.scalar(span)),
+                SpanField::Resource(key) => resource_attribute(resource, key).ok().flatten(),
+                SpanField::Scope => scope_name(scope).ok().flatten().map(Scalar::Str),
+                SpanField::Name => Some(Scalar::Str(
+                    &span[facts.name.start as usize..facts.name.end as usize],
+                )),
+                SpanField::Kind => KINDS
+                    .get(facts.kind as usize)
+                    .map(|k| Scalar::Str(k.as_bytes())),
+                SpanField::Status => None,
+                SpanField::Model => model.map(|m| Scalar::Str(m.as_bytes())),
+            };
+            if let Some(v) = v {
+                let text = render(v);
+                if !text.is_empty() {
+                    out.get_or_insert_with(|| vec![None; self.key.len()])[i] = Some(intern(&text));
+                }
+            }
+        }
+        out.map(Vec::into_boxed_slice)
+    }
+
+    /// A trace's key: its parts' values joined with `|` (`-` for a part no span supplied).
+    pub fn key(&self, values: Option<&KeyValues>, has_error: bool) -> String {
+        let mut key = String::new();
+        for (i, part) in self.key.iter().enumerate() {
+            if i > 0 {
+                key.push('|');
+            }
+            match part {
+                KeyPart::Status => key.push_str(if has_error { "error" } else { "ok" }),
+                KeyPart::Span { .. } => {
+                    match values.and_then(|v| v.get(i)).and_then(|v| v.as_deref()) {
+                        Some(v) => key.push_str(v),
+                        None => key.push('-'),
+                    }
+                }
+            }
+        }
+        key
     }
 
     /// `base` (ingest's: the LLM conventions) with the keys the conditions name.
@@ -355,6 +433,94 @@ const TRACE_FIELDS: [&str; 5] = [
 ];
 
 impl Compiler {
+    /// Compiles a dynamic policy's key; problems as (key path below `key`, message).
+    pub fn compile_key(
+        &mut self,
+        parts: &[crate::sampling::dynamic::KeyPartConfig],
+    ) -> Result<(), Vec<(String, String)>> {
+        let mut problems = Vec::new();
+        if parts.is_empty() {
+            problems.push(("key".to_owned(), "must list at least one part".to_owned()));
+        }
+        for (i, p) in parts.iter().enumerate() {
+            let at = |k: &str| format!("key[{i}].{k}");
+            let set = [
+                p.attribute.is_some(),
+                p.resource_attribute.is_some(),
+                p.field.is_some(),
+            ];
+            if set.iter().filter(|s| **s).count() != 1 {
+                problems.push((
+                    format!("key[{i}]"),
+                    "needs exactly one of attribute, resource_attribute, field".to_owned(),
+                ));
+                continue;
+            }
+            let field = if let Some(key) = &p.attribute {
+                match self.slot(key) {
+                    Some(slot) => SpanField::Attribute(slot),
+                    None => {
+                        problems.push((
+                            at("attribute"),
+                            format!(
+                                "conditions and keys may name at most {MAX_ATTRIBUTE_KEYS} distinct span attribute keys"
+                            ),
+                        ));
+                        continue;
+                    }
+                }
+            } else if let Some(key) = &p.resource_attribute {
+                SpanField::Resource(key.as_bytes().to_vec())
+            } else {
+                match p.field.as_deref().unwrap_or_default() {
+                    "span_name" => SpanField::Name,
+                    "kind" => SpanField::Kind,
+                    "scope" => SpanField::Scope,
+                    "model" => SpanField::Model,
+                    "status" => {
+                        if p.root {
+                            problems.push((
+                                at("root"),
+                                "does not apply to status (the trace's)".to_owned(),
+                            ));
+                        }
+                        self.tests.key.push(KeyPart::Status);
+                        continue;
+                    }
+                    other => {
+                        problems.push((
+                            at("field"),
+                            format!("unknown key field {other:?}; one of span_name, kind, scope, model, status"),
+                        ));
+                        continue;
+                    }
+                }
+            };
+            self.tests.key.push(KeyPart::Span {
+                field,
+                root: p.root,
+            });
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The scanner slot of a span attribute key (a new one if there is room).
+    fn slot(&mut self, key: &str) -> Option<usize> {
+        let i = match self.tests.keys.iter().position(|k| k == key.as_bytes()) {
+            Some(i) => i,
+            None if self.tests.keys.len() < MAX_ATTRIBUTE_KEYS => {
+                self.tests.keys.push(key.as_bytes().to_vec());
+                self.tests.keys.len() - 1
+            }
+            None => return None,
+        };
+        Some(EXTRA_SLOTS.start + i)
+    }
+
     /// Compiles one condition; problems as (key path below it, message).
     pub fn compile(&mut self, c: &ConditionConfig) -> Result<Condition, Vec<(String, String)>> {
         let mut problems = Vec::new();
@@ -492,23 +658,18 @@ impl Compiler {
                 if key.is_empty() {
                     problems.push((at("attribute"), "must not be empty".into()));
                 }
-                let slot = match self.tests.keys.iter().position(|k| k == key.as_bytes()) {
-                    Some(i) => i,
+                match self.slot(key) {
+                    Some(slot) => SpanField::Attribute(slot),
                     None => {
-                        if self.tests.keys.len() == MAX_ATTRIBUTE_KEYS {
-                            problems.push((
-                                at("attribute"),
-                                format!(
-                                    "conditions may name at most {MAX_ATTRIBUTE_KEYS} distinct span attribute keys"
-                                ),
-                            ));
-                            return None;
-                        }
-                        self.tests.keys.push(key.as_bytes().to_vec());
-                        self.tests.keys.len() - 1
+                        problems.push((
+                            at("attribute"),
+                            format!(
+                                "conditions and keys may name at most {MAX_ATTRIBUTE_KEYS} distinct span attribute keys"
+                            ),
+                        ));
+                        return None;
                     }
-                };
-                SpanField::Attribute(EXTRA_SLOTS.start + slot)
+                }
             }
             "resource_attribute" => {
                 self.tests.has_origin_tests = true;

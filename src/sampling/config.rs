@@ -121,11 +121,49 @@ impl SamplingConfig {
                     p.push((format!("policies[{i}].{key}"), msg));
                 }
             }
+            if let Some(key) = &policy.key
+                && let Err(problems) = compiler.compile_key(key)
+            {
+                for (key, msg) in problems {
+                    p.push((format!("policies[{i}].{key}"), msg));
+                }
+            }
             if policy.kind == PolicyType::Drop && policy.rate != 1.0 {
                 p.push((
                     format!("policies[{i}].rate"),
                     "does not apply to a drop policy (it drops every trace it matches)".into(),
                 ));
+            }
+            if policy.kind == PolicyType::Dynamic {
+                if policy.rate != 1.0 {
+                    p.push((
+                        format!("policies[{i}].rate"),
+                        "does not apply to a dynamic policy (goal_rate sets its rates)".into(),
+                    ));
+                }
+                if let Some(g) = policy.goal_rate
+                    && !(g.is_finite() && g >= 1.0)
+                {
+                    p.push((
+                        format!("policies[{i}].goal_rate"),
+                        format!("must be a number ≥ 1 (keep 1 in goal_rate), got {g}"),
+                    ));
+                }
+                if policy.max_keys == Some(0) {
+                    p.push((
+                        format!("policies[{i}].max_keys"),
+                        "must be at least 1".into(),
+                    ));
+                }
+                if self.policies[..i]
+                    .iter()
+                    .any(|q| q.kind == PolicyType::Dynamic)
+                {
+                    p.push((
+                        format!("policies[{i}].type"),
+                        "only one dynamic policy may be configured".into(),
+                    ));
+                }
             }
             if self.policies[..i]
                 .iter()
@@ -168,11 +206,16 @@ pub enum PolicyType {
     Condition,
     /// `condition` matches: the trace is dropped, whatever else matches.
     Drop,
+    /// Sets p per trace key for traces no other policy keeps (about 1 in `goal_rate`).
+    Dynamic,
 }
 
 impl PolicyType {
     fn can_trigger_session(self) -> bool {
-        !matches!(self, PolicyType::Session | PolicyType::Drop)
+        !matches!(
+            self,
+            PolicyType::Session | PolicyType::Drop | PolicyType::Dynamic
+        )
     }
 
     /// The optional keys this type takes, and whether each is required.
@@ -187,6 +230,12 @@ impl PolicyType {
                 ("max_sessions", false),
             ],
             PolicyType::Condition | PolicyType::Drop => &[("condition", true)],
+            PolicyType::Dynamic => &[
+                ("key", true),
+                ("goal_rate", true),
+                ("window", false),
+                ("max_keys", false),
+            ],
         }
     }
 }
@@ -214,6 +263,12 @@ pub struct PolicyConfig {
     pub max_sessions: Option<usize>,
     /// Condition and drop policies: what a trace must match.
     pub condition: Option<super::condition::ConditionConfig>,
+    /// Dynamic policy: the trace fields its key is made of.
+    pub key: Option<Vec<super::dynamic::KeyPartConfig>>,
+    /// Dynamic policy: keep about 1 in this many traces.
+    pub goal_rate: Option<f64>,
+    /// Dynamic policy: keys given their own probability (the rest share `other`).
+    pub max_keys: Option<usize>,
 }
 
 fn full_rate() -> f64 {
@@ -240,6 +295,9 @@ impl PolicyConfig {
             ("triggers", self.triggers.is_some()),
             ("max_sessions", self.max_sessions.is_some()),
             ("condition", self.condition.is_some()),
+            ("key", self.key.is_some()),
+            ("goal_rate", self.goal_rate.is_some()),
+            ("max_keys", self.max_keys.is_some()),
         ];
         let takes = self.kind.keys();
         for (key, is_set) in present {

@@ -4,6 +4,7 @@
 pub mod adaptive;
 pub mod condition;
 pub mod config;
+pub mod dynamic;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -60,6 +61,8 @@ pub struct TraceSummary {
     /// The explicit randomness value (`ot=rv:`) the first span carrying one gave: the
     /// trace's R instead of its trace id's bits.
     pub rv: Option<u64>,
+    /// The dynamic policy's key parts its spans supplied.
+    pub key: Option<condition::KeyValues>,
 }
 
 impl Default for TraceSummary {
@@ -81,6 +84,7 @@ impl Default for TraceSummary {
             matched: 0,
             tests_generation: 0,
             rv: None,
+            key: None,
         }
     }
 }
@@ -145,6 +149,8 @@ pub enum Rule {
     Condition(usize),
     /// A drop policy's condition of this index: a trace it matches is dropped.
     Drop(usize),
+    /// The dynamic policy: sets p for traces no other policy keeps.
+    Dynamic,
 }
 
 impl Rule {
@@ -156,7 +162,7 @@ impl Rule {
             }
             Rule::Cost { threshold_usd } => s.cost_usd >= threshold_usd,
             Rule::Anomaly => s.has_anomaly,
-            Rule::Session | Rule::Condition(_) | Rule::Drop(_) => false,
+            Rule::Session | Rule::Condition(_) | Rule::Drop(_) | Rule::Dynamic => false,
         }
     }
 }
@@ -190,6 +196,13 @@ impl Policy {
         };
         let rule = match cfg.kind {
             PolicyType::Condition => Rule::Condition(compiled()),
+            PolicyType::Dynamic => {
+                if let Some(key) = &cfg.key {
+                    // Validated before a sampler is built.
+                    let _ = compiler.compile_key(key);
+                }
+                Rule::Dynamic
+            }
             PolicyType::Drop => Rule::Drop(compiled()),
             PolicyType::Error => Rule::Error,
             PolicyType::Latency => Rule::Latency {
@@ -375,6 +388,8 @@ pub struct Sampler {
     conditions: Vec<condition::Condition>,
     span_tests: Arc<condition::SpanTests>,
     dry_run: bool,
+    /// The dynamic policy (its index in `policies`), if there is one.
+    dynamic: Option<(usize, Arc<dynamic::Dynamic>)>,
     base: Arc<BaseRate>,
     sessions: Option<SessionKeeper>,
     pub counts: Arc<DecisionCounts>,
@@ -390,6 +405,21 @@ impl Sampler {
             .map(|p| Policy::from_config(p, &mut compiler, &mut conditions))
             .collect();
         let span_tests = compiler.finish();
+        let dynamic = cfg
+            .policies
+            .iter()
+            .position(|p| p.kind == PolicyType::Dynamic)
+            .map(|i| {
+                let p = &cfg.policies[i];
+                (
+                    i,
+                    Arc::new(dynamic::Dynamic::new(
+                        p.goal_rate.unwrap_or(10.0),
+                        p.window.map_or(dynamic::DEFAULT_WINDOW, |w| w.0),
+                        p.max_keys.unwrap_or(dynamic::DEFAULT_MAX_KEYS),
+                    )),
+                )
+            });
         let sessions = cfg
             .policies
             .iter()
@@ -418,10 +448,18 @@ impl Sampler {
             conditions,
             span_tests,
             dry_run: cfg.dry_run,
+            dynamic,
             base,
             sessions,
             counts: Arc::default(),
         }
+    }
+
+    /// The dynamic policy's name and per-key probabilities in force, for its gauge.
+    pub fn dynamic_snapshot(&self) -> Option<(&'static str, dynamic::KeyProbabilities)> {
+        self.dynamic
+            .as_ref()
+            .map(|(i, d)| (self.policies[*i].name, d.snapshot()))
     }
 
     /// The span-level tests of the conditions, which ingest runs on every span.
@@ -457,7 +495,7 @@ impl Sampler {
         }
         let mut best: Option<(usize, Threshold)> = None;
         for (i, p) in self.policies.iter().enumerate() {
-            if matches!(p.rule, Rule::Drop(_)) {
+            if matches!(p.rule, Rule::Drop(_) | Rule::Dynamic) {
                 continue;
             }
             if self.matches(&p.rule, summary) && best.is_none_or(|(_, t)| p.threshold < t) {
@@ -472,6 +510,18 @@ impl Sampler {
         }
         let (by, threshold) = match best {
             Some((i, t)) => (DecidedBy::Policy(self.policies[i].name), t),
+            None if let Some((i, d)) = &self.dynamic => {
+                let key = self.span_tests.key(summary.key.as_ref(), summary.has_error);
+                let p = d.probability(&key, now);
+                if summary.boost > p {
+                    (DecidedBy::Boost, Threshold::from_probability(summary.boost))
+                } else {
+                    (
+                        DecidedBy::Policy(self.policies[*i].name),
+                        Threshold::from_probability(p),
+                    )
+                }
+            }
             None => {
                 let base = self.base.get();
                 if summary.boost > base {

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub user_tokens: IntCounterVec,
     pub session_cost: CounterVec,
     pub sampling_probability: GaugeVec,
+    pub dynamic_probability: GaugeVec,
     pub pricing_reloads: IntCounterVec,
     pub genai_token_usage: HistogramVec,
     pub genai_duration: HistogramVec,
@@ -397,6 +398,13 @@ impl Metrics {
                     "Base probability in force for traces no policy keeps (boost included)."
                 ),
                 &["service"]
+            )),
+            dynamic_probability: reg!(GaugeVec::new(
+                Opts::new(
+                    "llmtail_dynamic_sampling_probability",
+                    "Probability the dynamic policy sets for each trace key (at most max_keys, the rest under `other`)."
+                ),
+                &["policy", "key"]
             )),
             pricing_reloads: reg!(IntCounterVec::new(
                 Opts::new(
