@@ -471,3 +471,124 @@ async fn explain_replays_a_file_exporter_file_through_a_config() {
         "{text}"
     );
 }
+
+#[derive(serde::Deserialize)]
+struct Keyed {
+    trace_id: String,
+    route: String,
+    at: f64,
+}
+
+/// The dynamic policy on a skewed route mix from the Python SDK, sent to two replicas
+/// alike: after the first windows, about 1 in 10 traces is kept (within ±40%), rare
+/// routes far more often than the common one, and both replicas decide nearly every trace
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dynamic_policy_converges_and_replicas_agree() {
+    const N: usize = 4000;
+    const SECONDS: f64 = 8.0;
+    let config = |sink: &Sink| {
+        format!(
+            "sampling:\n  decision_wait: 3s\n  root_grace: 200ms\n  policies:\n    - name: routes\n      type: dynamic\n      goal_rate: 10\n      window: 1s\n      key:\n        - {{resource_attribute: service.name}}\n        - {{attribute: http.route, root: true}}\n        - {{field: status}}\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n",
+            sink.endpoint()
+        )
+    };
+    let (sink_a, sink_b) = (Sink::start(0).await, Sink::start(0).await);
+    let (a, b) = (
+        Daemon::start(&config(&sink_a)),
+        Daemon::start(&config(&sink_b)),
+    );
+    let script = format!(
+        "{}/tests/python/keyed_traces.py",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let run = |d: &Daemon| {
+        tokio::process::Command::new(python())
+            .arg(&script)
+            .arg(d.endpoint())
+            .arg(N.to_string())
+            .arg(d.dir.path().join("manifest.json"))
+            .arg(SECONDS.to_string())
+            .output()
+    };
+    let (out_a, out_b) = tokio::join!(run(&a), run(&b));
+    for out in [out_a.unwrap(), out_b.unwrap()] {
+        assert!(
+            out.status.success(),
+            "{script} failed (run tests/install-deps.sh): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let sent: Vec<Keyed> =
+        serde_json::from_slice(&std::fs::read(a.dir.path().join("manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(sent.len(), N);
+    for d in [&a, &b] {
+        d.wait_metrics(Duration::from_secs(30), |m| {
+            m.sum("llmtail_traces_total", &[]) == N as f64
+                && m.sum("llmtail_spans_exported_total", &[])
+                    == 2.0 * m.sum("llmtail_traces_total", &[("decision", "kept")])
+        })
+        .await;
+    }
+    let kept_a: HashSet<Vec<u8>> = sink_a.traces().keys().cloned().collect();
+    let kept_b: HashSet<Vec<u8>> = sink_b.traces().keys().cloned().collect();
+    // After the first 2 s (two windows: the moving average has counts to go on).
+    let settled: Vec<&Keyed> = sent.iter().filter(|s| s.at >= 2.0).collect();
+    let kept = |set: &HashSet<Vec<u8>>, route: Option<&str>| {
+        let of: Vec<&&Keyed> = settled
+            .iter()
+            .filter(|s| route.is_none_or(|r| s.route == r))
+            .collect();
+        let k = of
+            .iter()
+            .filter(|s| set.contains(&bytes_of(&s.trace_id)))
+            .count();
+        (k as f64 / of.len() as f64, of.len())
+    };
+    let (share, n) = kept(&kept_a, None);
+    assert!(
+        (0.06..=0.14).contains(&share),
+        "kept share {share} of {n} traces (goal 1 in 10)"
+    );
+    let (common, _) = kept(&kept_a, Some("/api/r00"));
+    let rare: Vec<&str> = ["/api/r15", "/api/r18", "/api/r20", "/api/r22", "/api/r24"].into();
+    let rare_share = {
+        let of: Vec<&&Keyed> = settled
+            .iter()
+            .filter(|s| rare.contains(&s.route.as_str()))
+            .collect();
+        of.iter()
+            .filter(|s| kept_a.contains(&bytes_of(&s.trace_id)))
+            .count() as f64
+            / of.len() as f64
+    };
+    assert!(
+        rare_share > 4.0 * common,
+        "rare routes {rare_share} vs the commonest {common}"
+    );
+    // Both replicas saw the same traces: their decisions agree on nearly all of them.
+    let disagree = settled
+        .iter()
+        .filter(|s| {
+            let id = bytes_of(&s.trace_id);
+            kept_a.contains(&id) != kept_b.contains(&id)
+        })
+        .count();
+    assert!(
+        disagree * 100 <= settled.len() * 3,
+        "{disagree} of {} decisions differ between the replicas",
+        settled.len()
+    );
+    eprintln!(
+        "dynamic: kept {share:.3} of {n}; commonest route {common:.3}, rare routes {rare_share:.3}; {disagree} of {} decisions differ",
+        settled.len()
+    );
+    let m = a.metrics();
+    assert!(
+        m.sum(
+            "llmtail_dynamic_sampling_probability",
+            &[("policy", "routes"), ("key", "py-routes|/api/r00|ok")]
+        ) > 0.0
+    );
+}
