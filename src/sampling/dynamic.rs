@@ -71,6 +71,13 @@ impl Dynamic {
         }
     }
 
+    /// Whether `other` has the same goal, window and key bound.
+    pub fn same_settings(&self, other: &Dynamic) -> bool {
+        self.goal_rate == other.goal_rate
+            && self.window == other.window
+            && self.max_keys == other.max_keys
+    }
+
     /// Counts a trace of `key` and returns the probability to keep it with (its key's, as
     /// the last window set it).
     pub fn probability(&self, key: &str, now: Instant) -> f64 {

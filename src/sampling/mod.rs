@@ -565,6 +565,13 @@ impl Sampler {
         if let (Some(old), Some(new)) = (&self.sessions, &mut next.sessions) {
             *new.hot.get_mut() = old.hot.lock().clone();
         }
+        // The dynamic policy carries on with its counts and rates when its settings are
+        // unchanged (a reload would otherwise keep every key at p = 1 for a window).
+        if let (Some((_, old)), Some((_, new))) = (&self.dynamic, &mut next.dynamic)
+            && old.same_settings(new)
+        {
+            *new = old.clone();
+        }
         next
     }
 
