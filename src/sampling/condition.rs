@@ -417,6 +417,24 @@ fn render(v: Scalar<'_>) -> String {
     }
 }
 
+/// The keys of `keys` that are set.
+fn present<'a>(keys: &[(&'a str, bool)]) -> Vec<&'a str> {
+    keys.iter()
+        .filter(|(_, set)| *set)
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// "needs exactly one of …; got …".
+fn exactly_one(what: &str, got: &[&str], choices: &str) -> String {
+    let got = if got.is_empty() {
+        "none".to_owned()
+    } else {
+        got.join(", ")
+    };
+    format!("{what}needs exactly one of {choices}; got {got}")
+}
+
 /// Builds the span-level tests and compiled conditions of a policy list.
 #[derive(Default)]
 pub struct Compiler {
@@ -444,15 +462,15 @@ impl Compiler {
         }
         for (i, p) in parts.iter().enumerate() {
             let at = |k: &str| format!("key[{i}].{k}");
-            let set = [
-                p.attribute.is_some(),
-                p.resource_attribute.is_some(),
-                p.field.is_some(),
-            ];
-            if set.iter().filter(|s| **s).count() != 1 {
+            let set = present(&[
+                ("attribute", p.attribute.is_some()),
+                ("resource_attribute", p.resource_attribute.is_some()),
+                ("field", p.field.is_some()),
+            ]);
+            if set.len() != 1 {
                 problems.push((
                     format!("key[{i}]"),
-                    "needs exactly one of attribute, resource_attribute, field".to_owned(),
+                    exactly_one("", &set, "attribute, resource_attribute, field"),
                 ));
                 continue;
             }
@@ -550,26 +568,33 @@ impl Compiler {
                 format!("{path}.{key}")
             }
         };
-        let kinds = [
+        let here = || {
+            if path.is_empty() {
+                "condition".to_owned()
+            } else {
+                path.to_owned()
+            }
+        };
+        let set = present(&[
             ("all", c.all.is_some()),
             ("any", c.any.is_some()),
             ("not", c.not.is_some()),
             ("attribute", c.attribute.is_some()),
             ("resource_attribute", c.resource_attribute.is_some()),
             ("field", c.field.is_some()),
-        ];
-        let set: Vec<&str> = kinds.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect();
+        ]);
         if set.len() != 1 {
             problems.push((
-                if path.is_empty() { "condition".into() } else { path.to_owned() },
-                format!(
-                    "needs exactly one of all, any, not, attribute, resource_attribute, field; got {}",
-                    if set.is_empty() { "none".to_owned() } else { set.join(", ") }
+                here(),
+                exactly_one(
+                    "",
+                    &set,
+                    "all, any, not, attribute, resource_attribute, field",
                 ),
             ));
             return None;
         }
-        let ops = [
+        let op_keys = present(&[
             ("equals", c.equals.is_some()),
             ("one_of", c.one_of.is_some()),
             ("regex", c.regex.is_some()),
@@ -578,8 +603,7 @@ impl Compiler {
             ("gte", c.gte.is_some()),
             ("lt", c.lt.is_some()),
             ("lte", c.lte.is_some()),
-        ];
-        let op_keys: Vec<&str> = ops.iter().filter(|(_, s)| *s).map(|(k, _)| *k).collect();
+        ]);
         let list = |items: &Vec<ConditionConfig>,
                     key: &str,
                     this: &mut Compiler,
@@ -614,10 +638,11 @@ impl Compiler {
         }
         if op_keys.len() != 1 {
             problems.push((
-                if path.is_empty() { "condition".into() } else { path.to_owned() },
-                format!(
-                    "a test needs exactly one of equals, one_of, regex, exists, gt, gte, lt, lte; got {}",
-                    if op_keys.is_empty() { "none".to_owned() } else { op_keys.join(", ") }
+                here(),
+                exactly_one(
+                    "a test ",
+                    &op_keys,
+                    "equals, one_of, regex, exists, gt, gte, lt, lte",
                 ),
             ));
             return None;

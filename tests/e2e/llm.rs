@@ -31,16 +31,6 @@ fn double(k: &str, v: f64) -> KeyValue {
     }
 }
 
-fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-    span.attributes
-        .iter()
-        .find(|a| a.key == key)?
-        .value
-        .as_ref()?
-        .value
-        .as_ref()
-}
-
 fn config(
     sink: &Sink,
     base_rate: f64,

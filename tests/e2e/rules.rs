@@ -19,16 +19,6 @@ struct Sent {
 const TRACES: usize = 250;
 const BASE_RATE: f64 = 0.25;
 
-fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-    span.attributes
-        .iter()
-        .find(|a| a.key == key)?
-        .value
-        .as_ref()?
-        .value
-        .as_ref()
-}
-
 fn root(spans: &[Span]) -> &Span {
     spans
         .iter()
@@ -36,26 +26,10 @@ fn root(spans: &[Span]) -> &Span {
         .expect("a root span")
 }
 
-/// Runs `rule_traces.py` against the daemon; what it sent, by trace id.
+/// Runs `rule_traces.py` against the daemon; what it sent.
 async fn send(daemon: &Daemon) -> Vec<Sent> {
     let manifest = daemon.dir.path().join("manifest.json");
-    let script = format!("{}/tests/python/rule_traces.py", env!("CARGO_MANIFEST_DIR"));
-    let out = tokio::process::Command::new(python())
-        .arg(&script)
-        .arg(daemon.endpoint())
-        .arg(TRACES.to_string())
-        .arg(&manifest)
-        .output()
-        .await
-        .expect("the client runs");
-    assert!(
-        out.status.success(),
-        "{script} failed (run tests/install-deps.sh): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let sent: Vec<Sent> = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(sent.len(), TRACES);
-    sent
+    python_client("rule_traces.py", &daemon.endpoint(), TRACES, &manifest, &[]).await
 }
 
 fn config(sink: &Sink, extra: &str) -> String {
@@ -229,26 +203,8 @@ async fn an_explicit_randomness_value_decides_and_contradicted_thresholds_are_er
         sink.endpoint()
     ));
     let manifest = daemon.dir.path().join("manifest.json");
-    let script = format!(
-        "{}/tests/python/head_sampled.py",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let out = tokio::process::Command::new(python())
-        .arg(&script)
-        .arg(daemon.endpoint())
-        .arg(N.to_string())
-        .arg(&manifest)
-        .output()
-        .await
-        .expect("the client runs");
-    assert!(
-        out.status.success(),
-        "{script} failed (run tests/install-deps.sh): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let sent: Vec<HeadSampled> =
-        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(sent.len(), N);
+        python_client("head_sampled.py", &daemon.endpoint(), N, &manifest, &[]).await;
     // base_rate 0.25: T = 0xc0000000000000.
     let t = 0xc0_0000_0000_0000u64;
     let rv = |s: &HeadSampled| u64::from_str_radix(&s.rv, 16).unwrap();
@@ -498,31 +454,17 @@ async fn the_dynamic_policy_converges_and_replicas_agree() {
         Daemon::start(&config(&sink_a)),
         Daemon::start(&config(&sink_b)),
     );
-    let script = format!(
-        "{}/tests/python/keyed_traces.py",
-        env!("CARGO_MANIFEST_DIR")
+    let seconds = SECONDS.to_string();
+    let extra = [seconds.as_str()];
+    let (endpoint_a, endpoint_b) = (a.endpoint(), b.endpoint());
+    let (manifest_a, manifest_b) = (
+        a.dir.path().join("manifest.json"),
+        b.dir.path().join("manifest.json"),
     );
-    let run = |d: &Daemon| {
-        tokio::process::Command::new(python())
-            .arg(&script)
-            .arg(d.endpoint())
-            .arg(N.to_string())
-            .arg(d.dir.path().join("manifest.json"))
-            .arg(SECONDS.to_string())
-            .output()
-    };
-    let (out_a, out_b) = tokio::join!(run(&a), run(&b));
-    for out in [out_a.unwrap(), out_b.unwrap()] {
-        assert!(
-            out.status.success(),
-            "{script} failed (run tests/install-deps.sh): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let sent: Vec<Keyed> =
-        serde_json::from_slice(&std::fs::read(a.dir.path().join("manifest.json")).unwrap())
-            .unwrap();
-    assert_eq!(sent.len(), N);
+    let (sent, _): (Vec<Keyed>, Vec<Keyed>) = tokio::join!(
+        python_client("keyed_traces.py", &endpoint_a, N, &manifest_a, &extra),
+        python_client("keyed_traces.py", &endpoint_b, N, &manifest_b, &extra),
+    );
     for d in [&a, &b] {
         d.wait_metrics(Duration::from_secs(30), |m| {
             m.sum("llmtail_traces_total", &[]) == N as f64

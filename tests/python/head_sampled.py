@@ -12,12 +12,10 @@ import random
 import sys
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import TraceState
+
+from otlp_client import batch_provider
 
 
 class HeadSampler(Sampler):
@@ -40,14 +38,7 @@ def main() -> None:
     endpoint, count, manifest_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     rng = random.Random(5)
     sampler = HeadSampler()
-    provider = TracerProvider(sampler=sampler, resource=Resource.create({"service.name": "py-head"}))
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint, insecure=True),
-            max_export_batch_size=128,
-            max_queue_size=count * 4 + 2048,
-        )
-    )
+    provider = batch_provider(endpoint, "py-head", count, sampler=sampler)
     tracer = provider.get_tracer("head_sampled", "1.0")
     manifest = []
     for i in range(count):

@@ -14,11 +14,9 @@ import sys
 import time
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import IdGenerator
+
+from otlp_client import batch_provider
 
 ROUTES = [f"/api/r{i:02d}" for i in range(25)]
 WEIGHTS = [1 / (i + 1) ** 1.5 for i in range(25)]
@@ -37,18 +35,7 @@ class SeededIds(IdGenerator):
 
 def main() -> None:
     endpoint, count, manifest_path, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "py-routes"}),
-        id_generator=SeededIds(17),
-    )
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint, insecure=True),
-            max_export_batch_size=256,
-            schedule_delay_millis=100,
-            max_queue_size=count * 4 + 2048,
-        )
-    )
+    provider = batch_provider(endpoint, "py-routes", count, id_generator=SeededIds(17))
     tracer = provider.get_tracer("keyed_traces", "1.0")
     rng = random.Random(23)
     manifest = []

@@ -13,25 +13,16 @@ import json
 import sys
 
 from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
+
+from otlp_client import batch_provider
 
 KINDS = ["gold", "health", "error", "normal", "normal"]
 
 
 def main() -> None:
     endpoint, count, manifest_path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    provider = TracerProvider(resource=Resource.create({"service.name": "py-shop"}))
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint, insecure=True),
-            max_export_batch_size=128,
-            max_queue_size=count * 4 + 2048,
-        )
-    )
+    provider = batch_provider(endpoint, "py-shop", count)
     tracer = provider.get_tracer("rule_traces", "1.0")
     manifest = []
     for i in range(count):

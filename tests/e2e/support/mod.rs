@@ -113,6 +113,54 @@ pub fn validate(yaml: &str) -> (Option<i32>, String) {
     )
 }
 
+/// A span attribute's value.
+pub fn attr<'a>(
+    span: &'a Span,
+    key: &str,
+) -> Option<&'a opentelemetry_proto::tonic::common::v1::any_value::Value> {
+    span.attributes
+        .iter()
+        .find(|a| a.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()
+}
+
+/// Runs a Python client under `tests/python/` (in the test virtualenv) with `args`, fails
+/// the test if it fails, and returns the manifest it wrote at `manifest` (its argument
+/// after the daemon's endpoint and the count).
+pub async fn python_client<T: serde::de::DeserializeOwned>(
+    script: &str,
+    endpoint: &str,
+    count: usize,
+    manifest: &std::path::Path,
+    extra: &[&str],
+) -> Vec<T> {
+    let script = format!("{}/tests/python/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::process::Command::new(python())
+        .arg(&script)
+        .arg(endpoint)
+        .arg(count.to_string())
+        .arg(manifest)
+        .args(extra)
+        .output()
+        .await
+        .expect("the client runs");
+    assert!(
+        out.status.success(),
+        "{script} failed (run tests/install-deps.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent: Vec<T> = serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    assert_eq!(
+        sent.len(),
+        count,
+        "{script} wrote a manifest of every trace"
+    );
+    sent
+}
+
 /// A plain HTTP/1.0 GET; returns the status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
