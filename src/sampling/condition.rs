@@ -476,14 +476,9 @@ impl Compiler {
             }
             let field = if let Some(key) = &p.attribute {
                 match self.slot(key) {
-                    Some(slot) => SpanField::Attribute(slot),
-                    None => {
-                        problems.push((
-                            at("attribute"),
-                            format!(
-                                "conditions and keys may name at most {MAX_ATTRIBUTE_KEYS} distinct span attribute keys"
-                            ),
-                        ));
+                    Ok(slot) => SpanField::Attribute(slot),
+                    Err(message) => {
+                        problems.push((at("attribute"), message));
                         continue;
                     }
                 }
@@ -527,16 +522,20 @@ impl Compiler {
     }
 
     /// The scanner slot of a span attribute key (a new one if there is room).
-    fn slot(&mut self, key: &str) -> Option<usize> {
+    fn slot(&mut self, key: &str) -> Result<usize, String> {
         let i = match self.tests.keys.iter().position(|k| k == key.as_bytes()) {
             Some(i) => i,
             None if self.tests.keys.len() < MAX_ATTRIBUTE_KEYS => {
                 self.tests.keys.push(key.as_bytes().to_vec());
                 self.tests.keys.len() - 1
             }
-            None => return None,
+            None => {
+                return Err(format!(
+                    "conditions and keys may name at most {MAX_ATTRIBUTE_KEYS} distinct span attribute keys"
+                ));
+            }
         };
-        Some(EXTRA_SLOTS.start + i)
+        Ok(EXTRA_SLOTS.start + i)
     }
 
     /// Compiles one condition; problems as (key path below it, message).
@@ -684,14 +683,9 @@ impl Compiler {
                     problems.push((at("attribute"), "must not be empty".into()));
                 }
                 match self.slot(key) {
-                    Some(slot) => SpanField::Attribute(slot),
-                    None => {
-                        problems.push((
-                            at("attribute"),
-                            format!(
-                                "conditions and keys may name at most {MAX_ATTRIBUTE_KEYS} distinct span attribute keys"
-                            ),
-                        ));
+                    Ok(slot) => SpanField::Attribute(slot),
+                    Err(message) => {
+                        problems.push((at("attribute"), message));
                         return None;
                     }
                 }
