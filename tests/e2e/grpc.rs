@@ -519,9 +519,13 @@ async fn unpriced_calls_are_counted_and_config_prices_apply() {
         .export(loadgen::request(spans))
         .await
         .unwrap();
+    // A scrape reads families in name order: one that counts every request may have read
+    // the cost family (named before it) a call earlier. Wait for all of them.
     let m = daemon
         .wait_metrics(Duration::from_secs(10), |m| {
             m.sum("llmtail_llm_requests_total", &[]) == 3.0
+                && m.sum("llmtail_llm_cost_usd_total", &[]) >= 6.0
+                && m.sum("llmtail_llm_unpriced_calls_total", &[]) == 1.0
         })
         .await;
     assert_eq!(

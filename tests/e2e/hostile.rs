@@ -622,8 +622,14 @@ async fn a_service_model_cross_product_stays_within_the_series_bound() {
         .unwrap();
     }
     let m = daemon
+        // A scrape reads families in name order, so one that counts every request may
+        // have read the folded counts (named before it) a call earlier: wait for both.
         .wait_metrics(Duration::from_secs(20), |m| {
             m.sum("llmtail_llm_requests_total", &[]) >= 39_200.0
+                && m.sum(
+                    "llmtail_label_values_folded_total",
+                    &[("label", "service_model")],
+                ) >= 39_200.0 - 1000.0
         })
         .await;
     assert_eq!(
