@@ -418,6 +418,8 @@ async fn adapt(
 ) {
     let mut tick = tokio::time::interval(PROBABILITY_TICK);
     let mut last_adjust = tokio::time::Instant::now();
+    // The dynamic policy's keys on the gauge.
+    let mut shown: Vec<(&'static str, Arc<str>)> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -436,17 +438,29 @@ async fn adapt(
             last_adjust = now;
         }
         pipeline.observer.publish_probabilities(now.into_std());
-        if let Some((policy, keys)) = pipeline.buffer.sampler().dynamic_snapshot() {
-            // Keys that left the set (or a reload) are not shown stale.
-            pipeline.metrics.dynamic_probability.reset();
+        let dynamic = pipeline.buffer.sampler().dynamic_snapshot();
+        let mut now_shown = Vec::new();
+        if let Some((policy, keys)) = dynamic {
             for (key, p) in keys {
                 pipeline
                     .metrics
                     .dynamic_probability
                     .with_label_values(&[policy, &key])
                     .set(p);
+                now_shown.push((policy, key));
             }
         }
+        // Keys that left the set (or a reload) are not shown stale; the others are never
+        // missing from a scrape.
+        for (policy, key) in &shown {
+            if !now_shown.contains(&(*policy, key.clone())) {
+                let _ = pipeline
+                    .metrics
+                    .dynamic_probability
+                    .remove_label_values(&[policy, &**key]);
+            }
+        }
+        shown = now_shown;
     }
 }
 
