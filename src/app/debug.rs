@@ -100,7 +100,7 @@ pub fn lookup(pipeline: &Pipeline, id: &str) -> (StatusCode, Value) {
             let owner = pipeline
                 .cluster
                 .as_ref()
-                .and_then(|c| c.ring().elsewhere(&trace_id).map(|p| p.to_string()));
+                .and_then(|c| c.ring().current.elsewhere(&trace_id).map(|p| p.to_string()));
             match owner {
                 Some(owner) => (
                     StatusCode::NOT_FOUND,

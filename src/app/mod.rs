@@ -158,6 +158,7 @@ pub async fn run(
     let cluster = cfg.cluster.enabled().then(|| {
         crate::cluster::Cluster::new(
             &cfg.cluster,
+            cfg.cluster.overlap(s.decision_wait.0),
             cfg.receiver.auth.bearer_tokens.first().map(String::as_str),
             metrics.clone(),
         )
@@ -284,8 +285,16 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: deciding pending traces and flushing");
-    let deadline = tokio::time::Instant::now() + cfg.shutdown_timeout;
+    let started = tokio::time::Instant::now();
+    let deadline = started + cfg.shutdown_timeout;
     ready.store(false, Ordering::SeqCst);
+    if let Some(cluster) = &cluster {
+        // Out of the ring first, with every peer told: from now on spans of every trace go
+        // to their new owners, and this replica stops deciding (what it holds is handed
+        // off below).
+        let _ = tokio::time::timeout_at(deadline, cluster.leave()).await;
+        stop_ticker.cancel();
+    }
     stop_receivers.cancel();
     for receiver in receivers {
         if tokio::time::timeout_at(deadline, receiver).await.is_err() {
@@ -301,11 +310,29 @@ pub async fn run(
             tracing::warn!("forwarding to peers did not finish before the shutdown timeout");
         }
     }
-    if let Some(task) = refresh_task {
-        let _ = task.await;
-    }
+    // Spans no peer took are taken here (and handed off with the rest, in a cluster).
     stop_fallback.cancel();
     if let Some(task) = fallback_task {
+        let _ = task.await;
+    }
+    if let Some(cluster) = &cluster {
+        // Held traces go to their new owners; half the shutdown timeout is theirs, the
+        // rest is for exporting what no peer took.
+        let held = pipeline.buffer.take_held(std::time::Instant::now());
+        let traces = held.len();
+        let until = started + cfg.shutdown_timeout / 2;
+        let rest = cluster.hand_off(held, until).await;
+        tracing::info!(
+            traces,
+            spans_kept_here = rest.len(),
+            "handed held traces to their new owners"
+        );
+        if !rest.is_empty() {
+            cluster.count_split(&rest, "decided_here");
+            pipeline.take_back(crate::otlp::reframe::encode_verbatim(&rest), false);
+        }
+    }
+    if let Some(task) = refresh_task {
         let _ = task.await;
     }
     stop_ticker.cancel();
@@ -371,20 +398,21 @@ fn watch_vital(
 /// Takes spans a peer could not take: they are decided here, with whatever else of their
 /// traces arrives here. On `stop`, takes what is left and ends.
 async fn take_fallback(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(bytes::Bytes, bool)>,
     pipeline: Arc<Pipeline>,
     stop: CancellationToken,
 ) {
     loop {
-        let request = tokio::select! {
+        let (request, reroute) = tokio::select! {
             biased;
             r = rx.recv() => match r { Some(r) => r, None => return },
             () = stop.cancelled() => break,
         };
-        pipeline.take_back(request);
+        pipeline.take_back(request, reroute);
     }
-    while let Ok(request) = rx.try_recv() {
-        pipeline.take_back(request);
+    // Shutting down: no more forwards.
+    while let Ok((request, _)) = rx.try_recv() {
+        pipeline.take_back(request, false);
     }
 }
 

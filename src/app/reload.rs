@@ -101,6 +101,16 @@ fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
     if next.shutdown_timeout != old.shutdown_timeout {
         restart.push("shutdown_timeout");
     }
+    restart.extend(old.cluster.needs_restart(&next.cluster));
+    if let Some(cluster) = &pipeline.cluster
+        && next.cluster.enabled()
+        && next.cluster.peers != old.cluster.peers
+    {
+        // A ring change like a member joining or leaving: traces held stay with their
+        // owner through the overlap.
+        tracing::info!(peers = ?next.cluster.peers, "cluster peers reloaded");
+        cluster.set_peers(&next.cluster.peers);
+    }
     let live_llm = crate::config::LlmConfig {
         pricing: old.llm.pricing.clone(),
         pricing_file: old.llm.pricing_file.clone(),
@@ -117,11 +127,11 @@ fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
         restart.push("sampling.boost/target/decision_cache_size");
     }
     if restart.is_empty() {
-        tracing::info!("config reloaded: sampling, limits and pricing in force");
+        tracing::info!("config reloaded: sampling, limits, pricing and cluster peers in force");
     } else {
         tracing::warn!(
             needs_restart = %restart.join(", "),
-            "config reloaded: sampling, limits and pricing in force; other changes wait for a restart"
+            "config reloaded: sampling, limits, pricing and cluster peers in force; other changes wait for a restart"
         );
     }
 }

@@ -64,6 +64,24 @@ pub struct SpanStats {
     pub rv: Option<u64>,
     /// The dynamic policy's key parts it supplies.
     pub key: Option<crate::sampling::condition::KeyValues>,
+    /// Handed off by a replica that held its trace: since when, and until when.
+    pub handed: Option<Handed>,
+}
+
+/// How long a handed-off trace was held by the replica that handed it off, and how long
+/// it had until its deadline there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Handed {
+    pub age: Duration,
+    pub due_in: Duration,
+}
+
+/// A held trace taken out of the buffer undecided, to be handed to another replica.
+#[derive(Debug)]
+pub struct HeldTrace {
+    pub id: TraceId,
+    pub handed: Handed,
+    pub spans: Vec<HeldSpan>,
 }
 
 /// Leaves LLM spans uncounted (the buffer's own tests).
@@ -414,11 +432,15 @@ impl TraceBuffer {
         let root_grace = self.limits.root_grace();
         let mut is_new = false;
         let mut shard_calls_added = 0;
+        // A handed-off trace keeps the times it had where it was held first.
+        let first_seen = s.handed.and_then(|h| now.checked_sub(h.age)).unwrap_or(now);
+        let handed_deadline = s.handed.map(|h| now + h.due_in);
         let entry = shard.traces.entry(s.trace_id).or_insert_with(|| {
             is_new = true;
             TraceEntry {
-                first_seen: now,
-                deadline: now + decision_wait,
+                first_seen,
+                deadline: (first_seen + decision_wait)
+                    .min(handed_deadline.unwrap_or(now + decision_wait)),
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 calls: Vec::new(),
@@ -470,11 +492,17 @@ impl TraceBuffer {
             entry.deadline = now + root_grace;
             new_deadline = Some(entry.deadline);
         }
+        if let Some(handed) = handed_deadline
+            && handed < entry.deadline
+        {
+            entry.deadline = handed;
+            new_deadline = Some(handed);
+        }
         let full = entry.spans.len() >= self.limits.max_spans_per_trace.load(Ordering::Relaxed);
         if is_new {
             let deadline = entry.deadline;
             shard.deadlines.push(Reverse((deadline, s.trace_id)));
-            shard.arrivals.push_back((now, s.trace_id));
+            shard.arrivals.push_back((first_seen, s.trace_id));
         } else if let Some(deadline) = new_deadline {
             shard.deadlines.push(Reverse((deadline, s.trace_id)));
         }
@@ -569,6 +597,39 @@ impl TraceBuffer {
             shard.arrivals.clear();
             shard.detached_upto = 0;
         }
+    }
+
+    /// Takes every held trace out undecided, with its age and time to its deadline (a
+    /// replica leaving the cluster hands them to their new owners). Its LLM spans are
+    /// not counted here: the new owner counts them.
+    pub fn take_held(&self, now: Instant) -> Vec<HeldTrace> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            for (id, e) in std::mem::take(&mut shard.traces) {
+                out.push(HeldTrace {
+                    id,
+                    handed: Handed {
+                        age: now.saturating_duration_since(e.first_seen),
+                        due_in: e.deadline.saturating_duration_since(now),
+                    },
+                    spans: e.spans,
+                });
+            }
+            shard.deadlines.clear();
+            shard.arrivals.clear();
+            shard.detached_upto = 0;
+            shard.spans = 0;
+            shard.calls = 0;
+            shard.bytes = 0;
+        }
+        out
+    }
+
+    /// Whether this replica holds the trace or decided it recently.
+    pub fn knows(&self, id: &TraceId) -> bool {
+        let shard = self.shard(id).lock();
+        shard.traces.contains_key(id) || shard.decided.get(id).is_some()
     }
 
     /// Where a trace is: held (what it looks like so far) or decided (from the decision

@@ -26,6 +26,11 @@ pub struct ClusterConfig {
     pub peer_retry_interval: Dur,
     /// Spans waiting to be forwarded to one peer; past it they are kept here instead.
     pub forward_queue_spans: usize,
+    /// How long after a ring change a trace whose owner changed still goes to its previous
+    /// owner first (which keeps it if it holds it). Default: `sampling.decision_wait` plus
+    /// two `refresh_interval`s — every trace held before the change is decided by then,
+    /// on replicas that learn of the change one refresh apart.
+    pub overlap: Option<Dur>,
     /// TLS towards peers (whose gRPC receivers serve TLS): the CA to trust and, for mutual
     /// TLS, this replica's client certificate. Peers are addressed by IP, so their
     /// certificates need IP subject alternative names.
@@ -41,6 +46,7 @@ impl Default for ClusterConfig {
             refresh_interval: Dur(Duration::from_secs(5)),
             peer_retry_interval: Dur(Duration::from_secs(10)),
             forward_queue_spans: 100_000,
+            overlap: None,
             tls: None,
         }
     }
@@ -54,6 +60,42 @@ fn host_port_problem(value: &str) -> Option<String> {
 }
 
 impl ClusterConfig {
+    /// The overlap window after a ring change.
+    pub fn overlap(&self, decision_wait: Duration) -> Duration {
+        self.overlap
+            .map_or(decision_wait + self.refresh_interval.0 * 2, |o| o.0)
+    }
+
+    /// The keys a reload cannot change (they need a restart), named.
+    pub fn needs_restart(&self, new: &ClusterConfig) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.enabled() != new.enabled() {
+            keys.push("cluster (enabling or disabling clustering)");
+        }
+        if self.dns != new.dns {
+            keys.push("cluster.dns");
+        }
+        if self.self_address != new.self_address {
+            keys.push("cluster.self");
+        }
+        if self.tls != new.tls {
+            keys.push("cluster.tls");
+        }
+        if self.refresh_interval != new.refresh_interval {
+            keys.push("cluster.refresh_interval");
+        }
+        if self.peer_retry_interval != new.peer_retry_interval {
+            keys.push("cluster.peer_retry_interval");
+        }
+        if self.forward_queue_spans != new.forward_queue_spans {
+            keys.push("cluster.forward_queue_spans");
+        }
+        if self.overlap != new.overlap {
+            keys.push("cluster.overlap");
+        }
+        keys
+    }
+
     pub fn enabled(&self) -> bool {
         !self.peers.is_empty() || self.dns.is_some()
     }

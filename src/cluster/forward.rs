@@ -7,14 +7,10 @@ use super::*;
 /// Forwarded spans are sent in batches of at most this many spans, and this many bytes
 /// (below every receiver's `max_request_bytes`, and gRPC's default 4 MiB message)…
 const FORWARD_BATCH_SPANS: usize = 2048;
-const FORWARD_BATCH_BYTES: usize = crate::exporter::config::DEFAULT_BATCH_BYTES;
+pub(super) const FORWARD_BATCH_BYTES: usize = crate::exporter::config::DEFAULT_BATCH_BYTES;
 /// …or this long after the first span of a batch.
 const FORWARD_BATCH_TIMEOUT: Duration = Duration::from_millis(20);
-/// Attempts per batch before the peer is taken out of the ring.
-const FORWARD_ATTEMPTS: u32 = 3;
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest wait between attempts while the owner pushes back (it is alive, only full).
-const BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
+pub(super) const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One peer's forwarding queue.
 pub(super) struct Forwarder {
@@ -23,18 +19,25 @@ pub(super) struct Forwarder {
 }
 
 impl Cluster {
-    /// Queues spans for `peer`; what its queue cannot take is handed back (taken here).
+    /// Queues spans for `peer` (marked final: the peer takes them without routing them
+    /// again); what its queue cannot take is handed back (taken here).
     pub fn forward(
         self: &Arc<Self>,
         peer: &Arc<str>,
+        fin: bool,
         spans: Vec<HeldSpan>,
     ) -> Result<(), Vec<HeldSpan>> {
+        if self.stop.is_cancelled() {
+            // Shutting down: forwarders are flushed already.
+            return Err(spans);
+        }
         let n = spans.len();
         let mut forwarders = self.forwarders.lock();
-        let f = match forwarders.get(peer) {
+        let key = (peer.clone(), fin);
+        let f = match forwarders.get(&key) {
             Some(f) => f,
-            None => match self.start_forwarder(peer) {
-                Some(f) => forwarders.entry(peer.clone()).or_insert(f),
+            None => match self.start_forwarder(peer, fin) {
+                Some(f) => forwarders.entry(key).or_insert(f),
                 None => return Err(spans),
             },
         };
@@ -50,37 +53,18 @@ impl Cluster {
         f.tx.send(spans).map_err(|e| e.0)
     }
 
-    pub(super) fn start_forwarder(self: &Arc<Self>, peer: &Arc<str>) -> Option<Forwarder> {
-        let mut headers = std::collections::BTreeMap::new();
-        headers.insert(FORWARDED_HEADER.to_owned(), self.me.clone());
-        if let Some(auth) = &self.auth_header {
-            headers.insert("authorization".to_owned(), auth.clone());
-        }
-        let (scheme, tls) = match &self.cfg.tls {
-            Some(tls) => ("https", tls.clone()),
-            None => ("http", Default::default()),
-        };
-        let sink = OtlpGrpcSink::new(&OtlpExporterConfig {
-            endpoint: format!("{scheme}://{peer}"),
-            protocol: ExportProtocol::Grpc,
-            timeout: Dur(FORWARD_TIMEOUT),
-            compression: Compression::None,
-            compression_level: 1,
-            headers,
-            tls,
-        });
-        let sink = match sink {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(peer = %peer, error = %e, "cannot forward to peer");
-                return None;
-            }
-        };
+    pub(super) fn start_forwarder(
+        self: &Arc<Self>,
+        peer: &Arc<str>,
+        fin: bool,
+    ) -> Option<Forwarder> {
+        let sink = self.sink(peer)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(run_forwarder(
             self.clone(),
             peer.clone(),
+            fin,
             sink,
             rx,
             queued.clone(),
@@ -104,6 +88,7 @@ impl Cluster {
 async fn run_forwarder(
     cluster: Arc<Cluster>,
     peer: Arc<str>,
+    fin: bool,
     sink: OtlpGrpcSink,
     mut rx: mpsc::UnboundedReceiver<Vec<HeldSpan>>,
     queued: Arc<AtomicUsize>,
@@ -140,7 +125,7 @@ async fn run_forwarder(
             let rest = pending.split_off(take);
             let batch = std::mem::replace(&mut pending, rest);
             let n = batch.len();
-            send_batch(&cluster, &peer, &sink, batch, &forwarded, &failures).await;
+            send_batch(&cluster, &peer, fin, &sink, batch, &forwarded, &failures).await;
             queued.fetch_sub(n, Ordering::AcqRel);
         }
         if closed {
@@ -164,7 +149,7 @@ fn wire_bytes(spans: &[HeldSpan]) -> usize {
     spans.iter().map(span_wire_bytes).sum()
 }
 
-fn span_wire_bytes(s: &HeldSpan) -> usize {
+pub(super) fn span_wire_bytes(s: &HeldSpan) -> usize {
     s.bytes.len() + s.origin.resource.len() + s.origin.scope.len() + 32
 }
 
@@ -184,41 +169,31 @@ fn batch_len(spans: &[HeldSpan]) -> usize {
 async fn send_batch(
     cluster: &Cluster,
     peer: &str,
+    fin: bool,
     sink: &OtlpGrpcSink,
     batch: Vec<HeldSpan>,
     forwarded: &IntCounter,
     failures: &IntCounter,
 ) {
     let request = encode_verbatim(&batch);
-    let mut wait = Duration::from_millis(100);
-    let mut attempt = 0;
-    while attempt < FORWARD_ATTEMPTS {
-        attempt += 1;
-        match sink.send(request.clone()).await {
-            Ok(_) => {
-                forwarded.inc_by(batch.len() as u64);
-                return;
-            }
-            // The owner answered that it is full (with RetryInfo): it is alive, so it stays
-            // in the ring and the batch waits for it, until shutdown.
-            Err(SendError::Retryable(msg, Some(hint))) if !cluster.stop.is_cancelled() => {
-                tracing::debug!(peer, error = %msg, "peer pushes back; waiting");
-                attempt -= 1;
-                tokio::time::sleep(hint.min(BACKPRESSURE_WAIT)).await;
-            }
-            Err(SendError::Retryable(msg, _)) if attempt < FORWARD_ATTEMPTS => {
-                tracing::debug!(peer, error = %msg, attempt, "forwarding failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-            Err(e) => {
-                failures.inc();
-                tracing::warn!(peer, spans = batch.len(), error = %e, "peer cannot take forwarded spans; taking them here and leaving it out of the ring for a while");
-                cluster.mark_down(peer);
-                break;
-            }
-        }
+    let headers = cluster.batch_headers(fin);
+    let outcome = cluster.deliver(peer, sink, &request, &headers, None).await;
+    if outcome == membership::Outcome::Taken {
+        forwarded.inc_by(batch.len() as u64);
+        return;
     }
-    // Decided here, with whatever else of their traces arrives here.
-    let _ = cluster.fallback.send(request);
+    failures.inc();
+    if outcome == membership::Outcome::Unknown {
+        // The peer may have these spans: if it does, they are now in two places.
+        cluster.count_split(&batch, "unknown_outcome");
+    }
+    tracing::warn!(
+        peer,
+        spans = batch.len(),
+        ?outcome,
+        "peer did not take forwarded spans; leaving it out of the ring for a while and sending them to their traces' next owner"
+    );
+    cluster.mark_down(peer);
+    // Routed again over the ring without the peer (or decided here, shutting down).
+    let _ = cluster.fallback.send((request, true));
 }

@@ -1,20 +1,38 @@
 //! Trace-aware sharding across replicas, with no extra tier and no datastore.
 //!
-//! Members come from `cluster.peers` or from the address records of `cluster.dns` (a
-//! headless Service), re-read every `refresh_interval`. Each trace id is owned by one
-//! member, chosen by rendezvous hashing (the member with the highest score for the id), so
-//! every replica with the same member list routes a trace to the same place and a change
-//! of membership moves only the traces of the members that came or went. Spans of traces
-//! another member owns are forwarded to it over OTLP/gRPC in batches, marked with the
-//! `x-llmtail-forwarded` header; a request carrying it is always taken locally, so no
-//! span is forwarded twice even while members disagree about the ring. A peer that cannot
-//! take forwarded spans is left out of the ring for `peer_retry_interval`, and the spans
-//! meant for it are taken locally: traces in flight are decided where their spans are, and
-//! base-rate decisions agree everywhere because they are consistent-probability decisions.
+//! Members come from `cluster.peers` (re-read on SIGHUP) or from the address records of
+//! `cluster.dns` (a headless Service), re-read every `refresh_interval`. Each trace id is
+//! owned by one member, chosen by rendezvous hashing (the member with the highest score for
+//! the id), so every replica with the same member list routes a trace to the same place and
+//! a change of membership moves only the traces of the members that came or went. Spans of
+//! traces another member owns are forwarded to it over OTLP/gRPC in batches, marked with
+//! the `x-llmtail-forwarded` header.
+//!
+//! Membership changes without splitting traces:
+//! - **Leaving** (SIGTERM): a replica tells every peer it leaves (they take it out of their
+//!   rings at once), stops deciding, and hands every trace it holds to the trace's new
+//!   owner with how long it has been held and how long until its deadline, so the new
+//!   owner decides it on time. Only what no peer takes before `shutdown_timeout` is
+//!   decided where it is.
+//! - **Joining** (a new member in DNS or in reloaded peers, a member back): for `overlap`
+//!   after a ring change both rings are known. A trace whose owner changed goes to its
+//!   previous owner, which keeps it if it holds it (or decided it) and otherwise passes it
+//!   on to the new owner, marked final. So traces in flight stay where they are until
+//!   decided, and new ones go to their new owner.
+//! - A forwarded request is routed once more by the receiver (its view of the ring wins),
+//!   and a request marked final is always taken: no span goes round in circles.
+//! - Forwards carry an idempotency key: a batch whose outcome is unknown (the connection
+//!   broke after it was sent) is sent again to the same peer, which takes it once.
+//! - A peer that cannot be reached is left out of the ring for `peer_retry_interval` and
+//!   the spans meant for it go to the traces' next owner.
 
 mod forward;
 
 use forward::Forwarder;
+
+mod membership;
+
+pub use membership::{Handed, Membership, PeerRequest};
 
 mod ring;
 
@@ -22,9 +40,9 @@ pub use ring::{Ring, normalize};
 
 pub mod config;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -36,7 +54,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::exporter::SendError;
 use crate::exporter::config::{Compression, ExportProtocol, OtlpExporterConfig};
-use crate::exporter::otlp::OtlpGrpcSink;
+use crate::exporter::otlp::{Delivery, OtlpGrpcSink};
+use crate::otlp::TraceId;
 use crate::otlp::reframe::{HeldSpan, encode_verbatim};
 use crate::telemetry::Metrics;
 use crate::units::Dur;
@@ -44,22 +63,94 @@ use config::ClusterConfig;
 
 /// The header that marks a request as forwarded by a replica; its value is the sender.
 pub const FORWARDED_HEADER: &str = "x-llmtail-forwarded";
+/// On a forwarded request: take it here, do not route it again.
+pub const FINAL_HEADER: &str = "x-llmtail-final";
+/// On a forwarded request: its idempotency key (sender and sequence).
+pub const BATCH_HEADER: &str = "x-llmtail-batch";
+/// On a hand-off: each handed trace's id, age and time to its deadline (binary metadata).
+pub const HANDOFF_HEADER: &str = "x-llmtail-handoff-bin";
+/// On an empty request: `join` or `leave`.
+pub const MEMBERSHIP_HEADER: &str = "x-llmtail-membership";
+
+/// Where a span goes ([`Routing::route`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route<'a> {
+    /// This replica owns its trace.
+    Here,
+    /// Forwarded to this member.
+    To(&'a Arc<str>),
+    /// This replica owned its trace before the ring changed: kept here if held or decided
+    /// here, else passed on to the owner given.
+    HereIfKnown(&'a Arc<str>),
+}
+
+/// The ring in force and, for `overlap` after it changed, the ring before it.
+#[derive(Debug)]
+pub struct Routing {
+    pub current: Ring,
+    previous: Option<(Ring, Instant)>,
+}
+
+impl Routing {
+    /// Where a span of `trace` goes at `now`.
+    pub fn route(&self, trace: &TraceId, now: Instant) -> Route<'_> {
+        let owner = self.current.elsewhere(trace);
+        if let Some((previous, until)) = &self.previous
+            && now < *until
+            && !previous.is_empty()
+        {
+            let before = previous.owner_addr(trace);
+            if before != self.current.owner_addr(trace) {
+                // The previous owner, while still a member, keeps what it holds.
+                if self.current.me_addr() == Some(before) {
+                    if let Some(owner) = owner {
+                        return Route::HereIfKnown(owner);
+                    }
+                } else if let Some(member) = self.current.member(before) {
+                    return Route::To(member);
+                }
+            }
+        }
+        owner.map_or(Route::Here, Route::To)
+    }
+
+    /// Whether an overlap window is open at `now`.
+    pub fn overlapping(&self, now: Instant) -> bool {
+        self.previous
+            .as_ref()
+            .is_some_and(|(_, until)| now < *until)
+    }
+}
+
 pub struct Cluster {
     me: String,
     cfg: ClusterConfig,
-    ring: ArcSwap<Ring>,
+    /// How long both rings are known after a change.
+    overlap: Duration,
+    routing: ArcSwap<Routing>,
     /// Members as configured or last resolved.
     known: Mutex<Vec<String>>,
     /// The IP addresses of the members (host names resolved at each refresh): only
     /// requests from these may carry the forwarding header.
-    member_ips: Mutex<std::collections::HashSet<std::net::IpAddr>>,
+    member_ips: Mutex<HashSet<std::net::IpAddr>>,
     /// Peers out of the ring until the given time.
     down: Mutex<HashMap<String, Instant>>,
-    forwarders: Mutex<HashMap<Arc<str>, Forwarder>>,
-    /// Spans a peer could not take, handed back to be taken here.
-    fallback: mpsc::UnboundedSender<Bytes>,
+    /// Peers that said they leave: out of the ring until they say they joined again.
+    left: Mutex<HashSet<String>>,
+    /// This replica is leaving: it owns nothing.
+    leaving: AtomicBool,
+    /// Peers that have not yet heard that this replica joined.
+    unannounced: Mutex<HashSet<String>>,
+    forwarders: Mutex<HashMap<(Arc<str>, bool), Forwarder>>,
+    /// Spans a peer did not take, handed back: (request, whether to route it again).
+    fallback: mpsc::UnboundedSender<(Bytes, bool)>,
     /// A bearer token for peers that require one (the first of `receiver.auth`).
     auth_header: Option<String>,
+    /// Forwarded batches recently taken, by idempotency key.
+    seen: Mutex<membership::Seen>,
+    /// This process's idempotency keys: a random prefix and a sequence.
+    batch_prefix: u64,
+    batch_seq: AtomicU64,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -67,19 +158,31 @@ pub struct Cluster {
 
 impl Cluster {
     /// Starts clustering; spans that cannot be forwarded arrive on the returned receiver,
-    /// encoded as a request, to be taken locally.
+    /// encoded as a request, with whether to route them again.
     pub fn new(
         cfg: &ClusterConfig,
+        overlap: Duration,
         auth_token: Option<&str>,
         metrics: Arc<Metrics>,
-    ) -> (Arc<Cluster>, mpsc::UnboundedReceiver<Bytes>) {
+    ) -> (Arc<Cluster>, mpsc::UnboundedReceiver<(Bytes, bool)>) {
         let me = normalize(cfg.self_address.as_deref().unwrap_or_default());
         let (fallback, rx) = mpsc::unbounded_channel();
         let known: Vec<String> = cfg.peers.iter().map(|p| normalize(p)).collect();
+        // A replica that starts joins a ring that worked without it: traces its peers
+        // hold stay with them through the overlap.
+        let routing = Routing {
+            current: Ring::new(known.clone(), &me),
+            previous: Some((
+                Ring::without_me(known.clone(), &me),
+                Instant::now() + overlap,
+            )),
+        };
         let cluster = Arc::new(Cluster {
-            ring: ArcSwap::from_pointee(Ring::new(known.clone(), &me)),
+            routing: ArcSwap::from_pointee(routing),
+            unannounced: Mutex::new(known.iter().filter(|k| **k != me).cloned().collect()),
             me,
             cfg: cfg.clone(),
+            overlap,
             member_ips: Mutex::new(
                 known
                     .iter()
@@ -89,9 +192,14 @@ impl Cluster {
             ),
             known: Mutex::new(known),
             down: Mutex::new(HashMap::new()),
+            left: Mutex::new(HashSet::new()),
+            leaving: AtomicBool::new(false),
             forwarders: Mutex::new(HashMap::new()),
             fallback,
             auth_header: auth_token.map(|t| format!("Bearer {t}")),
+            seen: Mutex::new(membership::Seen::new(membership::SEEN_BATCHES)),
+            batch_prefix: rand::random(),
+            batch_seq: AtomicU64::new(0),
             metrics,
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
@@ -100,8 +208,31 @@ impl Cluster {
         (cluster, rx)
     }
 
-    pub fn ring(&self) -> arc_swap::Guard<Arc<Ring>> {
-        self.ring.load()
+    /// The ring in force.
+    pub fn ring(&self) -> arc_swap::Guard<Arc<Routing>> {
+        self.routing.load()
+    }
+
+    /// This replica's address.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// Whether this replica is leaving the ring (shutting down).
+    pub fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::SeqCst)
+    }
+
+    /// Counts the traces of `spans` as split for `reason`.
+    pub fn count_split(&self, spans: &[HeldSpan], reason: &str) {
+        let traces: HashSet<TraceId> = spans
+            .iter()
+            .filter_map(|s| crate::otlp::scan::trace_id(&s.bytes))
+            .collect();
+        self.metrics
+            .cluster_split
+            .with_label_values(&[reason])
+            .inc_by(traces.len() as u64);
     }
 
     /// True when some peer's forward queue is nearly full: receivers then push back
@@ -143,7 +274,7 @@ impl Cluster {
     /// Resolves the members' addresses (names included) for [`Cluster::is_member`].
     async fn resolve_members(&self) {
         let known = self.known.lock().clone();
-        let mut ips = std::collections::HashSet::new();
+        let mut ips = HashSet::new();
         let mut unresolved = false;
         for member in known {
             match member.parse::<std::net::SocketAddr>() {
@@ -168,48 +299,58 @@ impl Cluster {
     fn publish(&self) {
         self.metrics
             .cluster_peers
-            .set(self.ring.load().len() as i64);
+            .set(self.routing.load().current.len() as i64);
     }
 
-    /// Rebuilds the ring from the known members minus those marked down.
+    /// Rebuilds the ring from the known members minus those marked down or gone; a
+    /// change opens an overlap window in which the ring before it is known too.
     fn rebuild(&self) {
         let now = Instant::now();
         let mut down = self.down.lock();
         down.retain(|_, until| *until > now);
+        let left = self.left.lock();
         let members: Vec<String> = self
             .known
             .lock()
             .iter()
-            .filter(|a| !down.contains_key(*a))
+            .filter(|a| !down.contains_key(*a) && !left.contains(*a))
             .cloned()
             .collect();
-        drop(down);
-        let ring = Ring::new(members, &self.me);
+        drop((down, left));
+        let ring = if self.leaving.load(Ordering::SeqCst) {
+            Ring::without_me(members, &self.me)
+        } else {
+            Ring::new(members, &self.me)
+        };
         // Forwarders to peers that left (not merely down) send what they hold and end;
         // their metric series go with them.
         {
             let known = self.known.lock();
             self.forwarders
                 .lock()
-                .retain(|peer, _| known.iter().any(|k| **k == **peer));
+                .retain(|(peer, _), _| known.iter().any(|k| **k == **peer));
         }
-        let changed = {
-            let old = self.ring.load();
-            old.members.len() != ring.members.len()
-                || old
-                    .members
-                    .iter()
-                    .zip(&ring.members)
-                    .any(|(a, b)| a.addr != b.addr)
+        let old = self.routing.load();
+        if old.current.same_members(&ring) {
+            return;
+        }
+        tracing::info!(
+            members = ?ring.addrs().map(|a| &**a).collect::<Vec<_>>(),
+            overlap = ?self.overlap,
+            "cluster ring changed"
+        );
+        let previous = if self.leaving.load(Ordering::SeqCst) {
+            // A leaving replica hands its traces off: no overlap.
+            None
+        } else {
+            Some((old.current.clone(), now + self.overlap))
         };
-        if changed {
-            tracing::info!(
-                members = ?ring.members.iter().map(|m| &*m.addr).collect::<Vec<_>>(),
-                "cluster ring changed"
-            );
-            self.ring.store(Arc::new(ring));
-            self.publish();
-        }
+        self.routing.store(Arc::new(Routing {
+            current: ring,
+            previous,
+        }));
+        self.metrics.cluster_ring_changes.inc();
+        self.publish();
     }
 
     /// Takes `peer` out of the ring for `peer_retry_interval`.
@@ -221,7 +362,39 @@ impl Cluster {
         self.rebuild();
     }
 
-    /// Re-resolves `cluster.dns` and lets peers back in, every `refresh_interval`.
+    /// Puts reloaded static peers in force (a ring change like any other).
+    pub fn set_peers(&self, peers: &[String]) {
+        let peers: Vec<String> = peers.iter().map(|p| normalize(p)).collect();
+        {
+            let mut known = self.known.lock();
+            if *known == peers {
+                return;
+            }
+            let mut unannounced = self.unannounced.lock();
+            for p in &peers {
+                if *p != self.me && !known.contains(p) {
+                    unannounced.insert(p.clone());
+                }
+            }
+            *known = peers;
+        }
+        // A member named again in the config is in the ring again.
+        self.left.lock().clear();
+        {
+            let ips: HashSet<std::net::IpAddr> = self
+                .known
+                .lock()
+                .iter()
+                .filter_map(|k| k.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.ip())
+                .collect();
+            self.member_ips.lock().extend(ips);
+        }
+        self.rebuild();
+    }
+
+    /// Re-resolves `cluster.dns`, lets peers back in and tells peers that have not heard
+    /// it yet that this replica joined, every `refresh_interval`.
     pub async fn refresh(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.refresh_interval.0);
         loop {
@@ -235,7 +408,18 @@ impl Cluster {
                         let mut found: Vec<String> = addrs.map(|a| a.to_string()).collect();
                         found.sort();
                         found.dedup();
-                        *self.known.lock() = found;
+                        let mut known = self.known.lock();
+                        if *known != found {
+                            let mut unannounced = self.unannounced.lock();
+                            for p in &found {
+                                if *p != self.me && !known.contains(p) {
+                                    unannounced.insert(p.clone());
+                                }
+                            }
+                            // An address gone from DNS is gone; one back is a new member.
+                            self.left.lock().retain(|l| found.contains(l));
+                            *known = found;
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(dns = %name, error = %e, "cannot resolve the cluster's peers; keeping the last members");
@@ -244,6 +428,9 @@ impl Cluster {
             }
             self.resolve_members().await;
             self.rebuild();
+            if !self.leaving.load(Ordering::SeqCst) {
+                self.announce_join().await;
+            }
         }
     }
 }
@@ -277,11 +464,12 @@ mod tests {
             peers: vec!["127.0.0.1:1".into(), "127.0.0.1:9".into()],
             ..ClusterConfig::default()
         };
-        let (cluster, mut fallback) = Cluster::new(&cfg, None, metrics.clone());
+        let (cluster, mut fallback) =
+            Cluster::new(&cfg, Duration::from_secs(1), None, metrics.clone());
         let peer: Arc<str> = Arc::from("127.0.0.1:9");
         // Nothing listens on the discard port: the batch comes back to be taken here.
         let series = || String::from_utf8_lossy(&metrics.render()).contains("peer=\"127.0.0.1:9\"");
-        assert!(cluster.forward(&peer, Vec::new()).is_ok());
+        assert!(cluster.forward(&peer, false, Vec::new()).is_ok());
         tokio::task::yield_now().await;
         assert!(series(), "the forwarder publishes its series");
         *cluster.known.lock() = vec!["127.0.0.1:1".into()];
@@ -293,6 +481,81 @@ mod tests {
         }
         assert!(!series(), "the series went with the peer");
         assert!(fallback.try_recv().is_err(), "an empty queue sends nothing");
+    }
+
+    #[test]
+    fn after_a_join_moved_traces_go_to_their_previous_owner_through_the_overlap() {
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(10);
+        let routing = |me: &str| Routing {
+            current: ring(&["a:1", "b:1", "c:1"], me),
+            // The new member's previous ring is the one without it.
+            previous: Some((
+                if me == "c:1" {
+                    Ring::without_me(vec!["a:1".into(), "b:1".into()], me)
+                } else {
+                    ring(&["a:1", "b:1"], me)
+                },
+                until,
+            )),
+        };
+        let (at_a, at_c) = (routing("a:1"), routing("c:1"));
+        let (mut moved, mut stayed) = (0, 0);
+        for id in ids(3_000) {
+            let before = at_a.previous.as_ref().unwrap().0.owner_addr(&id).to_owned();
+            let now = at_a.current.owner_addr(&id).to_owned();
+            if before == now {
+                stayed += 1;
+                // Not moved: straight to its owner, from anywhere.
+                let expect = if now == "a:1" {
+                    Route::Here
+                } else {
+                    Route::To(at_a.current.member(&now).unwrap())
+                };
+                assert_eq!(at_a.route(&id, t0), expect);
+                continue;
+            }
+            moved += 1;
+            assert_eq!(now, "c:1", "only traces of the new member move");
+            // At the previous owner: kept if held there, else on to the new owner.
+            // Elsewhere (the new member included): to the previous owner.
+            if before == "a:1" {
+                assert!(matches!(at_a.route(&id, t0), Route::HereIfKnown(o) if &**o == "c:1"));
+            } else {
+                assert!(matches!(at_a.route(&id, t0), Route::To(p) if **p == *before));
+            }
+            assert!(matches!(at_c.route(&id, t0), Route::To(p) if **p == *before));
+            // After the overlap: the new owner.
+            assert!(matches!(at_a.route(&id, until), Route::To(p) if &**p == "c:1"));
+            assert_eq!(at_c.route(&id, until), Route::Here);
+        }
+        assert!((800..1_200).contains(&moved), "{moved} of 3000 moved");
+        assert!(stayed > 1_800);
+    }
+
+    #[test]
+    fn after_a_leave_its_traces_go_straight_to_their_new_owner() {
+        let t0 = Instant::now();
+        // "c:1" left: it is in the previous ring only, so there is no one to go back to.
+        let at_a = Routing {
+            current: ring(&["a:1", "b:1"], "a:1"),
+            previous: Some((
+                ring(&["a:1", "b:1", "c:1"], "a:1"),
+                t0 + Duration::from_secs(10),
+            )),
+        };
+        let leaving = Ring::without_me(vec!["a:1".into(), "b:1".into(), "c:1".into()], "c:1");
+        for id in ids(1_000) {
+            let owner = at_a.current.owner_addr(&id);
+            let expect = if owner == "a:1" {
+                Route::Here
+            } else {
+                Route::To(at_a.current.member(owner).unwrap())
+            };
+            assert_eq!(at_a.route(&id, t0), expect);
+            // The leaving replica owns nothing and agrees on the new owner.
+            assert_eq!(leaving.elsewhere(&id).map(|p| &**p), Some(owner));
+        }
     }
 
     #[test]

@@ -42,11 +42,12 @@ pub(super) struct Member {
     hash: u64,
 }
 
-/// The members in force, sorted by address; `me` indexes this replica.
-#[derive(Debug)]
+/// The members in force, sorted by address; `me` indexes this replica (none while it
+/// leaves: every trace then has another owner).
+#[derive(Debug, Clone)]
 pub struct Ring {
     pub(super) members: Vec<Member>,
-    me: usize,
+    me: Option<usize>,
 }
 
 impl Ring {
@@ -55,6 +56,15 @@ impl Ring {
         if !addrs.iter().any(|a| a == me) {
             addrs.push(me.to_owned());
         }
+        Ring::of(addrs, me)
+    }
+
+    /// The ring of `addrs` without adding `me`: a replica that is leaving owns nothing.
+    pub fn without_me(addrs: Vec<String>, me: &str) -> Ring {
+        Ring::of(addrs.into_iter().filter(|a| a != me).collect(), me)
+    }
+
+    fn of(mut addrs: Vec<String>, me: &str) -> Ring {
         addrs.sort();
         addrs.dedup();
         let members: Vec<Member> = addrs
@@ -64,14 +74,44 @@ impl Ring {
                 addr: Arc::from(a),
             })
             .collect();
-        let me = members
-            .iter()
-            .position(|m| &*m.addr == me)
-            .expect("self is a member");
+        let me = members.iter().position(|m| &*m.addr == me);
         Ring { members, me }
     }
 
-    /// The member that owns `trace` (rendezvous hashing).
+    /// This replica's address, when it is a member.
+    pub fn me_addr(&self) -> Option<&str> {
+        self.me.map(|i| &*self.members[i].addr)
+    }
+
+    /// The member with address `addr`.
+    pub fn member(&self, addr: &str) -> Option<&Arc<str>> {
+        self.members
+            .iter()
+            .find(|m| &*m.addr == addr)
+            .map(|m| &m.addr)
+    }
+
+    /// Whether `addr` is a member.
+    pub fn contains(&self, addr: &str) -> bool {
+        self.members.iter().any(|m| &*m.addr == addr)
+    }
+
+    /// The members' addresses.
+    pub fn addrs(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.members.iter().map(|m| &m.addr)
+    }
+
+    /// Whether both rings have the same members.
+    pub fn same_members(&self, other: &Ring) -> bool {
+        self.members.len() == other.members.len()
+            && self
+                .members
+                .iter()
+                .zip(&other.members)
+                .all(|(a, b)| a.addr == b.addr)
+    }
+
+    /// The member that owns `trace` (rendezvous hashing); 0 in an empty ring.
     pub fn owner(&self, trace: &TraceId) -> usize {
         let key = u64::from_le_bytes(trace.0[..8].try_into().expect("8 bytes"))
             ^ u64::from_le_bytes(trace.0[8..].try_into().expect("8 bytes"));
@@ -87,13 +127,17 @@ impl Ring {
 
     /// The address of the member that owns `trace`.
     pub fn owner_addr(&self, trace: &TraceId) -> &str {
-        &self.members[self.owner(trace)].addr
+        self.members.get(self.owner(trace)).map_or("", |m| &m.addr)
     }
 
-    /// The owner's address when it is another replica.
+    /// The owner's address when it is another replica (`None` when it is this one, or
+    /// when there is no member at all).
     pub fn elsewhere(&self, trace: &TraceId) -> Option<&Arc<str>> {
+        if self.members.is_empty() {
+            return None;
+        }
         let owner = self.owner(trace);
-        (owner != self.me).then(|| &self.members[owner].addr)
+        (Some(owner) != self.me).then(|| &self.members[owner].addr)
     }
 
     pub fn len(&self) -> usize {

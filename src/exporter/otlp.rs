@@ -83,9 +83,22 @@ impl OtlpGrpcSink {
     /// CPU of level 1 on OTLP) and sent without another copy: the 5-byte gRPC message
     /// header and the request go out as two body frames.
     pub async fn send(&self, request: Bytes) -> Result<Rejected, SendError> {
+        self.send_with(request, http::HeaderMap::new())
+            .await
+            .map_err(|(e, _)| e)
+    }
+
+    /// [`OtlpGrpcSink::send`] with headers for this request only; an error says whether
+    /// the request may have reached the server ([`Delivery`]).
+    pub async fn send_with(
+        &self,
+        request: Bytes,
+        extra: http::HeaderMap,
+    ) -> Result<Rejected, (SendError, Delivery)> {
         let (header, payload) = match self.gzip {
             Some(level) => {
-                let mut framed = super::gzip(&[0; 5], &request, level)?;
+                let mut framed =
+                    super::gzip(&[0; 5], &request, level).map_err(|e| (e, Delivery::NotSent))?;
                 let len = (framed.len() - 5) as u32;
                 framed[0] = 1;
                 framed[1..5].copy_from_slice(&len.to_be_bytes());
@@ -108,28 +121,45 @@ impl OtlpGrpcSink {
         }
         let mut http = http
             .body(tonic::body::Body::new(Frames(vec![payload, header])))
-            .map_err(|e| SendError::Permanent(format!("cannot build the request: {e}")))?;
+            .map_err(|e| {
+                (
+                    SendError::Permanent(format!("cannot build the request: {e}")),
+                    Delivery::NotSent,
+                )
+            })?;
         http.headers_mut()
             .extend(self.metadata.clone().into_headers());
+        http.headers_mut().extend(extra);
         let mut channel = self.channel.clone();
         let call = async {
-            let channel = tower::ServiceExt::ready(&mut channel)
-                .await
-                .map_err(|e| SendError::Retryable(format!("upstream not reachable: {e}"), None))?;
-            let response = tower::Service::call(channel, http)
-                .await
-                .map_err(|e| classify(&tonic::Status::from_error(Box::new(e))))?;
+            let channel = tower::ServiceExt::ready(&mut channel).await.map_err(|e| {
+                (
+                    SendError::Retryable(format!("upstream not reachable: {e}"), None),
+                    Delivery::NotSent,
+                )
+            })?;
+            let response = tower::Service::call(channel, http).await.map_err(|e| {
+                let delivery = if never_connected(&e) {
+                    Delivery::NotSent
+                } else {
+                    Delivery::Unknown
+                };
+                (classify(&tonic::Status::from_error(Box::new(e))), delivery)
+            })?;
             let (parts, body) = response.into_parts();
-            let collected = http_body_util::BodyExt::collect(body)
-                .await
-                .map_err(|e| classify(&tonic::Status::from_error(Box::new(e))))?;
+            let collected = http_body_util::BodyExt::collect(body).await.map_err(|e| {
+                (
+                    classify(&tonic::Status::from_error(Box::new(e))),
+                    Delivery::Unknown,
+                )
+            })?;
             let status = collected
                 .trailers()
                 .and_then(tonic::Status::from_header_map)
                 .or_else(|| tonic::Status::from_header_map(&parts.headers))
                 .unwrap_or_else(|| status_of_http(parts.status));
             if status.code() != Code::Ok {
-                return Err(classify(&status));
+                return Err((classify(&status), Delivery::Refused));
             }
             let compressed = parts
                 .headers
@@ -139,9 +169,12 @@ impl OtlpGrpcSink {
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err(classify(&tonic::Status::deadline_exceeded(
-                "timed out: no answer within the export timeout",
-            ))),
+            Err(_) => Err((
+                classify(&tonic::Status::deadline_exceeded(
+                    "timed out: no answer within the export timeout",
+                )),
+                Delivery::Unknown,
+            )),
         }
     }
 }
@@ -252,6 +285,46 @@ fn says_undecodable(status: &tonic::Status) -> bool {
 /// a `google.rpc.RetryInfo` detail is honoured as the least wait before the next attempt;
 /// RESOURCE_EXHAUSTED is retried only when it carries one (the upstream says recovery is
 /// possible), as the specification requires.
+/// Whether a failed request may have reached the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// No connection was made: the server cannot have seen it.
+    NotSent,
+    /// The server answered with an error status: it did not take it.
+    Refused,
+    /// Sent, and then no answer (a broken connection, a timeout): it may have been taken.
+    Unknown,
+}
+
+/// Whether a transport error says the server never processed the request: no connection
+/// could be made (refused, no route), or HTTP/2 refused the stream.
+fn never_connected(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+            )
+        {
+            return true;
+        }
+        // A stream the server refused, or one above the last it will process (GOAWAY):
+        // HTTP/2 says it was not processed.
+        if let Some(h2) = err.downcast_ref::<h2::Error>()
+            && ((h2.is_go_away() && h2.is_remote())
+                || h2.reason() == Some(h2::Reason::REFUSED_STREAM))
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
 pub(crate) fn classify(status: &tonic::Status) -> SendError {
     let msg = format!(
         "upstream answered {:?}: {}",

@@ -3,7 +3,9 @@
 //! to their trace's owner).
 
 use super::*;
+use crate::cluster::Route;
 use crate::llm::{SpanOrigin, call_from_span, text};
+use crate::otlp::TraceId;
 use crate::otlp::tracestate::randomness_value;
 
 impl Pipeline {
@@ -11,13 +13,47 @@ impl Pipeline {
     /// the request as a whole fails only when it cannot be split into spans at all, in which
     /// case nothing of it was taken.
     pub fn ingest(&self, request: Bytes, protocol: Protocol) -> Result<IngestOutcome, IngestError> {
-        self.take(request, protocol, true)
+        let placement = Placement::Route {
+            final_forwards: false,
+        };
+        self.take(request, protocol, true, placement, None)
     }
 
-    /// Takes spans this replica accepted already and could not hand to a peer: never
-    /// refused for memory (they are the budget's already; refusing would lose them).
-    pub fn take_back(&self, request: Bytes) {
-        let _ = self.take(request, Protocol::Peer, false);
+    /// Takes a request another member forwarded or handed off: routed once more by this
+    /// replica's ring unless it is final.
+    pub fn ingest_peer(
+        &self,
+        request: Bytes,
+        peer: &crate::cluster::PeerRequest,
+    ) -> Result<IngestOutcome, IngestError> {
+        let placement = if peer.fin {
+            Placement::Here
+        } else {
+            Placement::Route {
+                final_forwards: true,
+            }
+        };
+        let outcome = self.take(request, Protocol::Peer, true, placement, Some(peer))?;
+        if !peer.handoff.is_empty() {
+            self.metrics
+                .cluster_taken_over
+                .inc_by(peer.handoff.len() as u64);
+        }
+        Ok(outcome)
+    }
+
+    /// Takes spans this replica accepted already and no peer took: routed again when
+    /// `reroute` (the ring changed since: their traces have a new owner), else taken here.
+    /// Never refused for memory (they are the budget's already; refusing would lose them).
+    pub fn take_back(&self, request: Bytes, reroute: bool) {
+        let placement = if reroute {
+            Placement::Route {
+                final_forwards: false,
+            }
+        } else {
+            Placement::HereAfterAll
+        };
+        let _ = self.take(request, Protocol::Peer, false, placement, None);
     }
 
     fn take(
@@ -25,6 +61,8 @@ impl Pipeline {
         request: Bytes,
         protocol: Protocol,
         admit: bool,
+        placement: Placement,
+        peer: Option<&crate::cluster::PeerRequest>,
     ) -> Result<IngestOutcome, IngestError> {
         // Charged while any span of it is held or queued.
         let request = self.budget.charge(request);
@@ -54,13 +92,15 @@ impl Pipeline {
         let keys = tests.keys(crate::llm::Conventions);
         let max_span_bytes = self.limits.max_span_bytes.load(Ordering::Relaxed);
         let max_attribute_bytes = self.limits.max_attribute_bytes.load(Ordering::Relaxed);
-        // Spans of traces another replica owns are forwarded to it, unless they were
-        // forwarded here already.
-        let ring = match (&self.cluster, protocol) {
-            (Some(c), p) if !matches!(p, Protocol::Peer) => Some(c.ring()),
-            _ => None,
+        // Spans of traces another replica owns are forwarded to it.
+        let (routing, final_forwards) = match (&self.cluster, placement) {
+            (Some(c), Placement::Route { final_forwards }) => (Some(c.ring()), final_forwards),
+            _ => (None, false),
         };
-        let mut forwards: Vec<(Arc<str>, Vec<HeldSpan>)> = Vec::new();
+        // Traces another member owns taken here after all, and handed-off traces decided
+        // here already: each is counted once as split.
+        let mut split: std::collections::HashSet<(TraceId, &'static str)> = Default::default();
+        let mut forwards: Vec<((Arc<str>, bool), Vec<HeldSpan>)> = Vec::new();
         let mut refuse =
             |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
                 outcome.rejected += 1;
@@ -126,7 +166,18 @@ impl Pipeline {
                         })
                         .clone();
                     outcome.accepted += 1;
-                    if let Some(peer) = ring.as_ref().and_then(|r| r.elsewhere(&facts.trace_id)) {
+                    let to = routing.as_ref().and_then(|r| {
+                        match r.route(&facts.trace_id, now) {
+                            Route::Here => None,
+                            Route::To(p) => Some((p.clone(), final_forwards)),
+                            // Its previous owner keeps what it holds; the new owner must
+                            // take the rest (final), not send it back here.
+                            Route::HereIfKnown(owner) => {
+                                (!self.buffer.knows(&facts.trace_id)).then(|| (owner.clone(), true))
+                            }
+                        }
+                    });
+                    if let Some(key) = to {
                         let held = HeldSpan {
                             origin: origin.clone(),
                             bytes: span,
@@ -134,11 +185,19 @@ impl Pipeline {
                             is_root: facts.is_root,
                             extra: None,
                         };
-                        match forwards.iter_mut().find(|(p, _)| p == peer) {
+                        match forwards.iter_mut().find(|(k, _)| *k == key) {
                             Some((_, spans)) => spans.push(held),
-                            None => forwards.push((peer.clone(), vec![held])),
+                            None => forwards.push((key, vec![held])),
                         }
                         continue;
+                    }
+                    // (A leaving replica hands what it holds off afterwards.)
+                    if placement == Placement::HereAfterAll
+                        && let Some(c) = &self.cluster
+                        && !c.is_leaving()
+                        && c.ring().current.elsewhere(&facts.trace_id).is_some()
+                    {
+                        split.insert((facts.trace_id, "decided_here"));
                     }
                     let (scope, all_calls) = scope_name.get_or_insert_with(|| {
                         let name = scope_label(&ss.scope);
@@ -196,7 +255,9 @@ impl Pipeline {
                             .as_ref()
                             .and_then(|ts| randomness_value(&span[ts.value()])),
                         key,
+                        handed: peer.and_then(|p| p.handoff.get(&facts.trace_id).copied()),
                     };
+                    let handed = stats.handed.is_some();
                     let held = HeldSpan {
                         origin: origin.clone(),
                         bytes: span,
@@ -207,6 +268,9 @@ impl Pipeline {
                     if let Added::Late(decision, span, call) =
                         self.buffer.add(stats, held, now, &mut evicted)
                     {
+                        if handed {
+                            split.insert((facts.trace_id, "decided_before_handoff"));
+                        }
                         if let Some(call) = &call {
                             self.observer.observe_alone(call, now);
                         }
@@ -234,11 +298,19 @@ impl Pipeline {
             .with_label_values(&[protocol.label()])
             .inc_by(outcome.accepted);
         if let Some(cluster) = &self.cluster {
-            for (peer, spans) in forwards {
-                if let Err(spans) = cluster.forward(&peer, spans) {
+            for ((peer, fin), spans) in forwards {
+                if let Err(spans) = cluster.forward(&peer, fin, spans) {
                     // The peer's queue is full: decided here instead.
-                    self.take_back(crate::otlp::reframe::encode_verbatim(&spans));
+                    self.take_back(crate::otlp::reframe::encode_verbatim(&spans), false);
                 }
+            }
+        }
+        if !split.is_empty() {
+            for (_, reason) in split {
+                self.metrics
+                    .cluster_split
+                    .with_label_values(&[reason])
+                    .inc();
             }
         }
         if let Some((reject, place)) = first_reject {

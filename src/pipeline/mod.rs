@@ -55,6 +55,19 @@ impl Protocol {
     }
 }
 
+/// Where a request's spans go in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// By the ring; forwards are marked final when the request was itself forwarded (a
+    /// span is routed at most twice).
+    Route { final_forwards: bool },
+    /// Here: a forward marked final, or a hand-off.
+    Here,
+    /// Here, because no member took them (counted as split when another member owns
+    /// their trace).
+    HereAfterAll,
+}
+
 /// A request that is not an `ExportTraceServiceRequest` at all.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {

@@ -122,8 +122,12 @@ impl NamedService for TraceService {
 }
 
 /// The pipeline, the protocol to count spans under, and for spans forwarded by a peer the
-/// counter of spans received from it.
-struct Export(Arc<Pipeline>, Protocol, Option<prometheus::IntCounter>);
+/// counter of spans received from it and what its cluster headers say.
+struct Export(
+    Arc<Pipeline>,
+    Protocol,
+    Option<(prometheus::IntCounter, Arc<crate::cluster::PeerRequest>)>,
+);
 
 impl UnaryService<Bytes> for Export {
     type Response = Prost<ExportTraceServiceResponse>;
@@ -134,16 +138,34 @@ impl UnaryService<Bytes> for Export {
         let protocol = self.1;
         let from_peer = self.2.clone();
         Box::pin(async move {
-            let outcome = pipeline.ingest(request.into_inner(), protocol).map_err(
-                |e: IngestError| match e {
-                    IngestError::Full(why) => {
-                        pipeline.refuse(protocol, why);
-                        overloaded(why)
-                    }
-                    e => Status::invalid_argument(e.to_string()),
-                },
-            )?;
-            if let Some(counter) = from_peer {
+            let request = request.into_inner();
+            let cluster = pipeline.cluster.as_ref();
+            let batch = from_peer.as_ref().and_then(|(_, p)| p.batch);
+            if let (Some(cluster), Some(key)) = (cluster, batch)
+                && !cluster.accept_batch(key)
+            {
+                // Taken already: the sender lost the answer and sent it again.
+                return Ok(tonic::Response::new(Prost(
+                    ExportTraceServiceResponse::default(),
+                )));
+            }
+            let taken = match &from_peer {
+                Some((_, peer)) => pipeline.ingest_peer(request, peer),
+                None => pipeline.ingest(request, protocol),
+            };
+            if taken.is_err()
+                && let (Some(cluster), Some(key)) = (cluster, batch)
+            {
+                cluster.forget_batch(key);
+            }
+            let outcome = taken.map_err(|e: IngestError| match e {
+                IngestError::Full(why) => {
+                    pipeline.refuse(protocol, why);
+                    overloaded(why)
+                }
+                e => Status::invalid_argument(e.to_string()),
+            })?;
+            if let Some((counter, _)) = from_peer {
                 counter.inc_by(outcome.accepted);
             }
             let partial_success = (outcome.rejected > 0).then_some(ExportTracePartialSuccess {
@@ -203,15 +225,28 @@ where
             .get::<super::conn::RemoteAddr>()
             .map(|r| r.0.ip());
         let (protocol, from_peer) = match (forwarded_by, &self.pipeline.cluster) {
-            (Some(peer), Some(cluster)) if remote.is_some_and(|ip| cluster.is_member(ip)) => (
-                Protocol::Peer,
-                Some(
-                    self.pipeline
-                        .metrics
-                        .cluster_received
-                        .with_label_values(&[&cluster.peer_label(peer)]),
-                ),
-            ),
+            (Some(peer), Some(cluster)) if remote.is_some_and(|ip| cluster.is_member(ip)) => {
+                let request = match crate::cluster::PeerRequest::from_headers(peer, req.headers()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let status = Status::invalid_argument(e);
+                        return Box::pin(async move { Ok(status.into_http()) });
+                    }
+                };
+                if let Some(m) = request.membership {
+                    cluster.on_membership(peer, m);
+                }
+                (
+                    Protocol::Peer,
+                    Some((
+                        self.pipeline
+                            .metrics
+                            .cluster_received
+                            .with_label_values(&[&cluster.peer_label(peer)]),
+                        Arc::new(request),
+                    )),
+                )
+            }
             (Some(peer), _) => {
                 if let Some(held_back) = FORGED_FORWARD.allow() {
                     tracing::warn!(header = FORWARDED_HEADER, claims = peer, remote = ?remote, similar_reports_held_back = held_back, "a client that is not a cluster member sent the peer-forwarding header; its spans are taken as any client's");

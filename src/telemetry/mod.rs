@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Buckets for the decision delay: from well under `root_grace` to past `decision_wait`.
@@ -51,6 +51,11 @@ pub struct Metrics {
     pub cluster_forwarded: IntCounterVec,
     pub cluster_received: IntCounterVec,
     pub cluster_forward_failures: IntCounterVec,
+    pub cluster_ring_changes: IntCounter,
+    pub cluster_handed_off: IntCounterVec,
+    pub cluster_taken_over: IntCounter,
+    pub cluster_split: IntCounterVec,
+    pub cluster_duplicates: IntCounter,
     pub decision_delay: Histogram,
     pub early_decision_delay: HistogramVec,
     pub llm_requests: IntCounterVec,
@@ -290,9 +295,35 @@ impl Metrics {
             cluster_forward_failures: reg!(IntCounterVec::new(
                 Opts::new(
                     "llmtail_cluster_forward_failures_total",
-                    "Forwarded batches a peer did not take (its spans were decided here)."
+                    "Forwarded batches a peer did not take (their spans went to the trace's next owner, or were decided here)."
                 ),
                 &["peer"]
+            )),
+            cluster_ring_changes: reg!(IntCounter::new(
+                "llmtail_cluster_ring_changes_total",
+                "Times this replica's ring changed: a member joined, left, went down or came back."
+            )),
+            cluster_handed_off: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_cluster_handed_off_traces_total",
+                    "Held traces this replica handed to their new owner as it left the ring."
+                ),
+                &["peer"]
+            )),
+            cluster_taken_over: reg!(IntCounter::new(
+                "llmtail_cluster_taken_over_traces_total",
+                "Held traces a leaving replica handed to this one."
+            )),
+            cluster_split: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_cluster_split_traces_total",
+                    "Traces decided in more than one place, as far as this replica can tell: decided_here (spans another member owned, decided here because no member took them), decided_before_handoff (handed-off spans of a trace already decided here), unknown_outcome (a forward whose outcome stayed unknown, taken here)."
+                ),
+                &["reason"]
+            )),
+            cluster_duplicates: reg!(IntCounter::new(
+                "llmtail_cluster_duplicate_batches_total",
+                "Forwarded batches received again (a retry after an unknown outcome) and not taken twice."
             )),
             decision_delay: reg!(Histogram::with_opts(
                 HistogramOpts::new(

@@ -1,0 +1,601 @@
+//! Between members: join and leave messages, the hand-off of held traces by a leaving
+//! replica, and idempotency keys that let a receiver take a re-sent batch once.
+
+use base64::Engine;
+
+use super::*;
+pub use crate::buffer::{Handed, HeldTrace};
+
+/// Idempotency keys remembered (in two generations): far more batches than are in flight.
+pub(super) const SEEN_BATCHES: usize = 65_536;
+/// Traces per hand-off request: their ids and times travel in one header (24 bytes each,
+/// base64), well under the 16 KiB header list HTTP/2 servers accept by default.
+const HANDOFF_TRACES: usize = 200;
+const HANDOFF_ENTRY: usize = 24;
+/// How long a join or leave message may take to be answered.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Join,
+    Leave,
+}
+
+impl Membership {
+    fn as_str(self) -> &'static str {
+        match self {
+            Membership::Join => "join",
+            Membership::Leave => "leave",
+        }
+    }
+}
+
+/// What a member's request says beyond its spans (its cluster headers).
+#[derive(Debug, Default, Clone)]
+pub struct PeerRequest {
+    /// The sender's address.
+    pub from: String,
+    /// Take it here; do not route it again.
+    pub fin: bool,
+    /// Its idempotency key.
+    pub batch: Option<u128>,
+    /// Held traces handed off, with their times.
+    pub handoff: HashMap<TraceId, Handed>,
+    pub membership: Option<Membership>,
+}
+
+impl PeerRequest {
+    /// Reads the cluster headers of a request forwarded by member `from`; a header that
+    /// cannot be read is named.
+    pub fn from_headers(from: &str, headers: &http::HeaderMap) -> Result<PeerRequest, String> {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let batch = match text(BATCH_HEADER) {
+            None => None,
+            Some(v) => Some(
+                u128::from_str_radix(v, 16)
+                    .map_err(|_| format!("{BATCH_HEADER}: {v:?} is not a hexadecimal key"))?,
+            ),
+        };
+        let membership = match text(MEMBERSHIP_HEADER) {
+            None => None,
+            Some("join") => Some(Membership::Join),
+            Some("leave") => Some(Membership::Leave),
+            Some(v) => {
+                return Err(format!(
+                    "{MEMBERSHIP_HEADER}: {v:?} is neither join nor leave"
+                ));
+            }
+        };
+        let handoff = match text(HANDOFF_HEADER) {
+            None => HashMap::new(),
+            Some(v) => decode_handoff(v).ok_or_else(|| {
+                format!("{HANDOFF_HEADER}: not base64 of 24-byte (trace id, age, due) records")
+            })?,
+        };
+        Ok(PeerRequest {
+            from: from.to_owned(),
+            fin: text(FINAL_HEADER).is_some(),
+            batch,
+            handoff,
+            membership,
+        })
+    }
+}
+
+fn encode_handoff(traces: &[(TraceId, Handed)]) -> String {
+    let mut raw = Vec::with_capacity(traces.len() * HANDOFF_ENTRY);
+    let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+    for (id, h) in traces {
+        raw.extend_from_slice(&id.0);
+        raw.extend_from_slice(&ms(h.age).to_be_bytes());
+        raw.extend_from_slice(&ms(h.due_in).to_be_bytes());
+    }
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
+}
+
+fn decode_handoff(value: &str) -> Option<HashMap<TraceId, Handed>> {
+    let raw = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .ok()?;
+    if raw.len() % HANDOFF_ENTRY != 0 {
+        return None;
+    }
+    let ms = |b: &[u8]| Duration::from_millis(u64::from(u32::from_be_bytes(b.try_into().unwrap())));
+    Some(
+        raw.chunks_exact(HANDOFF_ENTRY)
+            .map(|r| {
+                let id = TraceId(r[..16].try_into().expect("16 bytes"));
+                (
+                    id,
+                    Handed {
+                        age: ms(&r[16..20]),
+                        due_in: ms(&r[20..24]),
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Idempotency keys of batches taken recently, in two generations (bounded, O(1)).
+pub(super) struct Seen {
+    current: HashSet<u128>,
+    previous: HashSet<u128>,
+    generation: usize,
+}
+
+impl Seen {
+    pub(super) fn new(capacity: usize) -> Seen {
+        Seen {
+            current: HashSet::new(),
+            previous: HashSet::new(),
+            generation: capacity / 2,
+        }
+    }
+
+    /// Remembers `key`; false if it was seen already.
+    fn insert(&mut self, key: u128) -> bool {
+        if self.current.contains(&key) || self.previous.contains(&key) {
+            return false;
+        }
+        if self.current.len() >= self.generation {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key);
+        true
+    }
+
+    fn remove(&mut self, key: u128) {
+        self.current.remove(&key);
+        self.previous.remove(&key);
+    }
+}
+
+/// How a delivery to a peer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    Taken,
+    /// The peer refused it or could not be reached: it does not have it.
+    NotTaken,
+    /// Sent, and never answered: the peer may have it.
+    Unknown,
+}
+
+/// Attempts of a batch the peer does not take before it is taken out of the ring.
+const ATTEMPTS: u32 = 3;
+/// Longest wait between attempts while the owner pushes back (it is alive, only full).
+const BACKPRESSURE_WAIT: Duration = Duration::from_millis(500);
+/// How long a batch whose outcome is unknown is sent again to the same peer.
+const UNKNOWN_HORIZON: Duration = Duration::from_secs(15);
+
+impl Cluster {
+    /// A client to `peer` (the sender header and the peers' token set on every request).
+    pub(super) fn sink(&self, peer: &str) -> Option<OtlpGrpcSink> {
+        let mut headers = std::collections::BTreeMap::new();
+        headers.insert(FORWARDED_HEADER.to_owned(), self.me.clone());
+        if let Some(auth) = &self.auth_header {
+            headers.insert("authorization".to_owned(), auth.clone());
+        }
+        let (scheme, tls) = match &self.cfg.tls {
+            Some(tls) => ("https", tls.clone()),
+            None => ("http", Default::default()),
+        };
+        match OtlpGrpcSink::new(&OtlpExporterConfig {
+            endpoint: format!("{scheme}://{peer}"),
+            protocol: ExportProtocol::Grpc,
+            timeout: Dur(forward::FORWARD_TIMEOUT),
+            compression: Compression::None,
+            compression_level: 1,
+            headers,
+            tls,
+        }) {
+            Ok(sink) => Some(sink),
+            Err(e) => {
+                tracing::error!(peer = %peer, error = %e, "cannot forward to peer");
+                None
+            }
+        }
+    }
+
+    /// The headers of one forwarded batch: its idempotency key, and whether it is final.
+    pub(super) fn batch_headers(&self, fin: bool) -> http::HeaderMap {
+        let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
+        let key = (u128::from(self.batch_prefix) << 64) | u128::from(seq);
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            BATCH_HEADER,
+            http::HeaderValue::from_str(&format!("{key:x}")).expect("hex is a header value"),
+        );
+        if fin {
+            headers.insert(FINAL_HEADER, http::HeaderValue::from_static("1"));
+        }
+        headers
+    }
+
+    /// Sends `request` to `peer` until it is taken, refused, or its outcome stays unknown:
+    /// while the peer pushes back it is waited for (until `patience`, or without end
+    /// before shutdown); a broken connection after sending is retried with the same key.
+    pub(super) async fn deliver(
+        &self,
+        peer: &str,
+        sink: &OtlpGrpcSink,
+        request: &Bytes,
+        headers: &http::HeaderMap,
+        patience: Option<tokio::time::Instant>,
+    ) -> Outcome {
+        let mut wait = Duration::from_millis(100);
+        let mut failures = 0;
+        let mut unknown = false;
+        let horizon = Instant::now() + UNKNOWN_HORIZON;
+        let patient = || {
+            patience.map_or(!self.stop.is_cancelled(), |p| {
+                tokio::time::Instant::now() < p
+            })
+        };
+        loop {
+            match sink.send_with(request.clone(), headers.clone()).await {
+                Ok(_) => return Outcome::Taken,
+                // The owner answered that it is full (with RetryInfo): it is alive, so it
+                // stays in the ring and the batch waits for it.
+                Err((SendError::Retryable(msg, Some(hint)), Delivery::Refused)) if patient() => {
+                    tracing::debug!(peer, error = %msg, "peer pushes back; waiting");
+                    tokio::time::sleep(hint.min(BACKPRESSURE_WAIT)).await;
+                    continue;
+                }
+                Err((e, delivery)) => {
+                    failures += 1;
+                    let again = match delivery {
+                        Delivery::Unknown => {
+                            unknown = true;
+                            Instant::now() < horizon
+                        }
+                        Delivery::NotSent => failures < ATTEMPTS,
+                        Delivery::Refused => {
+                            failures < ATTEMPTS && matches!(e, SendError::Retryable(..))
+                        }
+                    };
+                    if !again {
+                        tracing::warn!(peer, error = %e, outcome_unknown = unknown, "peer did not take forwarded spans");
+                        return if unknown {
+                            Outcome::Unknown
+                        } else {
+                            Outcome::NotTaken
+                        };
+                    }
+                    tracing::debug!(peer, error = %e, ?delivery, failures, "forwarding failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Takes a forwarded batch's key: false if a batch with it was taken already (a
+    /// retry after an unknown outcome), which is then answered without taking it again.
+    pub fn accept_batch(&self, key: u128) -> bool {
+        let new = self.seen.lock().insert(key);
+        if !new {
+            self.metrics.cluster_duplicates.inc();
+        }
+        new
+    }
+
+    /// Forgets a batch's key when it could not be taken (the retry must go through).
+    pub fn forget_batch(&self, key: u128) {
+        self.seen.lock().remove(key);
+    }
+
+    /// A peer said it joins or leaves.
+    pub fn on_membership(&self, from: &str, m: Membership) {
+        let from = normalize(from);
+        tracing::info!(peer = %from, message = m.as_str(), "cluster member says so");
+        match m {
+            Membership::Leave => {
+                self.left.lock().insert(from.clone());
+            }
+            Membership::Join => {
+                self.left.lock().remove(&from);
+                self.down.lock().remove(&from);
+            }
+        }
+        self.rebuild();
+    }
+
+    /// Sends a membership message to `peers`; returns those that took it.
+    async fn announce(self: &Arc<Self>, m: Membership, peers: Vec<String>) -> Vec<String> {
+        let mut sends = tokio::task::JoinSet::new();
+        for peer in peers {
+            let cluster = self.clone();
+            sends.spawn(async move { cluster.announce_to(m, peer).await });
+        }
+        let mut told = Vec::new();
+        while let Some(done) = sends.join_next().await {
+            if let Ok(Some(peer)) = done {
+                told.push(peer);
+            }
+        }
+        told
+    }
+
+    async fn announce_to(&self, m: Membership, peer: String) -> Option<String> {
+        {
+            let sink = self.sink(&peer)?;
+            let mut headers = http::HeaderMap::new();
+            headers.insert(
+                MEMBERSHIP_HEADER,
+                http::HeaderValue::from_static(m.as_str()),
+            );
+            match tokio::time::timeout(MEMBERSHIP_TIMEOUT, sink.send_with(Bytes::new(), headers))
+                .await
+            {
+                Ok(Ok(_)) => Some(peer),
+                Ok(Err((e, _))) => {
+                    tracing::debug!(peer, error = %e, message = m.as_str(), "peer did not take a membership message");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+    }
+
+    /// Tells peers that have not heard it yet that this replica is a member.
+    pub(super) async fn announce_join(self: &Arc<Self>) {
+        let peers: Vec<String> = self.unannounced.lock().iter().cloned().collect();
+        if peers.is_empty() {
+            return;
+        }
+        for peer in self.announce(Membership::Join, peers).await {
+            self.unannounced.lock().remove(&peer);
+        }
+    }
+
+    /// Leaves the ring: this replica owns nothing from now on, and every peer is told at
+    /// once (those that do not answer learn it when forwards to it fail).
+    pub async fn leave(self: &Arc<Self>) {
+        self.leaving.store(true, Ordering::SeqCst);
+        self.rebuild();
+        let peers: Vec<String> = self
+            .known
+            .lock()
+            .iter()
+            .filter(|p| **p != self.me)
+            .cloned()
+            .collect();
+        let told = self.announce(Membership::Leave, peers.clone()).await;
+        tracing::info!(
+            told = told.len(),
+            peers = peers.len(),
+            "left the cluster ring; handing held traces to their new owners"
+        );
+    }
+
+    /// Hands held traces to their owners in the ring without this replica, with their
+    /// ages and deadlines, until `until`; returns the spans of the traces no peer took.
+    pub async fn hand_off(
+        self: &Arc<Self>,
+        traces: Vec<HeldTrace>,
+        until: tokio::time::Instant,
+    ) -> Vec<HeldSpan> {
+        let routing = self.routing.load();
+        let mut per_peer: HashMap<Arc<str>, Vec<HeldTrace>> = HashMap::new();
+        let mut kept = Vec::new();
+        for t in traces {
+            match routing.current.elsewhere(&t.id) {
+                Some(peer) => per_peer.entry(peer.clone()).or_default().push(t),
+                None => kept.extend(t.spans),
+            }
+        }
+        let mut sends = tokio::task::JoinSet::new();
+        for (peer, traces) in per_peer {
+            let cluster = self.clone();
+            sends.spawn(async move { cluster.hand_off_to(&peer, traces, until).await });
+        }
+        while let Some(done) = sends.join_next().await {
+            kept.extend(done.unwrap_or_default());
+        }
+        kept
+    }
+
+    async fn hand_off_to(
+        &self,
+        peer: &Arc<str>,
+        traces: Vec<HeldTrace>,
+        until: tokio::time::Instant,
+    ) -> Vec<HeldSpan> {
+        let Some(sink) = self.sink(peer) else {
+            return traces.into_iter().flat_map(|t| t.spans).collect();
+        };
+        let handed = self.metrics.cluster_handed_off.with_label_values(&[peer]);
+        let mut rest = Vec::new();
+        let mut batches = handoff_batches(traces).into_iter();
+        while let Some((entries, spans)) = batches.next() {
+            if tokio::time::Instant::now() >= until {
+                rest.extend(spans);
+                rest.extend(batches.flat_map(|(_, s)| s));
+                break;
+            }
+            let mut headers = self.batch_headers(true);
+            headers.insert(
+                HANDOFF_HEADER,
+                http::HeaderValue::from_str(&encode_handoff(&entries)).expect("base64"),
+            );
+            let request = encode_verbatim(&spans);
+            let outcome = tokio::time::timeout_at(
+                until,
+                self.deliver(peer, &sink, &request, &headers, Some(until)),
+            )
+            .await
+            .unwrap_or(Outcome::Unknown);
+            match outcome {
+                Outcome::Taken => handed.inc_by(entries.len() as u64),
+                // Decided here, and counted so, by the caller.
+                Outcome::NotTaken | Outcome::Unknown => rest.extend(spans),
+            }
+        }
+        rest
+    }
+}
+
+/// Hand-off requests: whole traces together, at most [`HANDOFF_TRACES`] traces and
+/// [`forward::FORWARD_BATCH_BYTES`] bytes each (a larger trace goes in parts, each
+/// carrying its times).
+fn handoff_batches(traces: Vec<HeldTrace>) -> Vec<(Vec<(TraceId, Handed)>, Vec<HeldSpan>)> {
+    let mut out: Vec<(Vec<(TraceId, Handed)>, Vec<HeldSpan>)> = Vec::new();
+    let mut bytes = 0;
+    for t in traces {
+        let entry = (t.id, t.handed);
+        for span in t.spans {
+            let size = forward::span_wire_bytes(&span);
+            let fits = out.last().is_some_and(|(entries, spans)| {
+                !spans.is_empty()
+                    && bytes + size <= forward::FORWARD_BATCH_BYTES
+                    && (entries.last().is_some_and(|(id, _)| *id == entry.0)
+                        || entries.len() < HANDOFF_TRACES)
+            });
+            if !fits {
+                out.push((Vec::new(), Vec::new()));
+                bytes = 0;
+            }
+            let (entries, spans) = out.last_mut().expect("pushed");
+            if entries.last().is_none_or(|(id, _)| *id != entry.0) {
+                entries.push(entry);
+            }
+            bytes += size;
+            spans.push(span);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handoff_records_survive_the_header() {
+        let entries = vec![
+            (
+                TraceId([7; 16]),
+                Handed {
+                    age: Duration::from_millis(1_234),
+                    due_in: Duration::from_millis(8_766),
+                },
+            ),
+            (
+                TraceId([9; 16]),
+                Handed {
+                    age: Duration::ZERO,
+                    due_in: Duration::from_millis(500),
+                },
+            ),
+        ];
+        let header = encode_handoff(&entries);
+        let back = decode_handoff(&header).expect("decodes");
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[&TraceId([7; 16])], entries[0].1);
+        assert_eq!(back[&TraceId([9; 16])], entries[1].1);
+        // Padded base64 (as some encoders write binary metadata) reads the same.
+        assert_eq!(decode_handoff(&format!("{header}==")).unwrap().len(), 2);
+        assert!(decode_handoff("AAAA").is_none(), "not a whole record");
+        // The largest batch stays well under a 16 KiB header list.
+        let many: Vec<_> = (0..HANDOFF_TRACES)
+            .map(|i| (TraceId([i as u8; 16]), entries[0].1))
+            .collect();
+        assert!(encode_handoff(&many).len() < 8 * 1024);
+    }
+
+    #[test]
+    fn a_key_is_taken_once_until_forgotten() {
+        let mut seen = Seen::new(4);
+        assert!(seen.insert(1));
+        assert!(!seen.insert(1), "a retry of a batch taken");
+        seen.remove(1);
+        assert!(
+            seen.insert(1),
+            "a batch that could not be taken goes through again"
+        );
+        for k in 2..=4 {
+            assert!(seen.insert(k));
+        }
+        // Bounded: the oldest generation is forgotten.
+        assert!(seen.current.len() + seen.previous.len() <= 4);
+    }
+
+    #[test]
+    fn hand_off_batches_keep_traces_together_and_bounded() {
+        let span = |n: usize| HeldSpan {
+            origin: Arc::new(crate::otlp::reframe::Origin {
+                resource: Bytes::new(),
+                resource_schema_url: Bytes::new(),
+                scope: Bytes::new(),
+                scope_schema_url: Bytes::new(),
+                service: Arc::from("s"),
+            }),
+            bytes: Bytes::from(vec![0u8; n]),
+            trace_state: None,
+            is_root: false,
+            extra: None,
+        };
+        let handed = Handed {
+            age: Duration::from_secs(1),
+            due_in: Duration::from_secs(2),
+        };
+        let traces: Vec<HeldTrace> = (0..450)
+            .map(|i| HeldTrace {
+                id: TraceId([
+                    (i % 256) as u8,
+                    (i / 256) as u8,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                ]),
+                handed,
+                spans: vec![span(100), span(100)],
+            })
+            .chain(std::iter::once(HeldTrace {
+                id: TraceId([0xee; 16]),
+                handed,
+                spans: (0..3)
+                    .map(|_| span(forward::FORWARD_BATCH_BYTES / 2))
+                    .collect(),
+            }))
+            .collect();
+        let batches = handoff_batches(traces);
+        let spans: usize = batches.iter().map(|(_, s)| s.len()).sum();
+        assert_eq!(spans, 903);
+        for (entries, spans) in &batches {
+            assert!(entries.len() <= HANDOFF_TRACES);
+            assert!(
+                spans.len() == 1
+                    || spans.iter().map(forward::span_wire_bytes).sum::<usize>()
+                        <= forward::FORWARD_BATCH_BYTES
+            );
+        }
+        // Small traces are never cut in two; the large one goes in parts, each with its times.
+        let with_big = batches
+            .iter()
+            .filter(|(e, _)| e.iter().any(|(id, _)| *id == TraceId([0xee; 16])))
+            .count();
+        assert!(with_big >= 2);
+        let mut seen = HashSet::new();
+        for (entries, _) in &batches {
+            for (id, _) in entries {
+                assert!(
+                    seen.insert(*id) || *id == TraceId([0xee; 16]),
+                    "a trace cut in two"
+                );
+            }
+        }
+    }
+}
