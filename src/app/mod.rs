@@ -288,12 +288,21 @@ pub async fn run(
     let started = tokio::time::Instant::now();
     let deadline = started + cfg.shutdown_timeout;
     ready.store(false, Ordering::SeqCst);
+    let mut ticker_task = Some(ticker_task);
     if let Some(cluster) = &cluster {
-        // Out of the ring first, with every peer told: from now on spans of every trace go
-        // to their new owners, and this replica stops deciding (what it holds is handed
-        // off below).
-        let _ = tokio::time::timeout_at(deadline, cluster.leave()).await;
+        // This replica stops deciding (what it holds is handed off below), hands its
+        // recent decisions to their traces' new owners, and leaves the ring with every peer
+        // told: from now on spans of every trace go to their new owners. A quarter of the
+        // shutdown timeout is the decisions'.
         stop_ticker.cancel();
+        if let Some(task) = ticker_task.take() {
+            let _ = task.await;
+        }
+        let decisions = pipeline
+            .buffer
+            .recent_decisions(cluster.overlap(), std::time::Instant::now());
+        let until = started + cfg.shutdown_timeout / 4;
+        let _ = tokio::time::timeout_at(deadline, cluster.leave(decisions, until)).await;
     }
     stop_receivers.cancel();
     for receiver in receivers {
@@ -336,7 +345,9 @@ pub async fn run(
         let _ = task.await;
     }
     stop_ticker.cancel();
-    let _ = ticker_task.await;
+    if let Some(task) = ticker_task {
+        let _ = task.await;
+    }
     stop_background.cancel();
     for task in background {
         let _ = task.await;

@@ -43,6 +43,24 @@ impl CachedDecision {
         }
     }
 
+    /// What travels to another replica (the policy as its label: ids are this process's).
+    pub fn to_wire(self) -> (u64, &'static str, u8) {
+        (self.bits, self.by().label(), self.reason)
+    }
+
+    /// A decision another replica made and handed here, remembered as made `age` ago.
+    pub fn from_wire(bits: u64, by: &str, reason: u8, age: Duration, now: Instant) -> Self {
+        CachedDecision {
+            bits,
+            by: DecidedBy::id_of_label(by),
+            reason,
+            at: now
+                .saturating_duration_since(*clock())
+                .saturating_sub(age)
+                .as_secs() as u32,
+        }
+    }
+
     pub fn keep(self) -> bool {
         self.bits & KEPT_BIT != 0
     }
@@ -106,6 +124,18 @@ impl DecisionCache {
             .get(id)
             .or_else(|| self.previous.get(id))
             .copied()
+    }
+
+    /// Every remembered decision.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (TraceId, CachedDecision)> + '_ {
+        self.current
+            .iter()
+            .chain(
+                self.previous
+                    .iter()
+                    .filter(|(id, _)| !self.current.contains_key(*id)),
+            )
+            .map(|(id, d)| (*id, *d))
     }
 
     pub(super) fn insert(&mut self, id: TraceId, d: CachedDecision) {

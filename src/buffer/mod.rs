@@ -626,6 +626,39 @@ impl TraceBuffer {
         out
     }
 
+    /// The decisions made here in the last `within` (a leaving replica hands them to the
+    /// traces' new owners, so late spans follow them there).
+    pub fn recent_decisions(
+        &self,
+        within: Duration,
+        now: Instant,
+    ) -> Vec<(TraceId, CachedDecision)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            out.extend(shard.decided.iter().filter(|(_, d)| d.age(now) <= within));
+        }
+        out
+    }
+
+    /// Remembers decisions another replica made (it left the ring), for late spans. A
+    /// trace held or decided here as well was decided in two places: those are counted.
+    pub fn adopt_decisions(&self, decisions: &[(TraceId, CachedDecision)]) -> usize {
+        let mut split = 0;
+        for (id, d) in decisions {
+            let mut shard = self.shard(id).lock();
+            if shard.traces.contains_key(id) {
+                split += 1;
+                continue;
+            }
+            match shard.decided.get(id) {
+                Some(mine) => split += usize::from(mine.exports() != d.exports()),
+                None => shard.decided.insert(*id, *d),
+            }
+        }
+        split
+    }
+
     /// Whether this replica holds the trace or decided it recently.
     pub fn knows(&self, id: &TraceId) -> bool {
         let shard = self.shard(id).lock();

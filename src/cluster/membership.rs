@@ -4,7 +4,7 @@
 use base64::Engine;
 
 use super::*;
-pub use crate::buffer::{Handed, HeldTrace};
+pub use crate::buffer::{CachedDecision, Handed, HeldTrace};
 
 /// Idempotency keys remembered (in two generations): far more batches than are in flight.
 pub(super) const SEEN_BATCHES: usize = 65_536;
@@ -12,6 +12,10 @@ pub(super) const SEEN_BATCHES: usize = 65_536;
 /// base64), well under the 16 KiB header list HTTP/2 servers accept by default.
 const HANDOFF_TRACES: usize = 200;
 const HANDOFF_ENTRY: usize = 24;
+/// Decisions per request, in one header likewise: id, decision bits, reason, policy
+/// (an index into the request's label table) and age in seconds — 30 bytes each.
+const DECISIONS_PER_REQUEST: usize = 250;
+const DECISION_ENTRY: usize = 30;
 /// How long a join or leave message may take to be answered.
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -41,6 +45,8 @@ pub struct PeerRequest {
     pub batch: Option<u128>,
     /// Held traces handed off, with their times.
     pub handoff: HashMap<TraceId, Handed>,
+    /// Recent decisions handed over by a leaving replica.
+    pub decisions: Vec<(TraceId, CachedDecision)>,
     pub membership: Option<Membership>,
 }
 
@@ -72,7 +78,14 @@ impl PeerRequest {
                 format!("{HANDOFF_HEADER}: not base64 of 24-byte (trace id, age, due) records")
             })?,
         };
+        let decisions = match text(DECISIONS_HEADER) {
+            None => Vec::new(),
+            Some(v) => decode_decisions(v, Instant::now()).ok_or_else(|| {
+                format!("{DECISIONS_HEADER}: not base64 of a label table and 30-byte decisions")
+            })?,
+        };
         Ok(PeerRequest {
+            decisions,
             from: from.to_owned(),
             fin: text(FINAL_HEADER).is_some(),
             batch,
@@ -115,6 +128,69 @@ fn decode_handoff(value: &str) -> Option<HashMap<TraceId, Handed>> {
             })
             .collect(),
     )
+}
+
+/// `[labels n][n × (len, bytes)][records]`, base64: the labels are the policies.
+fn encode_decisions(decisions: &[(TraceId, CachedDecision)]) -> String {
+    let mut labels: Vec<&str> = Vec::new();
+    let mut records = Vec::with_capacity(decisions.len() * DECISION_ENTRY);
+    for (id, d) in decisions {
+        let (bits, by, reason) = d.to_wire();
+        let by = &by[..by.len().min(255)];
+        let index = match labels.iter().position(|l| *l == by) {
+            Some(i) => i,
+            None => {
+                labels.push(by);
+                labels.len() - 1
+            }
+        };
+        records.extend_from_slice(&id.0);
+        records.extend_from_slice(&bits.to_be_bytes());
+        records.push(reason);
+        records.push(u8::try_from(index).unwrap_or(u8::MAX));
+        let age = u32::try_from(d.age(Instant::now()).as_secs()).unwrap_or(u32::MAX);
+        records.extend_from_slice(&age.to_be_bytes());
+    }
+    let mut raw = vec![u8::try_from(labels.len()).unwrap_or(u8::MAX)];
+    for l in labels.iter().take(255) {
+        raw.push(l.len() as u8);
+        raw.extend_from_slice(l.as_bytes());
+    }
+    raw.extend(records);
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
+}
+
+fn decode_decisions(value: &str, now: Instant) -> Option<Vec<(TraceId, CachedDecision)>> {
+    let raw = base64::engine::general_purpose::STANDARD_NO_PAD
+        .decode(value.trim_end_matches('='))
+        .ok()?;
+    let (&n, mut rest) = raw.split_first()?;
+    let mut labels = Vec::with_capacity(usize::from(n));
+    for _ in 0..n {
+        let (&len, tail) = rest.split_first()?;
+        let label = tail.get(..usize::from(len))?;
+        labels.push(std::str::from_utf8(label).ok()?);
+        rest = &tail[usize::from(len)..];
+    }
+    if rest.len() % DECISION_ENTRY != 0 {
+        return None;
+    }
+    rest.chunks_exact(DECISION_ENTRY)
+        .map(|r| {
+            let id = TraceId(r[..16].try_into().ok()?);
+            let bits = u64::from_be_bytes(r[16..24].try_into().ok()?);
+            let by = labels.get(usize::from(r[25]))?;
+            let age = u32::from_be_bytes(r[26..30].try_into().ok()?);
+            let d = CachedDecision::from_wire(
+                bits,
+                by,
+                r[24],
+                Duration::from_secs(u64::from(age)),
+                now,
+            );
+            Some((id, d))
+        })
+        .collect()
 }
 
 /// Idempotency keys of batches taken recently, in two generations (bounded, O(1)).
@@ -349,9 +425,63 @@ impl Cluster {
         }
     }
 
-    /// Leaves the ring: this replica owns nothing from now on, and every peer is told at
-    /// once (those that do not answer learn it when forwards to it fail).
-    pub async fn leave(self: &Arc<Self>) {
+    /// Leaves the ring: first hands `decisions` (recent ones, made here) to the traces'
+    /// owners in the ring without this replica, so that late spans follow them there; then
+    /// owns nothing from now on, and tells every peer at once (those that do not answer
+    /// learn it when forwards to it fail).
+    pub async fn leave(
+        self: &Arc<Self>,
+        decisions: Vec<(TraceId, CachedDecision)>,
+        until: tokio::time::Instant,
+    ) {
+        let after = {
+            let routing = self.routing.load();
+            Ring::without_me(
+                routing.current.addrs().map(|a| a.to_string()).collect(),
+                &self.me,
+            )
+        };
+        let mut per_peer: HashMap<Arc<str>, Vec<(TraceId, CachedDecision)>> = HashMap::new();
+        for (id, d) in decisions {
+            if let Some(peer) = after.elsewhere(&id) {
+                per_peer.entry(peer.clone()).or_default().push((id, d));
+            }
+        }
+        let mut sends = tokio::task::JoinSet::new();
+        for (peer, decisions) in per_peer {
+            let cluster = self.clone();
+            sends.spawn(async move {
+                let Some(sink) = cluster.sink(&peer) else {
+                    return 0;
+                };
+                let mut sent = 0;
+                for chunk in decisions.chunks(DECISIONS_PER_REQUEST) {
+                    let mut headers = cluster.batch_headers(true);
+                    headers.insert(
+                        DECISIONS_HEADER,
+                        http::HeaderValue::from_str(&encode_decisions(chunk)).expect("base64"),
+                    );
+                    let delivered = tokio::time::timeout_at(
+                        until,
+                        cluster.deliver(&peer, &sink, &Bytes::new(), &headers, Some(until)),
+                    )
+                    .await;
+                    if delivered != Ok(Outcome::Taken) {
+                        break;
+                    }
+                    sent += chunk.len();
+                }
+                sent
+            });
+        }
+        let mut handed = 0;
+        while let Some(done) = sends.join_next().await {
+            handed += done.unwrap_or(0);
+        }
+        tracing::info!(
+            decisions = handed,
+            "handed recent decisions to their traces' new owners"
+        );
         self.leaving.store(true, Ordering::SeqCst);
         self.rebuild();
         let peers: Vec<String> = self
@@ -502,6 +632,43 @@ mod tests {
             .map(|i| (TraceId([i as u8; 16]), entries[0].1))
             .collect();
         assert!(encode_handoff(&many).len() < 8 * 1024);
+    }
+
+    #[test]
+    fn decisions_survive_the_header_with_their_policy() {
+        let now = Instant::now();
+        let d = |bits: u64, by: &str| {
+            CachedDecision::from_wire(bits, by, 1, Duration::from_secs(3), now)
+        };
+        let decisions = vec![
+            (TraceId([1; 16]), d(1 << 63, "errors")),
+            (TraceId([2; 16]), d(0x0123, "base_rate")),
+            (TraceId([3; 16]), d(1 << 63, "errors")),
+        ];
+        let header = encode_decisions(&decisions);
+        let back = decode_decisions(&header, now).expect("decodes");
+        assert_eq!(back.len(), 3);
+        for ((id, d), (id2, d2)) in decisions.iter().zip(&back) {
+            assert_eq!(id, id2);
+            assert_eq!(d.keep(), d2.keep());
+            assert_eq!(d.threshold(), d2.threshold());
+            assert_eq!(d.by().label(), d2.by().label());
+            assert_eq!(d.reason(), d2.reason());
+        }
+        assert_eq!(back[0].1.by().label(), "errors");
+        assert!(
+            decode_decisions("AQ", now).is_none(),
+            "a label table cut short"
+        );
+        let many: Vec<_> = (0..DECISIONS_PER_REQUEST)
+            .map(|i| {
+                (
+                    TraceId([i as u8; 16]),
+                    d(1 << 63, "a-rather-long-policy-name"),
+                )
+            })
+            .collect();
+        assert!(encode_decisions(&many).len() < 11 * 1024);
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub const FINAL_HEADER: &str = "x-llmtail-final";
 pub const BATCH_HEADER: &str = "x-llmtail-batch";
 /// On a hand-off: each handed trace's id, age and time to its deadline (binary metadata).
 pub const HANDOFF_HEADER: &str = "x-llmtail-handoff-bin";
+/// On an empty request: recent decisions of a leaving replica (binary metadata).
+pub const DECISIONS_HEADER: &str = "x-llmtail-decisions-bin";
 /// On an empty request: `join` or `leave`.
 pub const MEMBERSHIP_HEADER: &str = "x-llmtail-membership";
 
@@ -216,6 +218,11 @@ impl Cluster {
     /// This replica's address.
     pub fn me(&self) -> &str {
         &self.me
+    }
+
+    /// How long both rings are known after a change.
+    pub fn overlap(&self) -> Duration {
+        self.overlap
     }
 
     /// Whether this replica is leaving the ring (shutting down).

@@ -33,6 +33,18 @@ impl Pipeline {
                 final_forwards: true,
             }
         };
+        if !peer.decisions.is_empty() {
+            let split = self.buffer.adopt_decisions(&peer.decisions);
+            self.metrics
+                .cluster_decisions_taken_over
+                .inc_by(peer.decisions.len() as u64);
+            if split > 0 {
+                self.metrics
+                    .cluster_split
+                    .with_label_values(&["decided_elsewhere"])
+                    .inc_by(split as u64);
+            }
+        }
         let outcome = self.take(request, Protocol::Peer, true, placement, Some(peer))?;
         if !peer.handoff.is_empty() {
             self.metrics

@@ -286,6 +286,15 @@ impl DecidedBy {
         }
     }
 
+    /// The id of a decision by its label (a decision handed over by another replica).
+    pub fn id_of_label(label: &str) -> u16 {
+        match label {
+            "base_rate" => 0,
+            "boost" => 1,
+            name => intern(name).1,
+        }
+    }
+
     /// The decision an id stands for.
     pub fn from_id(id: u16) -> DecidedBy {
         match id {

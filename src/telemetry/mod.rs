@@ -54,6 +54,7 @@ pub struct Metrics {
     pub cluster_ring_changes: IntCounter,
     pub cluster_handed_off: IntCounterVec,
     pub cluster_taken_over: IntCounter,
+    pub cluster_decisions_taken_over: IntCounter,
     pub cluster_split: IntCounterVec,
     pub cluster_duplicates: IntCounter,
     pub decision_delay: Histogram,
@@ -314,10 +315,14 @@ impl Metrics {
                 "llmtail_cluster_taken_over_traces_total",
                 "Held traces a leaving replica handed to this one."
             )),
+            cluster_decisions_taken_over: reg!(IntCounter::new(
+                "llmtail_cluster_taken_over_decisions_total",
+                "Recent decisions a leaving replica handed to this one, so that late spans of those traces follow them here."
+            )),
             cluster_split: reg!(IntCounterVec::new(
                 Opts::new(
                     "llmtail_cluster_split_traces_total",
-                    "Traces decided in more than one place, as far as this replica can tell: decided_here (spans another member owned, decided here because no member took them), decided_before_handoff (handed-off spans of a trace already decided here), unknown_outcome (a forward whose outcome stayed unknown, taken here)."
+                    "Traces decided in more than one place, as far as this replica can tell: decided_here (spans another member owned, decided here because no member took them), decided_before_handoff (handed-off spans of a trace already decided here), decided_elsewhere (a decision handed over for a trace also held or decided otherwise here), unknown_outcome (a forward whose outcome stayed unknown, taken here)."
                 ),
                 &["reason"]
             )),
