@@ -19,12 +19,12 @@ pub(super) struct Forwarder {
 }
 
 impl Cluster {
-    /// Queues spans for `peer` (marked final: the peer takes them without routing them
-    /// again); what its queue cannot take is handed back (taken here).
+    /// Queues spans for `peer`, to be taken as `mode` says; what its queue cannot take is
+    /// handed back (taken here).
     pub fn forward(
         self: &Arc<Self>,
         peer: &Arc<str>,
-        fin: bool,
+        mode: Mode,
         spans: Vec<HeldSpan>,
     ) -> Result<(), Vec<HeldSpan>> {
         if self.stop.is_cancelled() {
@@ -33,10 +33,10 @@ impl Cluster {
         }
         let n = spans.len();
         let mut forwarders = self.forwarders.lock();
-        let key = (peer.clone(), fin);
+        let key = (peer.clone(), mode);
         let f = match forwarders.get(&key) {
             Some(f) => f,
-            None => match self.start_forwarder(peer, fin) {
+            None => match self.start_forwarder(peer, mode) {
                 Some(f) => forwarders.entry(key).or_insert(f),
                 None => return Err(spans),
             },
@@ -56,7 +56,7 @@ impl Cluster {
     pub(super) fn start_forwarder(
         self: &Arc<Self>,
         peer: &Arc<str>,
-        fin: bool,
+        mode: Mode,
     ) -> Option<Forwarder> {
         let sink = self.sink(peer)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -64,7 +64,7 @@ impl Cluster {
         let task = tokio::spawn(run_forwarder(
             self.clone(),
             peer.clone(),
-            fin,
+            mode,
             sink,
             rx,
             queued.clone(),
@@ -88,7 +88,7 @@ impl Cluster {
 async fn run_forwarder(
     cluster: Arc<Cluster>,
     peer: Arc<str>,
-    fin: bool,
+    mode: Mode,
     sink: OtlpGrpcSink,
     mut rx: mpsc::UnboundedReceiver<Vec<HeldSpan>>,
     queued: Arc<AtomicUsize>,
@@ -125,7 +125,7 @@ async fn run_forwarder(
             let rest = pending.split_off(take);
             let batch = std::mem::replace(&mut pending, rest);
             let n = batch.len();
-            send_batch(&cluster, &peer, fin, &sink, batch, &forwarded, &failures).await;
+            send_batch(&cluster, &peer, mode, &sink, batch, &forwarded, &failures).await;
             queued.fetch_sub(n, Ordering::AcqRel);
         }
         if closed {
@@ -169,14 +169,14 @@ fn batch_len(spans: &[HeldSpan]) -> usize {
 async fn send_batch(
     cluster: &Cluster,
     peer: &str,
-    fin: bool,
+    mode: Mode,
     sink: &OtlpGrpcSink,
     batch: Vec<HeldSpan>,
     forwarded: &IntCounter,
     failures: &IntCounter,
 ) {
     let request = encode_verbatim(&batch);
-    let headers = cluster.batch_headers(fin);
+    let headers = cluster.batch_headers(mode);
     let outcome = cluster.deliver(peer, sink, &request, &headers, None).await;
     if outcome == membership::Outcome::Taken {
         forwarded.inc_by(batch.len() as u64);

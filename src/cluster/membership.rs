@@ -39,8 +39,8 @@ impl Membership {
 pub struct PeerRequest {
     /// The sender's address.
     pub from: String,
-    /// Take it here; do not route it again.
-    pub fin: bool,
+    /// How to take it.
+    pub mode: Mode,
     /// Its idempotency key.
     pub batch: Option<u128>,
     /// Held traces handed off, with their times.
@@ -87,7 +87,12 @@ impl PeerRequest {
         Ok(PeerRequest {
             decisions,
             from: from.to_owned(),
-            fin: text(FINAL_HEADER).is_some(),
+            mode: match text(MODE_HEADER) {
+                None => Mode::Route,
+                Some("final") => Mode::Final,
+                Some("ask") => Mode::Ask,
+                Some(v) => return Err(format!("{MODE_HEADER}: {v:?} is neither final nor ask")),
+            },
             batch,
             handoff,
             membership,
@@ -193,6 +198,15 @@ fn decode_decisions(value: &str, now: Instant) -> Option<Vec<(TraceId, CachedDec
         .collect()
 }
 
+/// What a member answers to a join that matters to the joiner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinAnswer {
+    /// The members it routed by without the joiner.
+    pub previous: String,
+    /// Whether the joiner is in its ring now.
+    pub member: bool,
+}
+
 /// Idempotency keys of batches taken recently, in two generations (bounded, O(1)).
 pub(super) struct Seen {
     current: HashSet<u128>,
@@ -273,8 +287,8 @@ impl Cluster {
         }
     }
 
-    /// The headers of one forwarded batch: its idempotency key, and whether it is final.
-    pub(super) fn batch_headers(&self, fin: bool) -> http::HeaderMap {
+    /// The headers of one forwarded batch: its idempotency key, and how to take it.
+    pub(super) fn batch_headers(&self, mode: Mode) -> http::HeaderMap {
         let seq = self.batch_seq.fetch_add(1, Ordering::Relaxed);
         let key = (u128::from(self.batch_prefix) << 64) | u128::from(seq);
         let mut headers = http::HeaderMap::new();
@@ -282,8 +296,14 @@ impl Cluster {
             BATCH_HEADER,
             http::HeaderValue::from_str(&format!("{key:x}")).expect("hex is a header value"),
         );
-        if fin {
-            headers.insert(FINAL_HEADER, http::HeaderValue::from_static("1"));
+        match mode {
+            Mode::Route => {}
+            Mode::Final => {
+                headers.insert(MODE_HEADER, http::HeaderValue::from_static("final"));
+            }
+            Mode::Ask => {
+                headers.insert(MODE_HEADER, http::HeaderValue::from_static("ask"));
+            }
         }
         headers
     }
@@ -361,24 +381,51 @@ impl Cluster {
         self.seen.lock().remove(key);
     }
 
-    /// A peer said it joins or leaves.
-    pub fn on_membership(&self, from: &str, m: Membership) {
+    /// A peer said it joins or leaves. The answer to a join: the ring this replica routed
+    /// by without the joiner — before the change that added it, while that change's
+    /// overlap is open, or the ring in force when the joiner is not a member here (yet) —
+    /// and whether it is a member here.
+    pub fn on_membership(&self, from: &str, m: Membership) -> Option<JoinAnswer> {
         let from = normalize(from);
         tracing::info!(peer = %from, message = m.as_str(), "cluster member says so");
         match m {
             Membership::Leave => {
                 self.left.lock().insert(from.clone());
+                self.rebuild();
+                None
             }
             Membership::Join => {
                 self.left.lock().remove(&from);
                 self.down.lock().remove(&from);
+                self.rebuild();
+                let routing = self.routing.load();
+                let members =
+                    |ring: &Ring| ring.addrs().map(|a| &**a).collect::<Vec<_>>().join(",");
+                if !routing.current.contains(&from) {
+                    return Some(JoinAnswer {
+                        previous: members(&routing.current),
+                        member: false,
+                    });
+                }
+                match &routing.previous {
+                    Some((ring, until)) if Instant::now() < *until && !ring.contains(&from) => {
+                        Some(JoinAnswer {
+                            previous: members(ring),
+                            member: true,
+                        })
+                    }
+                    _ => None,
+                }
             }
         }
-        self.rebuild();
     }
 
     /// Sends a membership message to `peers`; returns those that took it.
-    async fn announce(self: &Arc<Self>, m: Membership, peers: Vec<String>) -> Vec<String> {
+    async fn announce(
+        self: &Arc<Self>,
+        m: Membership,
+        peers: Vec<String>,
+    ) -> Vec<(String, Option<JoinAnswer>)> {
         let mut sends = tokio::task::JoinSet::new();
         for peer in peers {
             let cluster = self.clone();
@@ -386,14 +433,18 @@ impl Cluster {
         }
         let mut told = Vec::new();
         while let Some(done) = sends.join_next().await {
-            if let Ok(Some(peer)) = done {
-                told.push(peer);
+            if let Ok(Some(answer)) = done {
+                told.push(answer);
             }
         }
         told
     }
 
-    async fn announce_to(&self, m: Membership, peer: String) -> Option<String> {
+    async fn announce_to(
+        &self,
+        m: Membership,
+        peer: String,
+    ) -> Option<(String, Option<JoinAnswer>)> {
         {
             let sink = self.sink(&peer)?;
             let mut headers = http::HeaderMap::new();
@@ -404,7 +455,16 @@ impl Cluster {
             match tokio::time::timeout(MEMBERSHIP_TIMEOUT, sink.send_with(Bytes::new(), headers))
                 .await
             {
-                Ok(Ok(_)) => Some(peer),
+                Ok(Ok((_, headers))) => {
+                    let answer = headers
+                        .get(PREVIOUS_RING_HEADER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|previous| JoinAnswer {
+                            previous: previous.to_owned(),
+                            member: !headers.contains_key(NOT_A_MEMBER_HEADER),
+                        });
+                    Some((peer, answer))
+                }
                 Ok(Err((e, _))) => {
                     tracing::debug!(peer, error = %e, message = m.as_str(), "peer did not take a membership message");
                     None
@@ -414,15 +474,40 @@ impl Cluster {
         }
     }
 
-    /// Tells peers that have not heard it yet that this replica is a member.
-    pub(super) async fn announce_join(self: &Arc<Self>) {
+    /// Tells peers that have not heard it yet that this replica is a member. A peer that
+    /// routed without it answers with that ring: this replica then routes by it as its
+    /// previous ring through an overlap (traces held there stay there), and a peer that
+    /// has not taken it into its ring yet (static peers not reloaded) is told again at the
+    /// next refresh, the overlap lasting meanwhile.
+    pub async fn announce_join(self: &Arc<Self>) {
         let peers: Vec<String> = self.unannounced.lock().iter().cloned().collect();
         if peers.is_empty() {
             return;
         }
-        for peer in self.announce(Membership::Join, peers).await {
-            self.unannounced.lock().remove(&peer);
+        let mut previous = None;
+        for (peer, answer) in self.announce(Membership::Join, peers).await {
+            if let Some(answer) = answer {
+                if answer.member {
+                    self.unannounced.lock().remove(&peer);
+                }
+                previous = previous.or(Some(answer.previous));
+            } else {
+                self.unannounced.lock().remove(&peer);
+            }
         }
+        let Some(before) = previous else { return };
+        let routing = self.routing.load();
+        let members: Vec<String> = before.split(',').map(normalize).collect();
+        if !routing.overlapping(Instant::now()) {
+            tracing::info!(previous = ?members, overlap = ?self.overlap, "joined a running cluster: traces its members hold stay with them through the overlap");
+        }
+        self.routing.store(Arc::new(Routing {
+            current: routing.current.clone(),
+            previous: Some((
+                Ring::without_me(members, &self.me),
+                Instant::now() + self.overlap,
+            )),
+        }));
     }
 
     /// Leaves the ring: first hands `decisions` (recent ones, made here) to the traces'
@@ -456,7 +541,7 @@ impl Cluster {
                 };
                 let mut sent = 0;
                 for chunk in decisions.chunks(DECISIONS_PER_REQUEST) {
-                    let mut headers = cluster.batch_headers(true);
+                    let mut headers = cluster.batch_headers(Mode::Final);
                     headers.insert(
                         DECISIONS_HEADER,
                         http::HeaderValue::from_str(&encode_decisions(chunk)).expect("base64"),
@@ -544,7 +629,7 @@ impl Cluster {
                 rest.extend(batches.flat_map(|(_, s)| s));
                 break;
             }
-            let mut headers = self.batch_headers(true);
+            let mut headers = self.batch_headers(Mode::Final);
             headers.insert(
                 HANDOFF_HEADER,
                 http::HeaderValue::from_str(&encode_handoff(&entries)).expect("base64"),

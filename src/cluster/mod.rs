@@ -32,7 +32,7 @@ use forward::Forwarder;
 
 mod membership;
 
-pub use membership::{Handed, Membership, PeerRequest};
+pub use membership::{Handed, JoinAnswer, Membership, PeerRequest};
 
 mod ring;
 
@@ -63,8 +63,9 @@ use config::ClusterConfig;
 
 /// The header that marks a request as forwarded by a replica; its value is the sender.
 pub const FORWARDED_HEADER: &str = "x-llmtail-forwarded";
-/// On a forwarded request: take it here, do not route it again.
-pub const FINAL_HEADER: &str = "x-llmtail-final";
+/// On a forwarded request: `final` (take it here, do not route it again) or `ask` (keep
+/// it if its trace is held or decided here, else pass it to its owner, final).
+pub const MODE_HEADER: &str = "x-llmtail-route";
 /// On a forwarded request: its idempotency key (sender and sequence).
 pub const BATCH_HEADER: &str = "x-llmtail-batch";
 /// On a hand-off: each handed trace's id, age and time to its deadline (binary metadata).
@@ -73,14 +74,34 @@ pub const HANDOFF_HEADER: &str = "x-llmtail-handoff-bin";
 pub const DECISIONS_HEADER: &str = "x-llmtail-decisions-bin";
 /// On an empty request: `join` or `leave`.
 pub const MEMBERSHIP_HEADER: &str = "x-llmtail-membership";
+/// On the answer to a join: the ring the receiver routed by without the joiner (before
+/// the change that added it, or still, when it is not a member there yet).
+pub const PREVIOUS_RING_HEADER: &str = "x-llmtail-previous-ring";
+/// On the answer to a join: the joiner is not in the receiver's ring (yet).
+pub const NOT_A_MEMBER_HEADER: &str = "x-llmtail-not-a-member";
+
+/// How a forwarded request is to be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Mode {
+    /// Routed again by the receiver's ring (its view wins; forwards it makes are final).
+    #[default]
+    Route,
+    /// Taken by the receiver.
+    Final,
+    /// Sent to a trace's previous owner: kept if its trace is held or decided there,
+    /// else passed on to the owner in the receiver's ring, final.
+    Ask,
+}
 
 /// Where a span goes ([`Routing::route`]).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Route<'a> {
     /// This replica owns its trace.
     Here,
-    /// Forwarded to this member.
+    /// Forwarded to this member, its owner.
     To(&'a Arc<str>),
+    /// Forwarded to this member, its previous owner, which keeps it if it holds it.
+    Ask(&'a Arc<str>),
     /// This replica owned its trace before the ring changed: kept here if held or decided
     /// here, else passed on to the owner given.
     HereIfKnown(&'a Arc<str>),
@@ -109,7 +130,7 @@ impl Routing {
                         return Route::HereIfKnown(owner);
                     }
                 } else if let Some(member) = self.current.member(before) {
-                    return Route::To(member);
+                    return Route::Ask(member);
                 }
             }
         }
@@ -143,7 +164,7 @@ pub struct Cluster {
     leaving: AtomicBool,
     /// Peers that have not yet heard that this replica joined.
     unannounced: Mutex<HashSet<String>>,
-    forwarders: Mutex<HashMap<(Arc<str>, bool), Forwarder>>,
+    forwarders: Mutex<HashMap<(Arc<str>, Mode), Forwarder>>,
     /// Spans a peer did not take, handed back: (request, whether to route it again).
     fallback: mpsc::UnboundedSender<(Bytes, bool)>,
     /// A bearer token for peers that require one (the first of `receiver.auth`).
@@ -170,14 +191,11 @@ impl Cluster {
         let me = normalize(cfg.self_address.as_deref().unwrap_or_default());
         let (fallback, rx) = mpsc::unbounded_channel();
         let known: Vec<String> = cfg.peers.iter().map(|p| normalize(p)).collect();
-        // A replica that starts joins a ring that worked without it: traces its peers
-        // hold stay with them through the overlap.
+        // A replica that starts and finds, as it says it joins, that its peers worked
+        // without it takes their ring before it as its previous one (see `announce_join`).
         let routing = Routing {
             current: Ring::new(known.clone(), &me),
-            previous: Some((
-                Ring::without_me(known.clone(), &me),
-                Instant::now() + overlap,
-            )),
+            previous: None,
         };
         let cluster = Arc::new(Cluster {
             routing: ArcSwap::from_pointee(routing),
@@ -476,7 +494,7 @@ mod tests {
         let peer: Arc<str> = Arc::from("127.0.0.1:9");
         // Nothing listens on the discard port: the batch comes back to be taken here.
         let series = || String::from_utf8_lossy(&metrics.render()).contains("peer=\"127.0.0.1:9\"");
-        assert!(cluster.forward(&peer, false, Vec::new()).is_ok());
+        assert!(cluster.forward(&peer, Mode::Route, Vec::new()).is_ok());
         tokio::task::yield_now().await;
         assert!(series(), "the forwarder publishes its series");
         *cluster.known.lock() = vec!["127.0.0.1:1".into()];
@@ -529,9 +547,9 @@ mod tests {
             if before == "a:1" {
                 assert!(matches!(at_a.route(&id, t0), Route::HereIfKnown(o) if &**o == "c:1"));
             } else {
-                assert!(matches!(at_a.route(&id, t0), Route::To(p) if **p == *before));
+                assert!(matches!(at_a.route(&id, t0), Route::Ask(p) if **p == *before));
             }
-            assert!(matches!(at_c.route(&id, t0), Route::To(p) if **p == *before));
+            assert!(matches!(at_c.route(&id, t0), Route::Ask(p) if **p == *before));
             // After the overlap: the new owner.
             assert!(matches!(at_a.route(&id, until), Route::To(p) if &**p == "c:1"));
             assert_eq!(at_c.route(&id, until), Route::Here);

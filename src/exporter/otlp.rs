@@ -85,16 +85,18 @@ impl OtlpGrpcSink {
     pub async fn send(&self, request: Bytes) -> Result<Rejected, SendError> {
         self.send_with(request, http::HeaderMap::new())
             .await
+            .map(|(rejected, _)| rejected)
             .map_err(|(e, _)| e)
     }
 
-    /// [`OtlpGrpcSink::send`] with headers for this request only; an error says whether
-    /// the request may have reached the server ([`Delivery`]).
+    /// [`OtlpGrpcSink::send`] with headers for this request only, returning the response's
+    /// headers too; an error says whether the request may have reached the server
+    /// ([`Delivery`]).
     pub async fn send_with(
         &self,
         request: Bytes,
         extra: http::HeaderMap,
-    ) -> Result<Rejected, (SendError, Delivery)> {
+    ) -> Result<(Rejected, http::HeaderMap), (SendError, Delivery)> {
         let (header, payload) = match self.gzip {
             Some(level) => {
                 let mut framed =
@@ -165,7 +167,10 @@ impl OtlpGrpcSink {
                 .headers
                 .get("grpc-encoding")
                 .is_some_and(|e| e.as_bytes() == b"gzip");
-            Ok(response_message(&collected.to_bytes(), compressed))
+            Ok((
+                response_message(&collected.to_bytes(), compressed),
+                parts.headers,
+            ))
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,

@@ -3,7 +3,7 @@
 //! to their trace's owner).
 
 use super::*;
-use crate::cluster::Route;
+use crate::cluster::{Mode, Route};
 use crate::llm::{SpanOrigin, call_from_span, text};
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::randomness_value;
@@ -26,12 +26,12 @@ impl Pipeline {
         request: Bytes,
         peer: &crate::cluster::PeerRequest,
     ) -> Result<IngestOutcome, IngestError> {
-        let placement = if peer.fin {
-            Placement::Here
-        } else {
-            Placement::Route {
+        let placement = match peer.mode {
+            crate::cluster::Mode::Final => Placement::Here,
+            crate::cluster::Mode::Ask => Placement::Ask,
+            crate::cluster::Mode::Route => Placement::Route {
                 final_forwards: true,
-            }
+            },
         };
         if !peer.decisions.is_empty() {
             let split = self.buffer.adopt_decisions(&peer.decisions);
@@ -105,14 +105,22 @@ impl Pipeline {
         let max_span_bytes = self.limits.max_span_bytes.load(Ordering::Relaxed);
         let max_attribute_bytes = self.limits.max_attribute_bytes.load(Ordering::Relaxed);
         // Spans of traces another replica owns are forwarded to it.
-        let (routing, final_forwards) = match (&self.cluster, placement) {
-            (Some(c), Placement::Route { final_forwards }) => (Some(c.ring()), final_forwards),
-            _ => (None, false),
+        let (routing, owner_mode) = match (&self.cluster, placement) {
+            (Some(c), Placement::Route { final_forwards }) => (
+                Some(c.ring()),
+                if final_forwards {
+                    Mode::Final
+                } else {
+                    Mode::Route
+                },
+            ),
+            (Some(c), Placement::Ask) => (Some(c.ring()), Mode::Final),
+            _ => (None, Mode::Final),
         };
         // Traces another member owns taken here after all, and handed-off traces decided
         // here already: each is counted once as split.
         let mut split: std::collections::HashSet<(TraceId, &'static str)> = Default::default();
-        let mut forwards: Vec<((Arc<str>, bool), Vec<HeldSpan>)> = Vec::new();
+        let mut forwards: Vec<((Arc<str>, Mode), Vec<HeldSpan>)> = Vec::new();
         let mut refuse =
             |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
                 outcome.rejected += 1;
@@ -179,13 +187,24 @@ impl Pipeline {
                         .clone();
                     outcome.accepted += 1;
                     let to = routing.as_ref().and_then(|r| {
-                        match r.route(&facts.trace_id, now) {
+                        let id = &facts.trace_id;
+                        if placement == Placement::Ask {
+                            // Asked as its previous owner: kept if held or decided here,
+                            // else to its owner now, final.
+                            return if self.buffer.knows(id) {
+                                None
+                            } else {
+                                r.current.elsewhere(id).map(|o| (o.clone(), Mode::Final))
+                            };
+                        }
+                        match r.route(id, now) {
                             Route::Here => None,
-                            Route::To(p) => Some((p.clone(), final_forwards)),
+                            Route::To(p) => Some((p.clone(), owner_mode)),
+                            Route::Ask(p) => Some((p.clone(), Mode::Ask)),
                             // Its previous owner keeps what it holds; the new owner must
                             // take the rest (final), not send it back here.
                             Route::HereIfKnown(owner) => {
-                                (!self.buffer.knows(&facts.trace_id)).then(|| (owner.clone(), true))
+                                (!self.buffer.knows(id)).then(|| (owner.clone(), Mode::Final))
                             }
                         }
                     });
@@ -310,8 +329,8 @@ impl Pipeline {
             .with_label_values(&[protocol.label()])
             .inc_by(outcome.accepted);
         if let Some(cluster) = &self.cluster {
-            for ((peer, fin), spans) in forwards {
-                if let Err(spans) = cluster.forward(&peer, fin, spans) {
+            for ((peer, mode), spans) in forwards {
+                if let Err(spans) = cluster.forward(&peer, mode, spans) {
                     // The peer's queue is full: decided here instead.
                     self.take_back(crate::otlp::reframe::encode_verbatim(&spans), false);
                 }

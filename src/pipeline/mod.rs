@@ -63,6 +63,9 @@ pub enum Placement {
     Route { final_forwards: bool },
     /// Here: a forward marked final, or a hand-off.
     Here,
+    /// Here if the trace is held or decided here, else to its owner (final): this replica
+    /// is its previous owner.
+    Ask,
     /// Here, because no member took them (counted as split when another member owns
     /// their trace).
     HereAfterAll,

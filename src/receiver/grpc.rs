@@ -224,6 +224,7 @@ where
             .extensions()
             .get::<super::conn::RemoteAddr>()
             .map(|r| r.0.ip());
+        let mut ring_reply = None;
         let (protocol, from_peer) = match (forwarded_by, &self.pipeline.cluster) {
             (Some(peer), Some(cluster)) if remote.is_some_and(|ip| cluster.is_member(ip)) => {
                 let request = match crate::cluster::PeerRequest::from_headers(peer, req.headers()) {
@@ -234,7 +235,7 @@ where
                     }
                 };
                 if let Some(m) = request.membership {
-                    cluster.on_membership(peer, m);
+                    ring_reply = cluster.on_membership(peer, m);
                 }
                 (
                     Protocol::Peer,
@@ -284,6 +285,18 @@ where
                 ))
                 .into_http());
             };
+            if let Some(answer) = ring_reply
+                && let Ok(previous) = http::HeaderValue::from_str(&answer.previous)
+            {
+                let headers = response.headers_mut();
+                headers.insert(crate::cluster::PREVIOUS_RING_HEADER, previous);
+                if !answer.member {
+                    headers.insert(
+                        crate::cluster::NOT_A_MEMBER_HEADER,
+                        http::HeaderValue::from_static("1"),
+                    );
+                }
+            }
             // tonic refuses an oversized uncompressed message with OUT_OF_RANGE (and an
             // oversized decompressed one with RESOURCE_EXHAUSTED); OTLP asks for
             // RESOURCE_EXHAUSTED in both cases. The handler itself never says OUT_OF_RANGE.
