@@ -251,7 +251,7 @@ pub async fn run(
     if let Some(cluster) = &cluster {
         // Before taking spans: peers that ran without this replica say so, and traces they
         // hold stay with them (see `cluster.overlap`).
-        let _ = tokio::time::timeout(Duration::from_secs(3), cluster.announce_join()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), cluster.refresh_once()).await;
     }
     let stop_receivers = CancellationToken::new();
     let (receivers, bound) =

@@ -270,7 +270,7 @@ impl Cluster {
             Some(tls) => ("https", tls.clone()),
             None => ("http", Default::default()),
         };
-        match OtlpGrpcSink::new(&OtlpExporterConfig {
+        let cfg = OtlpExporterConfig {
             endpoint: format!("{scheme}://{peer}"),
             protocol: ExportProtocol::Grpc,
             timeout: Dur(forward::FORWARD_TIMEOUT),
@@ -278,7 +278,8 @@ impl Cluster {
             compression_level: 1,
             headers,
             tls,
-        }) {
+        };
+        match OtlpGrpcSink::from(&cfg, self.local_ip) {
             Ok(sink) => Some(sink),
             Err(e) => {
                 tracing::error!(peer = %peer, error = %e, "cannot forward to peer");
@@ -417,6 +418,21 @@ impl Cluster {
                     _ => None,
                 }
             }
+        }
+    }
+
+    /// The answer to a join from an address that is not a member here (yet): the ring in
+    /// force, which it is not in.
+    pub fn answer_stranger(&self) -> JoinAnswer {
+        let routing = self.routing.load();
+        JoinAnswer {
+            previous: routing
+                .current
+                .addrs()
+                .map(|a| &**a)
+                .collect::<Vec<_>>()
+                .join(","),
+            member: false,
         }
     }
 

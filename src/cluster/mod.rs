@@ -162,6 +162,9 @@ pub struct Cluster {
     left: Mutex<HashSet<String>>,
     /// This replica is leaving: it owns nothing.
     leaving: AtomicBool,
+    /// The first refresh is done: the ring before it was no ring in force (with `dns`,
+    /// only this replica), so it opens no overlap.
+    started: AtomicBool,
     /// Peers that have not yet heard that this replica joined.
     unannounced: Mutex<HashSet<String>>,
     forwarders: Mutex<HashMap<(Arc<str>, Mode), Forwarder>>,
@@ -169,6 +172,9 @@ pub struct Cluster {
     fallback: mpsc::UnboundedSender<(Bytes, bool)>,
     /// A bearer token for peers that require one (the first of `receiver.auth`).
     auth_header: Option<String>,
+    /// The address connections to peers leave from: this replica's own, when it is an IP
+    /// of this host (peers accept the forwarding header only from members' addresses).
+    local_ip: Option<std::net::IpAddr>,
     /// Forwarded batches recently taken, by idempotency key.
     seen: Mutex<membership::Seen>,
     /// This process's idempotency keys: a random prefix and a sequence.
@@ -190,6 +196,12 @@ impl Cluster {
     ) -> (Arc<Cluster>, mpsc::UnboundedReceiver<(Bytes, bool)>) {
         let me = normalize(cfg.self_address.as_deref().unwrap_or_default());
         let (fallback, rx) = mpsc::unbounded_channel();
+        let local_ip = me
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip())
+            .filter(|ip| !ip.is_unspecified())
+            .filter(|ip| std::net::TcpListener::bind((*ip, 0)).is_ok());
         let known: Vec<String> = cfg.peers.iter().map(|p| normalize(p)).collect();
         // A replica that starts and finds, as it says it joins, that its peers worked
         // without it takes their ring before it as its previous one (see `announce_join`).
@@ -214,9 +226,11 @@ impl Cluster {
             down: Mutex::new(HashMap::new()),
             left: Mutex::new(HashSet::new()),
             leaving: AtomicBool::new(false),
+            started: AtomicBool::new(false),
             forwarders: Mutex::new(HashMap::new()),
             fallback,
             auth_header: auth_token.map(|t| format!("Bearer {t}")),
+            local_ip,
             seen: Mutex::new(membership::Seen::new(membership::SEEN_BATCHES)),
             batch_prefix: rand::random(),
             batch_seq: AtomicU64::new(0),
@@ -364,12 +378,13 @@ impl Cluster {
             overlap = ?self.overlap,
             "cluster ring changed"
         );
-        let previous = if self.leaving.load(Ordering::SeqCst) {
-            // A leaving replica hands its traces off: no overlap.
-            None
-        } else {
-            Some((old.current.clone(), now + self.overlap))
-        };
+        let previous =
+            if self.leaving.load(Ordering::SeqCst) || !self.started.load(Ordering::SeqCst) {
+                // A leaving replica hands its traces off, a starting one holds none: no overlap.
+                None
+            } else {
+                Some((old.current.clone(), now + self.overlap))
+            };
         self.routing.store(Arc::new(Routing {
             current: ring,
             previous,
@@ -427,35 +442,42 @@ impl Cluster {
                 () = self.stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Some(name) = &self.cfg.dns {
-                match tokio::net::lookup_host(name.as_str()).await {
-                    Ok(addrs) => {
-                        let mut found: Vec<String> = addrs.map(|a| a.to_string()).collect();
-                        found.sort();
-                        found.dedup();
-                        let mut known = self.known.lock();
-                        if *known != found {
-                            let mut unannounced = self.unannounced.lock();
-                            for p in &found {
-                                if *p != self.me && !known.contains(p) {
-                                    unannounced.insert(p.clone());
-                                }
+            self.refresh_once().await;
+        }
+    }
+
+    /// One refresh: what `refresh` does each time (and a starting replica before it takes
+    /// spans, so that it routes by its peers from its first span).
+    pub async fn refresh_once(self: &Arc<Self>) {
+        if let Some(name) = &self.cfg.dns {
+            match tokio::net::lookup_host(name.as_str()).await {
+                Ok(addrs) => {
+                    let mut found: Vec<String> = addrs.map(|a| a.to_string()).collect();
+                    found.sort();
+                    found.dedup();
+                    let mut known = self.known.lock();
+                    if *known != found {
+                        let mut unannounced = self.unannounced.lock();
+                        for p in &found {
+                            if *p != self.me && !known.contains(p) {
+                                unannounced.insert(p.clone());
                             }
-                            // An address gone from DNS is gone; one back is a new member.
-                            self.left.lock().retain(|l| found.contains(l));
-                            *known = found;
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(dns = %name, error = %e, "cannot resolve the cluster's peers; keeping the last members");
+                        // An address gone from DNS is gone; one back is a new member.
+                        self.left.lock().retain(|l| found.contains(l));
+                        *known = found;
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(dns = %name, error = %e, "cannot resolve the cluster's peers; keeping the last members");
+                }
             }
-            self.resolve_members().await;
-            self.rebuild();
-            if !self.leaving.load(Ordering::SeqCst) {
-                self.announce_join().await;
-            }
+        }
+        self.resolve_members().await;
+        self.rebuild();
+        self.started.store(true, Ordering::SeqCst);
+        if !self.leaving.load(Ordering::SeqCst) {
+            self.announce_join().await;
         }
     }
 }

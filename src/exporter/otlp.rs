@@ -34,6 +34,15 @@ fn read(path: &std::path::Path) -> Result<Vec<u8>, SinkError> {
 
 impl OtlpGrpcSink {
     pub fn new(cfg: &OtlpExporterConfig) -> Result<OtlpGrpcSink, SinkError> {
+        OtlpGrpcSink::from(cfg, None)
+    }
+
+    /// A sink whose connections leave from `local` (a replica reaching its peers from the
+    /// address they know it by).
+    pub fn from(
+        cfg: &OtlpExporterConfig,
+        local: Option<std::net::IpAddr>,
+    ) -> Result<OtlpGrpcSink, SinkError> {
         let mut endpoint = Endpoint::from_shared(cfg.endpoint.clone())
             .map_err(|e| {
                 SinkError(format!(
@@ -42,7 +51,8 @@ impl OtlpGrpcSink {
                 ))
             })?
             .timeout(cfg.timeout.0)
-            .connect_timeout(CONNECT_TIMEOUT);
+            .connect_timeout(CONNECT_TIMEOUT)
+            .local_address(local);
         if cfg.uses_tls() {
             let mut tls = ClientTlsConfig::new();
             tls = match &cfg.tls.ca_file {

@@ -248,6 +248,18 @@ where
                     )),
                 )
             }
+            (Some(peer), Some(cluster))
+                if req
+                    .headers()
+                    .get(crate::cluster::MEMBERSHIP_HEADER)
+                    .is_some_and(|v| v == "join") =>
+            {
+                // A replica not (yet) among the members says it joins: told the ring it is
+                // not in, nothing else (it becomes a member through `peers` or `dns`).
+                tracing::info!(peer, remote = ?remote, "a replica that is not a member yet says it joins");
+                ring_reply = Some(cluster.answer_stranger());
+                (Protocol::Grpc, None)
+            }
             (Some(peer), _) => {
                 if let Some(held_back) = FORGED_FORWARD.allow() {
                     tracing::warn!(header = FORWARDED_HEADER, claims = peer, remote = ?remote, similar_reports_held_back = held_back, "a client that is not a cluster member sent the peer-forwarding header; its spans are taken as any client's");

@@ -12,9 +12,9 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const BASE_RATE: f64 = 0.3;
+pub(crate) const BASE_RATE: f64 = 0.3;
 
-fn config(sink: &Sink, ports: &[u16], me: u16) -> String {
+pub(crate) fn config(sink: &Sink, ports: &[u16], me: u16) -> String {
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     format!(
         "sampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\ncluster:\n  peers: [{}]\n  self: 127.0.0.1:{me}\n  refresh_interval: 200ms\n  peer_retry_interval: 60s\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\nshutdown_timeout: 5s\n",
@@ -23,7 +23,7 @@ fn config(sink: &Sink, ports: &[u16], me: u16) -> String {
     )
 }
 
-fn generate(rng: &mut StdRng, n: usize) -> Vec<GeneratedTrace> {
+pub(crate) fn generate(rng: &mut StdRng, n: usize) -> Vec<GeneratedTrace> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -37,7 +37,7 @@ fn generate(rng: &mut StdRng, n: usize) -> Vec<GeneratedTrace> {
 }
 
 /// Sends every span to a random one of `replicas`, 80 spans per round.
-async fn scatter_spans(rng: &mut StdRng, replicas: &[&Daemon], spans: Vec<Span>) {
+pub(crate) async fn scatter_spans(rng: &mut StdRng, replicas: &[&Daemon], spans: Vec<Span>) {
     let mut clients = Vec::new();
     for d in replicas {
         clients.push(client(&d.endpoint()).await);
@@ -56,7 +56,7 @@ async fn scatter_spans(rng: &mut StdRng, replicas: &[&Daemon], spans: Vec<Span>)
 }
 
 /// Sends every span to a random one of `replicas`, 20 traces per round.
-async fn scatter(rng: &mut StdRng, replicas: &[&Daemon], traces: &[GeneratedTrace]) {
+pub(crate) async fn scatter(rng: &mut StdRng, replicas: &[&Daemon], traces: &[GeneratedTrace]) {
     let mut clients = Vec::new();
     for d in replicas {
         clients.push(client(&d.endpoint()).await);
@@ -74,7 +74,7 @@ async fn scatter(rng: &mut StdRng, replicas: &[&Daemon], traces: &[GeneratedTrac
     }
 }
 
-fn expected(traces: &[GeneratedTrace]) -> HashSet<Vec<u8>> {
+pub(crate) fn expected(traces: &[GeneratedTrace]) -> HashSet<Vec<u8>> {
     traces
         .iter()
         .filter(|t| t.kind != Kind::Normal || consistent_keep(&t.trace_id, BASE_RATE))
@@ -83,7 +83,7 @@ fn expected(traces: &[GeneratedTrace]) -> HashSet<Vec<u8>> {
 }
 
 /// Spans at the sink by trace, with a check that no span arrived twice.
-fn arrived(sink: &Sink) -> HashMap<Vec<u8>, usize> {
+pub(crate) fn arrived(sink: &Sink) -> HashMap<Vec<u8>, usize> {
     let spans = sink.spans();
     let unique: HashSet<(Vec<u8>, Vec<u8>)> = spans
         .iter()
@@ -99,7 +99,7 @@ fn arrived(sink: &Sink) -> HashMap<Vec<u8>, usize> {
 
 /// Waits until every replica holds nothing and has nothing queued: every trace sent so far
 /// is decided and exported (or forwarded and then so).
-async fn settled(replicas: &[&Daemon]) {
+pub(crate) async fn settled(replicas: &[&Daemon]) {
     // The gauges are refreshed every decision tick (10 ms): a reading taken right after the
     // last send may predate it, so only readings 100 ms later count.
     let fresh = std::time::Instant::now() + Duration::from_millis(100);

@@ -20,6 +20,7 @@ mod llm;
 mod llm_clients;
 mod reload;
 mod rules;
+mod scaling;
 mod sdk_clients;
 mod security;
 mod wal;

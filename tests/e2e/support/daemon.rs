@@ -81,15 +81,25 @@ impl Daemon {
 
     /// Starts llmtail as [`Launch`] says.
     pub fn launch_opts(body: &str, opts: Launch<'_>) -> Daemon {
-        let config = format!(
-            "{}{body}",
-            Daemon::prefix_limited(
-                opts.grpc_extra,
-                opts.http_extra,
-                opts.max_request_bytes.unwrap_or(1_000_000)
-            )
+        let mut prefix = Daemon::prefix_limited(
+            opts.grpc_extra,
+            opts.http_extra,
+            opts.max_request_bytes.unwrap_or(1_000_000),
         );
-        Daemon::spawn(config, opts.envs, opts.cgroup, opts.dir)
+        if let Some(endpoint) = opts.grpc_endpoint {
+            prefix = prefix.replacen("127.0.0.1:0", endpoint, 1);
+        }
+        let config = format!("{prefix}{body}");
+        Daemon::spawn_in(config, opts.envs, opts.cgroup, opts.dir, opts.hosts)
+    }
+
+    /// Rewrites the config file of a daemon started with [`Daemon::start_at`] with a new
+    /// `body` (receivers as at start) and sends SIGHUP.
+    pub fn reload_at(&self, grpc_port: u16, body: &str) {
+        let path = self.dir.path().join("config.yaml");
+        let prefix = Daemon::prefix(&format!("@{grpc_port}"), "");
+        std::fs::write(&path, format!("{prefix}{body}")).unwrap();
+        self.signal("HUP");
     }
 
     /// Rewrites the config file with a new `body` (receivers as at start) and sends SIGHUP.
@@ -125,14 +135,35 @@ impl Daemon {
         cgroup: Option<&MemoryCgroup>,
         dir: Option<tempfile::TempDir>,
     ) -> Daemon {
+        Daemon::spawn_in(config, envs, cgroup, dir, None)
+    }
+
+    fn spawn_in(
+        config: String,
+        envs: &[(&str, &str)],
+        cgroup: Option<&MemoryCgroup>,
+        dir: Option<tempfile::TempDir>,
+        hosts: Option<&std::path::Path>,
+    ) -> Daemon {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).unwrap();
         let log_path = dir.path().join("llmtail.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let mut command = match cgroup {
+        let mut command = match (cgroup, hosts) {
+            // unshare becomes the shell, which binds the hosts file over /etc/hosts in its
+            // own mount namespace, then becomes llmtail (one pid throughout, for signals).
+            (None, Some(hosts)) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                    .arg(hosts)
+                    .arg(binary());
+                c
+            }
+            (Some(_), Some(_)) => panic!("a cgroup and a hosts file together are not supported"),
             // The shell moves itself into the group, then becomes llmtail.
-            Some(group) => {
+            (Some(group), None) => {
                 let mut c = Command::new("sh");
                 c.arg("-c")
                     .arg("echo $$ > \"$0\" && exec \"$@\"")
@@ -140,7 +171,7 @@ impl Daemon {
                     .arg(binary());
                 c
             }
-            None => Command::new(binary()),
+            (None, None) => Command::new(binary()),
         };
         let mut child = command
             .arg("--config")
@@ -260,6 +291,11 @@ pub struct Launch<'a> {
     /// Extra keys under `receiver.grpc` and `receiver.http` (4-space indent).
     pub grpc_extra: &'a str,
     pub http_extra: &'a str,
+    /// The gRPC receiver's `host:port` (`127.0.0.1:0` unless given).
+    pub grpc_endpoint: Option<&'a str>,
+    /// Run in a private mount namespace in which this file is `/etc/hosts` (names the test
+    /// resolves as it likes; rewritten in place, the daemon sees every change). Needs root.
+    pub hosts: Option<&'a std::path::Path>,
 }
 
 /// A memory-limited cgroup (v1 or v2, whichever the machine mounts), as a pod's limit is;
