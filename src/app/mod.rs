@@ -209,7 +209,6 @@ pub async fn run(
     let stop_fallback = CancellationToken::new();
     let fallback_task =
         fallback.map(|rx| tokio::spawn(take_fallback(rx, pipeline.clone(), stop_fallback.clone())));
-    let refresh_task = cluster.clone().map(|c| tokio::spawn(c.refresh()));
     pipeline.limits.set(&cfg.limits);
     metrics
         .buffer_limit_bytes
@@ -253,6 +252,7 @@ pub async fn run(
         // hold stay with them (see `cluster.overlap`).
         let _ = tokio::time::timeout(Duration::from_secs(3), cluster.refresh_once()).await;
     }
+    let refresh_task = cluster.clone().map(|c| tokio::spawn(c.refresh()));
     let stop_receivers = CancellationToken::new();
     let (receivers, bound) =
         crate::receiver::start(&cfg.receiver, pipeline.clone(), &stop_receivers).await?;

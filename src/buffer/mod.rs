@@ -642,13 +642,24 @@ impl TraceBuffer {
     }
 
     /// Remembers decisions another replica made (it left the ring), for late spans. A
-    /// trace held or decided here as well was decided in two places: those are counted.
-    pub fn adopt_decisions(&self, decisions: &[(TraceId, CachedDecision)]) -> usize {
+    /// trace held here too (its later spans reached this replica, its new owner, before
+    /// the decision did) follows the decision: it is taken out with its LLM spans, to be
+    /// handled as late spans. Returns those, and how many traces were decided otherwise
+    /// here already (split).
+    pub fn adopt_decisions(
+        &self,
+        decisions: &[(TraceId, CachedDecision)],
+    ) -> (Vec<(CachedDecision, Vec<HeldSpan>, Vec<CallSpan>)>, usize) {
+        let mut follow = Vec::new();
         let mut split = 0;
         for (id, d) in decisions {
             let mut shard = self.shard(id).lock();
-            if shard.traces.contains_key(id) {
-                split += 1;
+            if let Some(e) = shard.traces.remove(id) {
+                shard.spans -= e.spans.len();
+                shard.calls -= e.calls.len();
+                shard.bytes -= e.bytes;
+                shard.decided.insert(*id, *d);
+                follow.push((*d, e.spans, e.calls));
                 continue;
             }
             match shard.decided.get(id) {
@@ -656,7 +667,7 @@ impl TraceBuffer {
                 None => shard.decided.insert(*id, *d),
             }
         }
-        split
+        (follow, split)
     }
 
     /// Whether this replica holds the trace or decided it recently.

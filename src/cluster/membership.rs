@@ -421,6 +421,27 @@ impl Cluster {
         }
     }
 
+    /// Waits (up to `limit`) until nothing is queued or in flight for `peer`: a leaving
+    /// peer is answered once the spans routed to it before it left have reached it, so it
+    /// can stop listening without a forward to it failing.
+    pub async fn drained(&self, peer: &str, limit: Duration) {
+        let peer = normalize(peer);
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            let queued: usize = self
+                .forwarders
+                .lock()
+                .iter()
+                .filter(|((p, _), _)| **p == *peer)
+                .map(|(_, f)| f.queued.load(Ordering::Acquire))
+                .sum();
+            if queued == 0 || tokio::time::Instant::now() >= end {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The answer to a join from an address that is not a member here (yet): the ring in
     /// force, which it is not in.
     pub fn answer_stranger(&self) -> JoinAnswer {
@@ -512,6 +533,7 @@ impl Cluster {
             }
         }
         let Some(before) = previous else { return };
+        let _one_at_a_time = self.changing.lock();
         let routing = self.routing.load();
         let members: Vec<String> = before.split(',').map(normalize).collect();
         if !routing.overlapping(Instant::now()) {

@@ -162,6 +162,9 @@ pub struct Cluster {
     left: Mutex<HashSet<String>>,
     /// This replica is leaving: it owns nothing.
     leaving: AtomicBool,
+    /// Held while the ring is rebuilt or replaced: one change at a time, each from the
+    /// ring the one before it left.
+    changing: Mutex<()>,
     /// The first refresh is done: the ring before it was no ring in force (with `dns`,
     /// only this replica), so it opens no overlap.
     started: AtomicBool,
@@ -227,6 +230,7 @@ impl Cluster {
             left: Mutex::new(HashSet::new()),
             leaving: AtomicBool::new(false),
             started: AtomicBool::new(false),
+            changing: Mutex::new(()),
             forwarders: Mutex::new(HashMap::new()),
             fallback,
             auth_header: auth_token.map(|t| format!("Bearer {t}")),
@@ -344,6 +348,7 @@ impl Cluster {
     /// Rebuilds the ring from the known members minus those marked down or gone; a
     /// change opens an overlap window in which the ring before it is known too.
     fn rebuild(&self) {
+        let _one_at_a_time = self.changing.lock();
         let now = Instant::now();
         let mut down = self.down.lock();
         down.retain(|_, until| *until > now);

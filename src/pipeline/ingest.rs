@@ -34,7 +34,16 @@ impl Pipeline {
             },
         };
         if !peer.decisions.is_empty() {
-            let split = self.buffer.adopt_decisions(&peer.decisions);
+            let (follow, split) = self.buffer.adopt_decisions(&peer.decisions);
+            let now = Instant::now();
+            for (decision, spans, calls) in follow {
+                for call in &calls {
+                    self.observer.observe_alone(call, now);
+                }
+                for span in spans {
+                    self.late_span(decision, span);
+                }
+            }
             self.metrics
                 .cluster_decisions_taken_over
                 .inc_by(peer.decisions.len() as u64);
@@ -305,21 +314,7 @@ impl Pipeline {
                         if let Some(call) = &call {
                             self.observer.observe_alone(call, now);
                         }
-                        let label = if decision.keep() { "kept" } else { "dropped" };
-                        self.metrics.late_spans.with_label_values(&[label]).inc();
-                        if decision.exports() {
-                            if let Some(span) = self.redacted(span) {
-                                self.submit(vec![KeptSpan {
-                                    span,
-                                    threshold: decision.export_threshold(),
-                                }]);
-                            }
-                        } else {
-                            self.metrics
-                                .spans_dropped
-                                .with_label_values(&["late"])
-                                .inc();
-                        }
+                        self.late_span(decision, span);
                     }
                 }
             }
@@ -353,6 +348,27 @@ impl Pipeline {
         }
         self.dispatch(evicted);
         Ok(outcome)
+    }
+}
+
+impl Pipeline {
+    /// A span of a trace decided already follows the decision.
+    fn late_span(&self, decision: crate::buffer::CachedDecision, span: HeldSpan) {
+        let label = if decision.keep() { "kept" } else { "dropped" };
+        self.metrics.late_spans.with_label_values(&[label]).inc();
+        if decision.exports() {
+            if let Some(span) = self.redacted(span) {
+                self.submit(vec![KeptSpan {
+                    span,
+                    threshold: decision.export_threshold(),
+                }]);
+            }
+        } else {
+            self.metrics
+                .spans_dropped
+                .with_label_values(&["late"])
+                .inc();
+        }
     }
 }
 

@@ -112,6 +112,10 @@ impl TraceService {
     }
 }
 
+/// Longest wait, answering a leaving peer, for the spans routed to it to reach it (within
+/// the 2 s it waits for answers).
+const LEAVE_DRAIN: std::time::Duration = std::time::Duration::from_millis(1500);
+
 /// `x-llmtail-forwarded` from a client that is not a cluster member, reported at most
 /// every 10 s: its spans are taken as any client's.
 static FORGED_FORWARD: crate::telemetry::Throttle =
@@ -225,6 +229,8 @@ where
             .get::<super::conn::RemoteAddr>()
             .map(|r| r.0.ip());
         let mut ring_reply = None;
+        // A leaving peer is answered once what was routed to it has reached it.
+        let mut drain: Option<(Arc<crate::cluster::Cluster>, String)> = None;
         let (protocol, from_peer) = match (forwarded_by, &self.pipeline.cluster) {
             (Some(peer), Some(cluster)) if remote.is_some_and(|ip| cluster.is_member(ip)) => {
                 let request = match crate::cluster::PeerRequest::from_headers(peer, req.headers()) {
@@ -236,6 +242,9 @@ where
                 };
                 if let Some(m) = request.membership {
                     ring_reply = cluster.on_membership(peer, m);
+                    if m == crate::cluster::Membership::Leave {
+                        drain = Some((cluster.clone(), peer.to_owned()));
+                    }
                 }
                 (
                     Protocol::Peer,
@@ -283,6 +292,9 @@ where
             reservation: None,
         });
         Box::pin(async move {
+            if let Some((cluster, peer)) = drain {
+                cluster.drained(&peer, LEAVE_DRAIN).await;
+            }
             let mut grpc = tonic::server::Grpc::new(RawCodec::<
                 Prost<ExportTraceServiceResponse>,
                 Bytes,
