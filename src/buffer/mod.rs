@@ -76,6 +76,9 @@ pub struct Handed {
     pub due_in: Duration,
 }
 
+/// The spans (and LLM spans) of a held trace that follow a decision handed over.
+pub type Following = (CachedDecision, Vec<HeldSpan>, Vec<CallSpan>);
+
 /// A held trace taken out of the buffer undecided, to be handed to another replica.
 #[derive(Debug)]
 pub struct HeldTrace {
@@ -649,7 +652,7 @@ impl TraceBuffer {
     pub fn adopt_decisions(
         &self,
         decisions: &[(TraceId, CachedDecision)],
-    ) -> (Vec<(CachedDecision, Vec<HeldSpan>, Vec<CallSpan>)>, usize) {
+    ) -> (Vec<Following>, usize) {
         let mut follow = Vec::new();
         let mut split = 0;
         for (id, d) in decisions {

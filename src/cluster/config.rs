@@ -140,3 +140,51 @@ impl ClusterConfig {
         p
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_the_cluster_keys_that_need_a_restart() {
+        let old = ClusterConfig {
+            peers: vec!["10.0.0.1:4317".into(), "10.0.0.2:4317".into()],
+            self_address: Some("10.0.0.1:4317".into()),
+            ..ClusterConfig::default()
+        };
+        // Peers change live.
+        let more = ClusterConfig {
+            peers: vec![
+                "10.0.0.1:4317".into(),
+                "10.0.0.2:4317".into(),
+                "10.0.0.3:4317".into(),
+            ],
+            ..old.clone()
+        };
+        assert!(old.needs_restart(&more).is_empty());
+        let moved = ClusterConfig {
+            self_address: Some("10.0.0.9:4317".into()),
+            forward_queue_spans: 5,
+            ..more.clone()
+        };
+        assert_eq!(
+            old.needs_restart(&moved),
+            ["cluster.self", "cluster.forward_queue_spans"]
+        );
+        assert_eq!(
+            old.needs_restart(&ClusterConfig::default()),
+            ["cluster (enabling or disabling clustering)", "cluster.self"]
+        );
+    }
+
+    #[test]
+    fn the_overlap_covers_a_decision_and_two_refreshes_unless_set() {
+        let c = ClusterConfig::default();
+        assert_eq!(c.overlap(Duration::from_secs(10)), Duration::from_secs(20));
+        let set = ClusterConfig {
+            overlap: Some(Dur(Duration::from_secs(3))),
+            ..c
+        };
+        assert_eq!(set.overlap(Duration::from_secs(10)), Duration::from_secs(3));
+    }
+}

@@ -689,11 +689,14 @@ impl Cluster {
     }
 }
 
+/// One hand-off request: its traces' times (the header) and their spans (the body).
+type HandoffBatch = (Vec<(TraceId, Handed)>, Vec<HeldSpan>);
+
 /// Hand-off requests: whole traces together, at most [`HANDOFF_TRACES`] traces and
 /// [`forward::FORWARD_BATCH_BYTES`] bytes each (a larger trace goes in parts, each
 /// carrying its times).
-fn handoff_batches(traces: Vec<HeldTrace>) -> Vec<(Vec<(TraceId, Handed)>, Vec<HeldSpan>)> {
-    let mut out: Vec<(Vec<(TraceId, Handed)>, Vec<HeldSpan>)> = Vec::new();
+fn handoff_batches(traces: Vec<HeldTrace>) -> Vec<HandoffBatch> {
+    let mut out: Vec<HandoffBatch> = Vec::new();
     let mut bytes = 0;
     for t in traces {
         let entry = (t.id, t.handed);
@@ -723,6 +726,97 @@ fn handoff_batches(traces: Vec<HeldTrace>) -> Vec<(Vec<(TraceId, Handed)>, Vec<H
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gRPC server on 127.0.0.1 that records each request's idempotency key and resets
+    /// the stream of the first `lose` requests after reading them (as a peer whose answer is
+    /// lost: it has the request, the sender does not know).
+    async fn lossy_peer(lose: usize) -> (String, Arc<Mutex<Vec<String>>>) {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let keys = Arc::new(Mutex::new(Vec::new()));
+        let seen = keys.clone();
+        tokio::spawn(async move {
+            loop {
+                let (io, _) = listener.accept().await.unwrap();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let seen = seen.clone();
+                            async move {
+                                let key = req
+                                    .headers()
+                                    .get(BATCH_HEADER)
+                                    .map(|v| v.to_str().unwrap().to_owned());
+                                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                                let n = {
+                                    let mut seen = seen.lock();
+                                    seen.push(key.unwrap_or_default());
+                                    seen.len()
+                                };
+                                if n <= lose {
+                                    return Err::<http::Response<http_body_util::Full<Bytes>>, _>(
+                                        std::io::Error::other("answer lost"),
+                                    );
+                                }
+                                Ok(http::Response::builder()
+                                    .header("content-type", "application/grpc")
+                                    .header("grpc-status", "0")
+                                    .body(http_body_util::Full::new(Bytes::new()))
+                                    .unwrap())
+                            }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .http2_only()
+                        .serve_connection(TokioIo::new(io), service)
+                        .await;
+                });
+            }
+        });
+        (addr, keys)
+    }
+
+    fn cluster_of(peer: &str) -> Arc<Cluster> {
+        let cfg = ClusterConfig {
+            self_address: Some("127.0.0.1:1".into()),
+            peers: vec!["127.0.0.1:1".into(), peer.into()],
+            ..ClusterConfig::default()
+        };
+        Cluster::new(&cfg, Duration::from_secs(1), None, Metrics::new()).0
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_answer_is_lost_is_sent_again_with_its_key() {
+        let (peer, keys) = lossy_peer(2).await;
+        let cluster = cluster_of(&peer);
+        let sink = cluster.sink(&peer).unwrap();
+        let headers = cluster.batch_headers(Mode::Route);
+        let outcome = cluster
+            .deliver(&peer, &sink, &Bytes::new(), &headers, None)
+            .await;
+        assert_eq!(outcome, Outcome::Taken);
+        let keys = keys.lock().clone();
+        assert_eq!(keys.len(), 3, "two answers lost, the third taken");
+        assert!(!keys[0].is_empty());
+        assert!(
+            keys.iter().all(|k| *k == keys[0]),
+            "one key throughout: {keys:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_cannot_be_reached_has_not_taken_the_batch() {
+        // Nothing listens on the discard port: nothing was sent, the spans go elsewhere.
+        let cluster = cluster_of("127.0.0.1:9");
+        let sink = cluster.sink("127.0.0.1:9").unwrap();
+        let headers = cluster.batch_headers(Mode::Final);
+        let outcome = cluster
+            .deliver("127.0.0.1:9", &sink, &Bytes::new(), &headers, None)
+            .await;
+        assert_eq!(outcome, Outcome::NotTaken);
+    }
 
     #[test]
     fn handoff_records_survive_the_header() {

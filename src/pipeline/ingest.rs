@@ -129,7 +129,7 @@ impl Pipeline {
         // Traces another member owns taken here after all, and handed-off traces decided
         // here already: each is counted once as split.
         let mut split: std::collections::HashSet<(TraceId, &'static str)> = Default::default();
-        let mut forwards: Vec<((Arc<str>, Mode), Vec<HeldSpan>)> = Vec::new();
+        let mut forwards: Vec<(Forward, Vec<HeldSpan>)> = Vec::new();
         let mut refuse =
             |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
                 outcome.rejected += 1;
@@ -371,6 +371,9 @@ impl Pipeline {
         }
     }
 }
+
+/// Where a request's forwarded spans go: a peer, and how it is to take them.
+type Forward = (Arc<str>, Mode);
 
 /// The name of an instrumentation scope, as the LLM quirks table is keyed.
 fn scope_label(scope: &[u8]) -> Arc<str> {

@@ -360,23 +360,36 @@ async fn a_forward_sent_again_after_an_unknown_outcome_is_taken_once() {
     let forwarded = |key: &str| {
         let mut req = tonic::Request::new(loadgen::request(spans.clone()));
         let m = req.metadata_mut();
-        m.insert("x-llmtail-forwarded", format!("127.0.0.1:{peer}").parse().unwrap());
+        m.insert(
+            "x-llmtail-forwarded",
+            format!("127.0.0.1:{peer}").parse().unwrap(),
+        );
         m.insert("x-llmtail-route", "final".parse().unwrap());
         m.insert("x-llmtail-batch", key.parse().unwrap());
         req
     };
     // The peer's first attempt, and the same batch again (its answer was lost).
-    c.export(forwarded("5eed0000000000000000000000000001")).await.unwrap();
-    c.export(forwarded("5eed0000000000000000000000000001")).await.unwrap();
+    c.export(forwarded("5eed0000000000000000000000000001"))
+        .await
+        .unwrap();
+    c.export(forwarded("5eed0000000000000000000000000001"))
+        .await
+        .unwrap();
     let want = traces.len() * 4;
-    assert_eq!(sink.wait_for_spans(want, Duration::from_secs(10)).await, want);
+    assert_eq!(
+        sink.wait_for_spans(want, Duration::from_secs(10)).await,
+        want
+    );
     let m = d
         .wait_metrics(Duration::from_secs(5), |m| {
             m.sum("llmtail_traces_total", &[]) == traces.len() as f64
         })
         .await;
     assert_eq!(m.sum("llmtail_cluster_duplicate_batches_total", &[]), 1.0);
-    assert_eq!(m.sum("llmtail_cluster_spans_received_total", &[]), want as f64);
+    assert_eq!(
+        m.sum("llmtail_cluster_spans_received_total", &[]),
+        want as f64
+    );
     assert_eq!(sink.spans().len(), want, "taken once");
     arrived(&sink);
     // A key that is not one is refused, naming the header.
