@@ -100,6 +100,14 @@ pub(crate) fn arrived(sink: &Sink) -> HashMap<Vec<u8>, usize> {
     by_trace
 }
 
+/// One replica at each of `ports`, all of them its peers.
+pub(crate) fn start_replicas(sink: &Sink, ports: &[u16]) -> Vec<Daemon> {
+    ports
+        .iter()
+        .map(|p| Daemon::start_at(*p, &config(sink, ports, *p)))
+        .collect()
+}
+
 /// Waits until every replica holds nothing and has nothing queued: every trace sent so far
 /// is decided and exported (or forwarded and then so).
 pub(crate) async fn settled(replicas: &[&Daemon]) {
@@ -126,10 +134,7 @@ pub(crate) async fn settled(replicas: &[&Daemon]) {
 async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
     let sink = Sink::start(0).await;
     let ports = [free_port(), free_port(), free_port()];
-    let mut replicas: Vec<Daemon> = ports
-        .iter()
-        .map(|p| Daemon::start_at(*p, &config(&sink, &ports, *p)))
-        .collect();
+    let mut replicas = start_replicas(&sink, &ports);
     let mut rng = StdRng::seed_from_u64(41);
 
     // 1. All three up.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::cluster::{
-    BASE_RATE, arrived, config, expected, generate, scatter, scatter_spans, settled,
+    BASE_RATE, arrived, config, expected, generate, scatter, scatter_spans, settled, start_replicas,
 };
 use crate::support::*;
 use llmtail_tools::loadgen::{self, GeneratedTrace, Kind};
@@ -88,10 +88,7 @@ async fn a_fourth_replica_joins_by_reloaded_peers_without_splitting_a_trace() {
     let sink = Sink::start(0).await;
     let ports = [free_port(), free_port(), free_port(), free_port()];
     let three = &ports[..3];
-    let mut replicas: Vec<Daemon> = three
-        .iter()
-        .map(|p| Daemon::start_at(*p, &config(&sink, three, *p)))
-        .collect();
+    let mut replicas = start_replicas(&sink, three);
     let mut rng = StdRng::seed_from_u64(51);
 
     // Mid-trace: the first two spans of 400 traces reach the three.
@@ -221,10 +218,7 @@ async fn rounds_pass(rounds: &AtomicUsize, n: usize) {
 async fn a_rolling_restart_under_load_splits_no_trace() {
     let sink = Sink::start(0).await;
     let ports = [free_port(), free_port(), free_port()];
-    let mut replicas: Vec<Daemon> = ports
-        .iter()
-        .map(|p| Daemon::start_at(*p, &config(&sink, &ports, *p)))
-        .collect();
+    let mut replicas = start_replicas(&sink, &ports);
     let endpoints: Vec<String> = replicas.iter().map(Daemon::endpoint).collect();
     let rounds = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
