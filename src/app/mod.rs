@@ -342,7 +342,10 @@ pub async fn run(
             "handed held traces to their new owners"
         );
         if !rest.is_empty() {
-            cluster.count_split(&rest, "decided_here");
+            // (With no other member left, deciding here splits nothing.)
+            if !cluster.ring().current.is_empty() {
+                cluster.count_split(&rest, "decided_here");
+            }
             pipeline.take_back(crate::otlp::reframe::encode_verbatim(&rest), false);
         }
     }
