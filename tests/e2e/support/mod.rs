@@ -68,11 +68,29 @@ pub async fn send_traces(d: &Daemon, traces: &[llmtail_tools::loadgen::Generated
         .expect("llmtail takes the request");
 }
 
+/// A port for a daemon that must listen on a known one (cluster peers, restarts on the
+/// same address). Taken below Linux's ephemeral range (32768+), where nothing binding port
+/// 0 or connecting out can take it between this call and the daemon's bind (or while a
+/// restarted replica is down), and never the same twice in this run.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const LOW: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + (std::process::id() % u32::from(SPAN)) as u16,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = LOW + port.wrapping_sub(LOW) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// Every span of the requests, in order.
