@@ -390,7 +390,12 @@ pub async fn run(
                 lost_spans: lost_at_shutdown,
             }
         };
-    tracing::info!(?ended, "llmtail stopped");
+    match ended {
+        Ended::Flushed => tracing::info!(ended = "flushed", "llmtail stopped"),
+        Ended::TimedOut { lost_spans } => {
+            tracing::warn!(ended = "timed_out", lost_spans, "llmtail stopped")
+        }
+    }
     Ok(ended)
 }
 

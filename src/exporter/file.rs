@@ -11,6 +11,18 @@ use tokio::sync::Mutex;
 
 use super::SendError;
 
+/// Removes every `null` member of every object (absent messages and fields).
+fn drop_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(drop_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(drop_nulls),
+        _ => {}
+    }
+}
+
 pub struct FileSink {
     path: PathBuf,
     file: Mutex<tokio::fs::File>,
@@ -32,7 +44,11 @@ impl FileSink {
     pub async fn send(&self, request: Bytes) -> Result<super::Rejected, SendError> {
         let decoded = ExportTraceServiceRequest::decode(request)
             .map_err(|e| SendError::BadData(format!("re-framed request does not decode: {e}")))?;
-        let mut line = serde_json::to_vec(&decoded)
+        let mut value = serde_json::to_value(&decoded)
+            .map_err(|e| SendError::Permanent(format!("cannot write OTLP/JSON: {e}")))?;
+        // Canonical OTLP/JSON leaves absent fields out rather than writing `null`.
+        drop_nulls(&mut value);
+        let mut line = serde_json::to_vec(&value)
             .map_err(|e| SendError::Permanent(format!("cannot write OTLP/JSON: {e}")))?;
         line.push(b'\n');
         let mut file = self.file.lock().await;

@@ -451,6 +451,8 @@ async fn file_exporter_writes_otlp_json_lines() {
     let text = std::fs::read_to_string(daemon.dir.path().join("out.jsonl")).unwrap();
     let mut ids = HashSet::new();
     for line in text.lines() {
+        // Canonical OTLP/JSON: absent fields are left out, never `null`.
+        assert!(!line.contains(":null"), "{line}");
         let req: opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest =
             serde_json::from_str(line).unwrap();
         for s in req

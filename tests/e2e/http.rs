@@ -197,6 +197,24 @@ async fn bad_requests_get_the_right_status_and_the_daemon_keeps_serving() {
         "{st}"
     );
 
+    // A value that cannot be read → 400 naming its field.
+    let (status, _, body) = http_request(
+        d.http,
+        "POST",
+        "/v1/traces",
+        &[JSON],
+        br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","name":"a","startTimeUnixNano":"zz"}]}]}]}"#,
+    );
+    assert_eq!(status, 400);
+    let st: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("resourceSpans[0].scopeSpans[0].spans[0].startTimeUnixNano: "),
+        "{st}"
+    );
+
     // Undecodable protobuf → 400 with a protobuf google.rpc.Status.
     let (status, _, body) = http_request(
         d.http,
