@@ -391,9 +391,9 @@ pub async fn run(
             }
         };
     match ended {
-        Ended::Flushed => tracing::info!(ended = "flushed", "llmtail stopped"),
+        Ended::Flushed => tracing::info!(ended = %"flushed", "llmtail stopped"),
         Ended::TimedOut { lost_spans } => {
-            tracing::warn!(ended = "timed_out", lost_spans, "llmtail stopped")
+            tracing::warn!(ended = %"timed_out", lost_spans, "llmtail stopped")
         }
     }
     Ok(ended)

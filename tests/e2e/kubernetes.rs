@@ -256,4 +256,21 @@ fn the_dockerfile_passes_hadolint_and_builds_a_small_non_root_image() {
             .any(|l| l.starts_with("COPY config.yaml"))
     );
     assert!(text.contains("--locked"), "built from Cargo.lock");
+    // The shipped config listens on 127.0.0.1 unless told otherwise; the image tells it
+    // to listen on every interface, through the documented variables.
+    let shipped = include_str!("../../config.yaml");
+    for var in [
+        "LLMTAIL_GRPC_ENDPOINT",
+        "LLMTAIL_HTTP_ENDPOINT",
+        "LLMTAIL_ADMIN_ENDPOINT",
+    ] {
+        assert!(
+            shipped.contains(&format!("${{env:{var}:-127.0.0.1:")),
+            "{var}"
+        );
+        assert!(
+            text.contains(&format!("{var}=0.0.0.0:")),
+            "{var} in the image"
+        );
+    }
 }

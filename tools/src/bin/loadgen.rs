@@ -163,21 +163,27 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let t = totals.lock().await;
     let traces: u64 = t.by_kind.values().sum();
-    println!(
-        "sent {traces} traces ({} spans) in {} requests over {elapsed:.2}s",
+    let mut report = format!(
+        "sent {traces} traces ({} spans) in {} requests over {elapsed:.2}s\n",
         t.spans, t.requests
     );
-    println!(
-        "rate: {:.0} traces/s, {:.0} spans/s; failed requests: {}; rejected spans: {}",
+    report.push_str(&format!(
+        "rate: {:.0} traces/s, {:.0} spans/s; failed requests: {}; rejected spans: {}\n",
         traces as f64 / elapsed,
         t.spans as f64 / elapsed,
         t.failed_requests,
         t.rejected_spans
-    );
+    ));
     let mut kinds: Vec<_> = t.by_kind.iter().collect();
     kinds.sort();
     for (kind, n) in kinds {
-        println!("  {kind:<28} {n}");
+        report.push_str(&format!("  {kind:<28} {n}\n"));
+    }
+    // A reader that stops early (`| head`) is not an error.
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(report.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        written => written?,
     }
     if t.failed_requests > 0 {
         anyhow::bail!("{} requests failed", t.failed_requests);
