@@ -55,10 +55,12 @@ impl ExporterConfig {
                 p.push((format!("otlp.{key}"), msg));
             }
         }
-        if let Some(file) = &self.file
-            && file.path.as_os_str().is_empty()
-        {
-            p.push(("file.path".into(), "must not be empty".into()));
+        if let Some(file) = &self.file {
+            if file.path.as_os_str().is_empty() {
+                p.push(("file.path".into(), "must not be empty".into()));
+            } else if let Some(problem) = directory_problem(&file.path) {
+                p.push(("file.path".into(), problem));
+            }
         }
         if self.batch.max_spans == 0 {
             p.push(("batch.max_spans".into(), "must be at least 1".into()));
@@ -325,5 +327,43 @@ impl Default for RetryConfig {
             max_interval: Dur(Duration::from_secs(5)),
             max_elapsed: Dur(Duration::from_secs(300)),
         }
+    }
+}
+
+/// Why a file cannot be created at `path`: its directory is missing, not a directory, or
+/// not writable (no write permission bit at all). `None` when it can, as far as can be
+/// told without writing.
+fn directory_problem(path: &std::path::Path) -> Option<String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Err(_) => Some(format!("directory {} does not exist", dir.display())),
+        Ok(m) if !m.is_dir() => Some(format!("{} is not a directory", dir.display())),
+        Ok(m) if m.permissions().readonly() => {
+            Some(format!("directory {} is not writable", dir.display()))
+        }
+        Ok(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod file_path_tests {
+    use super::directory_problem;
+    use std::path::Path;
+
+    #[test]
+    fn a_file_path_in_a_missing_directory_is_a_mistake() {
+        assert_eq!(directory_problem(Path::new("kept.jsonl")), None);
+        assert_eq!(directory_problem(Path::new("./src/kept.jsonl")), None);
+        assert_eq!(
+            directory_problem(Path::new("/nonexistent-dir-7/kept.jsonl")).as_deref(),
+            Some("directory /nonexistent-dir-7 does not exist")
+        );
+        assert_eq!(
+            directory_problem(Path::new("Cargo.toml/kept.jsonl")).as_deref(),
+            Some("Cargo.toml is not a directory")
+        );
     }
 }

@@ -188,4 +188,14 @@ fn exporter_config_problems_are_reported() {
         err.contains("exporters[1]: every entry of exporters needs a name"),
         "{err}"
     );
+    // A file in a directory that does not exist is reported before the daemon would
+    // start and exit on it.
+    let (code, err) =
+        validate("exporter:\n  file:\n    path: /nonexistent-llmtail-dir/kept.jsonl\n");
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("exporter.file.path")
+            && err.contains("/nonexistent-llmtail-dir does not exist"),
+        "{err}"
+    );
 }
