@@ -213,6 +213,8 @@ impl Config {
         if problems.is_empty() {
             Ok(cfg)
         } else {
+            // In the order of the file; problems without a line (a missing section) last.
+            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
             Err(ConfigErrors(problems))
         }
     }
@@ -243,33 +245,81 @@ validated!(
     ClusterConfig
 );
 
-/// Deserializes and validates one section, reporting every problem under `path`.
+/// Deserializes and validates one section, reporting every problem under `path`, once,
+/// at the key and item of the file it is about.
 fn load_section<T: DeserializeOwned + Validate>(
     path: Vec<String>,
     value: Value,
     problems: &mut Vec<Problem>,
     report: &impl Fn(Vec<String>, String, &mut Vec<Problem>),
 ) -> Option<T> {
-    let (parsed, errs) = deserialize_repairing::<T>(value);
+    let (parsed, errs, removed) = deserialize_repairing::<T>(value);
+    let reported: Vec<Vec<String>> = errs.iter().map(|(p, _)| p.clone()).collect();
     for (rel, msg) in errs {
         report([path.clone(), rel].concat(), msg, problems);
     }
     let parsed = parsed?;
     for (suffix, msg) in parsed.validate() {
-        report([path.clone(), split_path(&suffix)].concat(), msg, problems);
+        let rel = removed.original(&split_path(&suffix));
+        // A value already reported as unreadable is not reported again as missing.
+        if reported.contains(&rel) {
+            continue;
+        }
+        report([path.clone(), rel].concat(), msg, problems);
     }
     Some(parsed)
 }
 
+/// Items taken out of sequences while repairing a section: (the sequence's path, the
+/// item's index), both as in the file.
+#[derive(Default)]
+struct Removed(Vec<(Vec<String>, usize)>);
+
+impl Removed {
+    /// A path into the repaired value as a path into the file: an index in a sequence
+    /// that lost items counts the items removed before it.
+    fn original(&self, path: &[String]) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(path.len());
+        for seg in path {
+            match seg.parse::<usize>() {
+                Ok(i) if self.0.iter().any(|(p, _)| *p == out) => {
+                    let mut gone: Vec<usize> = self
+                        .0
+                        .iter()
+                        .filter(|(p, _)| *p == out)
+                        .map(|(_, r)| *r)
+                        .collect();
+                    gone.sort_unstable();
+                    let mut j = i;
+                    for r in gone {
+                        if r <= j {
+                            j += 1;
+                        }
+                    }
+                    out.push(j.to_string());
+                }
+                _ => out.push(seg.clone()),
+            }
+        }
+        out
+    }
+}
+
 /// Deserializes `value` as `T`; on an error, records it, removes the offending key and
 /// tries again, so one pass reports every unknown key and every bad value of a section.
+/// Paths are as in the file (see [`Removed`]); a `missing field` that is only the
+/// consequence of removing a bad value of that field is not reported again.
 fn deserialize_repairing<T: DeserializeOwned>(
     mut value: Value,
-) -> (Option<T>, Vec<(Vec<String>, String)>) {
-    let mut errors = Vec::new();
-    while errors.len() < MAX_PROBLEMS_PER_SECTION {
+) -> (Option<T>, Vec<(Vec<String>, String)>, Removed) {
+    let mut errors: Vec<(Vec<String>, String)> = Vec::new();
+    let mut removed = Removed::default();
+    for _ in 0..MAX_PROBLEMS_PER_SECTION * 2 {
+        if errors.len() >= MAX_PROBLEMS_PER_SECTION {
+            break;
+        }
         match serde_path_to_error::deserialize::<_, T>(value.clone()) {
-            Ok(parsed) => return (Some(parsed), errors),
+            Ok(parsed) => return (Some(parsed), errors, removed),
             Err(e) => {
                 let path: Vec<String> = e
                     .path()
@@ -282,46 +332,65 @@ fn deserialize_repairing<T: DeserializeOwned>(
                     })
                     .collect();
                 let message = e.into_inner().to_string();
-                let removed = remove_at(&mut value, &path);
-                errors.push((path, message));
-                if !removed {
-                    return (None, errors);
+                let original = removed.original(&path);
+                let consequence = message
+                    .strip_prefix("missing field `")
+                    .and_then(|m| m.split('`').next())
+                    .is_some_and(|field| {
+                        let mut key = original.clone();
+                        key.push(field.to_owned());
+                        errors.iter().any(|(p, _)| *p == key)
+                    });
+                let removal = remove_at(&mut value, &path);
+                if !consequence {
+                    errors.push((original.clone(), message));
+                }
+                match removal {
+                    None => return (None, errors, removed),
+                    Some(Removal::Item(index)) => {
+                        let parent = original[..original.len() - 1].to_vec();
+                        let index = original
+                            .last()
+                            .and_then(|s| s.parse().ok())
+                            .unwrap_or(index);
+                        removed.0.push((parent, index));
+                    }
+                    Some(Removal::Key) => {}
                 }
             }
         }
     }
-    (None, errors)
+    (None, errors, removed)
+}
+
+/// What [`remove_at`] took out.
+enum Removal {
+    Key,
+    /// An item of a sequence, at this index of the repaired value.
+    Item(usize),
 }
 
 /// Removes the node at `path` (a key of a mapping or an item of a sequence).
-fn remove_at(value: &mut Value, path: &[String]) -> bool {
-    let Some((last, parents)) = path.split_last() else {
-        return false;
-    };
+fn remove_at(value: &mut Value, path: &[String]) -> Option<Removal> {
+    let (last, parents) = path.split_last()?;
     let mut node = value;
     for seg in parents {
         node = match node {
-            Value::Mapping(m) => match m.get_mut(seg.as_str()) {
-                Some(v) => v,
-                None => return false,
-            },
-            Value::Sequence(s) => match seg.parse::<usize>().ok().and_then(|i| s.get_mut(i)) {
-                Some(v) => v,
-                None => return false,
-            },
-            _ => return false,
+            Value::Mapping(m) => m.get_mut(seg.as_str())?,
+            Value::Sequence(s) => seg.parse::<usize>().ok().and_then(|i| s.get_mut(i))?,
+            _ => return None,
         };
     }
     match node {
-        Value::Mapping(m) => m.remove(last.as_str()).is_some(),
+        Value::Mapping(m) => m.remove(last.as_str()).map(|_| Removal::Key),
         Value::Sequence(s) => match last.parse::<usize>() {
             Ok(i) if i < s.len() => {
                 s.remove(i);
-                true
+                Some(Removal::Item(i))
             }
-            _ => false,
+            _ => None,
         },
-        _ => false,
+        _ => None,
     }
 }
 

@@ -296,3 +296,32 @@ fn docs_configuration_lists_every_key() {
         "docs/configuration.md lacks {missing:?}"
     );
 }
+
+#[test]
+fn each_mistake_is_reported_once_at_its_own_item_and_line_in_file_order() {
+    let text = "\
+sampling:
+  policies:
+    - {name: a, type: eror}
+    - name: b
+      type: latency
+      threshold_ms: fast
+    - {name: c, type: cost}
+exporter:
+  file: {path: x}
+receiver:
+  grpc: {colour: blue}
+";
+    let errs = Config::parse(text).unwrap_err().0;
+    let got: Vec<(String, Option<usize>)> = errs.iter().map(|p| (p.path.clone(), p.line)).collect();
+    assert_eq!(
+        got,
+        [
+            ("sampling.policies[0].type".to_owned(), Some(3)),
+            ("sampling.policies[1].threshold_ms".to_owned(), Some(6)),
+            ("sampling.policies[2].threshold_usd".to_owned(), Some(7)),
+            ("receiver.grpc.colour".to_owned(), Some(11)),
+        ],
+        "{errs:#?}"
+    );
+}
