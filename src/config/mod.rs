@@ -270,6 +270,9 @@ fn load_section<T: DeserializeOwned + Validate>(
     Some(parsed)
 }
 
+/// A problem at a path (segments) of a section.
+type PathProblem = (Vec<String>, String);
+
 /// Items taken out of sequences while repairing a section: (the sequence's path, the
 /// item's index), both as in the file.
 #[derive(Default)]
@@ -311,8 +314,8 @@ impl Removed {
 /// consequence of removing a bad value of that field is not reported again.
 fn deserialize_repairing<T: DeserializeOwned>(
     mut value: Value,
-) -> (Option<T>, Vec<(Vec<String>, String)>, Removed) {
-    let mut errors: Vec<(Vec<String>, String)> = Vec::new();
+) -> (Option<T>, Vec<PathProblem>, Removed) {
+    let mut errors: Vec<PathProblem> = Vec::new();
     let mut removed = Removed::default();
     for _ in 0..MAX_PROBLEMS_PER_SECTION * 2 {
         if errors.len() >= MAX_PROBLEMS_PER_SECTION {
