@@ -177,18 +177,23 @@ impl Batcher {
         queue
             .unencoded
             .fetch_sub(pending.spans.len(), Ordering::AcqRel);
-        drop(pending);
+        let mut written = Vec::new();
+        let mut start = 0;
         for (request, spans) in requests {
-            let encoded = match &queue.wal {
-                None => Some(Encoded {
+            match &queue.wal {
+                None => self.ready.push_back(Encoded {
                     spans,
                     payload: Payload::Memory(self.settings.budget.charge(request)),
                     record: None,
                 }),
-                Some(_) => queue.write_ahead(&request, spans),
-            };
-            self.ready.extend(encoded);
+                Some(_) => {
+                    queue.write_ahead(&pending.spans[start..start + spans], &request, &mut written);
+                    self.ready.extend(written.drain(..));
+                }
+            }
+            start += spans;
         }
+        drop(pending);
     }
 
     /// Sends the oldest waiting request on its own task, holding `permit` until it is

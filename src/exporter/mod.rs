@@ -35,6 +35,7 @@ use prometheus::{IntCounter, IntGauge};
 use crate::memory::Budget;
 use crate::memory::SPAN_OVERHEAD;
 use crate::otlp::reframe::{KeptSpan, encode_request, split_request};
+use crate::otlp::scan;
 use crate::telemetry::{Loss, Metrics};
 use config::{BatchConfig, ExportProtocol, ExporterConfig, RetryConfig};
 
@@ -107,6 +108,15 @@ impl Sink {
     }
 }
 
+/// What became of a request appended to the write-ahead log.
+enum Appended {
+    Written(Encoded),
+    /// No room: nothing counted yet.
+    Full,
+    /// The log cannot be written: counted lost.
+    Failed,
+}
+
 /// Share of `queue.max_spans` past which the queue counts as full for backpressure.
 const HIGH_WATER: f64 = 0.9;
 
@@ -171,11 +181,16 @@ impl ExportQueue {
         }
         let mut requests = Vec::new();
         encode_within(&spans, self.max_bytes, &mut requests);
-        drop(spans);
+        let mut written = Vec::new();
+        let mut start = 0;
         for (request, n) in requests {
-            if let Some(encoded) = self.write_ahead(&request, n)
-                && self.tx.send(Queued::Encoded(encoded)).is_err()
-            {
+            self.write_ahead(&spans[start..start + n], &request, &mut written);
+            start += n;
+        }
+        drop(spans);
+        for encoded in written {
+            let n = encoded.spans;
+            if self.tx.send(Queued::Encoded(encoded)).is_err() {
                 // Stays in the log for the next start.
                 self.answered(n);
             }
@@ -188,38 +203,77 @@ impl ExportQueue {
         self.answered(n);
     }
 
-    /// Appends a request to the log; `None` (counted as lost) when the log is full or
-    /// cannot be written.
-    fn write_ahead(&self, request: &[u8], spans: usize) -> Option<Encoded> {
-        let wal = self.wal.as_ref()?;
+    /// Writes one encoded request of `spans` to the log, pushing what was written to
+    /// `out`. When the log has no room for the whole request, its traces go in one record
+    /// each, as many as fit: only the traces that do not fit are lost (counted), not the
+    /// whole of a decision tick's batch.
+    fn write_ahead(&self, spans: &[KeptSpan], request: &[u8], out: &mut Vec<Encoded>) {
+        match self.append(request, spans.len()) {
+            Appended::Written(encoded) => out.push(encoded),
+            Appended::Failed => {}
+            Appended::Full if spans.len() == 1 => self.lost_to_full_log(1),
+            Appended::Full => {
+                let mut lost = 0;
+                let by_trace = |a: &KeptSpan, b: &KeptSpan| {
+                    scan::trace_id(&a.span.bytes) == scan::trace_id(&b.span.bytes)
+                };
+                for trace in spans.chunk_by(by_trace) {
+                    // Its spans' bytes alone are a lower bound of its request: no need to
+                    // encode what cannot fit.
+                    let least: usize = trace.iter().map(|k| k.span.bytes.len()).sum();
+                    if least + wal::RECORD_HEADER > self.disk_room().unwrap_or(0) {
+                        lost += trace.len();
+                        continue;
+                    }
+                    match self.append(&encode_request(trace), trace.len()) {
+                        Appended::Written(encoded) => out.push(encoded),
+                        Appended::Full => lost += trace.len(),
+                        Appended::Failed => {}
+                    }
+                }
+                self.lost_to_full_log(lost);
+            }
+        }
+    }
+
+    /// Appends a request to the log. A log that cannot be written counts the spans lost
+    /// here; a full one leaves that to the caller.
+    fn append(&self, request: &[u8], spans: usize) -> Appended {
+        let Some(wal) = self.wal.as_ref() else {
+            unreachable!("write_ahead is called for a durable queue only");
+        };
         match wal.append(spans as u32, request) {
             Ok(Some(at)) => {
                 self.wal_bytes.set(wal.bytes() as i64);
                 // On disk now; read back for each attempt (from the page cache, usually),
                 // so a long outage holds no memory for it.
-                Some(Encoded {
+                Appended::Written(Encoded {
                     spans,
                     payload: Payload::Disk(at),
                     record: Some(at.id),
                 })
             }
-            Ok(None) => {
-                self.count_lost(Loss::WalFull, spans);
-                self.answered(spans);
-                self.log_wal_problem(
-                    "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost",
-                );
-                None
-            }
+            Ok(None) => Appended::Full,
             Err(e) => {
                 self.count_lost(Loss::WalError, spans);
                 self.answered(spans);
                 self.log_wal_problem(&format!(
                     "cannot write the write-ahead log: {e}; kept spans are lost"
                 ));
-                None
+                Appended::Failed
             }
         }
+    }
+
+    fn lost_to_full_log(&self, spans: usize) {
+        if spans == 0 {
+            return;
+        }
+        self.count_lost(Loss::WalFull, spans);
+        self.answered(spans);
+        self.log_wal_problem(
+            "the write-ahead log is full (queue.max_disk_bytes); kept spans are lost",
+        );
     }
 
     fn count_lost(&self, reason: Loss, n: usize) {
@@ -466,6 +520,64 @@ mod tests {
             control.clone(),
         );
         (queue, task, control, metrics)
+    }
+
+    /// `traces` traces of `spans` spans of `size` bytes each, trace after trace.
+    fn kept_traces(traces: u8, spans: usize, size: usize) -> Vec<KeptSpan> {
+        (0..traces)
+            .flat_map(|t| {
+                kept(spans, size).into_iter().map(move |mut k| {
+                    let mut bytes = k.span.bytes.to_vec();
+                    bytes[2] = t;
+                    k.span.bytes = Bytes::from(bytes);
+                    k
+                })
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_larger_than_the_logs_room_loses_only_the_traces_that_do_not_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        // 60 KiB of log, and an upstream that refuses connections: nothing is acknowledged.
+        let (wal, replay) = wal::Wal::open(dir.path(), 60 * 1024, false).unwrap();
+        let wal = Arc::new(wal);
+        let cfg: ExporterConfig =
+            serde_yaml_ng::from_str("otlp: {endpoint: 'http://127.0.0.1:1'}").unwrap();
+        let sink = Sink::from_config(&cfg).await.unwrap();
+        let metrics = Metrics::new();
+        let (queue, _task) = start(
+            "test",
+            sink,
+            ExporterSettings {
+                batch: BatchConfig::default(),
+                retry: RetryConfig::default(),
+                max_spans: 100_000,
+                concurrency: 1,
+                wal: Some((wal.clone(), replay)),
+                max_disk_bytes: 60 * 1024,
+                budget: Budget::new(),
+            },
+            metrics.clone(),
+            ExporterControl::default(),
+        );
+        // One decision tick: 20 traces of 4 spans of 2 KB (~160 KB) in one request.
+        queue.submit(kept_traces(20, 4, 2_000));
+        let lost = metrics
+            .spans_lost
+            .with_label_values(&["test", Loss::WalFull.label()])
+            .get();
+        // Before, the whole request was lost (80 spans); now the traces that fit are in the
+        // log, each whole, and only the others are lost.
+        let written: u32 = {
+            let (_, replay) = wal::Wal::open(dir.path(), 60 * 1024, false).unwrap();
+            replay.iter().map(|at| at.spans).sum()
+        };
+        assert_eq!(written as u64 + lost, 80, "written {written}, lost {lost}");
+        assert!((24..=28).contains(&written), "written {written}");
+        assert_eq!(written % 4, 0, "whole traces only: {written}");
+        assert_eq!(queue.queued(), written as usize);
+        assert!(wal.bytes() <= 60 * 1024);
     }
 
     #[test]

@@ -27,6 +27,8 @@ use parking_lot::Mutex;
 
 /// Bytes before a record's payload.
 const HEADER: usize = 4 + 4 + 8 + 4;
+/// What a record takes on disk besides its payload.
+pub const RECORD_HEADER: usize = HEADER;
 /// A new segment is started past this size.
 const SEGMENT_BYTES: u64 = 16 << 20;
 /// Largest payload accepted when reading back (a corrupt length must not allocate more).
