@@ -376,7 +376,7 @@ fn the_durable_queue_component_runs_the_same_pods_with_a_claim_each() {
 }
 
 #[test]
-fn the_dockerfile_passes_hadolint_and_builds_a_small_non_root_image() {
+fn the_dockerfile_passes_hadolint_caches_dependencies_and_builds_a_small_non_root_image() {
     let path: &Path = &root().join("deploy/Dockerfile");
     run(Command::new(venv_bin("hadolint")).arg(path));
     let text = std::fs::read_to_string(path).unwrap();
@@ -409,6 +409,35 @@ fn the_dockerfile_passes_hadolint_and_builds_a_small_non_root_image() {
             .any(|l| l.starts_with("COPY config.yaml"))
     );
     assert!(text.contains("--locked"), "built from Cargo.lock");
+    // A dependency layer that survives source changes: in the stage that builds llmtail,
+    // dependencies are built from the recipe (manifests and lock file only) before the
+    // sources are copied in.
+    let stages: Vec<&[&str]> = instructions.split(|l| l.starts_with("FROM ")).collect();
+    let build = stages
+        .iter()
+        .find(|stage| stage.iter().any(|l| l.contains("cargo build --release")))
+        .expect("a build stage");
+    let position = |what: &str| build.iter().position(|l| l.contains(what));
+    let cook = position("cargo chef cook").expect("dependencies cooked in the build stage");
+    let sources = position("COPY . .").expect("sources copied into the build stage");
+    assert!(
+        cook < sources,
+        "the dependency layer comes before the sources"
+    );
+    assert!(
+        build[..cook]
+            .iter()
+            .filter(|l| l.starts_with("COPY"))
+            .all(|l| l.contains("recipe.json")),
+        "only the recipe before the dependency layer: {build:?}"
+    );
+    let ignored = std::fs::read_to_string(root().join(".dockerignore")).unwrap();
+    for big in ["target", "tests/.venv", "tests/node/node_modules"] {
+        assert!(
+            ignored.lines().any(|l| l == big),
+            "{big} in the build context"
+        );
+    }
     // The shipped config listens on 127.0.0.1 unless told otherwise; the image tells it
     // to listen on every interface, through the documented variables.
     let shipped = include_str!("../../config.yaml");
