@@ -7,7 +7,9 @@
 #   (tests/e2e/llm_clients.rs);
 # - tests/.venv-openlit: OpenLIT, whose pins conflict with those, alone;
 # - tests/node/node_modules: the OpenTelemetry JavaScript SDK, from package-lock.json;
-# - promtool (Debian's prometheus package) for the alert rules in deploy/.
+# - Debian's prometheus package: promtool for the alert rules in deploy/, and the server
+#   that scrapes a loaded daemon and evaluates every dashboard query and alert;
+# - Debian's chromium: the status page's test loads the page in it, headless.
 # Re-running it is cheap: the virtualenv is rebuilt only when the requirements change.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -45,6 +47,9 @@ make_venv "$here/.venv" "$here/python/requirements.txt"
 make_venv "$here/.venv-openlit" "$here/python/requirements-openlit.txt"
 
 npm ci --prefix "$here/node" --no-audit --no-fund --silent
-if ! command -v promtool >/dev/null 2>&1; then
-  apt_install prometheus
+missing=()
+command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
 fi

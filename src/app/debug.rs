@@ -13,20 +13,15 @@ use crate::otlp::TraceId;
 use crate::pipeline::Pipeline;
 use crate::receiver::auth::Authenticator;
 use crate::receiver::config::AuthConfig;
-use crate::telemetry::DebugTraces;
 
-/// The debug endpoints' state: open without `admin.bearer_tokens`, else behind them.
-pub fn debug_traces(bearer_tokens: &[String]) -> Arc<DebugTraces> {
+/// Who may see the status page and the debug endpoints: anyone without
+/// `admin.bearer_tokens`, else a request with one of them (bearer, or basic's password).
+pub fn admin_auth(bearer_tokens: &[String]) -> Arc<dyn Fn(&HeaderMap) -> bool + Send + Sync> {
     let auth = Authenticator::new(&AuthConfig {
         bearer_tokens: bearer_tokens.to_vec(),
         ..AuthConfig::default()
     });
-    Arc::new(DebugTraces {
-        allows: Box::new(move |headers: &HeaderMap| {
-            auth.as_ref().is_none_or(|a| a.allows(headers))
-        }),
-        lookup: std::sync::OnceLock::new(),
-    })
+    Arc::new(move |headers: &HeaderMap| auth.as_ref().is_none_or(|a| a.allows_person(headers)))
 }
 
 fn parse(id: &str) -> Option<TraceId> {
@@ -122,4 +117,18 @@ pub fn lookup(pipeline: &Pipeline, id: &str) -> (StatusCode, Value) {
             }
         }
     }
+}
+
+/// What the status page shows beyond the metrics: the cluster's members.
+pub fn live_status(pipeline: &Pipeline) -> Value {
+    let cluster = pipeline.cluster.as_ref().map(|c| {
+        let routing = c.ring();
+        json!({
+            "self": c.me(),
+            "members": routing.current.addrs().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "overlapping": routing.overlapping(Instant::now()),
+            "leaving": c.is_leaving(),
+        })
+    });
+    json!({ "cluster": cluster })
 }

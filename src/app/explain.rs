@@ -87,6 +87,7 @@ pub fn explain(cfg: &Config, requests: Vec<Vec<u8>>) -> anyhow::Result<Vec<Expla
         exporters: Vec::new(),
         redactor: Redactor::new(&cfg.llm.privacy).context("llm.privacy")?,
         rollup: false,
+        recent_kept: None,
         limits: Default::default(),
         cluster: None,
         budget,

@@ -31,6 +31,7 @@ use crate::otlp::redact::Redactor;
 use crate::pipeline::{Budget, Pipeline};
 use crate::sampling::Sampler;
 use crate::sampling::adaptive::{BaseRate, Boost, TargetController};
+use crate::telemetry::status::StatusPage;
 use crate::telemetry::{self, Admin, Loss, Metrics};
 
 /// How often the buffer is swept for traces whose deadline passed; bounds how late past
@@ -87,10 +88,17 @@ pub async fn run(
     // The bound address, which differs from the configured one for port 0.
     let admin_addr = admin_listener.local_addr()?;
     let stop_admin = CancellationToken::new();
-    let debug = cfg
-        .admin
-        .debug_traces
-        .then(|| debug::debug_traces(&cfg.admin.bearer_tokens));
+    let debug = cfg.admin.debug_traces.then(|| {
+        Arc::new(telemetry::DebugTraces {
+            lookup: std::sync::OnceLock::new(),
+        })
+    });
+    let status = cfg.admin.status_page.then(|| {
+        Arc::new(StatusPage::new(
+            cfg.admin.trace_url.clone(),
+            cfg.admin.debug_traces,
+        ))
+    });
     let admin_task = tokio::spawn(telemetry::serve_admin(
         admin_listener,
         Admin {
@@ -98,6 +106,8 @@ pub async fn run(
             ready: ready.clone(),
             healthy: healthy.clone(),
             debug: debug.clone(),
+            status: status.clone(),
+            allows: debug::admin_auth(&cfg.admin.bearer_tokens),
         },
         stop_admin.clone(),
     ));
@@ -199,7 +209,23 @@ pub async fn run(
         cluster: cluster.clone(),
         budget,
         reserved_memory: decision_cache_size * DECISION_CACHE_ENTRY,
+        recent_kept: status.as_ref().map(|s| s.recent.clone()),
     });
+    if let Some(status) = &status {
+        let pipeline = pipeline.clone();
+        let _ = status
+            .live
+            .set(Box::new(move || debug::live_status(&pipeline)));
+        let (status, metrics) = (status.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(telemetry::status::SAMPLE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                status.sample(&metrics);
+            }
+        });
+    }
     if let Some(debug) = &debug {
         let pipeline = pipeline.clone();
         let _ = debug

@@ -126,6 +126,8 @@ limits:
 exporter:
   file: {path: x}
   queue: {max_disk_bytes: lots}
+admin:
+  trace_url: https://traces.example.com/trace/
 ";
     let errs = Config::parse(text).unwrap_err().0;
     let paths: Vec<&str> = errs.iter().map(|p| p.path.as_str()).collect();
@@ -139,6 +141,7 @@ exporter:
         "limits.soft_mark",
         "limits.max_spans_per_trace",
         "exporter.queue.max_disk_bytes",
+        "admin.trace_url",
     ] {
         assert!(paths.contains(&want), "{want} missing from {paths:?}");
     }

@@ -4,6 +4,7 @@
 use super::*;
 use crate::buffer::DecideReason;
 use crate::sampling::Decision;
+use crate::telemetry::status::KeptTrace;
 
 impl Pipeline {
     /// The span with its content redacted (privacy), ready to export. Fails closed: a
@@ -53,6 +54,7 @@ impl Pipeline {
         let mut dropped_spans = 0u64;
         let mut early: Vec<(&'static str, u64)> = Vec::new();
         let mut kept: Vec<KeptSpan> = Vec::new();
+        let mut listed = Vec::new();
         for trace in decided {
             let decision = trace.decision;
             match counts
@@ -81,6 +83,15 @@ impl Pipeline {
                 continue;
             }
             let mut spans = trace.spans;
+            if self.recent_kept.is_some() {
+                listed.push(kept_trace(
+                    &trace.trace_id,
+                    &decision,
+                    trace.reason,
+                    &trace.summary,
+                    &spans,
+                ));
+            }
             if let Some(root) = spans.iter_mut().find(|s| s.is_root) {
                 let mut extra = Vec::with_capacity(256);
                 explain(&mut extra, &decision, trace.reason);
@@ -103,6 +114,9 @@ impl Pipeline {
             }
         }
         self.submit(kept);
+        if let Some(recent) = &self.recent_kept {
+            recent.add(listed);
+        }
         for (keep, by, n) in counts {
             let label = if keep { "kept" } else { "dropped" };
             self.metrics
@@ -242,5 +256,33 @@ fn explain(out: &mut Vec<u8>, d: &Decision, reason: DecideReason) {
     put_attribute(out, "sampling.reason", Value::Str(reason.label()));
     if d.dry_run {
         put_attribute(out, "sampling.dry_run.kept", Value::Bool(d.keep));
+    }
+}
+
+/// A kept trace as the status page lists it: its root's service (or its first span's).
+fn kept_trace(
+    trace_id: &crate::otlp::TraceId,
+    decision: &Decision,
+    reason: DecideReason,
+    summary: &crate::sampling::TraceSummary,
+    spans: &[HeldSpan],
+) -> KeptTrace {
+    let service = spans
+        .iter()
+        .find(|s| s.is_root)
+        .or(spans.first())
+        .map_or_else(|| Arc::from(""), |s| s.origin.service.clone());
+    KeptTrace {
+        trace_id: *trace_id,
+        policy: decision.by.label(),
+        reason: reason.label(),
+        service,
+        spans: spans.len(),
+        duration_ms: summary.duration_ms(),
+        error: summary.has_error,
+        calls: summary.calls,
+        cost_usd: summary.cost_usd,
+        user: summary.user.clone(),
+        dry_run: decision.dry_run,
     }
 }

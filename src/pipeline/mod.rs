@@ -110,6 +110,8 @@ pub struct Pipeline {
     pub budget: Arc<Budget>,
     /// Memory reserved up front in the budget: the decision cache at its full size.
     pub reserved_memory: usize,
+    /// The status page's list of recently kept traces, when it is served.
+    pub recent_kept: Option<Arc<crate::telemetry::status::RecentKept>>,
 }
 
 /// `limits:` as the hot path reads it: relaxed atomics, set at start and on reload.

@@ -58,6 +58,23 @@ impl Authenticator {
             .is_some_and(|v| matches(&self.api_keys, v.as_bytes()));
         bearer | api_key
     }
+
+    /// [`Authenticator::allows`], or HTTP basic authentication whose password is one of
+    /// the bearer tokens (the user name is ignored): what a browser can send to the admin
+    /// server's status page after asking for it.
+    pub fn allows_person(&self, headers: &HeaderMap) -> bool {
+        use base64::Engine;
+        let basic = headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Basic "))
+            .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+            .and_then(|pair| {
+                let colon = pair.iter().position(|&c| c == b':')?;
+                Some(matches(&self.bearer, &pair[colon + 1..]))
+            })
+            .unwrap_or(false);
+        self.allows(headers) | basic
+    }
 }
 
 /// The message of a refused request.

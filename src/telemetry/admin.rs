@@ -1,5 +1,8 @@
-//! The admin server: `/metrics`, `/healthz`, `/readyz`, and (when enabled)
-//! `/debug/traces/{trace_id}`.
+//! The admin server: `/metrics`, `/healthz`, `/readyz`, the status page (`/` and
+//! `/api/status`) and, when enabled, `/debug/traces/{trace_id}`. With
+//! `admin.bearer_tokens`, the status page and the debug endpoints need one of them (as a
+//! bearer token, or as the password of HTTP basic authentication, which browsers ask for);
+//! `/metrics` and the probes stay open for Prometheus and the kubelet.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,11 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use super::Metrics;
+use super::status::{self, StatusPage};
 
 /// Shared state of the admin endpoints.
 #[derive(Clone)]
@@ -25,43 +29,93 @@ pub struct Admin {
     pub healthy: Arc<AtomicBool>,
     /// `/debug/traces`, when `admin.debug_traces` is on.
     pub debug: Option<Arc<DebugTraces>>,
+    /// The status page, unless `admin.status_page` is off.
+    pub status: Option<Arc<StatusPage>>,
+    /// Whether a request may see the status page and the debug endpoints.
+    pub allows: Arc<dyn Fn(&HeaderMap) -> bool + Send + Sync>,
 }
 
 /// Answers `/debug/traces/{trace_id}`: the status code and JSON body for a trace id (as
 /// given in the path).
 pub type TraceLookup = Box<dyn Fn(&str) -> (StatusCode, serde_json::Value) + Send + Sync>;
 
-/// The debug endpoints: who may call them, and the lookup (set once the pipeline exists).
+/// The debug endpoints' lookup (set once the pipeline exists).
 pub struct DebugTraces {
-    pub allows: Box<dyn Fn(&HeaderMap) -> bool + Send + Sync>,
     pub lookup: std::sync::OnceLock<TraceLookup>,
+}
+
+/// The answer to a request without valid credentials: browsers ask for them (basic
+/// authentication, the token as password), scripts read how to send them.
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(
+            header::WWW_AUTHENTICATE,
+            "Basic realm=\"llmtail admin\", charset=\"UTF-8\"",
+        )],
+        axum::Json(serde_json::json!({
+            "error": "missing or invalid credentials: send \"authorization: Bearer <token>\" with one of admin.bearer_tokens (or the token as the password of basic authentication)"
+        })),
+    )
+        .into_response()
+}
+
+async fn status_page(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    if !(admin.allows)(&headers) {
+        return unauthorized();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            // The page's own script and style only; nothing from elsewhere.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self'",
+            ),
+        ],
+        status::PAGE,
+    )
+        .into_response()
+}
+
+async fn api_status(State(admin): State<Admin>, headers: HeaderMap) -> Response {
+    if !(admin.allows)(&headers) {
+        return unauthorized();
+    }
+    let Some(page) = admin.status.clone() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let ready = admin.ready.load(Ordering::SeqCst);
+    let healthy = admin.healthy.load(Ordering::SeqCst);
+    let metrics = admin.metrics.clone();
+    let body = tokio::task::spawn_blocking(move || page.to_json(&metrics, ready, healthy))
+        .await
+        .unwrap_or_default();
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
 
 async fn debug_trace(
     State(admin): State<Admin>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> impl IntoResponse {
+) -> Response {
     let Some(debug) = &admin.debug else {
-        return (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({})));
+        return StatusCode::NOT_FOUND.into_response();
     };
-    if !(debug.allows)(&headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({
-                "error": "missing or invalid credentials: send \"authorization: Bearer <token>\" with one of admin.bearer_tokens"
-            })),
-        );
+    if !(admin.allows)(&headers) {
+        return unauthorized();
     }
     match debug.lookup.get() {
         Some(lookup) => {
             let (status, body) = lookup(&id);
-            (status, axum::Json(body))
+            (status, axum::Json(body)).into_response()
         }
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(serde_json::json!({"error": "llmtail is starting"})),
-        ),
+        )
+            .into_response(),
     }
 }
 
@@ -104,6 +158,11 @@ pub async fn serve_admin(
         .route("/readyz", get(readyz));
     if admin.debug.is_some() {
         app = app.route("/debug/traces/{id}", get(debug_trace));
+    }
+    if admin.status.is_some() {
+        app = app
+            .route("/", get(status_page))
+            .route("/api/status", get(api_status));
     }
     let app = app.with_state(admin);
     axum::serve(listener, app)

@@ -2,6 +2,7 @@
 //! with the health and readiness probes.
 
 mod admin;
+pub mod status;
 
 pub use admin::{Admin, DebugTraces, TraceLookup, bind, serve_admin};
 

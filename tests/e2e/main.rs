@@ -23,4 +23,5 @@ mod rules;
 mod scaling;
 mod sdk_clients;
 mod security;
+mod status_page;
 mod wal;
