@@ -111,7 +111,8 @@ fn get(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_a_loaded_daemon_in_a_real_browser() {
     let browser = chromium();
-    let sink = Sink::start(free_port()).await;
+    // Port 0: the kernel picks, so nothing can take it between a check and the bind.
+    let sink = Sink::start(0).await;
     let daemon = Daemon::start(&format!(
         "  debug_traces: true\n  bearer_tokens: [\"{TOKEN}\"]\n  trace_url: \"https://traces.example.com/trace/{{trace_id}}?from=llmtail\"\nsampling:\n  decision_wait: 2s\n  root_grace: 300ms\n  base_rate: 0.1\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.05}}\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 100ms\n",
         sink.endpoint()
