@@ -18,6 +18,7 @@ mod kubernetes;
 mod limits;
 mod llm;
 mod llm_clients;
+mod prometheus;
 mod reload;
 mod rules;
 mod scaling;
