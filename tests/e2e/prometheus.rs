@@ -9,11 +9,8 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use serde_json::Value;
 
 use crate::support::*;
@@ -197,30 +194,7 @@ async fn prometheus_evaluates_every_dashboard_query_and_alert_against_a_loaded_d
 
     // Production-shaped load for as long as the checks need (at most 90 s), plus one
     // malformed span per request (a 5-byte trace id), which llmtail rejects alone.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let endpoint = daemon.endpoint();
-        tokio::spawn(async move {
-            let mix = llmtail_tools::mix::Mix::default();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-            let mut client = client(&endpoint).await;
-            let started = Instant::now();
-            let mut partial = 0u64;
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
-                let (mut request, _) = mix.request(&mut rng, 512, now_ns());
-                request.resource_spans[0].scope_spans[0].spans[0].trace_id = vec![7; 5];
-                if let Ok(answer) = client.export(request).await {
-                    partial += answer
-                        .into_inner()
-                        .partial_success
-                        .map_or(0, |p| p.rejected_spans as u64);
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            partial
-        })
-    };
+    let load = MixLoad::start(daemon.endpoint(), 7, true);
 
     // Scraped, with samples enough for every rate() window, and the rules loaded.
     prometheus
@@ -349,8 +323,7 @@ async fn prometheus_evaluates_every_dashboard_query_and_alert_against_a_loaded_d
         assert_eq!(rule["health"], "ok", "{rule}");
     }
 
-    stop.store(true, Ordering::Relaxed);
-    let rejected = load.await.unwrap();
+    let (_, rejected) = load.finish().await;
     assert!(rejected > 0, "the malformed spans were rejected alone");
     assert!(sink.distinct_spans() > 0);
 }

@@ -5,12 +5,9 @@
 
 use std::collections::HashSet;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use rand::SeedableRng;
 
 use crate::support::*;
 
@@ -149,26 +146,7 @@ async fn the_status_page_shows_a_loaded_daemon_in_a_real_browser() {
     assert_eq!(get(&daemon, "/metrics", None).0, 200, "/metrics stays open");
 
     // Production-shaped load, bounded: 512-span requests every 100 ms for at most 90 s.
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let stop = stop.clone();
-        let endpoint = daemon.endpoint();
-        tokio::spawn(async move {
-            let mix = llmtail_tools::mix::Mix::default();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(18);
-            let mut client = client(&endpoint).await;
-            let started = Instant::now();
-            let mut sent = 0usize;
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
-                let (request, traces) = mix.request(&mut rng, 512, now_ns());
-                if client.export(request).await.is_ok() {
-                    sent += traces.len();
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            sent
-        })
-    };
+    let load = MixLoad::start(daemon.endpoint(), 18, false);
 
     // Wait until the server has a sample of the metrics taken under load at least 4 s
     // before now (the page's rates are taken against it) and kept traces to list.
@@ -255,8 +233,7 @@ async fn the_status_page_shows_a_loaded_daemon_in_a_real_browser() {
             assert!(status.status.success());
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let sent = load.await.unwrap();
+    let (sent, _) = load.finish().await;
     assert!(sent > 100, "{sent} traces sent");
 
     // The page refreshed itself, reached llmtail every time, and says it is healthy.

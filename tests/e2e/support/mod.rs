@@ -280,3 +280,53 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
     enc.write_all(data).unwrap();
     enc.finish().unwrap()
 }
+
+/// Production-shaped load (`llmtail_tools::mix`: 20 services, 30 models, Zipf users,
+/// agent traces, prompt-sized spans) in the background: a 512-span request every 100 ms,
+/// for at most 90 s, until [`MixLoad::finish`].
+pub struct MixLoad {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<(usize, u64)>,
+}
+
+impl MixLoad {
+    /// Starts sending to `endpoint`. With `malformed`, the first span of every request has
+    /// a 5-byte trace id (llmtail rejects it alone, as a partial success).
+    pub fn start(endpoint: String, seed: u64, malformed: bool) -> MixLoad {
+        use rand::SeedableRng;
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let task = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mix = llmtail_tools::mix::Mix::default();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                let mut client = client(&endpoint).await;
+                let started = Instant::now();
+                let (mut sent, mut rejected) = (0usize, 0u64);
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
+                    let (mut request, traces) = mix.request(&mut rng, 512, now_ns());
+                    if malformed {
+                        request.resource_spans[0].scope_spans[0].spans[0].trace_id = vec![7; 5];
+                    }
+                    if let Ok(answer) = client.export(request).await {
+                        sent += traces.len();
+                        rejected += answer
+                            .into_inner()
+                            .partial_success
+                            .map_or(0, |p| p.rejected_spans as u64);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (sent, rejected)
+            }
+        });
+        MixLoad { stop, task }
+    }
+
+    /// Stops sending; returns the traces sent in accepted requests and the spans rejected.
+    pub async fn finish(self) -> (usize, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the load task")
+    }
+}
