@@ -97,6 +97,7 @@ pub async fn run(
         Arc::new(StatusPage::new(
             cfg.admin.trace_url.clone(),
             cfg.admin.debug_traces,
+            crate::pipeline::limits::cgroup_memory_limit(),
         ))
     });
     let admin_task = tokio::spawn(telemetry::serve_admin(

@@ -107,6 +107,8 @@ pub struct StatusPage {
     pub trace_url: Option<String>,
     /// Whether `/debug/traces/{id}` is served (the page links kept traces to it).
     pub debug_traces: bool,
+    /// The container's memory limit, read at start.
+    pub memory_limit: Option<u64>,
     pub recent: Arc<RecentKept>,
     /// Cluster members and the like, from the pipeline.
     pub live: OnceLock<LiveStatus>,
@@ -115,11 +117,16 @@ pub struct StatusPage {
 }
 
 impl StatusPage {
-    pub fn new(trace_url: Option<String>, debug_traces: bool) -> StatusPage {
+    pub fn new(
+        trace_url: Option<String>,
+        debug_traces: bool,
+        memory_limit: Option<u64>,
+    ) -> StatusPage {
         StatusPage {
             started: Instant::now(),
             trace_url,
             debug_traces,
+            memory_limit,
             recent: Arc::default(),
             live: OnceLock::new(),
             history: Mutex::default(),
@@ -160,7 +167,7 @@ impl StatusPage {
             "debug_traces": self.debug_traces,
             "memory": {
                 "resident_bytes": resident_bytes(),
-                "limit_bytes": crate::pipeline::limits::cgroup_memory_limit(),
+                "limit_bytes": self.memory_limit,
             },
             "recent_kept": self.recent.to_json(),
             "metrics": metrics_json(metrics),
@@ -268,7 +275,7 @@ mod tests {
             .with_label_values(&["kept", "errors"])
             .inc_by(7);
         metrics.decision_delay.observe(0.5);
-        let page = StatusPage::new(Some("https://t/{trace_id}".into()), true);
+        let page = StatusPage::new(Some("https://t/{trace_id}".into()), true, Some(1 << 30));
         let status = page.to_json(&metrics, true, true);
         let traces = status["metrics"]["llmtail_traces_total"]
             .as_array()
