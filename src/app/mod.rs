@@ -371,7 +371,7 @@ pub async fn run(
         if !rest.is_empty() {
             // (With no other member left, deciding here splits nothing.)
             if !cluster.ring().current.is_empty() {
-                cluster.count_split(&rest, "decided_here");
+                cluster.count_split(&rest, "decided_here", cluster.me());
             }
             pipeline.take_back(crate::otlp::reframe::encode_verbatim(&rest), false);
         }

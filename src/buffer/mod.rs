@@ -69,11 +69,12 @@ pub struct SpanStats {
 }
 
 /// How long a handed-off trace was held by the replica that handed it off, and how long
-/// it had until its deadline there.
+/// it had until its deadline there: `None` on every part of a trace handed in several
+/// requests but the last (its deadline waits for the whole trace).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Handed {
     pub age: Duration,
-    pub due_in: Duration,
+    pub due_in: Option<Duration>,
 }
 
 /// The spans (and LLM spans) of a held trace that follow a decision handed over.
@@ -435,15 +436,19 @@ impl TraceBuffer {
         let root_grace = self.limits.root_grace();
         let mut is_new = false;
         let mut shard_calls_added = 0;
-        // A handed-off trace keeps the times it had where it was held first.
+        // A handed-off trace keeps the time it was first seen where it was held first; its
+        // deadline comes with the whole hand-off request (`settle_handed`), so that it is
+        // never decided on part of what was handed.
         let first_seen = s.handed.and_then(|h| now.checked_sub(h.age)).unwrap_or(now);
-        let handed_deadline = s.handed.map(|h| now + h.due_in);
         let entry = shard.traces.entry(s.trace_id).or_insert_with(|| {
             is_new = true;
             TraceEntry {
                 first_seen,
-                deadline: (first_seen + decision_wait)
-                    .min(handed_deadline.unwrap_or(now + decision_wait)),
+                deadline: if s.handed.is_some() {
+                    now + decision_wait
+                } else {
+                    first_seen + decision_wait
+                },
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 calls: Vec::new(),
@@ -491,15 +496,10 @@ impl TraceBuffer {
         entry.spans.push(span);
         entry.bytes += len;
         let mut new_deadline = None;
-        if s.is_root && now + root_grace < entry.deadline {
+        // (A handed-off root's grace is in the deadline it was handed with.)
+        if s.is_root && s.handed.is_none() && now + root_grace < entry.deadline {
             entry.deadline = now + root_grace;
             new_deadline = Some(entry.deadline);
-        }
-        if let Some(handed) = handed_deadline
-            && handed < entry.deadline
-        {
-            entry.deadline = handed;
-            new_deadline = Some(handed);
         }
         let full = entry.spans.len() >= self.limits.max_spans_per_trace.load(Ordering::Relaxed);
         if is_new {
@@ -588,6 +588,30 @@ impl TraceBuffer {
         }
     }
 
+    /// Puts the deadlines of traces a leaving replica handed over in force, once the whole
+    /// request that carried them is held: the deadline each had there (or `decision_wait`
+    /// after it was first seen, if sooner), unless one here is sooner still. A trace whose
+    /// further parts are still to come keeps waiting for them.
+    pub fn settle_handed<'a>(
+        &self,
+        handed: impl IntoIterator<Item = (&'a TraceId, &'a Handed)>,
+        now: Instant,
+    ) {
+        let decision_wait = self.limits.decision_wait();
+        for (id, h) in handed {
+            let Some(due_in) = h.due_in else { continue };
+            let mut shard = self.shard(id).lock();
+            let Some(entry) = shard.traces.get_mut(id) else {
+                continue;
+            };
+            let deadline = (now + due_in).min(entry.first_seen + decision_wait);
+            if deadline < entry.deadline {
+                entry.deadline = deadline;
+                shard.deadlines.push(Reverse((deadline, *id)));
+            }
+        }
+    }
+
     /// Decides every held trace (shutdown).
     pub fn decide_all(&self, now: Instant, out: &mut Vec<DecidedTrace>) {
         for shard in self.shards.iter() {
@@ -614,7 +638,7 @@ impl TraceBuffer {
                     id,
                     handed: Handed {
                         age: now.saturating_duration_since(e.first_seen),
-                        due_in: e.deadline.saturating_duration_since(now),
+                        due_in: Some(e.deadline.saturating_duration_since(now)),
                     },
                     spans: e.spans,
                 });
@@ -647,14 +671,14 @@ impl TraceBuffer {
     /// Remembers decisions another replica made (it left the ring), for late spans. A
     /// trace held here too (its later spans reached this replica, its new owner, before
     /// the decision did) follows the decision: it is taken out with its LLM spans, to be
-    /// handled as late spans. Returns those, and how many traces were decided otherwise
-    /// here already (split).
+    /// handled as late spans. Returns those, and the traces decided otherwise here already
+    /// (split).
     pub fn adopt_decisions(
         &self,
         decisions: &[(TraceId, CachedDecision)],
-    ) -> (Vec<Following>, usize) {
+    ) -> (Vec<Following>, Vec<TraceId>) {
         let mut follow = Vec::new();
-        let mut split = 0;
+        let mut split = Vec::new();
         for (id, d) in decisions {
             let mut shard = self.shard(id).lock();
             if let Some(e) = shard.traces.remove(id) {
@@ -666,7 +690,11 @@ impl TraceBuffer {
                 continue;
             }
             match shard.decided.get(id) {
-                Some(mine) => split += usize::from(mine.exports() != d.exports()),
+                Some(mine) => {
+                    if mine.exports() != d.exports() {
+                        split.push(*id);
+                    }
+                }
                 None => shard.decided.insert(*id, *d),
             }
         }
@@ -762,6 +790,75 @@ mod tests {
             end_ns: 1,
             ..Default::default()
         }
+    }
+
+    /// A trace a leaving replica handed over past its deadline there is not decided on the
+    /// first of its spans while the rest of the request is still being read: its deadline
+    /// comes with the whole request, and a trace handed in parts waits for the last.
+    #[test]
+    fn a_handed_trace_is_decided_on_everything_it_was_handed_with() {
+        let b = buffer(1000, 1000);
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        let handed = |due_in| {
+            let mut s = summary(1, true);
+            s.handed = Some(Handed {
+                age: Duration::from_secs(4),
+                due_in,
+            });
+            s
+        };
+        // Its root (due at once there), then a decision sweep, then its other span.
+        b.add(handed(Some(Duration::ZERO)), span(), t0, &mut ev);
+        let mut out = Vec::new();
+        b.decide_due(t0 + Duration::from_millis(5), &mut out);
+        assert!(out.is_empty(), "decided on part of a hand-off request");
+        let mut child = handed(Some(Duration::ZERO));
+        child.is_root = false;
+        b.add(child, span(), t0 + Duration::from_millis(6), &mut ev);
+        // The request is held whole: now its deadline is in force.
+        let ids = [(
+            TraceId([1; 16]),
+            Handed {
+                age: Duration::from_secs(4),
+                due_in: Some(Duration::ZERO),
+            },
+        )];
+        b.settle_handed(
+            ids.iter().map(|(id, h)| (id, h)),
+            t0 + Duration::from_millis(7),
+        );
+        b.decide_due(t0 + Duration::from_millis(7), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].spans.len(), 2);
+        // Held since it was first seen where it was handed from.
+        assert_eq!(out[0].delay, Duration::from_millis(4_007));
+
+        // In parts: the first part's request brings no deadline; the trace waits (up to
+        // decision_wait from now) for the last part, which brings it.
+        let mut part = summary(2, false);
+        part.handed = Some(Handed {
+            age: Duration::from_secs(1),
+            due_in: None,
+        });
+        let first = [(TraceId([2; 16]), part.handed.unwrap())];
+        b.add(part.clone(), span(), t0, &mut ev);
+        b.settle_handed(first.iter().map(|(id, h)| (id, h)), t0);
+        b.decide_due(t0 + Duration::from_secs(5), &mut out);
+        assert_eq!(out.len(), 1, "decided before its last part came");
+        part.handed = Some(Handed {
+            age: Duration::from_secs(1),
+            due_in: Some(Duration::from_millis(500)),
+        });
+        let last = [(TraceId([2; 16]), part.handed.unwrap())];
+        let t1 = t0 + Duration::from_secs(5);
+        b.add(part, span(), t1, &mut ev);
+        b.settle_handed(last.iter().map(|(id, h)| (id, h)), t1);
+        b.decide_due(t1 + Duration::from_millis(499), &mut out);
+        assert_eq!(out.len(), 1);
+        b.decide_due(t1 + Duration::from_millis(500), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].spans.len(), 2);
     }
 
     #[test]

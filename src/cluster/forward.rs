@@ -185,7 +185,7 @@ async fn send_batch(
     failures.inc();
     if outcome == membership::Outcome::Unknown {
         // The peer may have these spans: if it does, they are now in two places.
-        cluster.count_split(&batch, "unknown_outcome");
+        cluster.count_split(&batch, "unknown_outcome", peer);
     }
     tracing::warn!(
         peer,

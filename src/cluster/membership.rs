@@ -106,7 +106,9 @@ fn encode_handoff(traces: &[(TraceId, Handed)]) -> String {
     for (id, h) in traces {
         raw.extend_from_slice(&id.0);
         raw.extend_from_slice(&ms(h.age).to_be_bytes());
-        raw.extend_from_slice(&ms(h.due_in).to_be_bytes());
+        // (u32::MAX: more parts of the trace follow.)
+        let due_in = h.due_in.map_or(u32::MAX, |d| ms(d).min(u32::MAX - 1));
+        raw.extend_from_slice(&due_in.to_be_bytes());
     }
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw)
 }
@@ -118,7 +120,8 @@ fn decode_handoff(value: &str) -> Option<HashMap<TraceId, Handed>> {
     if raw.len() % HANDOFF_ENTRY != 0 {
         return None;
     }
-    let ms = |b: &[u8]| Duration::from_millis(u64::from(u32::from_be_bytes(b.try_into().unwrap())));
+    let raw_ms = |b: &[u8]| u32::from_be_bytes(b.try_into().expect("4 bytes"));
+    let ms = |b: &[u8]| Duration::from_millis(u64::from(raw_ms(b)));
     Some(
         raw.chunks_exact(HANDOFF_ENTRY)
             .map(|r| {
@@ -127,7 +130,7 @@ fn decode_handoff(value: &str) -> Option<HashMap<TraceId, Handed>> {
                     id,
                     Handed {
                         age: ms(&r[16..20]),
-                        due_in: ms(&r[20..24]),
+                        due_in: (raw_ms(&r[20..24]) != u32::MAX).then(|| ms(&r[20..24])),
                     },
                 )
             })
@@ -712,6 +715,14 @@ fn handoff_batches(traces: Vec<HeldTrace>) -> Vec<HandoffBatch> {
                 out.push((Vec::new(), Vec::new()));
                 bytes = 0;
             }
+            if !fits
+                && let Some((before, _)) = out.iter_mut().rev().nth(1)
+                && let Some(last) = before.last_mut()
+                && last.0 == entry.0
+            {
+                // The trace goes on in this request: its deadline waits for the last part.
+                last.1.due_in = None;
+            }
             let (entries, spans) = out.last_mut().expect("pushed");
             if entries.last().is_none_or(|(id, _)| *id != entry.0) {
                 entries.push(entry);
@@ -825,24 +836,32 @@ mod tests {
                 TraceId([7; 16]),
                 Handed {
                     age: Duration::from_millis(1_234),
-                    due_in: Duration::from_millis(8_766),
+                    due_in: Some(Duration::from_millis(8_766)),
                 },
             ),
             (
                 TraceId([9; 16]),
                 Handed {
                     age: Duration::ZERO,
-                    due_in: Duration::from_millis(500),
+                    due_in: Some(Duration::ZERO),
+                },
+            ),
+            (
+                TraceId([11; 16]),
+                Handed {
+                    age: Duration::from_millis(40),
+                    due_in: None,
                 },
             ),
         ];
         let header = encode_handoff(&entries);
         let back = decode_handoff(&header).expect("decodes");
-        assert_eq!(back.len(), 2);
-        assert_eq!(back[&TraceId([7; 16])], entries[0].1);
-        assert_eq!(back[&TraceId([9; 16])], entries[1].1);
+        assert_eq!(back.len(), 3);
+        for (id, handed) in &entries {
+            assert_eq!(back[id], *handed);
+        }
         // Padded base64 (as some encoders write binary metadata) reads the same.
-        assert_eq!(decode_handoff(&format!("{header}==")).unwrap().len(), 2);
+        assert_eq!(decode_handoff(&format!("{header}==")).unwrap().len(), 3);
         assert!(decode_handoff("AAAA").is_none(), "not a whole record");
         // The largest batch stays well under a 16 KiB header list.
         let many: Vec<_> = (0..HANDOFF_TRACES)
@@ -922,7 +941,7 @@ mod tests {
         };
         let handed = Handed {
             age: Duration::from_secs(1),
-            due_in: Duration::from_secs(2),
+            due_in: Some(Duration::from_secs(2)),
         };
         let traces: Vec<HeldTrace> = (0..450)
             .map(|i| HeldTrace {
@@ -966,12 +985,27 @@ mod tests {
                         <= forward::FORWARD_BATCH_BYTES
             );
         }
-        // Small traces are never cut in two; the large one goes in parts, each with its times.
-        let with_big = batches
+        // Small traces are never cut in two; the large one goes in parts, each with its
+        // age, and only the last with its deadline (the receiver holds the parts till then).
+        let big: Vec<Handed> = batches
             .iter()
-            .filter(|(e, _)| e.iter().any(|(id, _)| *id == TraceId([0xee; 16])))
-            .count();
-        assert!(with_big >= 2);
+            .flat_map(|(e, _)| e.iter().filter(|(id, _)| *id == TraceId([0xee; 16])))
+            .map(|(_, h)| *h)
+            .collect();
+        assert!(big.len() >= 2);
+        let (last, before) = big.split_last().unwrap();
+        assert_eq!(*last, handed);
+        for part in before {
+            assert_eq!(part.age, handed.age);
+            assert_eq!(part.due_in, None);
+        }
+        assert!(
+            batches
+                .iter()
+                .flat_map(|(e, _)| e)
+                .filter(|(id, _)| *id != TraceId([0xee; 16]))
+                .all(|(_, h)| *h == handed)
+        );
         let mut seen = HashSet::new();
         for (entries, _) in &batches {
             for (id, _) in entries {

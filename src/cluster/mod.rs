@@ -266,16 +266,16 @@ impl Cluster {
         self.leaving.load(Ordering::SeqCst)
     }
 
-    /// Counts the traces of `spans` as split for `reason`.
-    pub fn count_split(&self, spans: &[HeldSpan], reason: &str) {
+    /// Counts the traces of `spans` as split for `reason` (`peer`: the member involved).
+    pub fn count_split(&self, spans: &[HeldSpan], reason: &str, peer: &str) {
         let traces: HashSet<TraceId> = spans
             .iter()
             .filter_map(|s| crate::otlp::scan::trace_id(&s.bytes))
             .collect();
-        self.metrics
-            .cluster_split
-            .with_label_values(&[reason])
-            .inc_by(traces.len() as u64);
+        if let Some(example) = traces.iter().next() {
+            self.metrics
+                .count_split(reason, traces.len() as u64, example, peer);
+        }
     }
 
     /// True when some peer's forward queue is nearly full: receivers then push back

@@ -47,15 +47,20 @@ impl Pipeline {
             self.metrics
                 .cluster_decisions_taken_over
                 .inc_by(peer.decisions.len() as u64);
-            if split > 0 {
-                self.metrics
-                    .cluster_split
-                    .with_label_values(&["decided_elsewhere"])
-                    .inc_by(split as u64);
+            if let Some(example) = split.first() {
+                self.metrics.count_split(
+                    "decided_elsewhere",
+                    split.len() as u64,
+                    example,
+                    &peer.from,
+                );
             }
         }
         let outcome = self.take(request, Protocol::Peer, true, placement, Some(peer))?;
         if !peer.handoff.is_empty() {
+            // Only now, with every span of the request held: a trace due at once is
+            // decided on all it was handed with.
+            self.buffer.settle_handed(&peer.handoff, Instant::now());
             self.metrics
                 .cluster_taken_over
                 .inc_by(peer.handoff.len() as u64);
@@ -331,12 +336,21 @@ impl Pipeline {
                 }
             }
         }
-        if !split.is_empty() {
-            for (_, reason) in split {
+        for reason in ["decided_here", "decided_before_handoff"] {
+            let traces: Vec<&TraceId> = split
+                .iter()
+                .filter(|(_, r)| *r == reason)
+                .map(|(id, _)| id)
+                .collect();
+            if let Some(example) = traces.first() {
+                // The member that handed the trace over, or this one.
+                let peer = match (reason, peer, &self.cluster) {
+                    ("decided_before_handoff", Some(p), _) => p.from.as_str(),
+                    (_, _, Some(c)) => c.me(),
+                    _ => "",
+                };
                 self.metrics
-                    .cluster_split
-                    .with_label_values(&[reason])
-                    .inc();
+                    .count_split(reason, traces.len() as u64, example, peer);
             }
         }
         if let Some((reject, place)) = first_reject {

@@ -480,6 +480,39 @@ impl Metrics {
     }
 }
 
+/// Split traces are reported in the log at most this often (the counter has them all).
+static SPLIT: Throttle = Throttle::new(std::time::Duration::from_secs(10));
+
+impl Metrics {
+    /// Counts `traces` traces as decided in more than one place for `reason`, and says so
+    /// in the log, naming one of them (at most every 10 s): a split is what an operator
+    /// looks up in the trace backend.
+    pub fn count_split(
+        &self,
+        reason: &str,
+        traces: u64,
+        example: &dyn std::fmt::Display,
+        peer: &str,
+    ) {
+        if traces == 0 {
+            return;
+        }
+        self.cluster_split
+            .with_label_values(&[reason])
+            .inc_by(traces);
+        if let Some(held_back) = SPLIT.allow() {
+            tracing::warn!(
+                reason,
+                traces,
+                trace_id = %example,
+                peer,
+                similar_reports_held_back = held_back,
+                "traces decided in more than one place (llmtail_cluster_split_traces_total)"
+            );
+        }
+    }
+}
+
 /// Lets a repeated warning through at most once per interval, and says how many were held
 /// back since: log volume must not be something a sender controls.
 pub struct Throttle {

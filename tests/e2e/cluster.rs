@@ -14,13 +14,14 @@ use rand::{Rng, SeedableRng};
 
 pub(crate) const BASE_RATE: f64 = 0.3;
 
-/// A replica of `ports` (itself at `me`). The tests send the rest of a trace seconds after
+/// A replica of `ports` (itself at `me`), with `/debug/traces` on (a failed test asks every
+/// replica where its wrong traces are). The tests send the rest of a trace seconds after
 /// its first spans and a ring change, on a loaded box: `overlap` covers that (its default,
 /// `decision_wait` + two refreshes, is 3.4 s here).
 pub(crate) fn config(sink: &Sink, ports: &[u16], me: u16) -> String {
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     format!(
-        "sampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\ncluster:\n  peers: [{}]\n  self: 127.0.0.1:{me}\n  refresh_interval: 200ms\n  peer_retry_interval: 60s\n  overlap: 30s\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\nshutdown_timeout: 5s\n",
+        "  debug_traces: true\nsampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\ncluster:\n  peers: [{}]\n  self: 127.0.0.1:{me}\n  refresh_interval: 200ms\n  peer_retry_interval: 60s\n  overlap: 30s\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\nshutdown_timeout: 5s\n",
         peers.join(", "),
         sink.endpoint()
     )

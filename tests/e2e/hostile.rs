@@ -436,10 +436,6 @@ async fn poison_spans_are_refused_alone_and_every_good_span_arrives() {
     eprintln!("{n} good spans arrived beside the poison");
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_refusal_costs_only_the_span_it_refuses() {
     let sink = Sink::start_counting(0).await;

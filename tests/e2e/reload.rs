@@ -7,9 +7,15 @@ use std::time::Duration;
 use crate::support::*;
 use llmtail_tools::loadgen::Kind;
 
-fn body(sink: &Sink, base_rate: f64, extra: &str) -> String {
+/// Traces sent before the reload wait this long for their decision: long enough that the
+/// reload is applied while they are held, however loaded the machine. Those sent after it
+/// wait [`AFTER`].
+const HOLD: &str = "15s";
+const AFTER: &str = "1s";
+
+fn body(sink: &Sink, base_rate: f64, hold: &str, extra: &str) -> String {
     format!(
-        "sampling:\n  decision_wait: 4s\n  root_grace: 4s\n  base_rate: {base_rate}\n  policies:\n    - {{name: errors, type: error}}\n{extra}exporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n",
+        "sampling:\n  decision_wait: {hold}\n  root_grace: {hold}\n  base_rate: {base_rate}\n  policies:\n    - {{name: errors, type: error}}\n{extra}exporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\n",
         sink.endpoint()
     )
 }
@@ -23,7 +29,7 @@ async fn send_normal(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid_one() {
     let sink = Sink::start(0).await;
-    let d = Daemon::start(&body(&sink, 0.0, ""));
+    let d = Daemon::start(&body(&sink, 0.0, HOLD, ""));
     // Held under base_rate 0: none of these would be kept.
     let held = send_normal(&d, 21, 30).await;
     let m = d
@@ -37,12 +43,18 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
     // under the new rules.
     // (A budget the decision cache reserved at start, ~52 MB, would fill past its soft mark
     // would decide the held traces early: 512 MiB leaves them held.)
-    d.reload(&body(&sink, 1.0, "    - {name: slow-v2, type: latency, threshold_ms: 100000}\nlimits:\n  max_buffer_bytes: 512MiB\n"));
+    d.reload(&body(&sink, 1.0, AFTER, "    - {name: slow-v2, type: latency, threshold_ms: 100000}\nlimits:\n  max_buffer_bytes: 512MiB\n"));
     let m = d
-        .wait_metrics(Duration::from_secs(5), |m| {
+        .wait_metrics(Duration::from_secs(15), |m| {
             m.sum("llmtail_config_reloads_total", &[("result", "applied")]) == 1.0
         })
         .await;
+    assert_eq!(
+        m.sum("llmtail_config_reloads_total", &[("result", "applied")]),
+        1.0,
+        "not applied: {}",
+        d.log()
+    );
     assert_eq!(
         m.sum("llmtail_buffer_traces", &[]),
         30.0,
@@ -52,7 +64,7 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
         m.sum("llmtail_buffer_limit_bytes", &[]),
         512.0 * 1024.0 * 1024.0
     );
-    assert_eq!(sink.wait_for_spans(120, Duration::from_secs(10)).await, 120);
+    assert_eq!(sink.wait_for_spans(120, Duration::from_secs(30)).await, 120);
     let got: HashSet<Vec<u8>> = sink.traces().into_keys().collect();
     assert_eq!(got, held);
     assert_eq!(
@@ -64,14 +76,19 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
     );
 
     // An invalid config: rejected with its problem named; the running one stays.
-    d.reload(&body(&sink, 2.5, ""));
-    d.wait_metrics(Duration::from_secs(5), |m| {
-        m.sum("llmtail_config_reloads_total", &[("result", "rejected")]) == 1.0
-    })
-    .await;
+    d.reload(&body(&sink, 2.5, AFTER, ""));
+    let m = d
+        .wait_metrics(Duration::from_secs(15), |m| {
+            m.sum("llmtail_config_reloads_total", &[("result", "rejected")]) == 1.0
+        })
+        .await;
+    assert_eq!(
+        m.sum("llmtail_config_reloads_total", &[("result", "rejected")]),
+        1.0
+    );
     assert!(d.log().contains("base_rate"), "{}", d.log());
     let more = send_normal(&d, 22, 10).await;
-    assert_eq!(sink.wait_for_spans(160, Duration::from_secs(10)).await, 160);
+    assert_eq!(sink.wait_for_spans(160, Duration::from_secs(30)).await, 160);
     let got: HashSet<Vec<u8>> = sink.traces().into_keys().collect();
     assert!(more.is_subset(&got), "base_rate 1.0 still in force");
     assert_eq!(

@@ -285,7 +285,6 @@ async fn the_debug_endpoint_says_where_a_trace_is_and_why() {
             m.sum("llmtail_traces_total", &[]) == 2.0
         })
         .await;
-    let hex = |id: &[u8; 16]| id.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let get = |path: &str, token: Option<&str>| {
         let auth = token.map(|t| format!("Bearer {t}"));
         let headers: Vec<(&str, &str)> = auth

@@ -19,27 +19,71 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Every trace arrived whole (its four spans, none twice) if the rule or a policy keeps
-/// it, and not at all otherwise; returns how many arrived in part (always 0 here).
-fn assert_whole(sink: &Sink, traces: &[GeneratedTrace]) -> usize {
+/// it, and not at all otherwise; returns how many arrived in part (always 0 here). On
+/// failure, names every wrong trace and adds `report` (what the replicas say).
+fn assert_whole_or(
+    sink: &Sink,
+    traces: &[GeneratedTrace],
+    report: &dyn Fn(&[String]) -> String,
+) -> usize {
     let got = arrived(sink);
     let mut split = 0;
+    let mut wrong = Vec::new();
     for t in traces {
         let n = got.get(t.trace_id.as_slice()).copied().unwrap_or(0);
         split += usize::from(n != 0 && n != 4);
         let kept = t.kind != Kind::Normal || consistent_keep(&t.trace_id, BASE_RATE);
-        assert_eq!(
-            n,
-            if kept { 4 } else { 0 },
-            "{:?} trace {:02x?}",
-            t.kind,
-            &t.trace_id[..4]
+        if n != if kept { 4 } else { 0 } {
+            wrong.push((t.kind, hex(&t.trace_id), n));
+        }
+    }
+    if !wrong.is_empty() {
+        let ids: Vec<String> = wrong.iter().map(|w| w.1.clone()).collect();
+        panic!(
+            "{} traces arrived wrong (kind, id, spans): {wrong:?}\n{}",
+            wrong.len(),
+            report(&ids)
         );
     }
     split
 }
 
+fn assert_whole(sink: &Sink, traces: &[GeneratedTrace]) -> usize {
+    assert_whole_or(sink, traces, &|_| String::new())
+}
+
 fn sum(replicas: &[&Daemon], metric: &str) -> f64 {
     replicas.iter().map(|d| d.metrics().sum(metric, &[])).sum()
+}
+
+/// What the replicas say, for a failed assertion: each one's split traces by reason,
+/// where it has each of `ids` (`/debug/traces`), and its log; then the logs of replicas
+/// replaced before (`gone`).
+fn report(replicas: &[&Daemon], gone: &[String], ids: &[String]) -> String {
+    let mut out = String::new();
+    for (i, d) in replicas.iter().enumerate() {
+        let m = d.metrics();
+        for reason in [
+            "decided_here",
+            "decided_before_handoff",
+            "decided_elsewhere",
+            "unknown_outcome",
+        ] {
+            let n = m.sum("llmtail_cluster_split_traces_total", &[("reason", reason)]);
+            if n > 0.0 {
+                out.push_str(&format!("replica {i}: {n} split, {reason}\n"));
+            }
+        }
+        for id in ids.iter().take(5) {
+            let answer = http_get(d.admin, &format!("/debug/traces/{id}"));
+            out.push_str(&format!("replica {i}: {id}: {answer:?}\n"));
+        }
+        out.push_str(&format!("--- replica {i} log ---\n{}\n", d.log()));
+    }
+    for (i, log) in gone.iter().enumerate() {
+        out.push_str(&format!("--- replaced replica {i} log ---\n{log}\n"));
+    }
+    out
 }
 
 /// Waits until every replica has `n` members in its ring.
@@ -56,6 +100,15 @@ async fn ring_of(replicas: &[&Daemon], n: f64) {
 
 /// Waits until the sink has every span of the traces expected to be kept.
 async fn all_arrived(sink: &Sink, traces: &[GeneratedTrace]) {
+    all_arrived_or(sink, traces, &|_| String::new()).await;
+}
+
+/// [`all_arrived`], with `report` added to a failure.
+async fn all_arrived_or(
+    sink: &Sink,
+    traces: &[GeneratedTrace],
+    report: &dyn Fn(&[String]) -> String,
+) {
     let want: HashSet<Vec<u8>> = expected(traces);
     let end = std::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -68,8 +121,8 @@ async fn all_arrived(sink: &Sink, traces: &[GeneratedTrace]) {
             return;
         }
         if std::time::Instant::now() > end {
-            // Which ones, and how: the assertion names the first.
-            assert_whole(sink, traces);
+            // Which ones, and how.
+            assert_whole_or(sink, traces, report);
             panic!("{have} of {} spans arrived", want.len() * 4);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -228,10 +281,12 @@ async fn a_rolling_restart_under_load_splits_no_trace() {
     // Each replica in turn: SIGTERM (it hands off and leaves), then a new process on the
     // same address, which joins again.
     let mut handed = 0;
+    let mut gone = Vec::new();
     for (i, port) in ports.iter().enumerate() {
         replicas[i].sigterm();
         assert!(replicas[i].wait_exit(Duration::from_secs(15)).success());
         let log = replicas[i].log();
+        gone.push(log.clone());
         let line = log
             .lines()
             .find(|l| l.contains("handed held traces to their new owners"))
@@ -250,10 +305,16 @@ async fn a_rolling_restart_under_load_splits_no_trace() {
     stop.store(true, Ordering::SeqCst);
     let traces = sender.await.unwrap();
     let all: Vec<&Daemon> = replicas.iter().collect();
-    all_arrived(&sink, &traces).await;
+    let why = |ids: &[String]| report(&all, &gone, ids);
+    all_arrived_or(&sink, &traces, &why).await;
     settled(&all).await;
-    assert_eq!(assert_whole(&sink, &traces), 0);
-    assert_eq!(sum(&all, "llmtail_cluster_split_traces_total"), 0.0);
+    assert_eq!(assert_whole_or(&sink, &traces, &why), 0);
+    assert_eq!(
+        sum(&all, "llmtail_cluster_split_traces_total"),
+        0.0,
+        "{}",
+        why(&[])
+    );
     assert!(
         handed > 0,
         "the stopping replicas held nothing: the test tests nothing"

@@ -71,7 +71,8 @@ pub async fn send_traces(d: &Daemon, traces: &[llmtail_tools::loadgen::Generated
 /// A port for a daemon that must listen on a known one (cluster peers, restarts on the
 /// same address). Taken below Linux's ephemeral range (32768+), where nothing binding port
 /// 0 or connecting out can take it between this call and the daemon's bind (or while a
-/// restarted replica is down), and never the same twice in this run.
+/// restarted replica is down), and never the same twice in this run (nor, but by rare
+/// chance, in another test process running beside it).
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     const LOW: u16 = 20_000;
@@ -79,7 +80,8 @@ pub fn free_port() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(0);
     let _ = NEXT.compare_exchange(
         0,
-        LOW + (std::process::id() % u32::from(SPAN)) as u16,
+        // (Spread by a prime stride: test processes started together have adjacent ids.)
+        LOW + (std::process::id().wrapping_mul(7919) % u32::from(SPAN)) as u16,
         Ordering::SeqCst,
         Ordering::SeqCst,
     );
@@ -91,6 +93,11 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port in {LOW}..{}", LOW + SPAN)
+}
+
+/// Bytes (a trace or span id) in lowercase hex, as OTLP/JSON and `/debug/traces` write them.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Every span of the requests, in order.
