@@ -90,7 +90,14 @@ impl PeerRequest {
             mode: match text(MODE_HEADER) {
                 None => Mode::Route,
                 Some("final") => Mode::Final,
-                Some("ask") => Mode::Ask,
+                Some("ask") => Mode::Ask {
+                    ttl: match text(ASK_TTL_HEADER) {
+                        None => 0,
+                        Some(v) => v.parse().map_err(|_| {
+                            format!("{ASK_TTL_HEADER}: {v:?} is not a count from 0 to 255")
+                        })?,
+                    },
+                },
                 Some(v) => return Err(format!("{MODE_HEADER}: {v:?} is neither final nor ask")),
             },
             batch,
@@ -305,8 +312,11 @@ impl Cluster {
             Mode::Final => {
                 headers.insert(MODE_HEADER, http::HeaderValue::from_static("final"));
             }
-            Mode::Ask => {
+            Mode::Ask { ttl } => {
                 headers.insert(MODE_HEADER, http::HeaderValue::from_static("ask"));
+                if ttl > 0 {
+                    headers.insert(ASK_TTL_HEADER, http::HeaderValue::from(u16::from(ttl)));
+                }
             }
         }
         headers
@@ -411,15 +421,12 @@ impl Cluster {
                         member: false,
                     });
                 }
-                match &routing.previous {
-                    Some((ring, until)) if Instant::now() < *until && !ring.contains(&from) => {
-                        Some(JoinAnswer {
-                            previous: members(ring),
-                            member: true,
-                        })
-                    }
-                    _ => None,
-                }
+                routing
+                    .before(&from, Instant::now())
+                    .map(|ring| JoinAnswer {
+                        previous: members(ring),
+                        member: true,
+                    })
             }
         }
     }
@@ -542,13 +549,12 @@ impl Cluster {
         if !routing.overlapping(Instant::now()) {
             tracing::info!(previous = ?members, overlap = ?self.overlap, "joined a running cluster: traces its members hold stay with them through the overlap");
         }
-        self.routing.store(Arc::new(Routing {
-            current: routing.current.clone(),
-            previous: Some((
-                Ring::without_me(members, &self.me),
-                Instant::now() + self.overlap,
-            )),
-        }));
+        let now = Instant::now();
+        self.routing.store(Arc::new(routing.remembering(
+            Ring::without_me(members, &self.me),
+            now,
+            now + self.overlap,
+        )));
     }
 
     /// Leaves the ring: first hands `decisions` (recent ones, made here) to the traces'

@@ -66,6 +66,9 @@ pub const FORWARDED_HEADER: &str = "x-llmtail-forwarded";
 /// On a forwarded request: `final` (take it here, do not route it again) or `ask` (keep
 /// it if its trace is held or decided here, else pass it to its owner, final).
 pub const MODE_HEADER: &str = "x-llmtail-route";
+/// On a request forwarded as [`Mode::Ask`]: how many more members may be asked after the
+/// receiver (absent: none, the receiver passes what it does not hold to the owner).
+pub const ASK_TTL_HEADER: &str = "x-llmtail-ask-ttl";
 /// On a forwarded request: its idempotency key (sender and sequence).
 pub const BATCH_HEADER: &str = "x-llmtail-batch";
 /// On a hand-off: each handed trace's id, age and time to its deadline (binary metadata).
@@ -88,9 +91,10 @@ pub enum Mode {
     Route,
     /// Taken by the receiver.
     Final,
-    /// Sent to a trace's previous owner: kept if its trace is held or decided there,
-    /// else passed on to the owner in the receiver's ring, final.
-    Ask,
+    /// Sent to a member that may hold its trace (an owner before a ring change): kept if
+    /// the trace is held or decided there, else passed on to the next member that may
+    /// hold it (at most `ttl` more asked) and at last to its owner, final.
+    Ask { ttl: u8 },
 }
 
 /// Where a span goes ([`Routing::route`]).
@@ -100,48 +104,178 @@ pub enum Route<'a> {
     Here,
     /// Forwarded to this member, its owner.
     To(&'a Arc<str>),
-    /// Forwarded to this member, its previous owner, which keeps it if it holds it.
-    Ask(&'a Arc<str>),
-    /// This replica owned its trace before the ring changed: kept here if held or decided
-    /// here, else passed on to the owner given.
-    HereIfKnown(&'a Arc<str>),
+    /// Forwarded to this member, which may hold its trace (an owner before a ring
+    /// change), as [`Mode::Ask`] with this `ttl`.
+    Ask(&'a Arc<str>, u8),
+    /// This replica may hold its trace (it owned it before a ring change, or owns it now
+    /// while another may hold it): kept here if held or decided here, else sent to the
+    /// member given, as the mode given.
+    HereIfKnown(&'a Arc<str>, Mode),
 }
 
-/// The ring in force and, for `overlap` after it changed, the ring before it.
+/// Rings remembered before the one in force: more changes within one overlap than this
+/// (a rolling restart of many replicas at once) forget the oldest.
+const RING_HISTORY: usize = 8;
+
+/// The ring in force and, for `overlap` after each change, the rings before it (oldest
+/// first): a trace in flight across several changes (a rolling restart replaces replicas
+/// faster than long traces end) is held by its owner in one of them.
 #[derive(Debug)]
 pub struct Routing {
     pub current: Ring,
-    previous: Option<(Ring, Instant)>,
+    previous: Vec<(Ring, Instant)>,
+}
+
+/// The members that may hold a trace besides its owner, in the order they are asked.
+struct Holders<'a> {
+    members: [Option<&'a Arc<str>>; RING_HISTORY],
+    len: usize,
+}
+
+impl<'a> Holders<'a> {
+    fn iter(&self) -> impl Iterator<Item = &'a Arc<str>> + '_ {
+        self.members[..self.len].iter().flatten().copied()
+    }
 }
 
 impl Routing {
-    /// Where a span of `trace` goes at `now`.
-    pub fn route(&self, trace: &TraceId, now: Instant) -> Route<'_> {
-        let owner = self.current.elsewhere(trace);
-        if let Some((previous, until)) = &self.previous
-            && now < *until
-            && !previous.is_empty()
-        {
-            let before = previous.owner_addr(trace);
-            if before != self.current.owner_addr(trace) {
-                // The previous owner, while still a member, keeps what it holds.
-                if self.current.me_addr() == Some(before) {
-                    if let Some(owner) = owner {
-                        return Route::HereIfKnown(owner);
-                    }
-                } else if let Some(member) = self.current.member(before) {
-                    return Route::Ask(member);
-                }
+    /// A routing with no ring before `current`.
+    pub fn new(current: Ring) -> Routing {
+        Routing {
+            current,
+            previous: Vec::new(),
+        }
+    }
+
+    /// The routing after a change to `next`: this one's current ring becomes the newest
+    /// of the rings before, known until `until`.
+    fn changed_to(&self, next: Ring, now: Instant, until: Instant) -> Routing {
+        let mut routing = Routing {
+            current: next,
+            previous: self.open(now).cloned().collect(),
+        };
+        routing.remember(self.current.clone(), until);
+        routing
+    }
+
+    /// This routing with `before` remembered as the newest ring before the current one,
+    /// until `until` (a joining replica learns it from its peers).
+    fn remembering(&self, before: Ring, now: Instant, until: Instant) -> Routing {
+        let mut routing = Routing {
+            current: self.current.clone(),
+            previous: self.open(now).cloned().collect(),
+        };
+        routing.remember(before, until);
+        routing
+    }
+
+    /// Remembers `ring` as the newest ring before the current one, until `until`.
+    fn remember(&mut self, ring: Ring, until: Instant) {
+        self.previous.retain(|(r, _)| !r.same_members(&ring));
+        self.previous.push((ring, until));
+        if self.previous.len() > RING_HISTORY {
+            self.previous.remove(0);
+        }
+    }
+
+    /// The rings before the current one whose overlap is open at `now`, oldest first.
+    fn open(&self, now: Instant) -> impl Iterator<Item = &(Ring, Instant)> {
+        self.previous
+            .iter()
+            .filter(move |(ring, until)| now < *until && !ring.is_empty())
+    }
+
+    /// The members other than `owner` that may hold `trace`: its owners in the rings
+    /// before (oldest first) that are members now, each once.
+    fn holders(&self, trace: &TraceId, owner: &Arc<str>, now: Instant) -> Holders<'_> {
+        let mut h = Holders {
+            members: [None; RING_HISTORY],
+            len: 0,
+        };
+        for (ring, _) in self.open(now) {
+            let before = ring.owner_addr(trace);
+            if before == &**owner || h.iter().any(|m| &**m == before) {
+                continue;
+            }
+            if let Some(member) = self.current.member(before) {
+                h.members[h.len] = Some(member);
+                h.len += 1;
             }
         }
-        owner.map_or(Route::Here, Route::To)
+        h
+    }
+
+    /// Where a span of `trace` goes at `now`.
+    pub fn route(&self, trace: &TraceId, now: Instant) -> Route<'_> {
+        let Some(owner) = self.current.owner_member(trace) else {
+            return Route::Here;
+        };
+        let mine = |m: &Arc<str>| self.current.me_addr() == Some(&**m);
+        let holders = self.holders(trace, owner, now);
+        if holders.len == 0 {
+            return if mine(owner) {
+                Route::Here
+            } else {
+                Route::To(owner)
+            };
+        }
+        // (`ttl`: how many more may be asked after the first.)
+        let others = holders.iter().filter(|m| !mine(m)).count() as u8;
+        let first = holders.iter().find(|m| !mine(m));
+        if mine(owner) || others < holders.len as u8 {
+            // Kept here if held here; else the others are asked, the owner last.
+            return match first {
+                Some(next) => Route::HereIfKnown(next, Mode::Ask { ttl: others - 1 }),
+                None => Route::HereIfKnown(owner, Mode::Final),
+            };
+        }
+        Route::Ask(first.expect("one at least"), others - 1)
+    }
+
+    /// Where a span of `trace` goes that `from` asked this replica about
+    /// ([`Mode::Ask`]) and that is neither held nor decided here: to the next member that
+    /// may hold it (`ttl` more may be asked), else to its owner, final; `None` when this
+    /// replica owns it.
+    pub fn after_ask(
+        &self,
+        trace: &TraceId,
+        now: Instant,
+        from: &str,
+        ttl: u8,
+    ) -> Option<(&Arc<str>, Mode)> {
+        let owner = self.current.owner_member(trace)?;
+        let me = self.current.me_addr();
+        if me == Some(&**owner) {
+            return None;
+        }
+        if ttl > 0 {
+            let holders = self.holders(trace, owner, now);
+            let after_me = holders
+                .iter()
+                .position(|m| Some(&**m) == me)
+                .map_or(0, |i| i + 1);
+            if let Some(next) = holders
+                .iter()
+                .skip(after_me)
+                .find(|m| &***m != from && Some(&***m) != me)
+            {
+                return Some((next, Mode::Ask { ttl: ttl - 1 }));
+            }
+        }
+        Some((owner, Mode::Final))
     }
 
     /// Whether an overlap window is open at `now`.
     pub fn overlapping(&self, now: Instant) -> bool {
-        self.previous
-            .as_ref()
-            .is_some_and(|(_, until)| now < *until)
+        self.open(now).next().is_some()
+    }
+
+    /// The newest ring before the current one, open at `now`, that `addr` is not in.
+    pub fn before(&self, addr: &str, now: Instant) -> Option<&Ring> {
+        self.open(now)
+            .map(|(ring, _)| ring)
+            .filter(|ring| !ring.contains(addr))
+            .last()
     }
 }
 
@@ -208,10 +342,7 @@ impl Cluster {
         let known: Vec<String> = cfg.peers.iter().map(|p| normalize(p)).collect();
         // A replica that starts and finds, as it says it joins, that its peers worked
         // without it takes their ring before it as its previous one (see `announce_join`).
-        let routing = Routing {
-            current: Ring::new(known.clone(), &me),
-            previous: None,
-        };
+        let routing = Routing::new(Ring::new(known.clone(), &me));
         let cluster = Arc::new(Cluster {
             routing: ArcSwap::from_pointee(routing),
             unannounced: Mutex::new(known.iter().filter(|k| **k != me).cloned().collect()),
@@ -383,17 +514,14 @@ impl Cluster {
             overlap = ?self.overlap,
             "cluster ring changed"
         );
-        let previous =
-            if self.leaving.load(Ordering::SeqCst) || !self.started.load(Ordering::SeqCst) {
-                // A leaving replica hands its traces off, a starting one holds none: no overlap.
-                None
-            } else {
-                Some((old.current.clone(), now + self.overlap))
-            };
-        self.routing.store(Arc::new(Routing {
-            current: ring,
-            previous,
-        }));
+        let routing = if self.leaving.load(Ordering::SeqCst) || !self.started.load(Ordering::SeqCst)
+        {
+            // A leaving replica hands its traces off, a starting one holds none: no overlap.
+            Routing::new(ring)
+        } else {
+            old.changed_to(ring, now, now + self.overlap)
+        };
+        self.routing.store(Arc::new(routing));
         self.metrics.cluster_ring_changes.inc();
         self.publish();
     }
@@ -508,6 +636,59 @@ mod tests {
         Ring::new(members.iter().map(|s| s.to_string()).collect(), me)
     }
 
+    /// The ring of `members` as `me` sees it, whether or not it is one of them.
+    fn ring_at(members: &[&str], me: &str) -> Ring {
+        let addrs = members.iter().map(|s| s.to_string()).collect();
+        if members.contains(&me) {
+            Ring::new(addrs, me)
+        } else {
+            Ring::without_me(addrs, me)
+        }
+    }
+
+    /// Where a span that reaches `at` ends up, following each replica's routing, when
+    /// `holder` holds its trace: the replica that takes it, and the hops it took.
+    fn follow<'a>(
+        routings: &'a HashMap<&str, Routing>,
+        id: &TraceId,
+        holder: &str,
+        at: &'a str,
+        now: Instant,
+    ) -> (&'a str, usize) {
+        let (mut at, mut mode, mut from): (&str, Mode, &str) = (at, Mode::Route, "client");
+        for hops in 0..10 {
+            let r = &routings[at];
+            let knows = at == holder;
+            let next = match mode {
+                Mode::Final => None,
+                Mode::Ask { ttl } if !knows => r.after_ask(id, now, from, ttl),
+                Mode::Ask { .. } => None,
+                Mode::Route => match r.route(id, now) {
+                    Route::Here => None,
+                    Route::To(p) => Some((
+                        p,
+                        if from == "client" {
+                            Mode::Route
+                        } else {
+                            Mode::Final
+                        },
+                    )),
+                    Route::Ask(p, ttl) => Some((p, Mode::Ask { ttl })),
+                    Route::HereIfKnown(p, m) => (!knows).then_some((p, m)),
+                },
+            };
+            match next {
+                None => return (at, hops),
+                Some((p, m)) => {
+                    from = at;
+                    at = routings.get_key_value(&**p).expect("a member").0;
+                    mode = m;
+                }
+            }
+        }
+        panic!("{id:?} went round in circles")
+    }
+
     #[tokio::test]
     async fn a_peer_that_left_loses_its_forwarder_and_metric_series() {
         let metrics = Metrics::new();
@@ -542,19 +723,12 @@ mod tests {
         let routing = |me: &str| Routing {
             current: ring(&["a:1", "b:1", "c:1"], me),
             // The new member's previous ring is the one without it.
-            previous: Some((
-                if me == "c:1" {
-                    Ring::without_me(vec!["a:1".into(), "b:1".into()], me)
-                } else {
-                    ring(&["a:1", "b:1"], me)
-                },
-                until,
-            )),
+            previous: vec![(ring_at(&["a:1", "b:1"], me), until)],
         };
         let (at_a, at_c) = (routing("a:1"), routing("c:1"));
         let (mut moved, mut stayed) = (0, 0);
         for id in ids(3_000) {
-            let before = at_a.previous.as_ref().unwrap().0.owner_addr(&id).to_owned();
+            let before = at_a.previous[0].0.owner_addr(&id).to_owned();
             let now = at_a.current.owner_addr(&id).to_owned();
             if before == now {
                 stayed += 1;
@@ -569,14 +743,20 @@ mod tests {
             }
             moved += 1;
             assert_eq!(now, "c:1", "only traces of the new member move");
-            // At the previous owner: kept if held there, else on to the new owner.
-            // Elsewhere (the new member included): to the previous owner.
+            // At the previous owner: kept if held there, else on to the new owner, final.
+            // Elsewhere: to the previous owner. At the new owner: kept if held there
+            // already, else to the previous owner.
             if before == "a:1" {
-                assert!(matches!(at_a.route(&id, t0), Route::HereIfKnown(o) if &**o == "c:1"));
+                assert!(
+                    matches!(at_a.route(&id, t0), Route::HereIfKnown(o, Mode::Final) if &**o == "c:1")
+                );
             } else {
-                assert!(matches!(at_a.route(&id, t0), Route::Ask(p) if **p == *before));
+                assert!(matches!(at_a.route(&id, t0), Route::Ask(p, 0) if **p == *before));
             }
-            assert!(matches!(at_c.route(&id, t0), Route::Ask(p) if **p == *before));
+            assert!(matches!(
+                at_c.route(&id, t0),
+                Route::HereIfKnown(p, Mode::Ask { ttl: 0 }) if **p == *before
+            ));
             // After the overlap: the new owner.
             assert!(matches!(at_a.route(&id, until), Route::To(p) if &**p == "c:1"));
             assert_eq!(at_c.route(&id, until), Route::Here);
@@ -585,16 +765,111 @@ mod tests {
         assert!(stayed > 1_800);
     }
 
+    /// A rolling restart: a leaves (its traces handed to their owners among b and c),
+    /// comes back, then b leaves (its traces handed to their owners among a and c) — all
+    /// within one overlap. Wherever a trace's later span arrives, it reaches the member
+    /// that holds the trace, whichever ring that member owned it in (before, only the
+    /// ring just before the last change was known: a trace handed off by a and held by c
+    /// through a's return went to a once b left, and was split).
+    #[test]
+    fn through_a_rolling_restart_a_span_reaches_whoever_holds_its_trace() {
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(10);
+        let history: [&[&str]; 3] = [
+            &["a:1", "b:1", "c:1"],
+            &["b:1", "c:1"],
+            &["a:1", "b:1", "c:1"],
+        ];
+        let members = ["a:1", "c:1"];
+        let routings: HashMap<&str, Routing> = members
+            .iter()
+            .map(|me| {
+                let mut r = Routing::new(ring(&members, me));
+                for h in history {
+                    r.remember(ring_at(h, me), until);
+                }
+                (*me, r)
+            })
+            .collect();
+        // (Rings with the same members are remembered once, as of their latest change.)
+        assert_eq!(routings["a:1"].previous.len(), 2);
+        // Knowing only the ring before the last change, as before, misses some holders.
+        let last_only: HashMap<&str, Routing> = members
+            .iter()
+            .map(|me| {
+                let mut r = Routing::new(ring(&members, me));
+                r.remember(ring_at(history[2], me), until);
+                (*me, r)
+            })
+            .collect();
+        let (mut away, mut missed) = (0, 0);
+        for id in ids(2_000) {
+            // Who may hold it: its owner in any ring since (if still a member).
+            let mut holders: Vec<&str> = history
+                .iter()
+                .map(|h| ring_at(h, "x:1").owner_addr(&id).to_owned())
+                .chain([routings["a:1"].current.owner_addr(&id).to_owned()])
+                .filter(|o| members.contains(&o.as_str()))
+                .map(|o| *members.iter().find(|m| **m == o).unwrap())
+                .collect();
+            holders.dedup();
+            let owner = routings["a:1"].current.owner_addr(&id);
+            for holder in &holders {
+                away += usize::from(*holder != owner);
+                for start in members {
+                    let (taken, hops) = follow(&routings, &id, holder, start, t0);
+                    assert_eq!(taken, *holder, "sent to {start}, held by {holder}");
+                    assert!(hops <= 3, "{hops} hops");
+                    missed += usize::from(follow(&last_only, &id, holder, start, t0).0 != *holder);
+                }
+            }
+            // After the overlap: straight to the owner.
+            for start in members {
+                assert_eq!(follow(&routings, &id, owner, start, until).0, owner);
+            }
+        }
+        assert!(
+            away > 100,
+            "the test sees traces held away from their owner: {away}"
+        );
+        assert!(missed > 50, "{missed}");
+    }
+
+    /// Rings are remembered up to a bound: a cluster changing many times within one overlap
+    /// keeps the newest.
+    #[test]
+    fn the_rings_remembered_are_bounded() {
+        let t0 = Instant::now();
+        let mut r = Routing::new(ring(&["a:1"], "a:1"));
+        for n in 0..20 {
+            let peer = format!("p{n}:1");
+            r = r.changed_to(
+                ring(&["a:1", &peer], "a:1"),
+                t0,
+                t0 + Duration::from_secs(10),
+            );
+        }
+        assert_eq!(r.previous.len(), RING_HISTORY);
+        assert!(r.previous.last().unwrap().0.contains("p18:1"));
+        // Expired rings are not carried into the next change.
+        let later = r.changed_to(
+            ring(&["a:1"], "a:1"),
+            t0 + Duration::from_secs(11),
+            t0 + Duration::from_secs(21),
+        );
+        assert_eq!(later.previous.len(), 1);
+    }
+
     #[test]
     fn after_a_leave_its_traces_go_straight_to_their_new_owner() {
         let t0 = Instant::now();
         // "c:1" left: it is in the previous ring only, so there is no one to go back to.
         let at_a = Routing {
             current: ring(&["a:1", "b:1"], "a:1"),
-            previous: Some((
+            previous: vec![(
                 ring(&["a:1", "b:1", "c:1"], "a:1"),
                 t0 + Duration::from_secs(10),
-            )),
+            )],
         };
         let leaving = Ring::without_me(vec!["a:1".into(), "b:1".into(), "c:1".into()], "c:1");
         for id in ids(1_000) {

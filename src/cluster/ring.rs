@@ -130,6 +130,11 @@ impl Ring {
         self.members.get(self.owner(trace)).map_or("", |m| &m.addr)
     }
 
+    /// The member that owns `trace` (`None` in an empty ring).
+    pub fn owner_member(&self, trace: &TraceId) -> Option<&Arc<str>> {
+        self.members.get(self.owner(trace)).map(|m| &m.addr)
+    }
+
     /// The owner's address when it is another replica (`None` when it is this one, or
     /// when there is no member at all).
     pub fn elsewhere(&self, trace: &TraceId) -> Option<&Arc<str>> {

@@ -28,7 +28,7 @@ impl Pipeline {
     ) -> Result<IngestOutcome, IngestError> {
         let placement = match peer.mode {
             crate::cluster::Mode::Final => Placement::Here,
-            crate::cluster::Mode::Ask => Placement::Ask,
+            crate::cluster::Mode::Ask { ttl } => Placement::Ask { ttl },
             crate::cluster::Mode::Route => Placement::Route {
                 final_forwards: true,
             },
@@ -128,7 +128,7 @@ impl Pipeline {
                     Mode::Route
                 },
             ),
-            (Some(c), Placement::Ask) => (Some(c.ring()), Mode::Final),
+            (Some(c), Placement::Ask { .. }) => (Some(c.ring()), Mode::Final),
             _ => (None, Mode::Final),
         };
         // Traces another member owns taken here after all, and handed-off traces decided
@@ -202,23 +202,26 @@ impl Pipeline {
                     outcome.accepted += 1;
                     let to = routing.as_ref().and_then(|r| {
                         let id = &facts.trace_id;
-                        if placement == Placement::Ask {
-                            // Asked as its previous owner: kept if held or decided here,
-                            // else to its owner now, final.
-                            return if self.buffer.knows(id) {
-                                None
-                            } else {
-                                r.current.elsewhere(id).map(|o| (o.clone(), Mode::Final))
-                            };
+                        if let Placement::Ask { ttl } = placement {
+                            // Asked as an owner before a ring change: kept if held or
+                            // decided here, else on to the next that may hold it, and at
+                            // last to its owner, final.
+                            if self.buffer.knows(id) {
+                                return None;
+                            }
+                            let from = peer.map_or("", |p| p.from.as_str());
+                            return r
+                                .after_ask(id, now, from, ttl)
+                                .map(|(p, mode)| (p.clone(), mode));
                         }
                         match r.route(id, now) {
                             Route::Here => None,
                             Route::To(p) => Some((p.clone(), owner_mode)),
-                            Route::Ask(p) => Some((p.clone(), Mode::Ask)),
-                            // Its previous owner keeps what it holds; the new owner must
-                            // take the rest (final), not send it back here.
-                            Route::HereIfKnown(owner) => {
-                                (!self.buffer.knows(id)).then(|| (owner.clone(), Mode::Final))
+                            Route::Ask(p, ttl) => Some((p.clone(), Mode::Ask { ttl })),
+                            // What is held here stays here; the rest goes on (the owner
+                            // must take it, final, not send it back here).
+                            Route::HereIfKnown(next, mode) => {
+                                (!self.buffer.knows(id)).then(|| (next.clone(), mode))
                             }
                         }
                     });

@@ -63,9 +63,10 @@ pub enum Placement {
     Route { final_forwards: bool },
     /// Here: a forward marked final, or a hand-off.
     Here,
-    /// Here if the trace is held or decided here, else to its owner (final): this replica
-    /// is its previous owner.
-    Ask,
+    /// Here if the trace is held or decided here, else on to the next member that may
+    /// hold it (at most `ttl` more asked) and at last to its owner, final: this replica
+    /// owned it before a ring change. (`Mode::Ask` from `from`.)
+    Ask { ttl: u8 },
     /// Here, because no member took them (counted as split when another member owns
     /// their trace).
     HereAfterAll,

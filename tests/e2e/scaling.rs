@@ -325,6 +325,51 @@ async fn a_rolling_restart_under_load_splits_no_trace() {
     );
 }
 
+/// A rolling restart replaces replicas one after another faster than long traces end: a
+/// trace in flight across two replacements (handed off by the first to go, held by its
+/// new owner through the first one's return and the second one's going) arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_in_flight_across_two_replacements_arrives_whole() {
+    let sink = Sink::start(0).await;
+    let ports = [free_port(), free_port(), free_port()];
+    // Traces wait for their root up to 20 s: both replacements happen while they do.
+    let body =
+        |me: u16| config(&sink, &ports, me).replace("decision_wait: 3s", "decision_wait: 20s");
+    let mut replicas: Vec<Daemon> = ports
+        .iter()
+        .map(|p| Daemon::start_at(*p, &body(*p)))
+        .collect();
+    let mut rng = StdRng::seed_from_u64(81);
+    let traces = generate(&mut rng, 300);
+    // Their middle spans first; the root and the last span after both replacements.
+    let early: Vec<Span> = traces.iter().flat_map(|t| t.spans[1..3].to_vec()).collect();
+    let late: Vec<Span> = traces
+        .iter()
+        .flat_map(|t| [t.spans[0].clone(), t.spans[3].clone()])
+        .collect();
+    scatter_spans(&mut rng, &replicas.iter().collect::<Vec<_>>(), early).await;
+    let mut gone = Vec::new();
+    for i in 0..2 {
+        replicas[i].sigterm();
+        assert!(replicas[i].wait_exit(Duration::from_secs(15)).success());
+        gone.push(replicas[i].log());
+        replicas[i] = Daemon::start_at(ports[i], &body(ports[i]));
+        ring_of(&replicas.iter().collect::<Vec<_>>(), 3.0).await;
+    }
+    let all: Vec<&Daemon> = replicas.iter().collect();
+    scatter_spans(&mut rng, &all, late).await;
+    let why = |ids: &[String]| report(&all, &gone, ids);
+    all_arrived_or(&sink, &traces, &why).await;
+    settled(&all).await;
+    assert_eq!(assert_whole_or(&sink, &traces, &why), 0);
+    assert_eq!(
+        sum(&all, "llmtail_cluster_split_traces_total"),
+        0.0,
+        "{}",
+        why(&[])
+    );
+}
+
 /// The config of a replica at `ip` found through `llmtail-peers` (the hosts file).
 fn dns_config(sink: &Sink, ip: &str, port: u16) -> String {
     config(sink, &[port], port).replace(
