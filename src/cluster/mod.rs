@@ -18,9 +18,12 @@
 //!   after a ring change both rings are known. A trace whose owner changed goes to its
 //!   previous owner, which keeps it if it holds it (or decided it) and otherwise passes it
 //!   on to the new owner, marked final. So traces in flight stay where they are until
-//!   decided, and new ones go to their new owner.
+//!   decided, and new ones go to their new owner. Each change's ring before it is known for
+//!   its own overlap: after several changes (a rolling restart) a trace's owners in each
+//!   are asked in turn (oldest first), its owner now last.
 //! - A forwarded request is routed once more by the receiver (its view of the ring wins),
-//!   and a request marked final is always taken: no span goes round in circles.
+//!   a request marked final is always taken, and asks carry how many more may be asked:
+//!   no span goes round in circles.
 //! - Forwards carry an idempotency key: a batch whose outcome is unknown (the connection
 //!   broke after it was sent) is sent again to the same peer, which takes it once.
 //! - A peer that cannot be reached is left out of the ring for `peer_retry_interval` and
