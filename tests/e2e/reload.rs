@@ -26,6 +26,17 @@ async fn send_normal(d: &Daemon, seed: u64, n: usize) -> HashSet<Vec<u8>> {
     traces.iter().map(|t| t.trace_id.to_vec()).collect()
 }
 
+/// Waits for one reload with `result` (however loaded the machine) and returns the
+/// metrics that show it.
+async fn reloaded(d: &Daemon, result: &str) -> Metrics {
+    let count = |m: &Metrics| m.sum("llmtail_config_reloads_total", &[("result", result)]);
+    let m = d
+        .wait_metrics(Duration::from_secs(15), |m| count(m) == 1.0)
+        .await;
+    assert_eq!(count(&m), 1.0, "no reload {result}: {}", d.log());
+    m
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid_one() {
     let sink = Sink::start(0).await;
@@ -44,17 +55,7 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
     // (A budget the decision cache reserved at start, ~52 MB, would fill past its soft mark
     // would decide the held traces early: 512 MiB leaves them held.)
     d.reload(&body(&sink, 1.0, AFTER, "    - {name: slow-v2, type: latency, threshold_ms: 100000}\nlimits:\n  max_buffer_bytes: 512MiB\n"));
-    let m = d
-        .wait_metrics(Duration::from_secs(15), |m| {
-            m.sum("llmtail_config_reloads_total", &[("result", "applied")]) == 1.0
-        })
-        .await;
-    assert_eq!(
-        m.sum("llmtail_config_reloads_total", &[("result", "applied")]),
-        1.0,
-        "not applied: {}",
-        d.log()
-    );
+    let m = reloaded(&d, "applied").await;
     assert_eq!(
         m.sum("llmtail_buffer_traces", &[]),
         30.0,
@@ -77,15 +78,7 @@ async fn sighup_applies_a_valid_config_to_buffered_traces_and_rejects_an_invalid
 
     // An invalid config: rejected with its problem named; the running one stays.
     d.reload(&body(&sink, 2.5, AFTER, ""));
-    let m = d
-        .wait_metrics(Duration::from_secs(15), |m| {
-            m.sum("llmtail_config_reloads_total", &[("result", "rejected")]) == 1.0
-        })
-        .await;
-    assert_eq!(
-        m.sum("llmtail_config_reloads_total", &[("result", "rejected")]),
-        1.0
-    );
+    reloaded(&d, "rejected").await;
     assert!(d.log().contains("base_rate"), "{}", d.log());
     let more = send_normal(&d, 22, 10).await;
     assert_eq!(sink.wait_for_spans(160, Duration::from_secs(30)).await, 160);

@@ -129,6 +129,26 @@ async fn all_arrived_or(
     }
 }
 
+/// Every kept trace arrives whole (and no other at all), and no replica counted a split;
+/// a failure says what each replica, and each replaced one (`gone`: their logs), saw.
+async fn whole_and_never_split(
+    sink: &Sink,
+    traces: &[GeneratedTrace],
+    replicas: &[&Daemon],
+    gone: &[String],
+) {
+    let why = |ids: &[String]| report(replicas, gone, ids);
+    all_arrived_or(sink, traces, &why).await;
+    settled(replicas).await;
+    assert_eq!(assert_whole_or(sink, traces, &why), 0);
+    assert_eq!(
+        sum(replicas, "llmtail_cluster_split_traces_total"),
+        0.0,
+        "{}",
+        why(&[])
+    );
+}
+
 fn heads_and_tails(traces: &[GeneratedTrace]) -> (Vec<Span>, Vec<Span>) {
     (
         traces.iter().flat_map(|t| t.spans[..2].to_vec()).collect(),
@@ -305,16 +325,7 @@ async fn a_rolling_restart_under_load_splits_no_trace() {
     stop.store(true, Ordering::SeqCst);
     let traces = sender.await.unwrap();
     let all: Vec<&Daemon> = replicas.iter().collect();
-    let why = |ids: &[String]| report(&all, &gone, ids);
-    all_arrived_or(&sink, &traces, &why).await;
-    settled(&all).await;
-    assert_eq!(assert_whole_or(&sink, &traces, &why), 0);
-    assert_eq!(
-        sum(&all, "llmtail_cluster_split_traces_total"),
-        0.0,
-        "{}",
-        why(&[])
-    );
+    whole_and_never_split(&sink, &traces, &all, &gone).await;
     assert!(
         handed > 0,
         "the stopping replicas held nothing: the test tests nothing"
@@ -358,16 +369,7 @@ async fn a_trace_in_flight_across_two_replacements_arrives_whole() {
     }
     let all: Vec<&Daemon> = replicas.iter().collect();
     scatter_spans(&mut rng, &all, late).await;
-    let why = |ids: &[String]| report(&all, &gone, ids);
-    all_arrived_or(&sink, &traces, &why).await;
-    settled(&all).await;
-    assert_eq!(assert_whole_or(&sink, &traces, &why), 0);
-    assert_eq!(
-        sum(&all, "llmtail_cluster_split_traces_total"),
-        0.0,
-        "{}",
-        why(&[])
-    );
+    whole_and_never_split(&sink, &traces, &all, &gone).await;
 }
 
 /// The config of a replica at `ip` found through `llmtail-peers` (the hosts file).
