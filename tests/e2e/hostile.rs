@@ -561,9 +561,12 @@ async fn bombs_and_empty_message_floods_cost_a_bounded_multiple_of_their_size() 
         "zstd bombs: {:.1} MiB",
         growth(after_bombs)
     );
-    // The documented bound: a request costs at most 4× its size while it is decoded.
+    // The documented bound: a request costs about 4× its size while it is decoded (64
+    // MiB here), measured as the whole process's peak: the good traffic beside and the
+    // allocator's arenas are in it too (36–66 MiB seen in 16 runs), and are allowed 16 MiB.
+    // A cost per message would be far above it (8M messages).
     assert!(
-        growth(after_json) <= 64.0,
+        growth(after_json) <= 80.0,
         "floods: {:.1} MiB",
         growth(after_json)
     );
