@@ -298,7 +298,9 @@ fn main() -> ExitCode {
     )) {
         Ok(Ended::Flushed) => ExitCode::SUCCESS,
         Ok(Ended::TimedOut { lost_spans }) => {
-            eprintln!("shutdown timeout: {lost_spans} kept spans could not be exported");
+            eprintln!(
+                "shutdown timeout: {lost_spans} spans could not be exported (llmtail_spans_lost_total{{reason=\"shutdown\"}})"
+            );
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -343,12 +343,17 @@ pub async fn run(
         }
     }
     if let Some(cluster) = &cluster {
-        // What is queued for peers goes to them (or, failing that, is decided here).
-        if tokio::time::timeout_at(deadline, cluster.flush())
-            .await
-            .is_err()
-        {
-            tracing::warn!("forwarding to peers did not finish before the shutdown timeout");
+        // What is queued for peers goes to them (or, failing that, is decided here), within
+        // half the shutdown timeout, as the hand-off below: a peer that hangs must not
+        // take the time this replica's own traces need to be exported. What that cuts
+        // short is counted lost.
+        let cut = cluster.flush(started + cfg.shutdown_timeout / 2).await;
+        if cut > 0 {
+            tracing::warn!(
+                spans = cut,
+                "forwarding to peers did not finish before the shutdown timeout; the spans still queued are counted lost (reason shutdown)"
+            );
+            pipeline.count_lost_everywhere(Loss::Shutdown, cut as u64);
         }
     }
     // Spans no peer took are taken here (and handed off with the rest, in a cluster).

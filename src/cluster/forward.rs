@@ -27,12 +27,13 @@ impl Cluster {
         mode: Mode,
         spans: Vec<HeldSpan>,
     ) -> Result<(), Vec<HeldSpan>> {
-        if self.stop.is_cancelled() {
-            // Shutting down: forwarders are flushed already.
-            return Err(spans);
-        }
         let n = spans.len();
         let mut forwarders = self.forwarders.lock();
+        if self.stop.is_cancelled() {
+            // Shutting down: forwarders are flushed already. (Checked under the lock
+            // `flush` clears them with, so no forwarder starts after it.)
+            return Err(spans);
+        }
         let key = (peer.clone(), mode);
         let f = match forwarders.get(&key) {
             Some(f) => f,
@@ -69,19 +70,39 @@ impl Cluster {
             rx,
             queued.clone(),
         ));
-        self.tasks.lock().push(task);
+        self.tasks.lock().push((task, queued.clone()));
         Some(Forwarder { tx, queued })
     }
 
     /// Sends what is queued for every peer and stops (shutdown); spans that cannot be
-    /// sent go to the fallback, to be decided here.
-    pub async fn flush(&self) {
+    /// sent go to the fallback, to be decided here. What is still queued or in flight at
+    /// `deadline` is given up: returns how many spans that was (their peers may or may not
+    /// have taken the batches in flight). No forwarder runs once this returns.
+    pub async fn flush(&self, deadline: tokio::time::Instant) -> usize {
         self.stop.cancel();
         self.forwarders.lock().clear();
-        let tasks = std::mem::take(&mut *self.tasks.lock());
-        for t in tasks {
-            let _ = t.await;
+        let mut tasks = std::mem::take(&mut *self.tasks.lock());
+        let all_sent = async {
+            for (t, _) in tasks.iter_mut() {
+                let _ = t.await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, all_sent).await.is_ok() {
+            return 0;
         }
+        for (t, _) in &tasks {
+            t.abort();
+        }
+        let mut cut = 0;
+        for (t, queued) in tasks {
+            if !t.is_finished() {
+                // Ends at its next await: a batch is sent back, or counted sent, within
+                // one poll, so what `queued` says after this is what was given up.
+                let _ = t.await;
+            }
+            cut += queued.load(Ordering::Acquire);
+        }
+        cut
     }
 }
 
@@ -176,6 +197,13 @@ async fn send_batch(
     failures: &IntCounter,
 ) {
     let request = encode_verbatim(&batch);
+    if cluster.is_down(peer) {
+        // It failed a batch lately: the rest of its queue goes to the traces' next owner
+        // now, not after a delivery horizon each (15 s apiece for a peer that hangs).
+        failures.inc();
+        let _ = cluster.fallback.send((request, true));
+        return;
+    }
     let headers = cluster.batch_headers(mode);
     let outcome = cluster.deliver(peer, sink, &request, &headers, None).await;
     if outcome == membership::Outcome::Taken {

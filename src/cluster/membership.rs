@@ -932,19 +932,7 @@ mod tests {
 
     #[test]
     fn hand_off_batches_keep_traces_together_and_bounded() {
-        let span = |n: usize| HeldSpan {
-            origin: Arc::new(crate::otlp::reframe::Origin {
-                resource: Bytes::new(),
-                resource_schema_url: Bytes::new(),
-                scope: Bytes::new(),
-                scope_schema_url: Bytes::new(),
-                service: Arc::from("s"),
-            }),
-            bytes: Bytes::from(vec![0u8; n]),
-            trace_state: None,
-            is_root: false,
-            extra: None,
-        };
+        let span = crate::cluster::tests::held_span;
         let handed = Handed {
             age: Duration::from_secs(1),
             due_in: Some(Duration::from_secs(2)),

@@ -322,7 +322,8 @@ pub struct Cluster {
     batch_seq: AtomicU64,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Forwarder tasks, each with its count of spans queued or in flight.
+    tasks: Mutex<Vec<(tokio::task::JoinHandle<()>, Arc<AtomicUsize>)>>,
 }
 
 impl Cluster {
@@ -538,6 +539,15 @@ impl Cluster {
         self.rebuild();
     }
 
+    /// `peer` failed a request lately and is out of the ring until `peer_retry_interval`
+    /// has passed.
+    fn is_down(&self, peer: &str) -> bool {
+        self.down
+            .lock()
+            .get(peer)
+            .is_some_and(|until| Instant::now() < *until)
+    }
+
     /// Puts reloaded static peers in force (a ring change like any other).
     pub fn set_peers(&self, peers: &[String]) {
         let peers: Vec<String> = peers.iter().map(|p| normalize(p)).collect();
@@ -692,6 +702,96 @@ mod tests {
         panic!("{id:?} went round in circles")
     }
 
+    /// A span of `n` bytes, as held and forwarded.
+    pub(super) fn held_span(n: usize) -> HeldSpan {
+        HeldSpan {
+            origin: Arc::new(crate::otlp::reframe::Origin {
+                resource: Bytes::new(),
+                resource_schema_url: Bytes::new(),
+                scope: Bytes::new(),
+                scope_schema_url: Bytes::new(),
+                service: Arc::from("s"),
+            }),
+            bytes: Bytes::from(vec![0u8; n]),
+            trace_state: None,
+            is_root: false,
+            extra: None,
+        }
+    }
+
+    /// A peer that hangs: it accepts connections and never answers (a frozen node).
+    async fn hanging_peer() -> Arc<str> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        Arc::from(addr)
+    }
+
+    fn cluster_with(peer: &str) -> (Arc<Cluster>, mpsc::UnboundedReceiver<(Bytes, bool)>) {
+        let cfg = ClusterConfig {
+            self_address: Some("127.0.0.1:1".into()),
+            peers: vec!["127.0.0.1:1".into(), peer.to_owned()],
+            ..ClusterConfig::default()
+        };
+        Cluster::new(&cfg, Duration::from_secs(1), None, Metrics::new())
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_failed_lately_has_the_rest_of_its_queue_rerouted_at_once() {
+        let peer = hanging_peer().await;
+        let (cluster, mut fallback) = cluster_with(&peer);
+        cluster.mark_down(&peer);
+        assert!(
+            cluster
+                .forward(&peer, Mode::Route, vec![held_span(10), held_span(10)])
+                .is_ok()
+        );
+        // Sent to the hanging peer, the batch would come back after the 15 s horizon.
+        let (request, reroute) = tokio::time::timeout(Duration::from_secs(3), fallback.recv())
+            .await
+            .expect("the batch comes back without waiting on the peer")
+            .unwrap();
+        assert!(reroute, "routed again, over the ring without the peer");
+        assert_eq!(request, encode_verbatim(&[held_span(10), held_span(10)]));
+    }
+
+    #[tokio::test]
+    async fn a_flush_cut_short_by_the_shutdown_deadline_says_what_it_gave_up() {
+        let peer = hanging_peer().await;
+        let (cluster, mut fallback) = cluster_with(&peer);
+        assert!(
+            cluster
+                .forward(&peer, Mode::Route, vec![held_span(10); 3])
+                .is_ok()
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        assert_eq!(
+            cluster.flush(deadline).await,
+            3,
+            "in flight to a hanging peer"
+        );
+        assert!(cluster.tasks.lock().is_empty());
+        assert!(
+            fallback.try_recv().is_err(),
+            "nothing comes back after the flush"
+        );
+        assert!(
+            cluster
+                .forward(&peer, Mode::Route, vec![held_span(10)])
+                .is_err(),
+            "once flushed, spans are taken here"
+        );
+        // With nothing queued, a flush gives up nothing.
+        let (idle, _) = cluster_with(&peer);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        assert_eq!(idle.flush(deadline).await, 0);
+    }
+
     #[tokio::test]
     async fn a_peer_that_left_loses_its_forwarder_and_metric_series() {
         let metrics = Metrics::new();
@@ -712,7 +812,7 @@ mod tests {
         cluster.rebuild();
         assert!(cluster.forwarders.lock().is_empty());
         let tasks = std::mem::take(&mut *cluster.tasks.lock());
-        for t in tasks {
+        for (t, _) in tasks {
             t.await.unwrap();
         }
         assert!(!series(), "the series went with the peer");

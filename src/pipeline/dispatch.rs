@@ -34,7 +34,7 @@ impl Pipeline {
     }
 
     /// Counts spans that no exporter will send.
-    fn count_lost_everywhere(&self, reason: Loss, n: u64) {
+    pub fn count_lost_everywhere(&self, reason: Loss, n: u64) {
         for queue in &self.exporters {
             self.metrics
                 .spans_lost

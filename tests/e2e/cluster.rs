@@ -330,3 +330,77 @@ async fn replicas_forward_to_each_other_over_mutual_tls_with_a_token() {
         0.0
     );
 }
+
+/// A replica stops while the peer it forwards to hangs (a frozen node: it accepts
+/// connections and answers nothing). Forwarding gets half the shutdown timeout; what it
+/// could not send is counted lost with reason `shutdown`, and the replica's own traces
+/// still reach the upstream in the other half. Every span sent either arrives or is
+/// counted: before, the forwarded ones vanished and the log said `ended=flushed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopping_beside_a_hung_peer_counts_what_it_could_not_forward() {
+    let sink = Sink::start(0).await;
+    let ports = [free_port(), free_port()];
+    let mut replicas = start_replicas(&sink, &ports);
+    for d in &replicas {
+        let m = d
+            .wait_metrics(Duration::from_secs(20), |m| {
+                m.sum("llmtail_cluster_peers", &[]) == 2.0
+            })
+            .await;
+        assert_eq!(m.sum("llmtail_cluster_peers", &[]), 2.0, "{}", d.log());
+    }
+    let hung = replicas.pop().unwrap();
+    hung.signal("STOP");
+
+    // Error traces only: each is kept, so each span must arrive or be counted lost.
+    let mut rng = StdRng::seed_from_u64(43);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let traces: Vec<GeneratedTrace> = (0..200)
+        .map(|i| loadgen::trace(&mut rng, Kind::Error, loadgen::convention_for(i), now))
+        .collect();
+    let total: usize = traces.iter().map(|t| t.spans.len()).sum();
+    let stopping = &mut replicas[0];
+    scatter(&mut rng, &[&*stopping], &traces).await;
+    let m = stopping
+        .wait_metrics(Duration::from_secs(20), |m| {
+            m.sum("llmtail_spans_received_total", &[]) == total as f64
+        })
+        .await;
+    assert_eq!(m.sum("llmtail_spans_received_total", &[]), total as f64);
+
+    stopping.sigterm();
+    // shutdown_timeout is 5 s.
+    let status = stopping.wait_exit(Duration::from_secs(20));
+    let log = stopping.log();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the timeout cut the flush short: {log}"
+    );
+    assert!(
+        log.contains("forwarding to peers did not finish before the shutdown timeout"),
+        "{log}"
+    );
+    let lost: usize = log
+        .lines()
+        .filter(|l| l.contains("llmtail stopped"))
+        .find_map(|l| l.split("lost_spans=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no lost_spans in the last line: {log}"));
+    let arrived = sink.spans().len();
+    // The hung peer owns about half the traces, the stopping replica the rest.
+    assert!(
+        lost > total / 4 && arrived > total / 4,
+        "lost {lost}, arrived {arrived} of {total}"
+    );
+    assert_eq!(
+        lost + arrived,
+        total,
+        "every span arrived or was counted lost: {log}"
+    );
+    drop(hung);
+}

@@ -579,7 +579,7 @@ async fn shutdown_timeout_with_upstream_down_exits_nonzero_and_counts_the_loss()
     let status = daemon.wait_exit(Duration::from_secs(15));
     assert_eq!(status.code(), Some(1), "{}", daemon.log());
     assert!(
-        daemon.log().contains("40 kept spans could not be exported"),
+        daemon.log().contains("40 spans could not be exported"),
         "{}",
         daemon.log()
     );
