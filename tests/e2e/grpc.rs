@@ -572,8 +572,13 @@ async fn shutdown_timeout_with_upstream_down_exits_nonzero_and_counts_the_loss()
     let traces = generate(&mut rng, &[(Kind::Error, 10)]);
     send_split(&daemon.endpoint(), &traces).await;
     daemon.sigterm();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Still flushing (the upstream is down): alive, but no longer ready.
+    // Still flushing (the upstream is down, for the 3 s timeout): alive, but no longer ready.
+    let end = std::time::Instant::now() + Duration::from_secs(2);
+    while http_get(daemon.admin, "/readyz").map(|r| r.0) == Some(200)
+        && std::time::Instant::now() < end
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(http_get(daemon.admin, "/readyz").map(|r| r.0), Some(503));
     assert_eq!(http_get(daemon.admin, "/healthz").map(|r| r.0), Some(200));
     let status = daemon.wait_exit(Duration::from_secs(15));
