@@ -152,7 +152,8 @@ fn benches(c: &mut Criterion) {
             || {
                 TraceBuffer::new(
                     BufferLimits {
-                        decision_wait: Duration::from_secs(10),
+                        idle_timeout: Duration::from_secs(10),
+                        max_trace_duration: Duration::from_secs(1800),
                         root_grace: Duration::from_secs(1),
                         max_traces: 100_000,
                         decision_cache_size: 100_000,
@@ -290,7 +291,8 @@ fn mix(c: &mut Criterion) {
             || {
                 let buffer = TraceBuffer::new(
                     BufferLimits {
-                        decision_wait: Duration::from_secs(10),
+                        idle_timeout: Duration::from_secs(10),
+                        max_trace_duration: Duration::from_secs(1800),
                         root_grace: Duration::from_secs(1),
                         max_traces: 100_000,
                         decision_cache_size: 100_000,

@@ -280,6 +280,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_INVALID_CONFIG);
         }
     };
+    for w in &cfg.warnings {
+        eprintln!("{}: warning: {w}", cli.config.display());
+    }
     if cli.validate {
         println!("{}: valid", cli.config.display());
         return ExitCode::SUCCESS;

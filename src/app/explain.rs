@@ -71,7 +71,8 @@ pub fn explain(cfg: &Config, requests: Vec<Vec<u8>>) -> anyhow::Result<Vec<Expla
     let pipeline = Pipeline {
         buffer: TraceBuffer::new(
             BufferLimits {
-                decision_wait: s.decision_wait.0,
+                idle_timeout: s.idle_timeout(),
+                max_trace_duration: s.max_trace_duration.0,
                 root_grace: s.root_grace.0,
                 max_traces: usize::MAX / 2,
                 decision_cache_size: 0,

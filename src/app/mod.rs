@@ -169,7 +169,7 @@ pub async fn run(
     let cluster = cfg.cluster.enabled().then(|| {
         crate::cluster::Cluster::new(
             &cfg.cluster,
-            cfg.cluster.overlap(s.decision_wait.0),
+            cfg.cluster.overlap(s.max_trace_duration.0),
             cfg.receiver.auth.bearer_tokens.first().map(String::as_str),
             metrics.clone(),
         )
@@ -190,7 +190,8 @@ pub async fn run(
     let pipeline = Arc::new(Pipeline {
         buffer: TraceBuffer::new(
             BufferLimits {
-                decision_wait: s.decision_wait.0,
+                idle_timeout: s.idle_timeout(),
+                max_trace_duration: s.max_trace_duration.0,
                 root_grace: s.root_grace.0,
                 max_traces: s.max_traces,
                 decision_cache_size,

@@ -66,7 +66,8 @@ fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
         buffer.sampler().base().set(s.base_rate);
     }
     buffer.set_limits(&BufferLimits {
-        decision_wait: s.decision_wait.0,
+        idle_timeout: s.idle_timeout(),
+        max_trace_duration: s.max_trace_duration.0,
         root_grace: s.root_grace.0,
         max_traces: s.max_traces,
         decision_cache_size: s.decision_cache_size,

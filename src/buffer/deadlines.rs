@@ -1,5 +1,6 @@
-//! Deadlines: traces decided when their time comes (`decision_wait` after the first span,
-//! `root_grace` after the root), held ones old enough detached from their request.
+//! Deadlines: traces decided when they are finished (`root_grace` after the root, else
+//! `idle_timeout` after the last span, at most `max_trace_duration` after the first), held
+//! ones old enough detached from their request.
 
 use super::*;
 
@@ -28,12 +29,13 @@ impl TraceBuffer {
                     break;
                 }
                 shard.deadlines.pop();
-                if shard
-                    .traces
-                    .get(&id)
-                    .is_some_and(|e| e.deadline == deadline)
-                {
-                    out.push(self.decide(&mut shard, id, now, DecideReason::Deadline));
+                match shard.traces.get(&id).map(|e| e.deadline) {
+                    Some(due) if due == deadline => {
+                        out.push(self.decide(&mut shard, id, now, DecideReason::Idle));
+                    }
+                    // Spans came since: its deadline moved on, and comes up again then.
+                    Some(due) if due > deadline => shard.deadlines.push(Reverse((due, id))),
+                    _ => {}
                 }
             }
             // Drop arrival records of traces decided by deadline, so the queue stays small.

@@ -105,8 +105,10 @@ const SHARDS: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum DecideReason {
-    /// `decision_wait` after the first span.
-    Deadline,
+    /// `idle_timeout` after its last span, with no root seen.
+    Idle,
+    /// `max_trace_duration` after its first span, however busy it still was.
+    MaxDuration,
     /// `root_grace` after the root span.
     Root,
     /// The buffer was full (`max_traces`): the oldest trace was decided early.
@@ -126,13 +128,17 @@ impl DecideReason {
             DecideReason::Pressure => Some("pressure"),
             DecideReason::Memory => Some("memory"),
             DecideReason::MaxSpans => Some("max_spans"),
-            DecideReason::Deadline | DecideReason::Root | DecideReason::Shutdown => None,
+            DecideReason::Idle
+            | DecideReason::MaxDuration
+            | DecideReason::Root
+            | DecideReason::Shutdown => None,
         }
     }
 
     fn from_u8(v: u8) -> DecideReason {
         [
-            DecideReason::Deadline,
+            DecideReason::Idle,
+            DecideReason::MaxDuration,
             DecideReason::Root,
             DecideReason::Pressure,
             DecideReason::Memory,
@@ -141,13 +147,14 @@ impl DecideReason {
         ]
         .into_iter()
         .find(|r| *r as u8 == v)
-        .unwrap_or(DecideReason::Deadline)
+        .unwrap_or(DecideReason::Idle)
     }
 
     /// Why it was decided then, as kept roots' `sampling.reason` says.
     pub fn label(self) -> &'static str {
         match self {
-            DecideReason::Deadline => "decision_wait",
+            DecideReason::Idle => "idle",
+            DecideReason::MaxDuration => "max_trace_duration",
             DecideReason::Root => "root",
             DecideReason::Pressure => "max_traces",
             DecideReason::Memory => "memory",
@@ -202,7 +209,12 @@ pub enum Added {
 
 struct TraceEntry {
     first_seen: Instant,
+    /// When it is decided: `root_grace` after its root, else `idle_timeout` after its last
+    /// span, and never later than `max_trace_duration` after its first. Moving it later
+    /// pushes nothing on the heap (the stale entry is pushed again when it comes up).
     deadline: Instant,
+    /// The deadline is its root's (`root_grace`).
+    root_due: bool,
     summary: TraceSummary,
     spans: Vec<HeldSpan>,
     /// Its LLM spans, counted when it is decided.
@@ -276,7 +288,10 @@ impl Held {
 /// Timing and bounds of the buffer.
 #[derive(Debug, Clone)]
 pub struct BufferLimits {
-    pub decision_wait: Duration,
+    /// A trace without a root is decided once no span came for this long.
+    pub idle_timeout: Duration,
+    /// No trace is held longer than this after its first span.
+    pub max_trace_duration: Duration,
     pub root_grace: Duration,
     pub max_traces: usize,
     pub decision_cache_size: usize,
@@ -286,7 +301,8 @@ pub struct BufferLimits {
 
 /// The limits that a config reload may change, read with relaxed atomics on the hot path.
 struct LiveLimits {
-    decision_wait_ns: AtomicU64,
+    idle_timeout_ns: AtomicU64,
+    max_trace_duration_ns: AtomicU64,
     root_grace_ns: AtomicU64,
     max_traces_per_shard: AtomicUsize,
     max_spans_per_trace: AtomicUsize,
@@ -295,8 +311,10 @@ struct LiveLimits {
 impl LiveLimits {
     fn set(&self, l: &BufferLimits) {
         let nanos = |d: Duration| d.as_nanos().min(u64::MAX as u128) as u64;
-        self.decision_wait_ns
-            .store(nanos(l.decision_wait), Ordering::Relaxed);
+        self.idle_timeout_ns
+            .store(nanos(l.idle_timeout), Ordering::Relaxed);
+        self.max_trace_duration_ns
+            .store(nanos(l.max_trace_duration), Ordering::Relaxed);
         self.root_grace_ns
             .store(nanos(l.root_grace), Ordering::Relaxed);
         self.max_traces_per_shard
@@ -305,8 +323,12 @@ impl LiveLimits {
             .store(l.max_spans_per_trace.max(1), Ordering::Relaxed);
     }
 
-    fn decision_wait(&self) -> Duration {
-        Duration::from_nanos(self.decision_wait_ns.load(Ordering::Relaxed))
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_nanos(self.idle_timeout_ns.load(Ordering::Relaxed))
+    }
+
+    fn max_trace_duration(&self) -> Duration {
+        Duration::from_nanos(self.max_trace_duration_ns.load(Ordering::Relaxed))
     }
 
     fn root_grace(&self) -> Duration {
@@ -373,7 +395,8 @@ impl TraceBuffer {
             })
             .collect();
         let live = LiveLimits {
-            decision_wait_ns: AtomicU64::new(0),
+            idle_timeout_ns: AtomicU64::new(0),
+            max_trace_duration_ns: AtomicU64::new(0),
             root_grace_ns: AtomicU64::new(0),
             max_traces_per_shard: AtomicUsize::new(0),
             max_spans_per_trace: AtomicUsize::new(0),
@@ -432,7 +455,8 @@ impl TraceBuffer {
             return Added::Late(d, span, s.call);
         }
         let len = span.bytes.len();
-        let decision_wait = self.limits.decision_wait();
+        let idle_timeout = self.limits.idle_timeout();
+        let max_duration = self.limits.max_trace_duration();
         let root_grace = self.limits.root_grace();
         let mut is_new = false;
         let mut shard_calls_added = 0;
@@ -445,10 +469,11 @@ impl TraceBuffer {
             TraceEntry {
                 first_seen,
                 deadline: if s.handed.is_some() {
-                    now + decision_wait
+                    now + idle_timeout
                 } else {
-                    first_seen + decision_wait
+                    (now + idle_timeout).min(first_seen + max_duration)
                 },
+                root_due: false,
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 calls: Vec::new(),
@@ -457,6 +482,13 @@ impl TraceBuffer {
                 detached: false,
             }
         });
+        // Busy: the idle deadline moves on with every span until the root ends it (a
+        // handed-off trace waits for the deadline it was handed with).
+        if !is_new && !entry.root_due && s.handed.is_none() {
+            entry.deadline = entry
+                .deadline
+                .max((now + idle_timeout).min(entry.first_seen + max_duration));
+        }
         entry
             .summary
             .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
@@ -497,8 +529,9 @@ impl TraceBuffer {
         entry.bytes += len;
         let mut new_deadline = None;
         // (A handed-off root's grace is in the deadline it was handed with.)
-        if s.is_root && s.handed.is_none() && now + root_grace < entry.deadline {
+        if s.is_root && s.handed.is_none() && now + root_grace <= entry.deadline {
             entry.deadline = now + root_grace;
+            entry.root_due = true;
             new_deadline = Some(entry.deadline);
         }
         let full = entry.spans.len() >= self.limits.max_spans_per_trace.load(Ordering::Relaxed);
@@ -540,12 +573,13 @@ impl TraceBuffer {
             .traces
             .remove(&id)
             .expect("decide is only called for a held trace");
-        // A deadline brought forward by the root span is the root's.
+        // A deadline is the root's, the trace's longest hold, or its idle time's.
         let reason = match reason {
-            DecideReason::Deadline
-                if entry.deadline < entry.first_seen + self.limits.decision_wait() =>
+            DecideReason::Idle if entry.root_due => DecideReason::Root,
+            DecideReason::Idle
+                if entry.deadline >= entry.first_seen + self.limits.max_trace_duration() =>
             {
-                DecideReason::Root
+                DecideReason::MaxDuration
             }
             other => other,
         };
@@ -597,14 +631,14 @@ impl TraceBuffer {
         handed: impl IntoIterator<Item = (&'a TraceId, &'a Handed)>,
         now: Instant,
     ) {
-        let decision_wait = self.limits.decision_wait();
+        let max_duration = self.limits.max_trace_duration();
         for (id, h) in handed {
             let Some(due_in) = h.due_in else { continue };
             let mut shard = self.shard(id).lock();
             let Some(entry) = shard.traces.get_mut(id) else {
                 continue;
             };
-            let deadline = (now + due_in).min(entry.first_seen + decision_wait);
+            let deadline = (now + due_in).min(entry.first_seen + max_duration);
             if deadline < entry.deadline {
                 entry.deadline = deadline;
                 shard.deadlines.push(Reverse((deadline, *id)));
@@ -751,7 +785,8 @@ mod tests {
             .unwrap();
         TraceBuffer::new(
             BufferLimits {
-                decision_wait: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(10),
+                max_trace_duration: Duration::from_secs(60),
                 root_grace: Duration::from_secs(1),
                 max_traces,
                 decision_cache_size: cache,
@@ -861,8 +896,51 @@ mod tests {
         assert_eq!(out[1].spans.len(), 2);
     }
 
+    /// An agent run: a step every 8 s (idle_timeout is 10 s), for longer than the idle
+    /// time many times over, its root last. It is decided once, whole, at its root; a run
+    /// that goes quiet is decided idle; one that never ends at max_trace_duration.
     #[test]
-    fn decided_at_decision_wait_or_root_grace() {
+    fn a_busy_trace_is_held_until_its_root_however_long_it_runs() {
+        let b = buffer(1000, 1000);
+        let t0 = Instant::now();
+        let (mut ev, mut out) = (Vec::new(), Vec::new());
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        for step in 0..6 {
+            b.add(summary(1, false), span(), at(step * 8), &mut ev);
+            b.add(summary(2, false), span(), at(step * 8), &mut ev);
+            b.decide_due(at(step * 8 + 7), &mut out);
+            assert!(out.is_empty(), "decided at step {step}");
+        }
+        // Trace 1's root ends the run; trace 2 goes quiet.
+        b.add(summary(1, true), span(), at(48), &mut ev);
+        b.decide_due(at(49), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].trace_id, out[0].spans.len(), out[0].reason),
+            (TraceId([1; 16]), 7, DecideReason::Root)
+        );
+        b.decide_due(at(49), &mut out);
+        assert_eq!(out.len(), 1, "trace 2 had a span 9 s ago");
+        b.decide_due(at(50), &mut out);
+        assert_eq!(
+            (out[1].trace_id, out[1].spans.len(), out[1].reason),
+            (TraceId([2; 16]), 6, DecideReason::Idle)
+        );
+        // A span every 5 s forever: decided at max_trace_duration (60 s), not later.
+        for step in 0..20 {
+            b.add(summary(3, false), span(), at(100 + step * 5), &mut ev);
+            b.decide_due(at(100 + step * 5), &mut out);
+        }
+        assert_eq!(out.len(), 3);
+        assert_eq!(
+            (out[2].trace_id, out[2].spans.len(), out[2].reason),
+            (TraceId([3; 16]), 13, DecideReason::MaxDuration)
+        );
+        assert_eq!(out[2].delay, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn decided_at_idle_timeout_or_root_grace() {
         let b = buffer(1000, 1000);
         let t0 = Instant::now();
         let mut ev = Vec::new();

@@ -27,9 +27,9 @@ pub struct ClusterConfig {
     /// Spans waiting to be forwarded to one peer; past it they are kept here instead.
     pub forward_queue_spans: usize,
     /// How long after a ring change a trace whose owner changed still goes to its previous
-    /// owner first (which keeps it if it holds it). Default: `sampling.decision_wait` plus
-    /// two `refresh_interval`s — every trace held before the change is decided by then,
-    /// on replicas that learn of the change one refresh apart.
+    /// owner first (which keeps it if it holds it). Default: `sampling.max_trace_duration`
+    /// plus two `refresh_interval`s — every trace held before the change is decided by
+    /// then, on replicas that learn of the change one refresh apart.
     pub overlap: Option<Dur>,
     /// TLS towards peers (whose gRPC receivers serve TLS): the CA to trust and, for mutual
     /// TLS, this replica's client certificate. Peers are addressed by IP, so their
@@ -61,9 +61,9 @@ fn host_port_problem(value: &str) -> Option<String> {
 
 impl ClusterConfig {
     /// The overlap window after a ring change.
-    pub fn overlap(&self, decision_wait: Duration) -> Duration {
+    pub fn overlap(&self, max_trace_duration: Duration) -> Duration {
         self.overlap
-            .map_or(decision_wait + self.refresh_interval.0 * 2, |o| o.0)
+            .map_or(max_trace_duration + self.refresh_interval.0 * 2, |o| o.0)
     }
 
     /// The keys a reload cannot change (they need a restart), named.

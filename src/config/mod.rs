@@ -62,6 +62,9 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Longest a graceful shutdown may take to decide and flush everything pending.
     pub shutdown_timeout: Duration,
+    /// Keys this release still reads under an old name, each with its replacement: said
+    /// at start and by `--validate`, never an error.
+    pub warnings: Vec<Problem>,
 }
 
 /// `shutdown_timeout`, read on its own.
@@ -209,6 +212,14 @@ impl Config {
                 "receiver.grpc serves TLS, so peers must be reached over TLS: set cluster.tls (ca_file, and cert_file/key_file for mutual TLS)".into(),
                 &mut problems,
             );
+        }
+        for (key, message) in cfg.sampling.deprecations() {
+            let path = vec!["sampling".to_owned(), key];
+            cfg.warnings.push(Problem {
+                line: locator.line(&path),
+                path: render(&path),
+                message,
+            });
         }
         if problems.is_empty() {
             Ok(cfg)

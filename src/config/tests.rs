@@ -15,7 +15,9 @@ fn defaults_apply() {
     let cfg = Config::parse("exporter:\n  otlp:\n    endpoint: http://x:4317\n").unwrap();
     assert_eq!(cfg.receiver.grpc.endpoint, "0.0.0.0:4317");
     assert_eq!(cfg.receiver.grpc.max_request_bytes, 16 * 1024 * 1024);
-    assert_eq!(cfg.sampling.decision_wait.0, Duration::from_secs(10));
+    assert_eq!(cfg.sampling.idle_timeout(), Duration::from_secs(120));
+    assert_eq!(cfg.sampling.max_trace_duration.0, Duration::from_secs(1800));
+    assert!(cfg.warnings.is_empty());
     assert_eq!(cfg.sampling.root_grace.0, Duration::from_secs(1));
     assert_eq!(cfg.sampling.base_rate, 0.1);
     assert_eq!(cfg.sampling.decision_cache_size, 1_000_000);
@@ -29,6 +31,21 @@ fn defaults_apply() {
     assert!(cfg.receiver.http.enabled);
     assert_eq!(cfg.receiver.http.endpoint, "0.0.0.0:4318");
     assert_eq!(cfg.receiver.http.path, "/v1/traces");
+}
+
+#[test]
+fn decision_wait_is_read_as_idle_timeout_with_a_warning_naming_it() {
+    let text = "exporter:\n  file:\n    path: x\nsampling:\n  decision_wait: 7s\n";
+    let cfg = Config::parse(text).unwrap();
+    assert_eq!(cfg.sampling.idle_timeout(), Duration::from_secs(7));
+    assert_eq!(cfg.warnings.len(), 1);
+    assert_eq!(cfg.warnings[0].path, "sampling.decision_wait");
+    assert_eq!(cfg.warnings[0].line, Some(5));
+    assert!(cfg.warnings[0].message.contains("sampling.idle_timeout"));
+    // Both set: the new name wins and the old one is called out as ignored.
+    let cfg = Config::parse(&format!("{text}  idle_timeout: 3m\n")).unwrap();
+    assert_eq!(cfg.sampling.idle_timeout(), Duration::from_secs(180));
+    assert!(cfg.warnings[0].message.contains("ignored"));
 }
 
 #[test]

@@ -9,13 +9,23 @@ use crate::units::Dur;
 
 /// Default bound on traces held at once; past it the oldest are decided early.
 pub const DEFAULT_MAX_TRACES: usize = 100_000;
+/// Default for `idle_timeout`: longer than the gap between an agent's steps (a step a
+/// minute, exported up to 5 s after it ends by the SDKs' batch span processor).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Default for `max_trace_duration`: agent runs of ten minutes and more are decided whole.
+pub const DEFAULT_MAX_TRACE_DURATION: Duration = Duration::from_secs(30 * 60);
 /// Default number of remembered decisions (about 69 bytes each with hash-map overhead).
 pub const DEFAULT_DECISION_CACHE_SIZE: usize = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SamplingConfig {
-    pub decision_wait: Dur,
+    /// Deprecated: read as `idle_timeout` when that is not set (with a warning).
+    pub decision_wait: Option<Dur>,
+    /// A trace without a root is decided once no span came for this long.
+    pub idle_timeout: Option<Dur>,
+    /// No trace is held longer than this after its first span.
+    pub max_trace_duration: Dur,
     pub root_grace: Dur,
     pub base_rate: f64,
     pub policies: Vec<PolicyConfig>,
@@ -37,7 +47,9 @@ impl Default for SamplingConfig {
     fn default() -> Self {
         let target = TargetConfig::default();
         SamplingConfig {
-            decision_wait: Dur(Duration::from_secs(10)),
+            decision_wait: None,
+            idle_timeout: None,
+            max_trace_duration: Dur(DEFAULT_MAX_TRACE_DURATION),
             root_grace: Dur(Duration::from_secs(1)),
             base_rate: 0.1,
             policies: Vec::new(),
@@ -54,6 +66,31 @@ impl Default for SamplingConfig {
 }
 
 impl SamplingConfig {
+    /// How long a trace without a root waits for its next span before it is decided.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+            .or(self.decision_wait)
+            .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0)
+    }
+
+    /// What a config still says in words this release reads but the next will not.
+    pub fn deprecations(&self) -> Vec<(String, String)> {
+        match (self.decision_wait, self.idle_timeout) {
+            (Some(_), None) => vec![(
+                "decision_wait".into(),
+                "deprecated: traces are decided when they are finished; read as \
+                 sampling.idle_timeout (time without a new span), rename it so; \
+                 sampling.max_trace_duration bounds the whole hold"
+                    .into(),
+            )],
+            (Some(_), Some(_)) => vec![(
+                "decision_wait".into(),
+                "deprecated and ignored: sampling.idle_timeout is set; remove it".into(),
+            )],
+            _ => Vec::new(),
+        }
+    }
+
     /// The target controller's settings, when a target is set.
     pub fn target(&self) -> Option<TargetConfig> {
         self.target_kept_traces_per_second.map(|t| TargetConfig {
@@ -66,13 +103,19 @@ impl SamplingConfig {
 
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
-        if self.decision_wait.0.is_zero() {
-            p.push(("decision_wait".into(), "must be greater than 0".into()));
+        for (key, d) in [
+            ("decision_wait", self.decision_wait),
+            ("idle_timeout", self.idle_timeout),
+            ("max_trace_duration", Some(self.max_trace_duration)),
+        ] {
+            if d.is_some_and(|d| d.0.is_zero()) {
+                p.push((key.into(), "must be greater than 0".into()));
+            }
         }
-        if self.root_grace.0 > self.decision_wait.0 {
+        if self.root_grace.0 > self.max_trace_duration.0 {
             p.push((
                 "root_grace".into(),
-                "must not be longer than decision_wait".into(),
+                "must not be longer than max_trace_duration".into(),
             ));
         }
         if !(0.0..=1.0).contains(&self.base_rate) {
