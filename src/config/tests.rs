@@ -8,6 +8,7 @@ fn shipped_config_is_valid() {
     let cfg = Config::parse(SHIPPED).expect("config.yaml must validate");
     assert!(cfg.exporters[0].file.is_some());
     assert_eq!(cfg.sampling.policies.len(), 3);
+    assert!(cfg.warnings.is_empty(), "{:?}", cfg.warnings);
 }
 
 #[test]
