@@ -19,8 +19,8 @@ use prometheus::{
 /// Buckets for the decision delay: from well under `root_grace` to agent runs of half an
 /// hour (`max_trace_duration`).
 const DECISION_DELAY_BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0,
-    1200.0, 1800.0,
+    0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0,
+    1800.0,
 ];
 /// Buckets for LLM call latency: fast completions to long reasoning calls.
 const LLM_LATENCY_BUCKETS: &[f64] = &[0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod agent_runs;
 mod cluster;
 mod delivery;
 mod deploy;
