@@ -16,6 +16,7 @@ pub mod otlp;
 pub mod pipeline;
 pub mod receiver;
 pub mod sampling;
+pub mod storage;
 pub mod telemetry;
 pub mod units;
 

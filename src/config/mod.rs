@@ -22,6 +22,7 @@ pub use crate::llm::config::*;
 pub use crate::pipeline::limits::*;
 pub use crate::receiver::config::*;
 pub use crate::sampling::config::*;
+pub use crate::storage::{StorageConfig, SyncPolicy};
 pub use crate::telemetry::config::*;
 pub use crate::units::{ByteSize, Dur};
 
@@ -60,6 +61,8 @@ pub struct Config {
     pub llm: LlmConfig,
     pub limits: LimitsConfig,
     pub cluster: ClusterConfig,
+    /// The trace log: where every accepted request is written before it is acknowledged.
+    pub storage: StorageConfig,
     /// Longest a graceful shutdown may take to decide and flush everything pending.
     pub shutdown_timeout: Duration,
     /// Keys this release still reads under an old name, each with its replacement: said
@@ -83,6 +86,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "llm",
     "limits",
     "cluster",
+    "storage",
     "shutdown_timeout",
 ];
 
@@ -158,7 +162,7 @@ impl Config {
                 }
             )*};
         }
-        load!(receiver, sampling, admin, llm, limits, cluster);
+        load!(receiver, sampling, admin, llm, limits, cluster, storage);
         match (top.get("exporter"), top.get("exporters")) {
             (Some(_), Some(_)) => report(
                 vec!["exporters".into()],
@@ -213,6 +217,29 @@ impl Config {
                 &mut problems,
             );
         }
+        for (i, e) in cfg.exporters.iter().enumerate() {
+            if e.queue.directory.is_none() {
+                continue;
+            }
+            let path = match top.get("exporters") {
+                Some(_) => vec![
+                    "exporters".into(),
+                    i.to_string(),
+                    "queue".into(),
+                    "directory".into(),
+                ],
+                None => vec!["exporter".into(), "queue".into(), "directory".into()],
+            };
+            if cfg.storage.directory.is_some() {
+                report(path, "storage.directory holds every accepted span until it is delivered, kept traces included: remove this separate write-ahead log".into(), &mut problems);
+            } else {
+                cfg.warnings.push(Problem {
+                    line: locator.line(&path),
+                    path: render(&path),
+                    message: "deprecated: set storage.directory instead, a log of every accepted span (held, kept or being exported) that a restart replays; this one covers only kept traces".into(),
+                });
+            }
+        }
         for (key, message) in cfg.sampling.deprecations() {
             let path = vec!["sampling".to_owned(), key];
             cfg.warnings.push(Problem {
@@ -253,7 +280,8 @@ validated!(
     AdminConfig,
     LlmConfig,
     LimitsConfig,
-    ClusterConfig
+    ClusterConfig,
+    StorageConfig
 );
 
 /// Deserializes and validates one section, reporting every problem under `path`, once,

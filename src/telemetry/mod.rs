@@ -46,6 +46,13 @@ pub struct Metrics {
     pub export_queue_spans: IntGaugeVec,
     pub export_retries: IntCounterVec,
     pub export_wal_bytes: IntGaugeVec,
+    pub storage_bytes: IntGauge,
+    pub storage_limit_bytes: IntGauge,
+    pub storage_segments: IntGauge,
+    pub storage_appended_bytes: IntCounter,
+    pub storage_write_errors: IntCounter,
+    pub storage_replayed_spans: IntCounterVec,
+    pub buffer_oldest_trace_seconds: prometheus::Gauge,
     pub auth_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub buffer_limit_bytes: IntGauge,
@@ -245,6 +252,37 @@ impl Metrics {
                     "Export attempts that failed with a retryable error and were tried again."
                 ),
                 &["exporter"]
+            )),
+            storage_bytes: reg!(IntGauge::new(
+                "llmtail_storage_bytes",
+                "Bytes the trace log takes on disk (segments and marks, and room reserved for requests being written)."
+            )),
+            storage_limit_bytes: reg!(IntGauge::new(
+                "llmtail_storage_limit_bytes",
+                "The trace log's bound now: storage.max_disk_bytes, or less when the disk has less free."
+            )),
+            storage_segments: reg!(IntGauge::new(
+                "llmtail_storage_segments",
+                "Segment files of the trace log on disk."
+            )),
+            storage_appended_bytes: reg!(IntCounter::new(
+                "llmtail_storage_appended_bytes_total",
+                "Bytes appended to the trace log (accepted requests and their framing)."
+            )),
+            storage_write_errors: reg!(IntCounter::new(
+                "llmtail_storage_write_errors_total",
+                "Writes or syncs of the trace log that failed (a full disk, an I/O error): the requests they carried were refused retryably."
+            )),
+            storage_replayed_spans: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_storage_replayed_spans_total",
+                    "Spans read back from the trace log at start, by what became of them: held (their trace undecided), exported (kept, not yet delivered), skipped (dropped, or delivered already)."
+                ),
+                &["disposition"]
+            )),
+            buffer_oldest_trace_seconds: reg!(prometheus::Gauge::new(
+                "llmtail_buffer_oldest_trace_seconds",
+                "Age of the oldest trace held (since its first span), as of the last decision tick."
             )),
             export_wal_bytes: reg!(IntGaugeVec::new(
                 Opts::new(

@@ -1,0 +1,393 @@
+//! The trace log: every accepted request is appended here before its receiver answers OK,
+//! and stays until each of its spans is done with — decided and dropped, or delivered to
+//! the upstream (or counted lost). A restart replays it: held traces are held again with
+//! their ages, kept ones not yet delivered are sent, nothing acknowledged is lost.
+//!
+//! Layout of `storage.directory`:
+//! - `seg-<first sequence>.log`: records (see [`record`]), one per accepted request;
+//! - `marks.log`: decisions and deliveries (see [`marks`]);
+//! - `lock`: held by the running process, so two never share a directory.
+//!
+//! One writer thread owns the files: receivers hand it requests and wait for its answer
+//! (requests waiting together are written, and synced with `sync: always`, as one group).
+//! Every span taken from a record holds a [`LogPin`] on its segment; a segment no pin holds
+//! any more is deleted, in any order. The disk bound is checked before a request is taken:
+//! room is reserved for it, so a request is never acknowledged and then found not to fit.
+
+mod config;
+pub mod marks;
+mod record;
+mod writer;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+
+pub use config::{StorageConfig, SyncPolicy};
+pub use marks::{Mark, ReplayMarks};
+pub use record::Record;
+
+use crate::telemetry::Metrics;
+use writer::{Command, Writer};
+
+/// Share of the filesystem's size the log may take when `max_disk_bytes` is not set.
+const DEFAULT_DISK_SHARE: f64 = 0.8;
+/// Free space left to others on the filesystem: this much, or a twentieth of a small one.
+const FREE_SPACE_MARGIN: u64 = 64 << 20;
+
+/// Why the log did not take a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StorageError {
+    #[error(
+        "llmtail's trace log is full (storage.max_disk_bytes or the disk's free space); retry later"
+    )]
+    Full,
+    #[error("llmtail cannot write its trace log ({0}); retry later")]
+    Io(String),
+    #[error("llmtail's trace log has stopped")]
+    Stopped,
+}
+
+/// A segment, named by its first record's sequence number. Every [`LogPin`] on it holds
+/// one reference; the writer holds one more and deletes the file when it holds the last.
+#[derive(Debug)]
+struct SegmentId(u64);
+
+/// A record's place in the log, held by every span taken from it (through the span's
+/// origin): while one is held, queued for export or in flight, its segment stays.
+#[derive(Debug, Clone)]
+pub struct LogPin {
+    segment: Arc<SegmentId>,
+    seq: u64,
+}
+
+impl LogPin {
+    /// The record's sequence number.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether two pins hold the same segment (one pin per segment is enough to keep it).
+    pub fn same_segment(&self, other: &LogPin) -> bool {
+        Arc::ptr_eq(&self.segment, &other.segment)
+    }
+}
+
+/// State the writer thread and the receivers share.
+struct Shared {
+    /// Bytes the log takes on disk, plus room reserved for requests on their way to it.
+    used: AtomicU64,
+    /// The bound: `max_disk_bytes`, or less when the filesystem has less free.
+    limit: AtomicU64,
+    /// The last write failed: requests are refused until `retry_at`, then one is tried.
+    failing: AtomicBool,
+    retry_at: Mutex<std::time::Instant>,
+    metrics: Arc<Metrics>,
+}
+
+impl Shared {
+    fn release(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+pub struct TraceLog {
+    dir: PathBuf,
+    commands: std::sync::mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held while the process runs: a second process on the directory is refused.
+    _lock: File,
+}
+
+/// What a start finds in the log: the segments to replay, oldest first, and the marks.
+pub struct Replay {
+    segments: Vec<(PathBuf, Arc<SegmentId>)>,
+    pub marks: ReplayMarks,
+}
+
+impl Replay {
+    /// Whether there is anything to replay.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Reads every intact record, oldest first, handing each to `take` with its pin. A
+    /// segment is held (not deleted) until its records are read; a torn or damaged record
+    /// ends its segment (the rest of it cannot be framed), said in the log.
+    pub fn run(self, mut take: impl FnMut(Record, LogPin)) {
+        for (path, segment) in self.segments {
+            let mut reader = match record::SegmentReader::open(&path) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(segment = %path.display(), error = %e, "cannot read a segment of the trace log; its spans are not replayed");
+                    continue;
+                }
+            };
+            loop {
+                match reader.next_record() {
+                    Ok(Some(rec)) => {
+                        let pin = LogPin {
+                            segment: segment.clone(),
+                            seq: rec.seq,
+                        };
+                        take(rec, pin);
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(segment = %path.display(), error = %e, "cannot read a segment of the trace log to its end");
+                        break;
+                    }
+                }
+            }
+            if reader.torn() {
+                tracing::warn!(segment = %path.display(), intact_bytes = reader.intact, "the trace log's segment ends in a torn or damaged record (a crash mid-write); the records before it were replayed");
+            }
+        }
+    }
+}
+
+/// Unix nanoseconds now.
+pub fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}
+
+/// The filesystem holding `dir`: its size and the bytes free to an unprivileged writer.
+fn filesystem(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let s = rustix::fs::statvfs(dir)?;
+    Ok((
+        s.f_blocks.saturating_mul(s.f_frsize),
+        s.f_bavail.saturating_mul(s.f_frsize),
+    ))
+}
+
+/// The most the log may take now: `max_disk` (or a share of the filesystem), and no more
+/// than what it takes (`used`) plus the filesystem's free space less a margin.
+fn bound(max_disk: Option<u64>, used: u64, (size, free): (u64, u64)) -> u64 {
+    let max = max_disk.unwrap_or((size as f64 * DEFAULT_DISK_SHARE) as u64);
+    let margin = FREE_SPACE_MARGIN.min(size / 20);
+    max.min((used + free).saturating_sub(margin))
+}
+
+impl TraceLog {
+    /// Opens the log in `cfg.directory` (creating it), taking its lock; returns it and what
+    /// it holds from before.
+    pub fn open(cfg: &StorageConfig, metrics: Arc<Metrics>) -> anyhow::Result<(TraceLog, Replay)> {
+        use anyhow::Context;
+        let dir = cfg
+            .directory
+            .clone()
+            .context("storage.directory is not set")?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create storage.directory {}", dir.display()))?;
+        let lock = File::create(dir.join("lock"))
+            .with_context(|| format!("cannot write in storage.directory {}", dir.display()))?;
+        if lock.try_lock().is_err() {
+            anyhow::bail!(
+                "another llmtail process uses storage.directory {}; give each its own",
+                dir.display()
+            );
+        }
+        let mut paths: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| record::segment_first_seq(&p).map(|seq| (seq, p)))
+            .collect();
+        paths.sort();
+        // New records go to a new segment after the highest sequence number ever used
+        // (the last segment's last record, or a mark's), so no mark can name them.
+        let mut next_seq = paths.last().map_or(0, |(first, _)| *first);
+        if let Some((_, last)) = paths.last() {
+            let mut reader = record::SegmentReader::open(last)?;
+            while let Some(rec) = reader.next_record()? {
+                next_seq = next_seq.max(rec.seq + 1);
+            }
+            if reader.torn() {
+                tracing::warn!(segment = %last.display(), "the trace log's newest segment ends in a torn record (a crash mid-write); cut there");
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(last)?
+                    .set_len(reader.intact)?;
+            }
+        }
+        let found = marks::read_marks(&dir.join(marks::MARKS_FILE))?;
+        if let Some(m) = found.iter().map(Mark::seq).max() {
+            next_seq = next_seq.max(m + 1);
+        }
+        let mut segments = Vec::new();
+        let mut used = 0;
+        for (first, path) in paths {
+            let bytes = std::fs::metadata(&path)?.len();
+            if bytes == 0 {
+                std::fs::remove_file(&path)?;
+                continue;
+            }
+            used += bytes;
+            segments.push(writer::Segment {
+                id: Arc::new(SegmentId(first)),
+                path,
+                bytes,
+            });
+        }
+        let oldest = segments.first().map_or(u64::MAX, |s| s.id.0);
+        let live = marks::live(found, oldest);
+        let replay_marks = ReplayMarks::new(&live);
+        let (marks_file, marks_len) = marks::rewrite(&dir, &live)?;
+        used += marks_len;
+        let max_disk = cfg.max_disk_bytes.map(|b| b.0 as u64);
+        let limit = bound(max_disk, used, filesystem(&dir)?);
+        let shared = Arc::new(Shared {
+            used: AtomicU64::new(used),
+            limit: AtomicU64::new(limit),
+            failing: AtomicBool::new(false),
+            retry_at: Mutex::new(std::time::Instant::now()),
+            metrics,
+        });
+        let replay = Replay {
+            segments: segments
+                .iter()
+                .map(|s| (s.path.clone(), s.id.clone()))
+                .collect(),
+            marks: replay_marks,
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = Writer::new(
+            writer::Setup {
+                dir: dir.clone(),
+                shared: shared.clone(),
+                sync: cfg.sync,
+                segment_bytes: cfg.segment_bytes.0 as u64,
+                max_disk,
+                retry_interval: cfg.retry_interval.0,
+                next_seq,
+            },
+            segments,
+            (marks_file, marks_len),
+        );
+        let handle = std::thread::Builder::new()
+            .name("llmtail-log".into())
+            .spawn(move || writer.run(rx))?;
+        Ok((
+            TraceLog {
+                dir,
+                commands: tx,
+                shared,
+                writer: Mutex::new(Some(handle)),
+                _lock: lock,
+            },
+            replay,
+        ))
+    }
+
+    pub fn directory(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Appends one request (an encoded `ExportTraceServiceRequest`) and returns its pin once
+    /// it is written (and synced, with `sync: always`). Refused, with nothing written, when
+    /// the log has no room for it or cannot be written.
+    pub async fn append(&self, payload: Bytes) -> Result<LogPin, StorageError> {
+        let need = (record::HEADER + payload.len()) as u64;
+        self.reserve(need)?;
+        let (reply, answer) = oneshot::channel();
+        let sent = self.commands.send(Command::Append {
+            payload,
+            reserved: need,
+            reply,
+        });
+        if sent.is_err() {
+            self.shared.release(need);
+            return Err(StorageError::Stopped);
+        }
+        answer.await.unwrap_or(Err(StorageError::Stopped))
+    }
+
+    /// Takes room for `need` bytes, or says why not.
+    fn reserve(&self, need: u64) -> Result<(), StorageError> {
+        if let Some(why) = self.refusal() {
+            return Err(why);
+        }
+        let limit = self.shared.limit.load(Ordering::Acquire);
+        let mut used = self.shared.used.load(Ordering::Acquire);
+        loop {
+            if used + need > limit {
+                return Err(StorageError::Full);
+            }
+            match self.shared.used.compare_exchange_weak(
+                used,
+                used + need,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Why requests would be refused now, if they would: the last write failed (until its
+    /// retry interval has passed), or the log is at its bound.
+    pub fn refusal(&self) -> Option<StorageError> {
+        if self.shared.failing.load(Ordering::Acquire)
+            && std::time::Instant::now() < *self.shared.retry_at.lock()
+        {
+            return Some(StorageError::Io(
+                "the last write failed; see the log".into(),
+            ));
+        }
+        (self.shared.used.load(Ordering::Acquire) >= self.shared.limit.load(Ordering::Acquire))
+            .then_some(StorageError::Full)
+    }
+
+    /// False while writes fail (`/readyz` says so).
+    pub fn healthy(&self) -> bool {
+        !self.shared.failing.load(Ordering::Acquire)
+    }
+
+    /// Bytes the log takes on disk (and has reserved), and its bound now.
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.shared.used.load(Ordering::Acquire),
+            self.shared.limit.load(Ordering::Acquire),
+        )
+    }
+
+    /// Records marks (decisions, deliveries); written and synced with the records, never
+    /// waited for.
+    pub fn mark(&self, marks: &[Mark]) {
+        if marks.is_empty() {
+            return;
+        }
+        let mut raw = Vec::with_capacity(marks.len() * marks::MARK_BYTES);
+        for m in marks {
+            m.put(&mut raw);
+        }
+        let _ = self.commands.send(Command::Marks(raw));
+    }
+
+    /// Syncs everything written and stops the writer (shutdown; blocks: call it off the
+    /// async workers).
+    pub fn close(&self) {
+        let (reply, done) = std::sync::mpsc::sync_channel(1);
+        if self.commands.send(Command::Stop(reply)).is_ok() {
+            let _ = done.recv();
+        }
+        if let Some(handle) = self.writer.lock().take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// How long ago a record was accepted (zero for a clock that went back).
+pub fn age_of(time_ns: u64, now: SystemTime) -> Duration {
+    Duration::from_nanos(unix_nanos(now).saturating_sub(time_ns))
+}
+
+#[cfg(test)]
+mod tests;
