@@ -116,6 +116,7 @@ fn benches(c: &mut Criterion) {
         scope: decoded.resource_spans[0].scope_spans[0].scope.clone(),
         scope_schema_url: Bytes::new(),
         service: Arc::from("chat-api"),
+        pin: None,
     });
     let kept: Vec<KeptSpan> = spans
         .iter()
@@ -284,6 +285,7 @@ fn mix(c: &mut Criterion) {
         scope: Bytes::new(),
         scope_schema_url: Bytes::new(),
         service: service.clone(),
+        pin: None,
     });
     let read_all: Vec<_> = requests.iter().flat_map(read).collect();
     g.bench_function("hold_decide_account/512_span_requests", |b| {

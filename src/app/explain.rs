@@ -89,6 +89,7 @@ pub fn explain(cfg: &Config, requests: Vec<Vec<u8>>) -> anyhow::Result<Vec<Expla
         redactor: Redactor::new(&cfg.llm.privacy).context("llm.privacy")?,
         rollup: false,
         recent_kept: None,
+        log: None,
         limits: Default::default(),
         cluster: None,
         budget,

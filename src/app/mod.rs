@@ -23,6 +23,11 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 use crate::buffer::{BufferLimits, TraceBuffer};
 use crate::config::Config;
 use crate::exporter::wal::Wal;
+use crate::storage::TraceLog;
+
+/// The policy label of decisions remembered from the trace log's marks (their policy is
+/// not recorded).
+const REPLAYED_POLICY: &str = "replayed";
 use crate::exporter::{self, ExporterControl, ExporterSettings, Sink};
 use crate::llm::Pricing;
 use crate::llm::observer::LlmObserver;
@@ -100,6 +105,7 @@ pub async fn run(
             crate::pipeline::limits::cgroup_memory_limit(),
         ))
     });
+    let storage_failing = Arc::new(std::sync::OnceLock::new());
     let admin_task = tokio::spawn(telemetry::serve_admin(
         admin_listener,
         Admin {
@@ -109,10 +115,33 @@ pub async fn run(
             debug: debug.clone(),
             status: status.clone(),
             allows: debug::admin_auth(&cfg.admin.bearer_tokens),
+            storage_failing: storage_failing.clone(),
         },
         stop_admin.clone(),
     ));
 
+    // The trace log, opened (and the directory locked) before anything is taken; what it
+    // holds from before is replayed once the pipeline stands.
+    let (log, replay) = match cfg.storage.directory.clone() {
+        Some(dir) => {
+            let storage = cfg.storage.clone();
+            let m = crate::storage::StorageMetrics {
+                bytes: metrics.storage_bytes.clone(),
+                limit_bytes: metrics.storage_limit_bytes.clone(),
+                segments: metrics.storage_segments.clone(),
+                appended_bytes: metrics.storage_appended_bytes.clone(),
+                write_errors: metrics.storage_write_errors.clone(),
+                decided_marks: metrics.storage_marks.with_label_values(&["decided"]),
+                delivered_marks: metrics.storage_marks.with_label_values(&["delivered"]),
+            };
+            let (log, replay) = tokio::task::spawn_blocking(move || TraceLog::open(&storage, m))
+                .await?
+                .with_context(|| format!("storage.directory {}", dir.display()))?;
+            let _ = storage_failing.set(log.failing_flag());
+            (Some(Arc::new(log)), Some(replay))
+        }
+        None => (None, None),
+    };
     let budget = Budget::new();
     let control = ExporterControl::default();
     let mut exporters = Vec::new();
@@ -149,6 +178,7 @@ pub async fn run(
                 },
                 max_disk_bytes: ec.queue.max_disk_bytes.0,
                 budget: budget.clone(),
+                log: log.clone(),
             },
             metrics.clone(),
             control.clone(),
@@ -212,6 +242,7 @@ pub async fn run(
         budget,
         reserved_memory: decision_cache_size * DECISION_CACHE_ENTRY,
         recent_kept: status.as_ref().map(|s| s.recent.clone()),
+        log: log.clone(),
     });
     if let Some(status) = &status {
         let pipeline = pipeline.clone();
@@ -281,6 +312,12 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(3), cluster.refresh_once()).await;
     }
     let refresh_task = cluster.clone().map(|c| tokio::spawn(c.refresh()));
+    // Receivers take new requests while the log's older ones are read back (the limits
+    // and the sampler are in force by now).
+    let replay_task = replay.map(|replay| {
+        let pipeline = pipeline.clone();
+        tokio::task::spawn_blocking(move || replay_log(&pipeline, replay))
+    });
     let stop_receivers = CancellationToken::new();
     let (receivers, bound) =
         crate::receiver::start(&cfg.receiver, pipeline.clone(), &stop_receivers).await?;
@@ -393,6 +430,9 @@ pub async fn run(
     for task in background {
         let _ = task.await;
     }
+    if let Some(task) = replay_task {
+        let _ = task.await;
+    }
     pipeline.decide_all();
     control.flush.cancel();
     let mut flushed = join_all(export_tasks);
@@ -413,6 +453,10 @@ pub async fn run(
                 .get()
         })
         .sum();
+    if let Some(log) = log.clone() {
+        // What was not delivered stays in the log, synced, for the next start.
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+    }
     stop_admin.cancel();
     let _ = admin_task.await;
     let ended =
@@ -430,6 +474,50 @@ pub async fn run(
         }
     }
     Ok(ended)
+}
+
+/// Reads the trace log back into the pipeline: decisions its marks remember first (so the
+/// spans of those traces follow them), then every record, oldest first.
+fn replay_log(pipeline: &Pipeline, replay: crate::storage::Replay) {
+    if replay.is_empty() {
+        return;
+    }
+    let now = std::time::Instant::now();
+    let decisions: Vec<_> = replay
+        .marks
+        .decided
+        .iter()
+        .map(|(id, (bits, reason, _))| {
+            (
+                crate::otlp::TraceId(*id),
+                crate::buffer::CachedDecision::from_wire(
+                    *bits,
+                    REPLAYED_POLICY,
+                    *reason,
+                    Duration::ZERO,
+                    now,
+                ),
+            )
+        })
+        .collect();
+    let _ = pipeline.buffer.adopt_decisions(&decisions);
+    tracing::info!(
+        decisions = decisions.len(),
+        "reading the trace log back: traces held before are held again, kept ones not yet delivered are sent"
+    );
+    let started = std::time::Instant::now();
+    let mut records = 0u64;
+    let segments = replay.segments();
+    replay.run(|record, pin, marks| {
+        records += 1;
+        pipeline.replay(record, pin, marks);
+    });
+    tracing::info!(
+        records,
+        segments,
+        took = ?started.elapsed(),
+        "the trace log is read back"
+    );
 }
 
 /// Waits for a task the daemon cannot run without; if it panics, says so loudly and turns

@@ -32,7 +32,7 @@ const KEPT_BIT: u64 = 1 << 63;
 const DRY_RUN_BIT: u64 = 1 << 62;
 
 impl CachedDecision {
-    pub(super) fn new(d: &Decision, reason: DecideReason, now: Instant) -> Self {
+    pub fn new(d: &Decision, reason: DecideReason, now: Instant) -> Self {
         CachedDecision {
             bits: d.threshold.value()
                 | if d.keep { KEPT_BIT } else { 0 }
@@ -59,6 +59,11 @@ impl CachedDecision {
                 .saturating_sub(age)
                 .as_secs() as u32,
         }
+    }
+
+    /// Its threshold, kept and dry-run bits (as the trace log's marks keep them).
+    pub fn bits(self) -> u64 {
+        self.bits
     }
 
     pub fn keep(self) -> bool {

@@ -31,6 +31,7 @@ pub(super) fn detach(span: &mut HeldSpan, copies: &mut Copies, budget: &Arc<Budg
             scope: budget.copy(&original.scope),
             scope_schema_url: budget.copy(&original.scope_schema_url),
             service: original.service.clone(),
+            pin: original.pin.clone(),
         });
         (original.clone(), copy)
     });

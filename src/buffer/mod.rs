@@ -759,6 +759,27 @@ impl TraceBuffer {
         shard.decided.get(id).map(Lookup::Decided)
     }
 
+    /// When the oldest trace held now was first seen (takes every shard's lock, once per
+    /// decision tick).
+    pub fn oldest_held(&self) -> Option<Instant> {
+        self.shards
+            .iter()
+            .filter_map(|shard| {
+                let shard = shard.lock();
+                shard
+                    .arrivals
+                    .iter()
+                    .find(|(first_seen, id)| {
+                        shard
+                            .traces
+                            .get(id)
+                            .is_some_and(|e| e.first_seen == *first_seen)
+                    })
+                    .map(|(first_seen, _)| *first_seen)
+            })
+            .min()
+    }
+
     /// What is held now (takes every shard's lock: not for the hot path).
     pub fn held(&self) -> Held {
         let mut held = Held::default();
@@ -809,6 +830,7 @@ mod tests {
                 scope: Bytes::new(),
                 scope_schema_url: Bytes::new(),
                 service: Arc::from("svc"),
+                pin: None,
             }),
             bytes: Bytes::from_static(b"0123456789"),
             trace_state: None,

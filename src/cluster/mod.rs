@@ -711,6 +711,7 @@ mod tests {
                 scope: Bytes::new(),
                 scope_schema_url: Bytes::new(),
                 service: Arc::from("s"),
+                pin: None,
             }),
             bytes: Bytes::from(vec![0u8; n]),
             trace_state: None,

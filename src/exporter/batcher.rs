@@ -24,6 +24,48 @@ pub(super) struct Encoded {
     pub(super) spans: usize,
     pub(super) payload: Payload,
     pub(super) record: Option<u64>,
+    /// Its spans' place in the trace log.
+    pub(super) logged: Logged,
+}
+
+/// What an export request's spans hold of the trace log: their segments (kept on disk
+/// until the upstream answers), the marks to write then, and how many of its spans are in
+/// no log (lost if a shutdown cuts them short).
+#[derive(Default)]
+pub(super) struct Logged {
+    pins: Vec<crate::storage::LogPin>,
+    pub(super) marks: Vec<crate::storage::Mark>,
+    pub(super) unlogged: usize,
+}
+
+impl Logged {
+    pub(super) fn of(spans: &[KeptSpan]) -> Logged {
+        use crate::storage::Mark;
+        let mut out = Logged::default();
+        for k in spans {
+            let (Some(pin), Some(trace)) = (&k.span.origin.pin, scan::trace_id(&k.span.bytes))
+            else {
+                out.unlogged += 1;
+                continue;
+            };
+            if !out.pins.iter().any(|p| p.same_segment(pin)) {
+                out.pins.push(pin.clone());
+            }
+            match out.marks.last_mut() {
+                Some(Mark::Delivered {
+                    trace: t,
+                    seq,
+                    spans,
+                }) if *t == trace.0 && *seq == pin.seq() => *spans += 1,
+                _ => out.marks.push(Mark::Delivered {
+                    trace: trace.0,
+                    seq: pin.seq(),
+                    spans: 1,
+                }),
+            }
+        }
+        out
+    }
 }
 
 pub(super) enum Payload {
@@ -110,7 +152,7 @@ impl Batcher {
         let queue = &self.worker.queue;
         for left in self.ready.drain(..) {
             if left.record.is_none() {
-                queue.count_lost(Loss::Shutdown, left.spans);
+                queue.count_lost(Loss::Shutdown, left.logged.unlogged);
             }
             queue.answered(left.spans);
         }
@@ -185,6 +227,7 @@ impl Batcher {
                     spans,
                     payload: Payload::Memory(self.settings.budget.charge(request)),
                     record: None,
+                    logged: Logged::of(&pending.spans[start..start + spans]),
                 }),
                 Some(_) => {
                     queue.write_ahead(&pending.spans[start..start + spans], &request, &mut written);

@@ -52,6 +52,7 @@ impl Worker {
             spans,
             payload,
             record,
+            logged,
         } = item;
         let mut tally = Tally::default();
         self.deliver(payload, spans, &mut tally).await;
@@ -60,9 +61,17 @@ impl Worker {
             self.queue.count_lost(*reason, *n);
         }
         if tally.interrupted > 0 && record.is_none() {
-            self.queue.count_lost(Loss::Shutdown, tally.interrupted);
+            // What the trace log holds is sent after the next start.
+            let unlogged = tally.interrupted.min(logged.unlogged);
+            self.queue.count_lost(Loss::Shutdown, unlogged);
         }
         self.queue.answered(spans);
+        // Answered for: a restart must not send it again. (Its pins go with `logged`.)
+        if let Some(log) = &self.queue.log
+            && tally.interrupted == 0
+        {
+            log.mark(&logged.marks);
+        }
         // Answered for (accepted, or refused for good): the log need not keep it. A
         // request cut short stays in the log, to be sent after the next start.
         if let (Some(id), Some(wal)) = (record, &self.queue.wal)

@@ -10,7 +10,7 @@
 mod batcher;
 mod delivery;
 
-use batcher::{Batcher, Encoded, Payload, Pending, Queued, encode_within};
+use batcher::{Batcher, Encoded, Logged, Payload, Pending, Queued, encode_within};
 use delivery::Worker;
 
 pub mod config;
@@ -136,6 +136,8 @@ pub struct ExportQueue {
     max_bytes: usize,
     /// The durable queue's log, when `queue.directory` is set.
     wal: Option<Arc<wal::Wal>>,
+    /// The trace log, when `storage.directory` is set.
+    log: Option<Arc<crate::storage::TraceLog>>,
     max_disk_bytes: usize,
     /// When a full or failing log was last reported.
     wal_full_logged: parking_lot::Mutex<Option<Instant>>,
@@ -173,9 +175,12 @@ impl ExportQueue {
         self.queue_gauge.add(n as i64);
         if self.wal.is_none() {
             self.unencoded.fetch_add(n, Ordering::AcqRel);
+            let unlogged = spans.iter().filter(|k| k.span.origin.pin.is_none()).count();
             if self.tx.send(Queued::Spans(spans)).is_err() {
                 self.unencoded.fetch_sub(n, Ordering::AcqRel);
-                self.stopped(n);
+                // What the trace log holds is sent after the next start.
+                self.count_lost(Loss::Shutdown, unlogged);
+                self.answered(n);
             }
             return;
         }
@@ -195,12 +200,6 @@ impl ExportQueue {
                 self.answered(n);
             }
         }
-    }
-
-    /// Spans submitted after the exporter stopped (only after shutdown has flushed).
-    fn stopped(&self, n: usize) {
-        self.count_lost(Loss::Shutdown, n);
-        self.answered(n);
     }
 
     /// Writes one encoded request of `spans` to the log, pushing what was written to
@@ -251,6 +250,7 @@ impl ExportQueue {
                     spans,
                     payload: Payload::Disk(at),
                     record: Some(at.id),
+                    logged: Logged::default(),
                 })
             }
             Ok(None) => Appended::Full,
@@ -307,9 +307,9 @@ impl ExportQueue {
         }
     }
 
-    /// Whether kept spans survive a restart here (a write-ahead log).
+    /// Whether kept spans survive a restart here (the trace log, or a write-ahead log).
     pub fn is_durable(&self) -> bool {
-        self.wal.is_some()
+        self.wal.is_some() || self.log.is_some()
     }
 
     pub fn queued(&self) -> usize {
@@ -353,6 +353,9 @@ pub struct ExporterSettings {
     pub max_disk_bytes: usize,
     /// Encoded requests (and records read back) are charged to it.
     pub budget: Arc<Budget>,
+    /// The trace log: kept spans in it are not lost to a restart, and what the upstream
+    /// answered for is marked there.
+    pub log: Option<Arc<crate::storage::TraceLog>>,
 }
 
 /// The exporter task's controls: `flush` asks it to send what is queued and stop;
@@ -381,6 +384,7 @@ pub fn start(
     let queue = Arc::new(ExportQueue {
         tx,
         wal: wal.clone(),
+        log: settings.log.clone(),
         max_disk_bytes: settings.max_disk_bytes,
         max_bytes: settings.batch.max_bytes.0,
         wal_full_logged: parking_lot::Mutex::new(None),
@@ -417,6 +421,7 @@ pub fn start(
                 spans: n,
                 payload: Payload::Disk(at),
                 record: Some(at.id),
+                logged: Logged::default(),
             });
         }
     }
@@ -468,6 +473,7 @@ mod tests {
             scope: Bytes::new(),
             scope_schema_url: Bytes::new(),
             service: Arc::from("svc"),
+            pin: None,
         });
         let mut span = b"\x0a\x10aaaaaaaaaaaaaaaa".to_vec();
         crate::otlp::wire::put_len_field(&mut span, 5, &vec![b'x'; size.saturating_sub(24)]);
@@ -515,6 +521,7 @@ mod tests {
                 wal: None,
                 max_disk_bytes: 0,
                 budget: Budget::new(),
+                log: None,
             },
             metrics.clone(),
             control.clone(),
@@ -557,6 +564,7 @@ mod tests {
                 wal: Some((wal.clone(), replay)),
                 max_disk_bytes: 60 * 1024,
                 budget: Budget::new(),
+                log: None,
             },
             metrics.clone(),
             ExporterControl::default(),

@@ -198,6 +198,7 @@ fn origin(n: u8) -> Arc<Origin> {
         scope: Bytes::from(scope.encode_to_vec()),
         scope_schema_url: Bytes::new(),
         service: Arc::from(format!("svc-{n}")),
+        pin: None,
     })
 }
 

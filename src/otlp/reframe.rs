@@ -31,6 +31,9 @@ pub struct Origin {
     pub scope_schema_url: Bytes,
     /// `service.name` of the resource, for LLM metric labels.
     pub service: Arc<str>,
+    /// The trace log's record the request was written to: keeps its segment while any
+    /// span of it is held, queued or in flight (none without a log).
+    pub pin: Option<crate::storage::LogPin>,
 }
 
 /// A span held for a decision: its raw bytes and where its tracestate sits.
@@ -185,6 +188,7 @@ pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
                 scope: ss.scope,
                 scope_schema_url: ss.schema_url,
                 service: Arc::from(""),
+                pin: None,
             });
             spans.extend(ss.spans.into_iter().map(|bytes| HeldSpan {
                 origin: origin.clone(),

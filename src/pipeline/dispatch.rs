@@ -55,8 +55,12 @@ impl Pipeline {
         let mut early: Vec<(&'static str, u64)> = Vec::new();
         let mut kept: Vec<KeptSpan> = Vec::new();
         let mut listed = Vec::new();
+        let mut marks = Vec::new();
         for trace in decided {
             let decision = trace.decision;
+            if self.log.is_some() {
+                marks.extend(decided_mark(&trace, now));
+            }
             match counts
                 .iter_mut()
                 .find(|(k, b, _)| *k == decision.keep && *b == decision.by)
@@ -114,6 +118,9 @@ impl Pipeline {
             }
         }
         self.submit(kept);
+        if let Some(log) = &self.log {
+            log.mark(&marks);
+        }
         if let Some(recent) = &self.recent_kept {
             recent.add(listed);
         }
@@ -213,6 +220,10 @@ impl Pipeline {
         self.metrics.buffer_traces.set(held.traces as i64);
         self.metrics.buffer_spans.set(held.spans as i64);
         self.metrics.buffer_bytes.set(held.bytes as i64);
+        let oldest = self.buffer.oldest_held();
+        self.metrics
+            .buffer_oldest_trace_seconds
+            .set(oldest.map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()));
         self.publish_memory();
     }
 
@@ -229,6 +240,24 @@ impl Pipeline {
             gauge.set(0);
         }
     }
+}
+
+/// What the trace log remembers of a decision, so a restart does not decide the trace
+/// again: the decision, on the spans of records up to the newest one it held (none for a
+/// trace none of whose spans is in the log).
+fn decided_mark(trace: &DecidedTrace, now: Instant) -> Option<crate::storage::Mark> {
+    let seq = trace
+        .spans
+        .iter()
+        .filter_map(|s| s.origin.pin.as_ref().map(crate::storage::LogPin::seq))
+        .max()?;
+    let cached = crate::buffer::CachedDecision::new(&trace.decision, trace.reason, now);
+    Some(crate::storage::Mark::Decided {
+        trace: trace.trace_id.0,
+        seq,
+        bits: cached.bits(),
+        reason: trace.reason as u8,
+    })
 }
 
 /// The roll-up attributes appended to a kept trace's root span: its LLM totals and the

@@ -7,21 +7,87 @@ use crate::cluster::{Mode, Route};
 use crate::llm::{SpanOrigin, call_from_span, text};
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::randomness_value;
+use crate::storage::{LogPin, ReplayMarks};
+
+/// What a request comes with besides its bytes: where its spans go, who sent it, its
+/// record in the trace log and, read back at start, what the log's marks say of it.
+struct Intake<'a> {
+    protocol: Protocol,
+    placement: Placement,
+    peer: Option<&'a crate::cluster::PeerRequest>,
+    pin: Option<LogPin>,
+    replay: Option<Replaying<'a>>,
+}
+
+impl<'a> Intake<'a> {
+    fn new(protocol: Protocol, placement: Placement) -> Intake<'a> {
+        Intake {
+            protocol,
+            placement,
+            peer: None,
+            pin: None,
+            replay: None,
+        }
+    }
+}
+
+/// A record read back from the trace log at start.
+struct Replaying<'a> {
+    marks: &'a ReplayMarks,
+    /// Since the record was accepted: its traces are held again with their ages.
+    age: std::time::Duration,
+    /// Spans of each trace in the record, for the traces of which some were delivered.
+    counts: std::collections::HashMap<TraceId, u32>,
+}
 
 impl Pipeline {
-    /// Takes one encoded `ExportTraceServiceRequest`. Invalid spans are refused one by one;
-    /// the request as a whole fails only when it cannot be split into spans at all, in which
-    /// case nothing of it was taken.
+    /// Takes one encoded `ExportTraceServiceRequest`, writing it to the trace log (when
+    /// there is one) before its spans are taken: once this returns Ok, nothing of it is
+    /// lost to a crash. Invalid spans are refused one by one; the request as a whole fails
+    /// only when it cannot be split into spans at all, or there is no room for it (memory,
+    /// the log): then nothing of it was taken.
+    pub async fn accept(
+        &self,
+        request: Bytes,
+        protocol: Protocol,
+    ) -> Result<IngestOutcome, IngestError> {
+        let placement = Placement::Route {
+            final_forwards: false,
+        };
+        self.accept_with(request, Intake::new(protocol, placement))
+            .await
+    }
+
+    /// Takes a request without writing it to the log (`llmtail explain`, which has none).
     pub fn ingest(&self, request: Bytes, protocol: Protocol) -> Result<IngestOutcome, IngestError> {
         let placement = Placement::Route {
             final_forwards: false,
         };
-        self.take(request, protocol, true, placement, None)
+        let request = self.admit(request, true)?;
+        Ok(self.take(request, Intake::new(protocol, placement)))
+    }
+
+    async fn accept_with(
+        &self,
+        request: Bytes,
+        mut intake: Intake<'_>,
+    ) -> Result<IngestOutcome, IngestError> {
+        let request = self.admit(request, true)?;
+        if let Some(log) = &self.log {
+            match log.append(request.bytes.clone()).await {
+                Ok(pin) => intake.pin = Some(pin),
+                Err(_) => {
+                    self.unadmit(request);
+                    return Err(IngestError::Full(Overload::Storage));
+                }
+            }
+        }
+        Ok(self.take(request, intake))
     }
 
     /// Takes a request another member forwarded or handed off: routed once more by this
     /// replica's ring unless it is final.
-    pub fn ingest_peer(
+    pub async fn accept_peer(
         &self,
         request: Bytes,
         peer: &crate::cluster::PeerRequest,
@@ -56,7 +122,11 @@ impl Pipeline {
                 );
             }
         }
-        let outcome = self.take(request, Protocol::Peer, true, placement, Some(peer))?;
+        let intake = Intake {
+            peer: Some(peer),
+            ..Intake::new(Protocol::Peer, placement)
+        };
+        let outcome = self.accept_with(request, intake).await?;
         if !peer.handoff.is_empty() {
             // Only now, with every span of the request held: a trace due at once is
             // decided on all it was handed with.
@@ -79,17 +149,45 @@ impl Pipeline {
         } else {
             Placement::HereAfterAll
         };
-        let _ = self.take(request, Protocol::Peer, false, placement, None);
+        if let Ok(request) = self.admit(request, false) {
+            self.take(request, Intake::new(Protocol::Peer, placement));
+        }
     }
 
-    fn take(
-        &self,
-        request: Bytes,
-        protocol: Protocol,
-        admit: bool,
-        placement: Placement,
-        peer: Option<&crate::cluster::PeerRequest>,
-    ) -> Result<IngestOutcome, IngestError> {
+    /// Takes a record of the trace log read back at start: its spans are held again (their
+    /// traces with the age the record has), follow the decision the marks remember, or are
+    /// skipped when the upstream answered for them already. Counted in
+    /// `llmtail_storage_replayed_spans_total`, not as received again.
+    pub fn replay(&self, record: crate::storage::Record, pin: LogPin, marks: &ReplayMarks) {
+        let age = crate::storage::age_of(record.time_ns, std::time::SystemTime::now());
+        let request = Bytes::from(record.payload);
+        let mut counts = std::collections::HashMap::new();
+        if marks.has_deliveries(pin.seq()) {
+            for rs in request::resource_spans(&request) {
+                for ss in rs.scope_spans() {
+                    for span in ss.spans() {
+                        if let Some(id) = scan::trace_id(&span) {
+                            *counts.entry(id).or_insert(0u32) += 1;
+                        }
+                    }
+                }
+            }
+        }
+        let Ok(request) = self.admit(request, false) else {
+            return;
+        };
+        let intake = Intake {
+            pin: Some(pin),
+            replay: Some(Replaying { marks, age, counts }),
+            ..Intake::new(Protocol::Replay, Placement::Here)
+        };
+        self.take(request, intake);
+    }
+
+    /// Checks a request's framing and charges it to the memory budget, with the
+    /// bookkeeping its spans could cost; refused when that would pass the hard mark
+    /// (`admit`), before anything of it is taken.
+    fn admit(&self, request: Bytes, admit: bool) -> Result<Admitted, IngestError> {
         // Charged while any span of it is held or queued.
         let request = self.budget.charge(request);
         // The framing is read first, so a request that is not one is refused whole.
@@ -107,8 +205,35 @@ impl Pipeline {
         self.limits
             .ingested_bookkeeping
             .fetch_add(bookkeeping, Ordering::Relaxed);
+        Ok(Admitted {
+            bytes: request,
+            bookkeeping,
+        })
+    }
 
+    /// Gives back what [`admit`](Self::admit) charged for a request not taken after all.
+    fn unadmit(&self, request: Admitted) {
+        self.limits
+            .ingested_bookkeeping
+            .fetch_sub(request.bookkeeping, Ordering::Relaxed);
+    }
+
+    fn take(&self, request: Admitted, intake: Intake<'_>) -> IngestOutcome {
+        let Intake {
+            protocol,
+            placement,
+            peer,
+            pin,
+            replay,
+        } = intake;
+        let request = request.bytes;
+        // A replayed record's traces are as old as the record.
         let now = Instant::now();
+        let now = replay
+            .as_ref()
+            .and_then(|r| now.checked_sub(r.age))
+            .unwrap_or(now);
+        let replaying = replay.is_some();
         let mut outcome = IngestOutcome::default();
         let mut first_reject: Option<(Reject, String)> = None;
         let mut evicted = Vec::new();
@@ -138,10 +263,12 @@ impl Pipeline {
         let mut refuse =
             |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
                 outcome.rejected += 1;
-                self.metrics
-                    .spans_rejected
-                    .with_label_values(&[reject.label()])
-                    .inc();
+                if !replaying {
+                    self.metrics
+                        .spans_rejected
+                        .with_label_values(&[reject.label()])
+                        .inc();
+                }
                 if first_reject.is_none() {
                     first_reject = Some((reject, place()));
                 }
@@ -196,6 +323,7 @@ impl Pipeline {
                                 scope: ss.scope.clone(),
                                 scope_schema_url: ss.schema_url.clone(),
                                 service,
+                                pin: pin.clone(),
                             })
                         })
                         .clone();
@@ -313,24 +441,36 @@ impl Pipeline {
                         is_root: facts.is_root,
                         extra: None,
                     };
-                    if let Added::Late(decision, span, call) =
-                        self.buffer.add(stats, held, now, &mut evicted)
-                    {
-                        if handed {
-                            split.insert((facts.trace_id, "decided_before_handoff"));
+                    match self.buffer.add(stats, held, now, &mut evicted) {
+                        Added::Late(decision, span, _) if replaying => {
+                            let replay = replay.as_ref().expect("replaying");
+                            self.replayed_late(decision, span, facts.trace_id, replay);
                         }
-                        if let Some(call) = &call {
-                            self.observer.observe_alone(call, now);
+                        Added::Late(decision, span, call) => {
+                            if handed {
+                                split.insert((facts.trace_id, "decided_before_handoff"));
+                            }
+                            if let Some(call) = &call {
+                                self.observer.observe_alone(call, now);
+                            }
+                            self.late_span(decision, span);
                         }
-                        self.late_span(decision, span);
+                        Added::Held if replaying => self
+                            .metrics
+                            .storage_replayed_spans
+                            .with_label_values(&["held"])
+                            .inc(),
+                        Added::Held => {}
                     }
                 }
             }
         }
-        self.metrics
-            .spans_received
-            .with_label_values(&[protocol.label()])
-            .inc_by(outcome.accepted);
+        if !replaying {
+            self.metrics
+                .spans_received
+                .with_label_values(&[protocol.label()])
+                .inc_by(outcome.accepted);
+        }
         if let Some(cluster) = &self.cluster {
             for ((peer, mode), spans) in forwards {
                 if let Err(spans) = cluster.forward(&peer, mode, spans) {
@@ -364,11 +504,43 @@ impl Pipeline {
             );
         }
         self.dispatch(evicted);
-        Ok(outcome)
+        outcome
     }
 }
 
+/// A request charged to the memory budget, with the bookkeeping charged for its spans.
+struct Admitted {
+    bytes: Bytes,
+    bookkeeping: usize,
+}
+
 impl Pipeline {
+    /// A replayed span of a trace decided before the restart: sent when kept and the
+    /// upstream had not answered for all of the trace's spans in its record, else skipped.
+    fn replayed_late(
+        &self,
+        decision: crate::buffer::CachedDecision,
+        span: HeldSpan,
+        trace: TraceId,
+        replay: &Replaying<'_>,
+    ) {
+        let seq = span.origin.pin.as_ref().map_or(0, LogPin::seq);
+        let delivered = replay.marks.delivered(&trace.0, seq);
+        let in_record = replay.counts.get(&trace).copied().unwrap_or(u32::MAX);
+        let send = decision.exports() && delivered < in_record;
+        let disposition = if send { "exported" } else { "skipped" };
+        self.metrics
+            .storage_replayed_spans
+            .with_label_values(&[disposition])
+            .inc();
+        if send && let Some(span) = self.redacted(span) {
+            self.submit(vec![KeptSpan {
+                span,
+                threshold: decision.export_threshold(),
+            }]);
+        }
+    }
+
     /// A span of a trace decided already follows the decision.
     fn late_span(&self, decision: crate::buffer::CachedDecision, span: HeldSpan) {
         let label = if decision.keep() { "kept" } else { "dropped" };

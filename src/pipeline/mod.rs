@@ -42,6 +42,8 @@ pub enum Protocol {
     HttpJson,
     /// Forwarded by another replica (gRPC with `x-llmtail-forwarded`): always taken here.
     Peer,
+    /// Read back from the trace log at start (not counted as received again).
+    Replay,
 }
 
 impl Protocol {
@@ -51,6 +53,7 @@ impl Protocol {
             Protocol::HttpProtobuf => "http_protobuf",
             Protocol::HttpJson => "http_json",
             Protocol::Peer => "peer",
+            Protocol::Replay => "replay",
         }
     }
 }
@@ -113,6 +116,9 @@ pub struct Pipeline {
     pub reserved_memory: usize,
     /// The status page's list of recently kept traces, when it is served.
     pub recent_kept: Option<Arc<crate::telemetry::status::RecentKept>>,
+    /// The trace log every accepted request is written to before it is acknowledged
+    /// (`storage.directory`).
+    pub log: Option<Arc<crate::storage::TraceLog>>,
 }
 
 /// `limits:` as the hot path reads it: relaxed atomics, set at start and on reload.
@@ -159,6 +165,8 @@ pub enum Overload {
     DurableQueue,
     /// A queue of spans for a peer is nearly full (`cluster.forward_queue_spans`).
     Forwarding,
+    /// The trace log is at its bound, or cannot be written.
+    Storage,
 }
 
 impl Overload {
@@ -168,6 +176,7 @@ impl Overload {
             Overload::Memory => "memory",
             Overload::DurableQueue => "durable_queue",
             Overload::Forwarding => "forwarding",
+            Overload::Storage => "storage",
         }
     }
 
@@ -183,6 +192,9 @@ impl Overload {
             Overload::Forwarding => {
                 "llmtail cannot forward to a peer fast enough (cluster.forward_queue_spans); retry later"
             }
+            Overload::Storage => {
+                "llmtail's trace log is full (storage.max_disk_bytes, or the disk's free space) or cannot be written; retry later"
+            }
         }
     }
 }
@@ -195,6 +207,9 @@ impl Pipeline {
     pub fn overloaded(&self) -> Option<Overload> {
         if self.memory() >= self.limits.max_buffer_bytes.load(Ordering::Relaxed) {
             return Some(Overload::Memory);
+        }
+        if self.log.as_ref().is_some_and(|log| log.refusal().is_some()) {
+            return Some(Overload::Storage);
         }
         let held = self.limits.held_wire_bytes.load(Ordering::Relaxed);
         if self

@@ -154,8 +154,8 @@ impl UnaryService<Bytes> for Export {
                 )));
             }
             let taken = match &from_peer {
-                Some((_, peer)) => pipeline.ingest_peer(request, peer),
-                None => pipeline.ingest(request, protocol),
+                Some((_, peer)) => pipeline.accept_peer(request, peer).await,
+                None => pipeline.accept(request, protocol).await,
             };
             if taken.is_err()
                 && let (Some(cluster), Some(key)) = (cluster, batch)

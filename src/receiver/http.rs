@@ -452,7 +452,7 @@ async fn export(State(rx): State<Receiver>, headers: HeaderMap, body: Body) -> R
     };
     // From here the request is charged as what it is.
     drop(reservation);
-    let outcome = match rx.pipeline.ingest(protobuf, encoding.protocol()) {
+    let outcome = match rx.pipeline.accept(protobuf, encoding.protocol()).await {
         Ok(o) => o,
         Err(crate::pipeline::IngestError::Full(why)) => return unavailable(&rx, encoding, why),
         Err(e) => {

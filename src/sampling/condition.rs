@@ -1039,6 +1039,7 @@ mod tests {
                 scope: bytes::Bytes::new(),
                 scope_schema_url: bytes::Bytes::new(),
                 service: Arc::from("s"),
+                pin: None,
             }),
             bytes: bytes::Bytes::from(span),
             trace_state: None,

@@ -9,7 +9,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use crate::otlp::TraceId;
+/// A trace id's 16 bytes (the log is below the OTLP layer: it knows no span format).
+pub type TraceId = [u8; 16];
 
 pub const MARKS_FILE: &str = "marks.log";
 
@@ -63,7 +64,7 @@ impl Mark {
         let mut body = [0u8; MARK_BYTES - 4];
         body[0] = kind;
         body[1] = reason;
-        body[2..18].copy_from_slice(&trace.0);
+        body[2..18].copy_from_slice(&trace);
         body[18..26].copy_from_slice(&seq.to_le_bytes());
         body[26..34].copy_from_slice(&value.to_le_bytes());
         out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
@@ -76,7 +77,7 @@ impl Mark {
         if crc32fast::hash(body) != sum {
             return None;
         }
-        let trace = TraceId(body[2..18].try_into().ok()?);
+        let trace: TraceId = body[2..18].try_into().ok()?;
         let seq = u64::from_le_bytes(body[18..26].try_into().ok()?);
         let value = u64::from_le_bytes(body[26..34].try_into().ok()?);
         match body[0] {
@@ -141,6 +142,8 @@ pub struct ReplayMarks {
     pub decided: HashMap<TraceId, (u64, u8, u64)>,
     /// Spans answered for, by trace and record.
     delivered: HashMap<(TraceId, u64), u32>,
+    /// The records some spans of which were answered for.
+    delivered_records: std::collections::HashSet<u64>,
 }
 
 impl ReplayMarks {
@@ -158,10 +161,16 @@ impl ReplayMarks {
                 }
                 Mark::Delivered { trace, seq, spans } => {
                     *out.delivered.entry((trace, seq)).or_default() += spans;
+                    out.delivered_records.insert(seq);
                 }
             }
         }
         out
+    }
+
+    /// Whether the upstream answered for any span of record `seq`.
+    pub fn has_deliveries(&self, seq: u64) -> bool {
+        self.delivered_records.contains(&seq)
     }
 
     /// Spans of the trace from record `seq` the upstream answered for.
@@ -177,7 +186,7 @@ mod tests {
     #[test]
     fn marks_round_trip_and_a_torn_mark_ends_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let t = TraceId([3; 16]);
+        let t: TraceId = [3; 16];
         let marks = [
             Mark::Decided {
                 trace: t,

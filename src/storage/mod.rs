@@ -33,8 +33,37 @@ pub use config::{StorageConfig, SyncPolicy};
 pub use marks::{Mark, ReplayMarks};
 pub use record::Record;
 
-use crate::telemetry::Metrics;
 use writer::{Command, Writer};
+
+/// The log's own metrics (registered by the caller: `llmtail_storage_*`).
+#[derive(Clone)]
+pub struct StorageMetrics {
+    pub bytes: prometheus::IntGauge,
+    pub limit_bytes: prometheus::IntGauge,
+    pub segments: prometheus::IntGauge,
+    pub appended_bytes: prometheus::IntCounter,
+    pub write_errors: prometheus::IntCounter,
+    pub decided_marks: prometheus::IntCounter,
+    pub delivered_marks: prometheus::IntCounter,
+}
+
+#[cfg(test)]
+impl StorageMetrics {
+    /// Metrics in no registry.
+    fn unregistered() -> StorageMetrics {
+        let gauge = |n: &str| prometheus::IntGauge::new(n, n).expect("a valid name");
+        let counter = |n: &str| prometheus::IntCounter::new(n, n).expect("a valid name");
+        StorageMetrics {
+            bytes: gauge("bytes"),
+            limit_bytes: gauge("limit"),
+            segments: gauge("segments"),
+            appended_bytes: counter("appended"),
+            write_errors: counter("errors"),
+            decided_marks: counter("decided"),
+            delivered_marks: counter("delivered"),
+        }
+    }
+}
 
 /// Share of the filesystem's size the log may take when `max_disk_bytes` is not set.
 const DEFAULT_DISK_SHARE: f64 = 0.8;
@@ -86,9 +115,9 @@ struct Shared {
     /// The bound: `max_disk_bytes`, or less when the filesystem has less free.
     limit: AtomicU64,
     /// The last write failed: requests are refused until `retry_at`, then one is tried.
-    failing: AtomicBool,
+    failing: Arc<AtomicBool>,
     retry_at: Mutex<std::time::Instant>,
-    metrics: Arc<Metrics>,
+    metrics: StorageMetrics,
 }
 
 impl Shared {
@@ -118,11 +147,17 @@ impl Replay {
         self.segments.is_empty()
     }
 
-    /// Reads every intact record, oldest first, handing each to `take` with its pin. A
-    /// segment is held (not deleted) until its records are read; a torn or damaged record
-    /// ends its segment (the rest of it cannot be framed), said in the log.
-    pub fn run(self, mut take: impl FnMut(Record, LogPin)) {
-        for (path, segment) in self.segments {
+    /// Segments to read back.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Reads every intact record, oldest first, handing each to `take` with its pin and the
+    /// marks. A segment is held (not deleted) until its records are read; a torn or
+    /// damaged record ends its segment (the rest of it cannot be framed), said in the log.
+    pub fn run(self, mut take: impl FnMut(Record, LogPin, &ReplayMarks)) {
+        let Replay { segments, marks } = self;
+        for (path, segment) in segments {
             let mut reader = match record::SegmentReader::open(&path) {
                 Ok(r) => r,
                 Err(e) => {
@@ -137,7 +172,7 @@ impl Replay {
                             segment: segment.clone(),
                             seq: rec.seq,
                         };
-                        take(rec, pin);
+                        take(rec, pin, &marks);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -179,7 +214,10 @@ fn bound(max_disk: Option<u64>, used: u64, (size, free): (u64, u64)) -> u64 {
 impl TraceLog {
     /// Opens the log in `cfg.directory` (creating it), taking its lock; returns it and what
     /// it holds from before.
-    pub fn open(cfg: &StorageConfig, metrics: Arc<Metrics>) -> anyhow::Result<(TraceLog, Replay)> {
+    pub fn open(
+        cfg: &StorageConfig,
+        metrics: StorageMetrics,
+    ) -> anyhow::Result<(TraceLog, Replay)> {
         use anyhow::Context;
         let dir = cfg
             .directory
@@ -245,7 +283,7 @@ impl TraceLog {
         let shared = Arc::new(Shared {
             used: AtomicU64::new(used),
             limit: AtomicU64::new(limit),
-            failing: AtomicBool::new(false),
+            failing: Arc::new(AtomicBool::new(false)),
             retry_at: Mutex::new(std::time::Instant::now()),
             metrics,
         });
@@ -345,9 +383,9 @@ impl TraceLog {
             .then_some(StorageError::Full)
     }
 
-    /// False while writes fail (`/readyz` says so).
-    pub fn healthy(&self) -> bool {
-        !self.shared.failing.load(Ordering::Acquire)
+    /// True while writes fail (`/readyz` says so).
+    pub fn failing_flag(&self) -> Arc<AtomicBool> {
+        self.shared.failing.clone()
     }
 
     /// Bytes the log takes on disk (and has reserved), and its bound now.
@@ -365,10 +403,15 @@ impl TraceLog {
             return;
         }
         let mut raw = Vec::with_capacity(marks.len() * marks::MARK_BYTES);
+        let (mut decided, mut delivered) = (0, 0);
         for m in marks {
             m.put(&mut raw);
+            match m {
+                Mark::Decided { .. } => decided += 1,
+                Mark::Delivered { .. } => delivered += 1,
+            }
         }
-        let _ = self.commands.send(Command::Marks(raw));
+        let _ = self.commands.send(Command::Marks(raw, decided, delivered));
     }
 
     /// Syncs everything written and stops the writer (shutdown; blocks: call it off the

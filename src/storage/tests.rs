@@ -34,7 +34,7 @@ fn wait_until(mut done: impl FnMut() -> bool) {
 
 fn replayed(replay: Replay) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
-    replay.run(|rec, pin| {
+    replay.run(|rec, pin, _| {
         assert_eq!(pin.seq(), rec.seq);
         out.push((rec.seq, rec.payload));
     });
@@ -45,14 +45,14 @@ fn replayed(replay: Replay) -> Vec<(u64, Vec<u8>)> {
 async fn held_records_survive_a_restart_with_the_marks_beside_them() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 1 << 20, None);
-    let (log, replay) = TraceLog::open(&cfg, Metrics::new()).unwrap();
+    let (log, replay) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
     assert!(replay.is_empty());
     let a = log.append(Bytes::from_static(b"first")).await.unwrap();
     let b = log.append(Bytes::from_static(b"second")).await.unwrap();
     let c = log.append(Bytes::from_static(b"third")).await.unwrap();
     assert_eq!((a.seq(), b.seq(), c.seq()), (0, 1, 2));
     log.mark(&[Mark::Delivered {
-        trace: crate::otlp::TraceId([1; 16]),
+        trace: [1; 16],
         seq: 1,
         spans: 4,
     }]);
@@ -60,8 +60,8 @@ async fn held_records_survive_a_restart_with_the_marks_beside_them() {
     // A crash: the process ends with a and c still held.
     log.close();
     drop(log);
-    let (log, replay) = TraceLog::open(&cfg, Metrics::new()).unwrap();
-    assert_eq!(replay.marks.delivered(&crate::otlp::TraceId([1; 16]), 1), 4);
+    let (log, replay) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
+    assert_eq!(replay.marks.delivered(&[1; 16], 1), 4);
     let got = replayed(replay);
     // The segment was held as a whole: all three records are read back (the marks say
     // what of them is done), and new ones come after them.
@@ -83,7 +83,7 @@ async fn segments_are_deleted_in_any_order_once_no_pin_holds_them_and_disk_retur
     let dir = tempfile::tempdir().unwrap();
     // Segments of 64 KiB: a 40 KB record fills one, so each record gets its own.
     let cfg = config(dir.path(), 64 << 10, None);
-    let (log, _) = TraceLog::open(&cfg, Metrics::new()).unwrap();
+    let (log, _) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
     let payload = Bytes::from(vec![7u8; 70_000]);
     let mut pins = Vec::new();
     for _ in 0..6 {
@@ -109,7 +109,7 @@ async fn a_full_log_refuses_before_writing_and_takes_again_once_room_returns() {
     let dir = tempfile::tempdir().unwrap();
     // Records of 70 KB in segments of 64 KiB (one each), at most 160 KiB: two fit.
     let cfg = config(dir.path(), 64 << 10, Some(160 << 10));
-    let (log, _) = TraceLog::open(&cfg, Metrics::new()).unwrap();
+    let (log, _) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
     let payload = Bytes::from(vec![1u8; 70_000]);
     let a = log.append(payload.clone()).await.unwrap();
     let _b = log.append(payload.clone()).await.unwrap();
@@ -134,7 +134,7 @@ async fn a_torn_record_is_cut_and_everything_before_it_replayed() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 1 << 20, None);
     let pins = {
-        let (log, _) = TraceLog::open(&cfg, Metrics::new()).unwrap();
+        let (log, _) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
         let mut pins = Vec::new();
         for i in 0..5u8 {
             pins.push(log.append(Bytes::from(vec![i; 1000])).await.unwrap());
@@ -151,7 +151,7 @@ async fn a_torn_record_is_cut_and_everything_before_it_replayed() {
         .unwrap()
         .set_len(len - 500)
         .unwrap();
-    let (log, replay) = TraceLog::open(&cfg, Metrics::new()).unwrap();
+    let (log, replay) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
     let got = replayed(replay);
     assert_eq!(
         got.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
@@ -172,8 +172,10 @@ async fn a_torn_record_is_cut_and_everything_before_it_replayed() {
 async fn a_second_process_on_the_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 1 << 20, None);
-    let (_log, _) = TraceLog::open(&cfg, Metrics::new()).unwrap();
-    let err = TraceLog::open(&cfg, Metrics::new()).err().unwrap();
+    let (_log, _) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
+    let err = TraceLog::open(&cfg, StorageMetrics::unregistered())
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("another llmtail"), "{err}");
 }
 

@@ -24,6 +24,8 @@ use super::{LogPin, SegmentId, Shared, StorageError, SyncPolicy, marks, record};
 const TICK: Duration = Duration::from_millis(50);
 /// How often the filesystem's free space is read.
 const SPACE_EVERY: Duration = Duration::from_secs(1);
+/// Write errors are said in the log at most this often (they are all counted).
+const ERRORS_LOGGED_EVERY: Duration = Duration::from_secs(10);
 /// Most requests written as one group.
 const GROUP_REQUESTS: usize = 512;
 /// The marks file is compacted when it has grown past this plus twice its size after the
@@ -43,7 +45,8 @@ pub(super) enum Command {
         reserved: u64,
         reply: Reply,
     },
-    Marks(Vec<u8>),
+    /// Marks' bytes, and how many of each kind they are.
+    Marks(Vec<u8>, u64, u64),
     /// Sync everything and stop.
     Stop(std::sync::mpsc::SyncSender<()>),
 }
@@ -86,8 +89,8 @@ pub(super) struct Writer {
     unsynced: bool,
     last_sync: Instant,
     last_space: Instant,
-    /// Write errors are said at most this often.
-    errors_logged: crate::telemetry::Throttle,
+    /// When a write error was last said (at most every [`ERRORS_LOGGED_EVERY`]).
+    error_logged: Option<Instant>,
 }
 
 impl Writer {
@@ -108,7 +111,7 @@ impl Writer {
             unsynced: false,
             last_sync: Instant::now(),
             last_space: Instant::now(),
-            errors_logged: crate::telemetry::Throttle::new(Duration::from_secs(10)),
+            error_logged: None,
         }
     }
 
@@ -121,6 +124,7 @@ impl Writer {
             };
             let mut appends = Vec::new();
             let mut marks = Vec::new();
+            let mut counts = (0, 0);
             let mut stop = None;
             let mut next = first;
             while let Some(cmd) = next.take() {
@@ -130,7 +134,11 @@ impl Writer {
                         reserved,
                         reply,
                     } => appends.push((payload, reserved, reply)),
-                    Command::Marks(raw) => marks.extend_from_slice(&raw),
+                    Command::Marks(raw, decided, delivered) => {
+                        marks.extend_from_slice(&raw);
+                        counts.0 += decided;
+                        counts.1 += delivered;
+                    }
                     Command::Stop(reply) => stop = Some(reply),
                 }
                 if appends.len() < GROUP_REQUESTS && stop.is_none() {
@@ -140,8 +148,10 @@ impl Writer {
             if !appends.is_empty() {
                 self.append_group(appends);
             }
-            if !marks.is_empty() {
-                self.write_marks(&marks);
+            if !marks.is_empty() && self.write_marks(&marks) {
+                let metrics = &self.setup.shared.metrics;
+                metrics.decided_marks.inc_by(counts.0);
+                metrics.delivered_marks.inc_by(counts.1);
             }
             if let Some(reply) = stop {
                 self.sync();
@@ -161,7 +171,7 @@ impl Writer {
         match result {
             Ok((segment, first_seq)) => {
                 shared.failing.store(false, Ordering::Release);
-                shared.metrics.storage_appended_bytes.inc_by(reserved);
+                shared.metrics.appended_bytes.inc_by(reserved);
                 for (i, (_, _, reply)) in group.into_iter().enumerate() {
                     let _ = reply.send(Ok(LogPin {
                         segment: segment.clone(),
@@ -171,11 +181,11 @@ impl Writer {
             }
             Err(e) => {
                 shared.release(reserved);
-                shared.metrics.storage_write_errors.inc();
+                shared.metrics.write_errors.inc();
                 *shared.retry_at.lock() = Instant::now() + self.setup.retry_interval;
                 shared.failing.store(true, Ordering::Release);
-                if let Some(held_back) = self.errors_logged.allow() {
-                    tracing::error!(directory = %self.setup.dir.display(), error = %e, similar_reports_held_back = held_back, "cannot write the trace log; receivers refuse retryably until it can be written again");
+                if self.may_log_error() {
+                    tracing::error!(directory = %self.setup.dir.display(), error = %e, "cannot write the trace log; receivers refuse retryably until it can be written again (llmtail_storage_write_errors_total)");
                 }
                 let why = StorageError::Io(e.to_string());
                 for (_, _, reply) in group {
@@ -262,7 +272,8 @@ impl Writer {
         Ok(())
     }
 
-    fn write_marks(&mut self, raw: &[u8]) {
+    /// Appends marks; false when they could not be written (said in the log).
+    fn write_marks(&mut self, raw: &[u8]) -> bool {
         let written = self
             .marks_file
             .write_all_at(raw, self.marks_len)
@@ -281,15 +292,29 @@ impl Writer {
                     .used
                     .fetch_add(raw.len() as u64, Ordering::AcqRel);
                 self.unsynced = true;
+                true
             }
             Err(e) => {
                 let _ = self.marks_file.set_len(self.marks_len);
-                self.setup.shared.metrics.storage_write_errors.inc();
-                if let Some(held_back) = self.errors_logged.allow() {
-                    tracing::error!(directory = %self.setup.dir.display(), error = %e, similar_reports_held_back = held_back, "cannot write the trace log's marks; after a restart, what they said may be decided or sent again");
+                self.setup.shared.metrics.write_errors.inc();
+                if self.may_log_error() {
+                    tracing::error!(directory = %self.setup.dir.display(), error = %e, "cannot write the trace log's marks; after a restart, what they said may be decided or sent again");
                 }
+                false
             }
         }
+    }
+
+    /// Whether a write error may be said now.
+    fn may_log_error(&mut self) -> bool {
+        let now = Instant::now();
+        let may = self
+            .error_logged
+            .is_none_or(|t| now.duration_since(t) >= ERRORS_LOGGED_EVERY);
+        if may {
+            self.error_logged = Some(now);
+        }
+        may
     }
 
     /// Flushes what was written to the disk.
@@ -302,7 +327,7 @@ impl Writer {
         self.unsynced = false;
         if let Err(e) = result {
             let shared = &self.setup.shared;
-            shared.metrics.storage_write_errors.inc();
+            shared.metrics.write_errors.inc();
             *shared.retry_at.lock() = Instant::now() + self.setup.retry_interval;
             shared.failing.store(true, Ordering::Release);
             tracing::error!(directory = %self.setup.dir.display(), error = %e, "cannot sync the trace log to disk");
@@ -328,12 +353,9 @@ impl Writer {
         let shared = &self.setup.shared;
         shared
             .metrics
-            .storage_bytes
+            .bytes
             .set(shared.used.load(Ordering::Acquire) as i64);
-        shared
-            .metrics
-            .storage_segments
-            .set(self.segments.len() as i64);
+        shared.metrics.segments.set(self.segments.len() as i64);
     }
 
     /// Deletes every segment no pin holds; the current one too (the next request starts
@@ -370,7 +392,7 @@ impl Writer {
                 let limit =
                     super::bound(self.setup.max_disk, shared.used.load(Ordering::Acquire), fs);
                 shared.limit.store(limit, Ordering::Release);
-                shared.metrics.storage_limit_bytes.set(limit as i64);
+                shared.metrics.limit_bytes.set(limit as i64);
             }
             Err(e) => {
                 tracing::warn!(directory = %self.setup.dir.display(), error = %e, "cannot read the free space of storage.directory");

@@ -33,6 +33,8 @@ pub struct Admin {
     pub status: Option<Arc<StatusPage>>,
     /// Whether a request may see the status page and the debug endpoints.
     pub allows: Arc<dyn Fn(&HeaderMap) -> bool + Send + Sync>,
+    /// Set once the trace log is open: true while it cannot be written (not ready then).
+    pub storage_failing: Arc<std::sync::OnceLock<Arc<AtomicBool>>>,
 }
 
 /// Answers `/debug/traces/{trace_id}`: the status code and JSON body for a trace id (as
@@ -139,7 +141,16 @@ async fn healthz(State(admin): State<Admin>) -> impl IntoResponse {
 }
 
 async fn readyz(State(admin): State<Admin>) -> impl IntoResponse {
-    if admin.ready.load(Ordering::SeqCst) {
+    let storage_failing = admin
+        .storage_failing
+        .get()
+        .is_some_and(|f| f.load(Ordering::Acquire));
+    if storage_failing {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the trace log cannot be written\n",
+        )
+    } else if admin.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")

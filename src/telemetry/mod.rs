@@ -52,6 +52,7 @@ pub struct Metrics {
     pub storage_appended_bytes: IntCounter,
     pub storage_write_errors: IntCounter,
     pub storage_replayed_spans: IntCounterVec,
+    pub storage_marks: IntCounterVec,
     pub buffer_oldest_trace_seconds: prometheus::Gauge,
     pub auth_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -279,6 +280,13 @@ impl Metrics {
                     "Spans read back from the trace log at start, by what became of them: held (their trace undecided), exported (kept, not yet delivered), skipped (dropped, or delivered already)."
                 ),
                 &["disposition"]
+            )),
+            storage_marks: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_storage_marks_total",
+                    "Marks written to the trace log beside its records, by kind: decided (a trace's decision), delivered (spans of a record the upstream answered for)."
+                ),
+                &["kind"]
             )),
             buffer_oldest_trace_seconds: reg!(prometheus::Gauge::new(
                 "llmtail_buffer_oldest_trace_seconds",

@@ -26,4 +26,5 @@ mod scaling;
 mod sdk_clients;
 mod security;
 mod status_page;
+mod storage;
 mod wal;

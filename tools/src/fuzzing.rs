@@ -59,6 +59,7 @@ pub fn split_and_reframe(data: &[u8]) {
                 scope: ss.scope,
                 scope_schema_url: ss.schema_url,
                 service: Arc::from("fuzz"),
+                pin: None,
             });
             for span in ss.spans {
                 let Ok(facts) = scan::scan_span(&span, &Conventions) else {
