@@ -155,6 +155,8 @@ fn benches(c: &mut Criterion) {
                     BufferLimits {
                         idle_timeout: Duration::from_secs(10),
                         max_trace_duration: Duration::from_secs(1800),
+                        regret_window: Duration::ZERO,
+                        max_regret_traces: 0,
                         root_grace: Duration::from_secs(1),
                         max_traces: 100_000,
                         decision_cache_size: 100_000,
@@ -295,6 +297,8 @@ fn mix(c: &mut Criterion) {
                     BufferLimits {
                         idle_timeout: Duration::from_secs(10),
                         max_trace_duration: Duration::from_secs(1800),
+                        regret_window: Duration::ZERO,
+                        max_regret_traces: 0,
                         root_grace: Duration::from_secs(1),
                         max_traces: 100_000,
                         decision_cache_size: 100_000,

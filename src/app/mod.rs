@@ -217,16 +217,10 @@ pub async fn run(
         s.boost.clone().map(Boost::new),
         base.clone(),
     ));
+    let (redecided, to_read_back) = tokio::sync::mpsc::unbounded_channel();
     let pipeline = Arc::new(Pipeline {
         buffer: TraceBuffer::new(
-            BufferLimits {
-                idle_timeout: s.idle_timeout(),
-                max_trace_duration: s.max_trace_duration.0,
-                root_grace: s.root_grace.0,
-                max_traces: s.max_traces,
-                decision_cache_size,
-                max_spans_per_trace: cfg.limits.max_spans_per_trace,
-            },
+            buffer_limits(&cfg, decision_cache_size),
             Sampler::new(s, base.clone()),
             budget.clone(),
             observer.clone(),
@@ -243,7 +237,11 @@ pub async fn run(
         reserved_memory: decision_cache_size * DECISION_CACHE_ENTRY,
         recent_kept: status.as_ref().map(|s| s.recent.clone()),
         log: log.clone(),
+        redecided: log.as_ref().map(|_| redecided),
     });
+    if log.is_some() {
+        tokio::spawn(crate::pipeline::read_back(pipeline.clone(), to_read_back));
+    }
     if let Some(status) = &status {
         let pipeline = pipeline.clone();
         let _ = status
@@ -474,6 +472,26 @@ pub async fn run(
         }
     }
     Ok(ended)
+}
+
+/// The buffer's timing and bounds as a config sets them (at start and on reload).
+/// (`decision_cache_size` is fixed at start.)
+pub(crate) fn buffer_limits(cfg: &Config, decision_cache_size: usize) -> BufferLimits {
+    let s = &cfg.sampling;
+    BufferLimits {
+        idle_timeout: s.idle_timeout(),
+        max_trace_duration: s.max_trace_duration.0,
+        root_grace: s.root_grace.0,
+        max_traces: s.max_traces,
+        decision_cache_size,
+        max_spans_per_trace: cfg.limits.max_spans_per_trace,
+        // Only spans in the log can be read back.
+        regret_window: match cfg.storage.directory {
+            Some(_) => cfg.storage.regret_window.0,
+            None => Duration::ZERO,
+        },
+        max_regret_traces: cfg.storage.max_regret_traces,
+    }
 }
 
 /// Reads the trace log back into the pipeline: decisions its marks remember first (so the

@@ -65,14 +65,7 @@ fn apply_reload(pipeline: &Pipeline, old: &Config, next: &Config) {
     if s.target().is_none() {
         buffer.sampler().base().set(s.base_rate);
     }
-    buffer.set_limits(&BufferLimits {
-        idle_timeout: s.idle_timeout(),
-        max_trace_duration: s.max_trace_duration.0,
-        root_grace: s.root_grace.0,
-        max_traces: s.max_traces,
-        decision_cache_size: s.decision_cache_size,
-        max_spans_per_trace: next.limits.max_spans_per_trace,
-    });
+    buffer.set_limits(&super::buffer_limits(next, s.decision_cache_size));
     pipeline.limits.set(&next.limits);
     pipeline
         .metrics

@@ -49,6 +49,9 @@ impl TraceBuffer {
                 }
                 shard.pop_arrival();
             }
+            if let Some(cutoff) = now.checked_sub(self.limits.regret_window()) {
+                shard.regrets.expire(cutoff);
+            }
             if let Some(cutoff) = now.checked_sub(COMPACT_AFTER) {
                 shard.detach_old(cutoff, &mut copies, &self.budget);
             }

@@ -6,11 +6,13 @@ mod relief;
 
 mod cache;
 mod detach;
+mod regret;
 
 pub use cache::CachedDecision;
 use cache::DecisionCache;
 pub use detach::COMPACT_AFTER;
 use detach::{Copies, detach};
+use regret::{Regret, Regrets};
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
@@ -119,6 +121,8 @@ pub enum DecideReason {
     /// The trace reached `limits.max_spans_per_trace`.
     MaxSpans,
     Shutdown,
+    /// Dropped before, then turned to keep by a late span within the regret window.
+    Regret,
 }
 
 impl DecideReason {
@@ -131,7 +135,8 @@ impl DecideReason {
             DecideReason::Idle
             | DecideReason::MaxDuration
             | DecideReason::Root
-            | DecideReason::Shutdown => None,
+            | DecideReason::Shutdown
+            | DecideReason::Regret => None,
         }
     }
 
@@ -144,6 +149,7 @@ impl DecideReason {
             DecideReason::Memory,
             DecideReason::MaxSpans,
             DecideReason::Shutdown,
+            DecideReason::Regret,
         ]
         .into_iter()
         .find(|r| *r as u8 == v)
@@ -160,6 +166,7 @@ impl DecideReason {
             DecideReason::Memory => "memory",
             DecideReason::MaxSpans => "max_spans",
             DecideReason::Shutdown => "shutdown",
+            DecideReason::Regret => "regret_window",
         }
     }
 }
@@ -205,6 +212,21 @@ pub enum Added {
     /// Its trace was already decided; the span follows that decision (its LLM span, if
     /// any, is counted alone).
     Late(CachedDecision, HeldSpan, Option<Box<CallSpan>>),
+    /// Its trace was dropped within the regret window, and this span makes it must-keep:
+    /// the trace is kept now, every span of it to be read back from the log (this one
+    /// included: its request was written before it was taken).
+    Redecided(Redecided),
+}
+
+/// A dropped trace turned to keep by a late span.
+#[derive(Debug)]
+pub struct Redecided {
+    pub trace_id: TraceId,
+    pub decision: Decision,
+    /// The records of the log holding its spans.
+    pub records: Vec<crate::storage::LogPin>,
+    /// What its spans came to, the late one included.
+    pub summary: TraceSummary,
 }
 
 struct TraceEntry {
@@ -241,6 +263,8 @@ struct Shard {
     bytes: usize,
     /// Leading `arrivals` records already looked at for detaching.
     detached_upto: usize,
+    /// Dropped traces within their regret window.
+    regrets: Regrets,
 }
 
 /// What the buffer holds: traces, spans and wire bytes.
@@ -251,6 +275,41 @@ pub struct Held {
     /// LLM spans among them.
     pub calls: usize,
     pub bytes: usize,
+}
+
+/// Adds what one span tells of its trace to the trace's summary (its user, session and
+/// key parts are taken).
+fn absorb(summary: &mut TraceSummary, s: &mut SpanStats) {
+    summary.add_span(
+        (s.start_ns, s.end_ns),
+        s.error,
+        s.user.take(),
+        s.session.take(),
+    );
+    summary.matched |= s.matched;
+    if summary.rv.is_none() {
+        summary.rv = s.rv;
+    }
+    if let Some(values) = s.key.take() {
+        match &mut summary.key {
+            None => summary.key = Some(values),
+            // The first span to supply a part gives it.
+            Some(have) => {
+                for (have, new) in have.iter_mut().zip(values) {
+                    if have.is_none() {
+                        *have = new;
+                    }
+                }
+            }
+        }
+    }
+    if summary.tests_generation == 0 {
+        summary.tests_generation = s.tests_generation;
+    } else if summary.tests_generation != s.tests_generation {
+        // Spans tested under two sets of conditions (a reload): tested again at the
+        // decision.
+        summary.tests_generation = u64::MAX;
+    }
 }
 
 /// Memory relief never decides a trace that arrived less than this long ago.
@@ -297,6 +356,11 @@ pub struct BufferLimits {
     pub decision_cache_size: usize,
     /// A trace reaching this many spans is decided at once.
     pub max_spans_per_trace: usize,
+    /// How long a dropped trace may still be kept by a late span (zero: not at all; only
+    /// traces whose spans are in the trace log).
+    pub regret_window: Duration,
+    /// Dropped traces remembered for it at most (the oldest are forgotten first).
+    pub max_regret_traces: usize,
 }
 
 /// The limits that a config reload may change, read with relaxed atomics on the hot path.
@@ -306,6 +370,8 @@ struct LiveLimits {
     root_grace_ns: AtomicU64,
     max_traces_per_shard: AtomicUsize,
     max_spans_per_trace: AtomicUsize,
+    regret_window_ns: AtomicU64,
+    max_regret_per_shard: AtomicUsize,
 }
 
 impl LiveLimits {
@@ -321,6 +387,14 @@ impl LiveLimits {
             .store(l.max_traces.div_ceil(SHARDS).max(1), Ordering::Relaxed);
         self.max_spans_per_trace
             .store(l.max_spans_per_trace.max(1), Ordering::Relaxed);
+        self.regret_window_ns
+            .store(nanos(l.regret_window), Ordering::Relaxed);
+        self.max_regret_per_shard
+            .store(l.max_regret_traces.div_ceil(SHARDS), Ordering::Relaxed);
+    }
+
+    fn regret_window(&self) -> Duration {
+        Duration::from_nanos(self.regret_window_ns.load(Ordering::Relaxed))
     }
 
     fn idle_timeout(&self) -> Duration {
@@ -391,6 +465,7 @@ impl TraceBuffer {
                     calls: 0,
                     bytes: 0,
                     detached_upto: 0,
+                    regrets: Regrets::default(),
                 })
             })
             .collect();
@@ -400,6 +475,8 @@ impl TraceBuffer {
             root_grace_ns: AtomicU64::new(0),
             max_traces_per_shard: AtomicUsize::new(0),
             max_spans_per_trace: AtomicUsize::new(0),
+            regret_window_ns: AtomicU64::new(0),
+            max_regret_per_shard: AtomicUsize::new(0),
         };
         live.set(&limits);
         TraceBuffer {
@@ -446,12 +523,17 @@ impl TraceBuffer {
     fn add_locked(
         &self,
         shard: &mut Shard,
-        s: SpanStats,
+        mut s: SpanStats,
         span: HeldSpan,
         now: Instant,
         evicted: &mut Vec<DecidedTrace>,
     ) -> Added {
         if let Some(d) = shard.decided.get(&s.trace_id) {
+            if !d.exports()
+                && let Some(redecided) = self.regret(shard, &mut s, &span, now)
+            {
+                return Added::Redecided(redecided);
+            }
             return Added::Late(d, span, s.call);
         }
         let len = span.bytes.len();
@@ -489,33 +571,7 @@ impl TraceBuffer {
                 .deadline
                 .max((now + idle_timeout).min(entry.first_seen + max_duration));
         }
-        entry
-            .summary
-            .add_span((s.start_ns, s.end_ns), s.error, s.user, s.session);
-        entry.summary.matched |= s.matched;
-        if entry.summary.rv.is_none() {
-            entry.summary.rv = s.rv;
-        }
-        if let Some(values) = s.key {
-            match &mut entry.summary.key {
-                None => entry.summary.key = Some(values),
-                // The first span to supply a part gives it.
-                Some(have) => {
-                    for (have, new) in have.iter_mut().zip(values) {
-                        if have.is_none() {
-                            *have = new;
-                        }
-                    }
-                }
-            }
-        }
-        if entry.summary.tests_generation == 0 {
-            entry.summary.tests_generation = s.tests_generation;
-        } else if entry.summary.tests_generation != s.tests_generation {
-            // Spans tested under two sets of conditions (a reload): tested again at the
-            // decision.
-            entry.summary.tests_generation = u64::MAX;
-        }
+        absorb(&mut entry.summary, &mut s);
         entry.links.push(s.link);
         if let Some(call) = s.call {
             entry.calls.push(*call);
@@ -558,6 +614,61 @@ impl TraceBuffer {
             }
         }
         Added::Held
+    }
+
+    /// A late span of a trace dropped within the regret window: what it adds to the trace
+    /// is weighed with the rest; when that makes a policy keep it, the trace is kept now.
+    fn regret(
+        &self,
+        shard: &mut Shard,
+        s: &mut SpanStats,
+        span: &HeldSpan,
+        now: Instant,
+    ) -> Option<Redecided> {
+        let regret = shard.regrets.get_mut(&s.trace_id)?;
+        if let Some(pin) = &span.origin.pin {
+            regret.add_record(pin);
+        }
+        absorb(&mut regret.summary, s);
+        if let Some(call) = &s.call {
+            regret.summary.cost_usd += call.call.cost_usd.unwrap_or(0.0);
+            if let Some(ms) = call.call.latency_attr_ms {
+                regret.summary.max_llm_latency_ms = regret.summary.max_llm_latency_ms.max(ms);
+            }
+        }
+        let decision = self
+            .sampler
+            .load()
+            .decide(&s.trace_id, &regret.summary, now);
+        if !decision.keep || !matches!(decision.by, crate::sampling::DecidedBy::Policy(_)) {
+            return None;
+        }
+        let regret = shard.regrets.remove(&s.trace_id)?;
+        shard.decided.insert(
+            s.trace_id,
+            CachedDecision::new(&decision, DecideReason::Regret, now),
+        );
+        Some(Redecided {
+            trace_id: s.trace_id,
+            decision,
+            records: regret.records,
+            summary: regret.summary,
+        })
+    }
+
+    /// Dropped traces in their regret window now.
+    pub fn regrets(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().regrets.len()).sum()
+    }
+
+    /// Forgets the oldest `share` (0…1) of the dropped traces in their regret window,
+    /// freeing their records (the log is nearly at its bound).
+    pub fn shed_regrets(&self, share: f64) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let n = (shard.regrets.len() as f64 * share).ceil() as usize;
+            shard.regrets.shed(n);
+        }
     }
 
     /// Removes a held trace, decides it and remembers the decision, all under the shard
@@ -610,6 +721,23 @@ impl TraceBuffer {
         shard
             .decided
             .insert(id, CachedDecision::new(&decision, reason, now));
+        if !decision.exports() && !self.limits.regret_window().is_zero() {
+            let mut records: Vec<crate::storage::LogPin> = Vec::new();
+            for pin in entry.spans.iter().filter_map(|s| s.origin.pin.as_ref()) {
+                if !records.iter().any(|r| r.seq() == pin.seq()) {
+                    records.push(pin.clone());
+                }
+            }
+            if !records.is_empty() {
+                let max = self.limits.max_regret_per_shard.load(Ordering::Relaxed);
+                let regret = Regret {
+                    summary: entry.summary.clone(),
+                    records,
+                    dropped_at: now,
+                };
+                shard.regrets.insert(id, regret, max);
+            }
+        }
         DecidedTrace {
             trace_id: id,
             decision,
@@ -808,6 +936,8 @@ mod tests {
             BufferLimits {
                 idle_timeout: Duration::from_secs(10),
                 max_trace_duration: Duration::from_secs(60),
+                regret_window: Duration::ZERO,
+                max_regret_traces: 0,
                 root_grace: Duration::from_secs(1),
                 max_traces,
                 decision_cache_size: cache,
@@ -1015,7 +1145,7 @@ mod tests {
                 assert!(d.keep());
                 assert_eq!(d.threshold(), Threshold::ALWAYS);
             }
-            Added::Held => panic!("a span of a decided trace must be late"),
+            other => panic!("a span of a kept trace must be late: {other:?}"),
         }
     }
 

@@ -6,6 +6,11 @@ use crate::buffer::DecideReason;
 use crate::sampling::Decision;
 use crate::telemetry::status::KeptTrace;
 
+/// Share of the trace log's bound past which dropped traces leave the regret window early.
+const REGRET_YIELDS_AT: f64 = 0.9;
+/// Share of the regret window's traces forgotten per decision tick while past it.
+const REGRET_SHED_SHARE: f64 = 0.1;
+
 impl Pipeline {
     /// The span with its content redacted (privacy), ready to export. Fails closed: a
     /// span that cannot be redacted is not exported (counted as lost, `redaction_failed`).
@@ -208,6 +213,14 @@ impl Pipeline {
             held = self.buffer.relieve(held, target, now, &mut decided);
             self.dispatch(decided);
         }
+        // The regret window yields to new data: near the log's bound, the oldest dropped
+        // traces it remembers are forgotten and their records freed.
+        if let Some(log) = &self.log {
+            let (used, limit) = log.usage();
+            if used as f64 > limit as f64 * REGRET_YIELDS_AT {
+                self.buffer.shed_regrets(REGRET_SHED_SHARE);
+            }
+        }
         // Counted before the decided traces move to the queues; the next tick sees them.
         // What requests were charged since the last tick is in `held` now.
         self.limits
@@ -262,7 +275,7 @@ fn decided_mark(trace: &DecidedTrace, now: Instant) -> Option<crate::storage::Ma
 
 /// The roll-up attributes appended to a kept trace's root span: its LLM totals and the
 /// policy that kept it.
-fn rollup(out: &mut Vec<u8>, s: &TraceSummary) {
+pub(super) fn rollup(out: &mut Vec<u8>, s: &TraceSummary) {
     put_attribute(out, "llm.trace.cost_usd", Value::Double(s.cost_usd));
     put_attribute(
         out,
@@ -279,7 +292,7 @@ fn rollup(out: &mut Vec<u8>, s: &TraceSummary) {
 
 /// Why the trace was kept, on its root: the policy that set p (or `base_rate` / `boost`),
 /// p, and what made the decision happen then; in a dry run, whether it would have been kept.
-fn explain(out: &mut Vec<u8>, d: &Decision, reason: DecideReason) {
+pub(super) fn explain(out: &mut Vec<u8>, d: &Decision, reason: DecideReason) {
     put_attribute(out, "sampling.policy", Value::Str(d.by.label()));
     put_attribute(out, "sampling.probability", Value::Double(d.probability()));
     put_attribute(out, "sampling.reason", Value::Str(reason.label()));

@@ -455,6 +455,7 @@ impl Pipeline {
                             }
                             self.late_span(decision, span);
                         }
+                        Added::Redecided(redecided) => self.redecided(redecided),
                         Added::Held if replaying => self
                             .metrics
                             .storage_replayed_spans
@@ -573,7 +574,7 @@ fn scope_label(scope: &[u8]) -> Arc<str> {
 }
 
 /// The service label of a resource: its `service.name`, as the SDKs default it when absent.
-fn service_label(resource: &[u8]) -> Arc<str> {
+pub(super) fn service_label(resource: &[u8]) -> Arc<str> {
     match scan::service_name(resource) {
         Ok(Some(name)) => Arc::from(String::from_utf8_lossy(name).as_ref()),
         _ => Arc::from(UNKNOWN_SERVICE),

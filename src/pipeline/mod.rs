@@ -3,6 +3,7 @@
 
 mod dispatch;
 mod ingest;
+mod regret;
 
 pub mod limits;
 
@@ -25,6 +26,7 @@ use crate::sampling::{DecidedBy, TraceSummary};
 use crate::telemetry::{Loss, Metrics};
 
 pub use crate::memory::{Budget, Reservation};
+pub use regret::read_back;
 
 /// Kept traces are handed to the exporters in groups of about this many spans (whole traces
 /// only): one channel send per group instead of one per trace, while a full export queue
@@ -119,6 +121,8 @@ pub struct Pipeline {
     /// The trace log every accepted request is written to before it is acknowledged
     /// (`storage.directory`).
     pub log: Option<Arc<crate::storage::TraceLog>>,
+    /// Dropped traces turned to keep, to be read back from the log (see [`read_back`]).
+    pub redecided: Option<tokio::sync::mpsc::UnboundedSender<crate::buffer::Redecided>>,
 }
 
 /// `limits:` as the hot path reads it: relaxed atomics, set at start and on reload.

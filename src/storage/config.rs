@@ -15,6 +15,12 @@ pub const DEFAULT_SEGMENT_BYTES: usize = 16 << 20;
 /// Default for `sync`: a kernel crash or node loss loses at most this much acknowledged.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Default for `regret_window`: an agent's failure reported minutes after its run was
+/// decided still keeps the run.
+pub const DEFAULT_REGRET_WINDOW: Duration = Duration::from_secs(10 * 60);
+/// Default for `max_regret_traces`: about 300 bytes of memory each.
+pub const DEFAULT_MAX_REGRET_TRACES: usize = 100_000;
+
 /// When appended records are flushed to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SyncPolicy {
@@ -56,6 +62,11 @@ pub struct StorageConfig {
     pub segment_bytes: ByteSize,
     /// How long a refused write waits before the log tries writing again.
     pub retry_interval: Dur,
+    /// How long a dropped trace's spans stay in the log, so a late span that makes it
+    /// must-keep turns the decision to keep and exports it whole (`0s`: never).
+    pub regret_window: Dur,
+    /// Dropped traces remembered for the regret window at most (oldest forgotten first).
+    pub max_regret_traces: usize,
 }
 
 impl Default for StorageConfig {
@@ -66,6 +77,8 @@ impl Default for StorageConfig {
             max_disk_bytes: None,
             segment_bytes: ByteSize(DEFAULT_SEGMENT_BYTES),
             retry_interval: Dur(Duration::from_secs(1)),
+            regret_window: Dur(DEFAULT_REGRET_WINDOW),
+            max_regret_traces: DEFAULT_MAX_REGRET_TRACES,
         }
     }
 }

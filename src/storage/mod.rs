@@ -94,6 +94,10 @@ struct SegmentId(u64);
 pub struct LogPin {
     segment: Arc<SegmentId>,
     seq: u64,
+    /// Where the record starts in its segment, and its payload's length: enough to read
+    /// it back.
+    offset: u64,
+    len: u32,
 }
 
 impl LogPin {
@@ -166,11 +170,14 @@ impl Replay {
                 }
             };
             loop {
+                let offset = reader.intact;
                 match reader.next_record() {
                     Ok(Some(rec)) => {
                         let pin = LogPin {
                             segment: segment.clone(),
                             seq: rec.seq,
+                            offset,
+                            len: rec.payload.len() as u32,
                         };
                         take(rec, pin, &marks);
                     }
@@ -412,6 +419,20 @@ impl TraceLog {
             }
         }
         let _ = self.commands.send(Command::Marks(raw, decided, delivered));
+    }
+
+    /// Reads a record back (a blocking read: call it off the async workers).
+    pub fn read(&self, pin: &LogPin) -> std::io::Result<Record> {
+        let path = record::segment_path(&self.dir, pin.segment.0);
+        let record = record::read_at(&File::open(&path)?, pin.offset, pin.len)?;
+        if record.seq != pin.seq {
+            return Err(std::io::Error::other(format!(
+                "record {} in {} is not where it was written",
+                pin.seq,
+                path.display()
+            )));
+        }
+        Ok(record)
     }
 
     /// Syncs everything written and stops the writer (shutdown; blocks: call it off the

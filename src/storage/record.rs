@@ -53,6 +53,40 @@ pub fn segment_first_seq(path: &Path) -> Option<u64> {
         .ok()
 }
 
+/// Reads the record at `offset` whose payload is `len` bytes, checking its CRC.
+pub fn read_at(file: &File, offset: u64, len: u32) -> io::Result<Record> {
+    use std::os::unix::fs::FileExt;
+    let mut raw = vec![0u8; HEADER + len as usize];
+    file.read_exact_at(&mut raw, offset)?;
+    let (stored_len, sum, seq, time_ns) = parse_header(raw[..HEADER].try_into().expect("a header"));
+    let payload = raw.split_off(HEADER);
+    if stored_len != len as usize || crc(seq, time_ns, &payload) != sum {
+        return Err(io::Error::other(format!(
+            "the trace log's record at offset {offset} is damaged"
+        )));
+    }
+    Ok(Record {
+        seq,
+        time_ns,
+        payload,
+    })
+}
+
+/// A header's payload length, CRC, sequence number and time.
+fn parse_header(header: &[u8; HEADER]) -> (usize, u32, u64, u64) {
+    let word = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b[..r.len()].copy_from_slice(&header[r]);
+        u64::from_le_bytes(b)
+    };
+    (
+        word(0..4) as usize,
+        word(4..8) as u32,
+        word(8..16),
+        word(16..24),
+    )
+}
+
 /// Reads a segment's records in order, stopping at the first that is cut short or fails
 /// its CRC.
 pub struct SegmentReader {
@@ -81,17 +115,7 @@ impl SegmentReader {
         }
         let mut header = [0u8; HEADER];
         self.reader.read_exact(&mut header)?;
-        let word = |r: std::ops::Range<usize>| {
-            let mut b = [0u8; 8];
-            b[..r.len()].copy_from_slice(&header[r]);
-            u64::from_le_bytes(b)
-        };
-        let (len, sum, seq, time_ns) = (
-            word(0..4) as usize,
-            word(4..8) as u32,
-            word(8..16),
-            word(16..24),
-        );
+        let (len, sum, seq, time_ns) = parse_header(&header);
         if len > MAX_PAYLOAD || left - (HEADER as u64) < len as u64 {
             return Ok(None);
         }

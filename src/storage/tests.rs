@@ -75,6 +75,8 @@ async fn held_records_survive_a_restart_with_the_marks_beside_them() {
     );
     let d = log.append(Bytes::from_static(b"fourth")).await.unwrap();
     assert_eq!(d.seq(), 3);
+    // A record reads back by its pin.
+    assert_eq!(log.read(&d).unwrap().payload, b"fourth");
     drop((a, c));
 }
 

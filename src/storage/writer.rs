@@ -169,14 +169,17 @@ impl Writer {
         let result = self.write_records(&group);
         let shared = &self.setup.shared;
         match result {
-            Ok((segment, first_seq)) => {
+            Ok((segment, first_seq, mut offset)) => {
                 shared.failing.store(false, Ordering::Release);
                 shared.metrics.appended_bytes.inc_by(reserved);
-                for (i, (_, _, reply)) in group.into_iter().enumerate() {
+                for (i, (payload, _, reply)) in group.into_iter().enumerate() {
                     let _ = reply.send(Ok(LogPin {
                         segment: segment.clone(),
                         seq: first_seq + i as u64,
+                        offset,
+                        len: payload.len() as u32,
                     }));
+                    offset += (record::HEADER + payload.len()) as u64;
                 }
             }
             Err(e) => {
@@ -196,9 +199,10 @@ impl Writer {
     }
 
     /// Writes the group at the end of the current segment (a new one when it is full);
-    /// returns the segment and the first record's sequence number. On an error, what the
-    /// write may have left is cut off, so later records follow the last intact one.
-    fn write_records(&mut self, group: &[Pending]) -> std::io::Result<(Arc<SegmentId>, u64)> {
+    /// returns the segment, the first record's sequence number and its offset. On an
+    /// error, what the write may have left is cut off, so later records follow the last
+    /// intact one.
+    fn write_records(&mut self, group: &[Pending]) -> std::io::Result<(Arc<SegmentId>, u64, u64)> {
         if self
             .current
             .as_ref()
@@ -232,13 +236,14 @@ impl Writer {
             }
             return Err(e);
         }
+        let offset = current.len;
         current.len += buf.len() as u64;
         let first = current.first;
         self.setup.next_seq += group.len() as u64;
         self.unsynced = self.setup.sync != SyncPolicy::Always;
         let segment = self.segments.get_mut(&first).expect("the current segment");
         segment.bytes += buf.len() as u64;
-        Ok((segment.id.clone(), first_seq))
+        Ok((segment.id.clone(), first_seq, offset))
     }
 
     /// Starts a new segment at the next sequence number; the one before is synced first, so

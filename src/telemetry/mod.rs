@@ -53,6 +53,7 @@ pub struct Metrics {
     pub storage_write_errors: IntCounter,
     pub storage_replayed_spans: IntCounterVec,
     pub storage_marks: IntCounterVec,
+    pub traces_redecided: IntCounterVec,
     pub buffer_oldest_trace_seconds: prometheus::Gauge,
     pub auth_failures: IntCounterVec,
     pub config_reloads: IntCounterVec,
@@ -280,6 +281,13 @@ impl Metrics {
                     "Spans read back from the trace log at start, by what became of them: held (their trace undecided), exported (kept, not yet delivered), skipped (dropped, or delivered already)."
                 ),
                 &["disposition"]
+            )),
+            traces_redecided: reg!(IntCounterVec::new(
+                Opts::new(
+                    "llmtail_traces_redecided_total",
+                    "Dropped traces turned to keep by a late span within storage.regret_window (an error, a cost or latency over threshold, a condition), by the policy that keeps them; the whole trace is read back from the trace log and exported."
+                ),
+                &["policy"]
             )),
             storage_marks: reg!(IntCounterVec::new(
                 Opts::new(

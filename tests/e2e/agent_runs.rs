@@ -18,19 +18,23 @@ struct Run {
 const BASE_RATE: f64 = 0.1;
 
 /// `runs` runs of `steps` steps of `step_seconds` each against a daemon on the shipped
-/// policies (slow raised to 120 s, so only the last step decides) and default timing.
+/// policies (slow raised past the runs' length — 120 s, or twice a run — so only the last
+/// step decides) and default timing.
 async fn agent_runs(runs: usize, steps: usize, step_seconds: f64) {
+    let slow_ms = (2.0 * steps as f64 * step_seconds * 1000.0).max(120_000.0) as u64;
     let sink = Sink::start(0).await;
     let daemon = Daemon::start(&format!(
         "sampling:
   base_rate: {BASE_RATE}
   policies:
     - {{name: errors, type: error}}
-    - {{name: slow, type: latency, threshold_ms: 120000}}
+    - {{name: slow, type: latency, threshold_ms: {slow_ms}}}
     - {{name: expensive, type: cost, threshold_usd: 0.10}}
 exporter:
   otlp:
     endpoint: {}
+storage:
+  directory: llmtail-data
 ",
         sink.endpoint()
     ));

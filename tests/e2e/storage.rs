@@ -202,3 +202,197 @@ async fn a_torn_last_record_costs_only_itself() {
     assert!(!got.contains(&last), "the torn record's trace is gone");
     assert!(d.log().contains("torn"), "{}", d.log());
 }
+
+/// A tmpfs of `size` mounted for the test, unmounted when dropped (needs root, as CI has).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs needs root");
+        Tmpfs(dir)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// Fills the filesystem with a file of its own, as a neighbour would; returns its path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.path().join("ballast");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// The disk fills up under the log (a neighbour takes the free space) while the upstream
+/// is down: requests are refused retryably (gRPC UNAVAILABLE) and `/readyz` says so, no
+/// acknowledged span is lost, and once space and the upstream return, everything
+/// acknowledged arrives and the log takes requests again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_retryably_and_loses_nothing_acknowledged() {
+    let sink = Sink::start(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
+    let disk = Tmpfs::mount("16m");
+    let cfg = config(&sink, disk.path(), "  root_grace: 100ms\n", "");
+    let d = Daemon::start(&cfg);
+    let mut c = client(&d.endpoint()).await;
+    let traces = generated(266, Kind::Error, 400);
+    let mut acked: HashSet<Vec<u8>> = HashSet::new();
+    let mut refused = Vec::new();
+    let mut ballast = None;
+    let mut not_ready = false;
+    for (i, t) in traces.iter().enumerate() {
+        if i == 20 {
+            ballast = Some(disk.fill());
+        }
+        match c
+            .export(llmtail_tools::loadgen::request(t.spans.clone()))
+            .await
+        {
+            Ok(_) => {
+                acked.insert(t.trace_id.to_vec());
+            }
+            Err(status) => {
+                refused.push(status.code());
+                not_ready |= http_get(d.admin, "/readyz").is_some_and(|(code, _)| code == 503);
+            }
+        }
+    }
+    assert!(acked.len() >= 20, "{} acknowledged", acked.len());
+    assert!(!refused.is_empty(), "the full disk refused nothing");
+    assert!(
+        refused.iter().all(|c| *c == tonic::Code::Unavailable),
+        "{refused:?}"
+    );
+    let m = d.metrics();
+    assert!(
+        not_ready || m.sum("llmtail_storage_write_errors_total", &[]) == 0.0,
+        "a failed write turns /readyz to 503"
+    );
+    // Room and the upstream come back.
+    std::fs::remove_file(ballast.unwrap()).unwrap();
+    sink.set_mode(SINK_OK);
+    let want = acked.len() * 4;
+    d.wait_metrics(Duration::from_secs(30), |m| {
+        m.sum("llmtail_spans_exported_total", &[]) >= want as f64
+    })
+    .await;
+    let got: HashSet<Vec<u8>> = sink.traces().keys().cloned().collect();
+    assert!(acked.is_subset(&got), "{}", d.log());
+    let more = generated(267, Kind::Error, 10);
+    let mut c = client(&d.endpoint()).await;
+    let mut taken = 0;
+    for t in &more {
+        // The bound is read again every second: the first may still be refused.
+        for _ in 0..50 {
+            if c.export(llmtail_tools::loadgen::request(t.spans.clone()))
+                .await
+                .is_ok()
+            {
+                taken += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(taken, 10);
+    assert_eq!(http_get(d.admin, "/readyz").map(|r| r.0), Some(200));
+    let lost = d.metrics().sum("llmtail_spans_lost_total", &[]);
+    assert_eq!(lost, 0.0);
+}
+
+/// The regret window: a trace dropped by the base rate (p = 0) is turned to keep when a
+/// late span brings an error, and every span of it arrives — the four sent before the
+/// decision, read back from the log, and the late one — its root saying why. A late span
+/// that changes nothing leaves its trace dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_error_within_the_regret_window_turns_a_dropped_trace_to_keep() {
+    let sink = Sink::start(0).await;
+    let storage = tempfile::tempdir().unwrap();
+    let cfg = config(&sink, storage.path(), "  root_grace: 100ms\n", "");
+    let d = Daemon::start(&cfg);
+    let healthy = generated(268, Kind::Normal, 2);
+    send_each(&d, &healthy).await;
+    d.wait_metrics(Duration::from_secs(10), |m| {
+        m.sum("llmtail_traces_total", &[("decision", "dropped")]) == 2.0
+    })
+    .await;
+    // A late span for each: an error for the first, a plain one for the second.
+    let failing = generated(269, Kind::Error, 1);
+    let error_span = failing[0]
+        .spans
+        .iter()
+        .find(|s| s.status.as_ref().is_some_and(|st| st.code == 2))
+        .expect("an error span")
+        .clone();
+    let late =
+        |t: &GeneratedTrace, template: &opentelemetry_proto::tonic::trace::v1::Span, id: u8| {
+            let root = t
+                .spans
+                .iter()
+                .find(|s| s.parent_span_id.is_empty())
+                .unwrap();
+            let mut span = template.clone();
+            span.trace_id = t.trace_id.to_vec();
+            span.span_id = vec![id; 8];
+            span.parent_span_id = root.span_id.clone();
+            span
+        };
+    let plain_span = healthy[1].spans[1].clone();
+    let mut c = client(&d.endpoint()).await;
+    c.export(llmtail_tools::loadgen::request(vec![
+        late(&healthy[0], &error_span, 0xe1),
+        late(&healthy[1], &plain_span, 0xe2),
+    ]))
+    .await
+    .unwrap();
+    let want = healthy[0].spans.len() + 1;
+    let m = d
+        .wait_metrics(Duration::from_secs(10), |m| {
+            m.sum("llmtail_spans_exported_total", &[]) >= want as f64
+        })
+        .await;
+    assert_eq!(
+        m.sum("llmtail_traces_redecided_total", &[]),
+        1.0,
+        "{}",
+        d.log()
+    );
+    let got = sink.traces();
+    assert_eq!(got.len(), 1, "only the failing trace is kept");
+    let spans = &got[&healthy[0].trace_id.to_vec()];
+    assert_eq!(
+        spans.len(),
+        want,
+        "whole: the spans before the decision too"
+    );
+    let root = spans.iter().find(|s| s.parent_span_id.is_empty()).unwrap();
+    assert_eq!(
+        attr(root, "sampling.reason").and_then(|v| match v {
+            opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s) =>
+                Some(s.as_str()),
+            _ => None,
+        }),
+        Some("regret_window")
+    );
+    assert!(!got.contains_key(healthy[1].trace_id.as_slice()));
+}
