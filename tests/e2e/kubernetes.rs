@@ -223,8 +223,8 @@ fn the_deployment_matches_the_config_and_runs_locked_down() {
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["privileged"], false);
     assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
-    // Writable only where the config writes: the durable queue on the data volume.
-    let queue = str_of(&cfg["exporter"]["queue"]["directory"]);
+    // Writable only where the config writes: the trace log on the data volume.
+    let queue = str_of(&cfg["storage"]["directory"]);
     let mounts = container["volumeMounts"].as_sequence().unwrap();
     assert!(
         mounts
@@ -358,13 +358,13 @@ fn the_durable_queue_component_runs_the_same_pods_with_a_claim_each() {
         set["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"],
         "Retain"
     );
-    // The claim holds the queue's bound.
+    // The claim holds the trace log's bound.
     let config: Value = serde_yaml_ng::from_str(str_of(
         &find(&objects, "ConfigMap", "llmtail-config")["data"]["config.yaml"],
     ))
     .unwrap();
     let max_disk: llmtail::units::ByteSize =
-        serde_yaml_ng::from_value(config["exporter"]["queue"]["max_disk_bytes"].clone()).unwrap();
+        serde_yaml_ng::from_value(config["storage"]["max_disk_bytes"].clone()).unwrap();
     // A Kubernetes quantity in Mi or Gi: the same with a B.
     let quantity = str_of(&claims[0]["spec"]["resources"]["requests"]["storage"]);
     let storage: llmtail::units::ByteSize =
@@ -455,4 +455,7 @@ fn the_dockerfile_passes_hadolint_caches_dependencies_and_builds_a_small_non_roo
             "{var} in the image"
         );
     }
+    // The trace log: ./llmtail-data from a checkout, the image's data volume in a container.
+    assert!(shipped.contains("${env:LLMTAIL_STORAGE_DIRECTORY:-./llmtail-data}"));
+    assert!(text.contains("LLMTAIL_STORAGE_DIRECTORY=/var/lib/llmtail/"));
 }
