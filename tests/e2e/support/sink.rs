@@ -51,6 +51,8 @@ struct SinkState {
     /// Counting mode: span ids (trace id ++ span id) and how often each arrived, instead
     /// of whole requests, for floods of millions of spans.
     ids: Option<Arc<Mutex<SpanCounts>>>,
+    /// Counting mode: when each stored request arrived, and its spans.
+    received: Arc<Mutex<Vec<(Instant, usize)>>>,
 }
 
 /// Span ids (trace id ++ span id) and how many times each arrived.
@@ -112,7 +114,12 @@ impl TraceService for SinkState {
         match &self.ids {
             Some(ids) => {
                 let mut ids = ids.lock().unwrap();
-                for span in spans_of(std::slice::from_ref(request.get_ref())) {
+                let spans = spans_of(std::slice::from_ref(request.get_ref()));
+                self.received
+                    .lock()
+                    .unwrap()
+                    .push((Instant::now(), spans.len()));
+                for span in spans {
                     let mut id = [0u8; 24];
                     id[..16].copy_from_slice(&span.trace_id);
                     id[16..].copy_from_slice(&span.span_id);
@@ -156,6 +163,18 @@ impl Sink {
             .lock()
             .unwrap()
             .clone()
+    }
+
+    /// Counting mode: spans stored from requests that arrived between `from` and `to`.
+    pub fn received_between(&self, from: Instant, to: Instant) -> usize {
+        self.state
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| (from..=to).contains(t))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Counting mode: distinct spans received.
