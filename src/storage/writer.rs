@@ -405,9 +405,12 @@ impl Writer {
         }
     }
 
-    /// Rewrites the marks without those about deleted segments, once the file has grown.
+    /// Rewrites the marks without those about deleted segments, once the file has grown
+    /// (or at once when no segment is left: then no mark is about anything).
     fn compact_marks(&mut self) {
-        if self.marks_len < MARKS_SLACK + 2 * self.marks_compacted {
+        let grown = self.marks_len >= MARKS_SLACK + 2 * self.marks_compacted;
+        let obsolete = self.segments.is_empty() && self.marks_len > 0;
+        if !grown && !obsolete {
             return;
         }
         let oldest = self.segments.keys().next().copied().unwrap_or(u64::MAX);

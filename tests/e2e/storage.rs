@@ -495,3 +495,104 @@ storage:
     );
     assert!(twice <= window, "{twice} duplicates > {window}");
 }
+
+/// Segments freed out of order under an upstream that flaps (down and up every 1–3 s) for
+/// 60 s under production-shaped load, every trace kept: the log never takes more than
+/// `max_disk_bytes` (receivers refuse retryably instead), everything acknowledged arrives,
+/// and once all is delivered the log takes no room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_upstream_keeps_the_log_within_its_bound_and_frees_it_after() {
+    use rand::{Rng, SeedableRng};
+    const MAX_DISK: f64 = (8 << 20) as f64;
+    let sink = Sink::start_counting(0).await;
+    let storage = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "sampling:
+  root_grace: 200ms
+  base_rate: 1.0
+exporter:
+  otlp:
+    endpoint: {}
+  batch:
+    timeout: 50ms
+  retry:
+    initial_interval: 100ms
+    max_interval: 500ms
+storage:
+  directory: {}
+  segment_bytes: 256KiB
+  max_disk_bytes: 8MiB
+",
+        sink.endpoint(),
+        storage.path().display()
+    ));
+    let mix = llmtail_tools::mix::Mix::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2627);
+    let mut c = client(&d.endpoint()).await;
+    let mut acked: HashSet<[u8; 24]> = HashSet::new();
+    let (mut refused, mut most) = (0usize, 0f64);
+    let started = std::time::Instant::now();
+    let mut flip_at = started;
+    let mut down = false;
+    while started.elapsed() < Duration::from_secs(60) {
+        if std::time::Instant::now() >= flip_at {
+            down = !down;
+            sink.set_mode(if down { SINK_UNAVAILABLE } else { SINK_OK });
+            flip_at += Duration::from_millis(rng.random_range(1000..3000));
+        }
+        let (request, _) = mix.request(&mut rng, 256, now_ns());
+        let ids: Vec<[u8; 24]> = request
+            .resource_spans
+            .iter()
+            .flat_map(|rs| &rs.scope_spans)
+            .flat_map(|ss| &ss.spans)
+            .map(|s| {
+                let mut id = [0u8; 24];
+                id[..16].copy_from_slice(&s.trace_id);
+                id[16..].copy_from_slice(&s.span_id);
+                id
+            })
+            .collect();
+        match c.export(request).await {
+            Ok(_) => acked.extend(ids),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let m = d.metrics();
+        most = most.max(m.sum("llmtail_storage_bytes", &[]));
+        assert!(
+            m.sum("llmtail_storage_bytes", &[]) <= MAX_DISK,
+            "the log passed its bound"
+        );
+    }
+    sink.set_mode(SINK_OK);
+    let m = d
+        .wait_metrics(Duration::from_secs(60), |m| {
+            m.sum("llmtail_storage_bytes", &[]) == 0.0
+                && m.sum("llmtail_export_queue_spans", &[]) == 0.0
+        })
+        .await;
+    let ids = sink.ids();
+    let missing = acked.iter().filter(|id| !ids.contains_key(*id)).count();
+    eprintln!(
+        "{} spans acknowledged, {refused} requests refused; the log took at most {most} bytes of {MAX_DISK}",
+        acked.len()
+    );
+    assert_eq!(missing, 0, "{}", d.log());
+    assert!(refused > 0, "the bound was never reached");
+    assert_eq!(
+        m.sum("llmtail_storage_bytes", &[]),
+        0.0,
+        "all delivered: the log is empty"
+    );
+    assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
+    let files: Vec<_> = std::fs::read_dir(storage.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("seg-"))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+}
