@@ -133,6 +133,7 @@ pub async fn run(
                 write_errors: metrics.storage_write_errors.clone(),
                 decided_marks: metrics.storage_marks.with_label_values(&["decided"]),
                 delivered_marks: metrics.storage_marks.with_label_values(&["delivered"]),
+                dropped_marks: metrics.storage_marks.with_label_values(&["dropped"]),
             };
             let (log, replay) = tokio::task::spawn_blocking(move || TraceLog::open(&storage, m))
                 .await?

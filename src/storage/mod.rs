@@ -45,6 +45,8 @@ pub struct StorageMetrics {
     pub write_errors: prometheus::IntCounter,
     pub decided_marks: prometheus::IntCounter,
     pub delivered_marks: prometheus::IntCounter,
+    /// Marks not written because they would have taken the log past its bound.
+    pub dropped_marks: prometheus::IntCounter,
 }
 
 #[cfg(test)]
@@ -61,6 +63,7 @@ impl StorageMetrics {
             write_errors: counter("errors"),
             decided_marks: counter("decided"),
             delivered_marks: counter("delivered"),
+            dropped_marks: counter("dropped"),
         }
     }
 }
@@ -69,6 +72,9 @@ impl StorageMetrics {
 const DEFAULT_DISK_SHARE: f64 = 0.8;
 /// Free space left to others on the filesystem: this much, or a twentieth of a small one.
 const FREE_SPACE_MARGIN: u64 = 64 << 20;
+/// Share of the bound requests leave to the marks that their spans' decisions and
+/// deliveries will add (a mark that would pass the bound is not written).
+const MARKS_SHARE: u64 = 16;
 
 /// Why the log did not take a request.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -127,6 +133,12 @@ struct Shared {
 impl Shared {
     fn release(&self, bytes: u64) {
         self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    /// What requests may fill: the bound less the marks' share.
+    fn requests_limit(&self) -> u64 {
+        let limit = self.limit.load(Ordering::Acquire);
+        limit - limit / MARKS_SHARE
     }
 }
 
@@ -358,7 +370,7 @@ impl TraceLog {
         if let Some(why) = self.refusal() {
             return Err(why);
         }
-        let limit = self.shared.limit.load(Ordering::Acquire);
+        let limit = self.shared.requests_limit();
         let mut used = self.shared.used.load(Ordering::Acquire);
         loop {
             if used + need > limit {
@@ -386,7 +398,7 @@ impl TraceLog {
                 "the last write failed; see the log".into(),
             ));
         }
-        (self.shared.used.load(Ordering::Acquire) >= self.shared.limit.load(Ordering::Acquire))
+        (self.shared.used.load(Ordering::Acquire) >= self.shared.requests_limit())
             .then_some(StorageError::Full)
     }
 

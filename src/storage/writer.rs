@@ -148,10 +148,14 @@ impl Writer {
             if !appends.is_empty() {
                 self.append_group(appends);
             }
-            if !marks.is_empty() && self.write_marks(&marks) {
-                let metrics = &self.setup.shared.metrics;
-                metrics.decided_marks.inc_by(counts.0);
-                metrics.delivered_marks.inc_by(counts.1);
+            if !marks.is_empty() {
+                let metrics = self.setup.shared.metrics.clone();
+                if self.write_marks(&marks) {
+                    metrics.decided_marks.inc_by(counts.0);
+                    metrics.delivered_marks.inc_by(counts.1);
+                } else {
+                    metrics.dropped_marks.inc_by(counts.0 + counts.1);
+                }
             }
             if let Some(reply) = stop {
                 self.sync();
@@ -277,8 +281,24 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends marks; false when they could not be written (said in the log).
+    /// Appends marks; false when they could not be written (said in the log): the disk
+    /// failed, or they would take the log past its bound even once compacted (a restart
+    /// may then decide or send again what they were about; never more than the bound).
     fn write_marks(&mut self, raw: &[u8]) -> bool {
+        let shared = &self.setup.shared;
+        let fits = |shared: &Shared| {
+            shared.used.load(Ordering::Acquire) + raw.len() as u64
+                <= shared.limit.load(Ordering::Acquire)
+        };
+        if !fits(shared) {
+            self.compact_marks(true);
+            if !fits(&self.setup.shared) {
+                if self.may_log_error() {
+                    tracing::warn!(directory = %self.setup.dir.display(), "the trace log is at its bound: marks of decisions and deliveries are not written (llmtail_storage_marks_total{{kind=\"dropped\"}}); after a restart, what they were about may be decided or sent again");
+                }
+                return false;
+            }
+        }
         let written = self
             .marks_file
             .write_all_at(raw, self.marks_len)
@@ -353,7 +373,7 @@ impl Writer {
         if now.duration_since(self.last_space) >= SPACE_EVERY {
             self.last_space = now;
             self.refresh_bound();
-            self.compact_marks();
+            self.compact_marks(false);
         }
         let shared = &self.setup.shared;
         shared
@@ -407,10 +427,11 @@ impl Writer {
 
     /// Rewrites the marks without those about deleted segments, once the file has grown
     /// (or at once when no segment is left: then no mark is about anything).
-    fn compact_marks(&mut self) {
+    /// `now`: whatever the file's size (the log is at its bound).
+    fn compact_marks(&mut self, now: bool) {
         let grown = self.marks_len >= MARKS_SLACK + 2 * self.marks_compacted;
         let obsolete = self.segments.is_empty() && self.marks_len > 0;
-        if !grown && !obsolete {
+        if !grown && !obsolete && !now {
             return;
         }
         let oldest = self.segments.keys().next().copied().unwrap_or(u64::MAX);

@@ -475,7 +475,7 @@ storage:
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(acked.len() > 50_000, "{} spans acknowledged", acked.len());
+    assert!(acked.len() > 20_000, "{} spans acknowledged", acked.len());
     assert_eq!(
         missing,
         0,
@@ -565,7 +565,13 @@ storage:
         most = most.max(m.sum("llmtail_storage_bytes", &[]));
         assert!(
             m.sum("llmtail_storage_bytes", &[]) <= MAX_DISK,
-            "the log passed its bound"
+            "the log passed its bound: {} bytes, {} segments, marks {:?}",
+            m.sum("llmtail_storage_bytes", &[]),
+            m.sum("llmtail_storage_segments", &[]),
+            (
+                m.sum("llmtail_storage_marks_total", &[("kind", "decided")]),
+                m.sum("llmtail_storage_marks_total", &[("kind", "delivered")])
+            )
         );
     }
     sink.set_mode(SINK_OK);

@@ -69,6 +69,10 @@ struct Args {
     /// Write one request of the load to this file (encoded protobuf) and exit.
     #[arg(long)]
     dump_request: Option<PathBuf>,
+    /// Run llmtail with its trace log (`storage.directory`) in this directory: what the
+    /// log costs per span, and its write rate.
+    #[arg(long)]
+    storage: Option<PathBuf>,
 }
 
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
@@ -305,21 +309,27 @@ fn llmtail(
     (wait, grace): (&str, &str),
     gzip: bool,
     dir: &std::path::Path,
+    storage: Option<&std::path::Path>,
 ) -> Processor {
     let (grpc, admin) = (free_port(), free_port());
     let config = format!(
         "receiver:\n  grpc: {{endpoint: 127.0.0.1:{grpc}, max_request_bytes: 67108864}}\n  http: {{enabled: false}}\n\
-         sampling:\n  decision_wait: {wait}\n  root_grace: {grace}\n  base_rate: {base_rate}\n  max_traces: 2000000\n  policies:\n\
+         sampling:\n  idle_timeout: {wait}\n  root_grace: {grace}\n  base_rate: {base_rate}\n  max_traces: 2000000\n  policies:\n\
          \x20   - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\n\
          exporter:\n  otlp: {{endpoint: \"http://127.0.0.1:{sink}\"{compression}}}\n  batch: {{timeout: 20ms}}\n  queue: {{max_spans: 4000000}}\n\
-         admin:\n  endpoint: 127.0.0.1:{admin}\n{limits}",
+         admin:\n  endpoint: 127.0.0.1:{admin}\n{limits}{storage}",
         compression = if gzip { "" } else { ", compression: none" },
         // The memory run holds everything: no early decision may free what it measures.
         limits = if wait == "120s" {
             "limits:\n  max_buffer_bytes: 8GiB\n"
         } else {
             ""
-        }
+        },
+        // A fresh log per run (the last run's segments are gone with it).
+        storage = storage.map_or_else(String::new, |d| {
+            let log = d.join(format!("log-{base_rate}-{wait}-{gzip}-{grpc}"));
+            format!("storage:\n  directory: {}\n", log.display())
+        })
     );
     let path = dir.join(format!("llmtail-{base_rate}-{wait}-{gzip}.yaml"));
     std::fs::write(&path, config).expect("write the config");
@@ -547,6 +557,8 @@ struct Row {
     max_ms: f64,
     /// p99 of the traces sent after [`WARM_UP`].
     steady_p99_ms: f64,
+    /// What llmtail appended to its trace log per second (MB), when it has one.
+    log_mb_per_s: Option<f64>,
 }
 
 async fn run(
@@ -586,8 +598,18 @@ async fn run(
         .filter(|&&(sent, _)| sent >= started + WARM_UP)
         .map(|&(_, d)| d)
         .collect();
-    let _ = p.admin;
+    let log_mb_per_s = p
+        .admin
+        .map(scrape)
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("llmtail_storage_appended_bytes_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .filter(|b| *b > 0.0)
+        .map(|b| b / 1e6 / started.elapsed().as_secs_f64());
     Row {
+        log_mb_per_s,
         name: p.name.clone(),
         spans_per_s: load.spans as f64 / load.elapsed,
         cpu_us: (cpu1 - cpu0) * 1e6 / load.spans as f64,
@@ -672,7 +694,14 @@ async fn main() {
             .into_iter()
             .filter(|_| std::env::var("BENCH_ROTEL_ONLY").is_err())
         {
-            let proc_ = llmtail(sink_port, p, ("10s", "1s"), gzip, dir.path());
+            let proc_ = llmtail(
+                sink_port,
+                p,
+                ("10s", "1s"),
+                gzip,
+                dir.path(),
+                args.storage.as_deref(),
+            );
             rows.push(run(proc_, &args, tpl.clone(), Some(p), stats.clone(), None).await);
         }
         match &rotel_bin {
@@ -707,6 +736,11 @@ async fn main() {
                 r.p99_ms
             );
         }
+        for r in &rows {
+            if let Some(mb) = r.log_mb_per_s {
+                println!("{}: trace log written at {mb:.1} MB/s", r.name);
+            }
+        }
         if let Some(rotel) = rows.iter().find(|r| r.name.starts_with("rotel")) {
             for r in rows.iter().filter(|r| r.name.starts_with("llmtail")) {
                 println!(
@@ -739,7 +773,14 @@ async fn latency(
     gzip: bool,
     rate: f64,
 ) {
-    let proc_ = llmtail(sink_port, 1.0, ("10s", "1s"), gzip, dir);
+    let proc_ = llmtail(
+        sink_port,
+        1.0,
+        ("10s", "1s"),
+        gzip,
+        dir,
+        args.storage.as_deref(),
+    );
     let r = run(
         proc_,
         args,
@@ -772,7 +813,14 @@ async fn memory(
     sink_port: u16,
     dir: &std::path::Path,
 ) {
-    let p = llmtail(sink_port, 1.0, ("120s", "120s"), false, dir);
+    let p = llmtail(
+        sink_port,
+        1.0,
+        ("120s", "120s"),
+        false,
+        dir,
+        args.storage.as_deref(),
+    );
     wait_listening(p.grpc).await;
     stats.spans.store(0, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
