@@ -49,7 +49,7 @@ storage:
     .await;
     let expected: HashMap<Vec<u8>, &Run> = sent
         .iter()
-        .map(|r| (hex_bytes(&r.trace_id), r))
+        .map(|r| (unhex(&r.trace_id), r))
         .filter(|(id, r)| r.kind != "healthy" || consistent_keep(id, BASE_RATE))
         .collect();
     let spans: usize = expected.values().map(|r| r.spans).sum();
@@ -62,7 +62,7 @@ storage:
         .await;
     let got = sink.traces();
     for r in &sent {
-        let id = hex_bytes(&r.trace_id);
+        let id = unhex(&r.trace_id);
         let arrived = got.get(&id).map_or(0, Vec::len);
         let want = if expected.contains_key(&id) {
             r.spans
@@ -90,12 +90,6 @@ storage:
         let n = sent.iter().filter(|r| r.kind == kind).count();
         assert!(n > 0, "the client sent {kind} runs");
     }
-}
-
-fn hex_bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
 }
 
 /// 40 runs of 40 s, a step every 2 s: the case the issue measured (18 of 20 failing runs

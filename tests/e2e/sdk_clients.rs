@@ -24,12 +24,6 @@ struct Sent {
 const TRACES: usize = 300;
 const BASE_RATE: f64 = 0.25;
 
-fn hex_to_bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len() / 2)
-        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect()
-}
-
 /// One SDK client and what llmtail should see from it.
 struct Client {
     /// `python3` or `node`.
@@ -103,7 +97,7 @@ exporter:
 
     let expected: HashSet<String> = sent
         .iter()
-        .filter(|s| s.kind != "normal" || consistent_keep(&hex_to_bytes(&s.trace_id), BASE_RATE))
+        .filter(|s| s.kind != "normal" || consistent_keep(&unhex(&s.trace_id), BASE_RATE))
         .map(|s| s.trace_id.clone())
         .collect();
     let m = daemon

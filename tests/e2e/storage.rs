@@ -437,18 +437,7 @@ storage:
                 let mut c = client(&endpoint).await;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let (request, _) = mix.request(&mut rng, 256, now_ns());
-                    let ids: Vec<[u8; 24]> = request
-                        .resource_spans
-                        .iter()
-                        .flat_map(|rs| &rs.scope_spans)
-                        .flat_map(|ss| &ss.spans)
-                        .map(|s| {
-                            let mut id = [0u8; 24];
-                            id[..16].copy_from_slice(&s.trace_id);
-                            id[16..].copy_from_slice(&s.span_id);
-                            id
-                        })
-                        .collect();
+                    let ids = span_ids(&request);
                     match c.export(request).await {
                         Ok(_) => acked.lock().unwrap().extend(ids),
                         // Killed: what was in flight was never acknowledged.
@@ -541,18 +530,7 @@ storage:
             flip_at += Duration::from_millis(rng.random_range(1000..3000));
         }
         let (request, _) = mix.request(&mut rng, 256, now_ns());
-        let ids: Vec<[u8; 24]> = request
-            .resource_spans
-            .iter()
-            .flat_map(|rs| &rs.scope_spans)
-            .flat_map(|ss| &ss.spans)
-            .map(|s| {
-                let mut id = [0u8; 24];
-                id[..16].copy_from_slice(&s.trace_id);
-                id[16..].copy_from_slice(&s.span_id);
-                id
-            })
-            .collect();
+        let ids = span_ids(&request);
         match c.export(request).await {
             Ok(_) => acked.extend(ids),
             Err(status) => {

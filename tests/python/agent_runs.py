@@ -23,20 +23,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
-WORDS = (
-    "the agent planned its next step read the retrieved documents compared the quotes "
-    "checked the customer's order history and drafted a reply that cites each source"
-).split()
-
-
-def prose(rng, size):
-    words, n = [], 0
-    while n < size:
-        w = rng.choice(WORDS)
-        words.append(w)
-        n += len(w) + 1
-    return " ".join(words)
-
+from emit_traces import prose
 
 def kind_of(i):
     if i % 2 == 0:

@@ -95,6 +95,29 @@ pub fn free_port() -> u16 {
     panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
+/// Bytes from hex (a trace id as the Python and JavaScript clients write it).
+pub fn unhex(hex: &str) -> Vec<u8> {
+    (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect()
+}
+
+/// The ids (trace id ++ span id) of a request's spans, as a counting sink keeps them.
+pub fn span_ids(request: &ExportTraceServiceRequest) -> Vec<[u8; 24]> {
+    request
+        .resource_spans
+        .iter()
+        .flat_map(|rs| &rs.scope_spans)
+        .flat_map(|ss| &ss.spans)
+        .map(|s| {
+            let mut id = [0u8; 24];
+            id[..16].copy_from_slice(&s.trace_id);
+            id[16..].copy_from_slice(&s.span_id);
+            id
+        })
+        .collect()
+}
+
 /// Bytes (a trace or span id) in lowercase hex, as OTLP/JSON and `/debug/traces` write them.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
