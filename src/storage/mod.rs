@@ -299,6 +299,8 @@ impl TraceLog {
         used += marks_len;
         let max_disk = cfg.max_disk_bytes.map(|b| b.0 as u64);
         let limit = bound(max_disk, used, filesystem(&dir)?);
+        metrics.limit_bytes.set(limit as i64);
+        metrics.bytes.set(used as i64);
         let shared = Arc::new(Shared {
             used: AtomicU64::new(used),
             limit: AtomicU64::new(limit),
