@@ -39,6 +39,13 @@ use crate::sampling::{Decision, Sampler, TraceSummary};
 /// trace is decided (strings are shared per request, so mostly the struct itself).
 pub const CALL_OVERHEAD: usize = std::mem::size_of::<CallSpan>() + 32;
 
+/// Memory per dropped trace in the regret window: its summary, its entry in the map and
+/// the queue, and its records' pins (two, typically).
+pub const REGRET_OVERHEAD: usize = std::mem::size_of::<TraceSummary>()
+    + 2 * std::mem::size_of::<TraceId>()
+    + 2 * std::mem::size_of::<crate::storage::LogPin>()
+    + 64;
+
 /// (span id, parent span id).
 pub type Link = ([u8; 8], [u8; 8]);
 
@@ -1046,6 +1053,97 @@ mod tests {
         b.decide_due(t1 + Duration::from_millis(500), &mut out);
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].spans.len(), 2);
+    }
+
+    /// A dropped trace stays in the regret window: a late error turns it to keep, with the
+    /// records of every span of it (the late one's too); a late span that changes nothing
+    /// leaves it dropped; past the window, or past max_regret_traces, it is forgotten.
+    #[test]
+    fn a_late_error_in_the_regret_window_turns_a_dropped_trace_to_keep() {
+        let cfg = Config::parse(
+            "exporter:\n  file:\n    path: x\nsampling:\n  base_rate: 0.0\n  policies:\n    - {name: errors, type: error}\n",
+        )
+        .unwrap();
+        let b = TraceBuffer::new(
+            BufferLimits {
+                idle_timeout: Duration::from_secs(10),
+                max_trace_duration: Duration::from_secs(60),
+                root_grace: Duration::from_secs(1),
+                max_traces: 1000,
+                decision_cache_size: 1000,
+                max_spans_per_trace: 100,
+                regret_window: Duration::from_secs(60),
+                max_regret_traces: 2 * SHARDS,
+            },
+            Sampler::new(
+                &cfg.sampling,
+                Arc::new(crate::sampling::adaptive::BaseRate::new(0.0)),
+            ),
+            Budget::new(),
+            Arc::new(NoLlm),
+        );
+        let logged = |seq: u64| {
+            let mut s = span();
+            s.origin = Arc::new(Origin {
+                resource: Bytes::new(),
+                resource_schema_url: Bytes::new(),
+                scope: Bytes::new(),
+                scope_schema_url: Bytes::new(),
+                service: Arc::from("svc"),
+                pin: Some(crate::storage::LogPin::detached(seq)),
+            });
+            s
+        };
+        let t0 = Instant::now();
+        let (mut ev, mut out) = (Vec::new(), Vec::new());
+        for (id, seq) in [(1u8, 1u64), (2, 2)] {
+            b.add(summary(id, false), logged(seq), t0, &mut ev);
+            b.add(summary(id, true), logged(seq + 10), t0, &mut ev);
+        }
+        b.decide_due(t0 + Duration::from_secs(1), &mut out);
+        assert!(out.iter().all(|d| !d.decision.keep) && out.len() == 2);
+        assert_eq!(b.regrets(), 2);
+        // A plain late span: still dropped.
+        let late = b.add(
+            summary(2, false),
+            logged(3),
+            t0 + Duration::from_secs(2),
+            &mut ev,
+        );
+        assert!(matches!(late, Added::Late(d, ..) if !d.keep()), "{late:?}");
+        // An error: kept now, whole.
+        let mut error = summary(1, false);
+        error.error = true;
+        match b.add(
+            error.clone(),
+            logged(4),
+            t0 + Duration::from_secs(3),
+            &mut ev,
+        ) {
+            Added::Redecided(r) => {
+                assert!(r.decision.keep);
+                assert_eq!(r.decision.by.label(), "errors");
+                let mut seqs: Vec<u64> = r.records.iter().map(|p| p.seq()).collect();
+                seqs.sort_unstable();
+                assert_eq!(seqs, [1, 4, 11]);
+            }
+            other => panic!("not redecided: {other:?}"),
+        }
+        // Its later spans follow the new decision.
+        let after = b.add(
+            summary(1, false),
+            logged(5),
+            t0 + Duration::from_secs(4),
+            &mut ev,
+        );
+        assert!(matches!(after, Added::Late(d, ..) if d.keep()), "{after:?}");
+        // Past the window, trace 2 is forgotten: an error no longer turns it.
+        b.decide_due(t0 + Duration::from_secs(62), &mut out);
+        assert_eq!(b.regrets(), 0);
+        let mut error = summary(2, false);
+        error.error = true;
+        let late = b.add(error, logged(6), t0 + Duration::from_secs(62), &mut ev);
+        assert!(matches!(late, Added::Late(d, ..) if !d.keep()), "{late:?}");
     }
 
     /// An agent run: a step every 8 s (idle_timeout is 10 s), for longer than the idle

@@ -85,3 +85,43 @@ impl Regrets {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn regret(at: Instant) -> Regret {
+        Regret {
+            summary: TraceSummary::default(),
+            records: vec![LogPin::detached(1)],
+            dropped_at: at,
+        }
+    }
+
+    #[test]
+    fn the_oldest_are_forgotten_past_the_bound_the_window_or_when_shed() {
+        let t0 = Instant::now();
+        let mut r = Regrets::default();
+        for i in 0..5u8 {
+            r.insert(
+                TraceId([i; 16]),
+                regret(t0 + Duration::from_secs(i.into())),
+                3,
+            );
+        }
+        assert_eq!(r.len(), 3, "bounded");
+        assert!(
+            r.get_mut(&TraceId([1; 16])).is_none(),
+            "the oldest went first"
+        );
+        assert!(r.get_mut(&TraceId([4; 16])).is_some());
+        // A trace taken out (kept) leaves a stale queue entry that is skipped.
+        assert!(r.remove(&TraceId([2; 16])).is_some());
+        r.expire(t0 + Duration::from_secs(4));
+        assert_eq!(r.len(), 1);
+        r.shed(1);
+        assert_eq!(r.len(), 0);
+        r.shed(1);
+    }
+}

@@ -206,26 +206,35 @@ impl Pipeline {
         // is not paid on every tick). Kept ones then wait in the export queues; the hard
         // mark refuses new data until the upstream takes them.
         let soft = self.limits.soft_buffer_bytes.load(Ordering::Relaxed);
-        let excess = self.memory().saturating_sub(soft - soft / 20);
-        if excess > 0 {
-            let mut decided = Vec::new();
-            let target = held.memory().saturating_sub(excess);
-            held = self.buffer.relieve(held, target, now, &mut decided);
-            self.dispatch(decided);
+        let mut excess = self.memory().saturating_sub(soft - soft / 20);
+        // The regret window yields first, to memory and to the log's bound: the oldest
+        // dropped traces it remembers are forgotten (their records freed) before any held
+        // trace is decided early, and before the log refuses new data.
+        let regret_bytes = self.buffer.regrets() * crate::buffer::REGRET_OVERHEAD;
+        if excess > 0 && regret_bytes > 0 {
+            self.buffer
+                .shed_regrets((excess as f64 / regret_bytes as f64).min(1.0));
+            excess = excess.saturating_sub(regret_bytes);
         }
-        // The regret window yields to new data: near the log's bound, the oldest dropped
-        // traces it remembers are forgotten and their records freed.
         if let Some(log) = &self.log {
             let (used, limit) = log.usage();
             if used as f64 > limit as f64 * REGRET_YIELDS_AT {
                 self.buffer.shed_regrets(REGRET_SHED_SHARE);
             }
         }
+        if excess > 0 {
+            let mut decided = Vec::new();
+            let target = held.memory().saturating_sub(excess);
+            held = self.buffer.relieve(held, target, now, &mut decided);
+            self.dispatch(decided);
+        }
         // Counted before the decided traces move to the queues; the next tick sees them.
         // What requests were charged since the last tick is in `held` now.
+        // The regret window's summaries are the budget's too.
+        let regret_bytes = self.buffer.regrets() * crate::buffer::REGRET_OVERHEAD;
         self.limits
             .held_bookkeeping
-            .store(held.bookkeeping(), Ordering::Relaxed);
+            .store(held.bookkeeping() + regret_bytes, Ordering::Relaxed);
         self.limits.ingested_bookkeeping.store(0, Ordering::Relaxed);
         self.limits
             .held_wire_bytes

@@ -107,6 +107,17 @@ pub struct LogPin {
 }
 
 impl LogPin {
+    /// A pin on no segment of any log (unit tests of what holds pins).
+    #[cfg(test)]
+    pub fn detached(seq: u64) -> LogPin {
+        LogPin {
+            segment: Arc::new(SegmentId(u64::MAX)),
+            seq,
+            offset: 0,
+            len: 0,
+        }
+    }
+
     /// The record's sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
