@@ -43,7 +43,13 @@ impl Logged {
         use crate::storage::Mark;
         let mut out = Logged::default();
         for k in spans {
-            let (Some(pin), Some(trace)) = (&k.span.origin.pin, scan::trace_id(&k.span.bytes))
+            // (Without a log no span has a pin: nothing is scanned.)
+            let Some((pin, trace)) = k
+                .span
+                .origin
+                .pin
+                .as_ref()
+                .and_then(|pin| Some((pin, scan::trace_id(&k.span.bytes)?)))
             else {
                 out.unlogged += 1;
                 continue;
