@@ -20,8 +20,13 @@ pub const COMPACT_AFTER: Duration = Duration::from_secs(2);
 pub(super) type Copies = HashMap<*const Origin, (Arc<Origin>, Arc<Origin>)>;
 
 /// Copies a span's bytes, and its origin (once per pass), out of the request buffer they
-/// share; the copies are charged to the memory budget.
+/// share; the copies are charged to the memory budget. A span in the trace log is left as
+/// it is: its bytes are the log's (the page cache's), and the log frees what no span holds
+/// by whole segments.
 pub(super) fn detach(span: &mut HeldSpan, copies: &mut Copies, budget: &Arc<Budget>) {
+    if span.origin.pin.is_some() {
+        return;
+    }
     span.bytes = budget.copy(&span.bytes);
     let original = span.origin.clone();
     let (_, copy) = copies.entry(Arc::as_ptr(&original)).or_insert_with(|| {

@@ -32,7 +32,8 @@ pub struct Origin {
     /// `service.name` of the resource, for LLM metric labels.
     pub service: Arc<str>,
     /// The trace log's record the request was written to: keeps its segment while any
-    /// span of it is held, queued or in flight (none without a log).
+    /// span of it is held, queued or in flight (none without a log). With one, the
+    /// origin's and its spans' bytes are slices of the mapped segment, not of the heap.
     pub pin: Option<crate::storage::LogPin>,
 }
 

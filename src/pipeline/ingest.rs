@@ -72,10 +72,15 @@ impl Pipeline {
         request: Bytes,
         mut intake: Intake<'_>,
     ) -> Result<IngestOutcome, IngestError> {
-        let request = self.admit(request, true)?;
+        let mut request = self.admit(request, true)?;
         if let Some(log) = &self.log {
             match log.append(request.bytes.clone()).await {
-                Ok(pin) => intake.pin = Some(pin),
+                Ok(pin) => {
+                    // Its spans are taken from the log's copy, in the page cache: the
+                    // request's own buffer goes now, and with it its charge.
+                    request.bytes = pin.payload();
+                    intake.pin = Some(pin);
+                }
                 Err(_) => {
                     self.unadmit(request);
                     return Err(IngestError::Full(Overload::Storage));
@@ -160,7 +165,8 @@ impl Pipeline {
     /// `llmtail_storage_replayed_spans_total`, not as received again.
     pub fn replay(&self, record: crate::storage::Record, pin: LogPin, marks: &ReplayMarks) {
         let age = crate::storage::age_of(record.time_ns, std::time::SystemTime::now());
-        let request = Bytes::from(record.payload);
+        let request = record.payload;
+        let record_payload = request.clone();
         let mut counts = std::collections::HashMap::new();
         if marks.has_deliveries(pin.seq()) {
             for rs in request::resource_spans(&request) {
@@ -173,9 +179,11 @@ impl Pipeline {
                 }
             }
         }
-        let Ok(request) = self.admit(request, false) else {
+        let Ok(mut request) = self.admit(request, false) else {
             return;
         };
+        // Taken from the mapped segment, not charged as memory (the record is the log's).
+        request.bytes = record_payload;
         let intake = Intake {
             pin: Some(pin),
             replay: Some(Replaying { marks, age, counts }),

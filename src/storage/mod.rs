@@ -17,6 +17,7 @@
 mod config;
 pub mod marks;
 mod record;
+mod segment;
 mod writer;
 
 use std::fs::File;
@@ -33,6 +34,7 @@ pub use config::{StorageConfig, SyncPolicy};
 pub use marks::{Mark, ReplayMarks};
 pub use record::Record;
 
+use segment::SegmentId;
 use writer::{Command, Writer};
 
 /// The log's own metrics (registered by the caller: `llmtail_storage_*`).
@@ -89,11 +91,6 @@ pub enum StorageError {
     Stopped,
 }
 
-/// A segment, named by its first record's sequence number. Every [`LogPin`] on it holds
-/// one reference; the writer holds one more and deletes the file when it holds the last.
-#[derive(Debug)]
-struct SegmentId(u64);
-
 /// A record's place in the log, held by every span taken from it (through the span's
 /// origin): while one is held, queued for export or in flight, its segment stays.
 #[derive(Debug, Clone)]
@@ -111,7 +108,7 @@ impl LogPin {
     #[cfg(test)]
     pub fn detached(seq: u64) -> LogPin {
         LogPin {
-            segment: Arc::new(SegmentId(u64::MAX)),
+            segment: Arc::new(SegmentId::unmapped(u64::MAX)),
             seq,
             offset: 0,
             len: 0,
@@ -121,6 +118,13 @@ impl LogPin {
     /// The record's sequence number.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The record's payload (the request as accepted): a slice of the mapped segment,
+    /// which holds the segment as the pin does.
+    pub fn payload(&self) -> Bytes {
+        let start = self.offset as usize + record::HEADER;
+        self.segment.slice(start, start + self.len as usize)
     }
 
     /// Whether two pins hold the same segment (one pin per segment is enough to keep it).
@@ -164,7 +168,7 @@ pub struct TraceLog {
 
 /// What a start finds in the log: the segments to replay, oldest first, and the marks.
 pub struct Replay {
-    segments: Vec<(PathBuf, Arc<SegmentId>)>,
+    segments: Vec<(PathBuf, Arc<SegmentId>, u64)>,
     pub marks: ReplayMarks,
 }
 
@@ -184,14 +188,8 @@ impl Replay {
     /// damaged record ends its segment (the rest of it cannot be framed), said in the log.
     pub fn run(self, mut take: impl FnMut(Record, LogPin, &ReplayMarks)) {
         let Replay { segments, marks } = self;
-        for (path, segment) in segments {
-            let mut reader = match record::SegmentReader::open(&path) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(segment = %path.display(), error = %e, "cannot read a segment of the trace log; its spans are not replayed");
-                    continue;
-                }
-            };
+        for (path, segment, size) in segments {
+            let mut reader = record::SegmentReader::new(segment.clone(), size);
             loop {
                 let offset = reader.intact;
                 match reader.next_record() {
@@ -271,8 +269,8 @@ impl TraceLog {
         // New records go to a new segment after the highest sequence number ever used
         // (the last segment's last record, or a mark's), so no mark can name them.
         let mut next_seq = paths.last().map_or(0, |(first, _)| *first);
-        if let Some((_, last)) = paths.last() {
-            let mut reader = record::SegmentReader::open(last)?;
+        if let Some((first_of_last, last)) = paths.last() {
+            let mut reader = record::SegmentReader::open(last, *first_of_last)?;
             while let Some(rec) = reader.next_record()? {
                 next_seq = next_seq.max(rec.seq + 1);
             }
@@ -297,13 +295,11 @@ impl TraceLog {
                 continue;
             }
             used += bytes;
-            segments.push(writer::Segment {
-                id: Arc::new(SegmentId(first)),
-                path,
-                bytes,
-            });
+            let (id, _) = record::map_file(&path, first)
+                .with_context(|| format!("cannot map {}", path.display()))?;
+            segments.push(writer::Segment { id, path, bytes });
         }
-        let oldest = segments.first().map_or(u64::MAX, |s| s.id.0);
+        let oldest = segments.first().map_or(u64::MAX, |s| s.id.first);
         let live = marks::live(found, oldest);
         let replay_marks = ReplayMarks::new(&live);
         let (marks_file, marks_len) = marks::rewrite(&dir, &live)?;
@@ -322,7 +318,7 @@ impl TraceLog {
         let replay = Replay {
             segments: segments
                 .iter()
-                .map(|s| (s.path.clone(), s.id.clone()))
+                .map(|s| (s.path.clone(), s.id.clone(), s.bytes))
                 .collect(),
             marks: replay_marks,
         };
@@ -446,11 +442,12 @@ impl TraceLog {
         let _ = self.commands.send(Command::Marks(raw, decided, delivered));
     }
 
-    /// Reads a record back (a blocking read: call it off the async workers).
+    /// Reads a record back, its CRC checked, from the mapped segment (pages the kernel
+    /// evicted are read from disk: call it off the async workers).
     pub fn read(&self, pin: &LogPin) -> std::io::Result<Record> {
-        let path = record::segment_path(&self.dir, pin.segment.0);
-        let record = record::read_at(&File::open(&path)?, pin.offset, pin.len)?;
+        let record = record::read_at(&pin.segment, pin.offset, pin.len)?;
         if record.seq != pin.seq {
+            let path = record::segment_path(&self.dir, pin.segment.first);
             return Err(std::io::Error::other(format!(
                 "record {} in {} is not where it was written",
                 pin.seq,

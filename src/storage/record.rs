@@ -3,8 +3,13 @@
 //! torn tail (a crash mid-write) is found by its length or CRC.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::segment::SegmentId;
 
 /// Bytes before a record's payload: length u32, CRC u32, sequence u64, accepted-at u64
 /// (Unix nanoseconds), little-endian. The CRC covers sequence, time and payload.
@@ -20,7 +25,8 @@ pub struct Record {
     pub seq: u64,
     /// When the request was accepted, in Unix nanoseconds.
     pub time_ns: u64,
-    pub payload: Vec<u8>,
+    /// A slice of the mapped segment.
+    pub payload: Bytes,
 }
 
 fn crc(seq: u64, time_ns: u64, payload: &[u8]) -> u32 {
@@ -53,22 +59,25 @@ pub fn segment_first_seq(path: &Path) -> Option<u64> {
         .ok()
 }
 
-/// Reads the record at `offset` whose payload is `len` bytes, checking its CRC.
-pub fn read_at(file: &File, offset: u64, len: u32) -> io::Result<Record> {
-    use std::os::unix::fs::FileExt;
-    let mut raw = vec![0u8; HEADER + len as usize];
-    file.read_exact_at(&mut raw, offset)?;
-    let (stored_len, sum, seq, time_ns) = parse_header(raw[..HEADER].try_into().expect("a header"));
-    let payload = raw.split_off(HEADER);
-    if stored_len != len as usize || crc(seq, time_ns, &payload) != sum {
-        return Err(io::Error::other(format!(
-            "the trace log's record at offset {offset} is damaged"
-        )));
+/// The record at `offset` of a mapped segment whose payload is `len` bytes, its CRC checked;
+/// the payload is a slice of the mapping.
+pub fn read_at(segment: &Arc<SegmentId>, offset: u64, len: u32) -> io::Result<Record> {
+    let damaged = || io::Error::other(format!("the trace log's record at offset {offset} is damaged"));
+    let start = usize::try_from(offset).map_err(|_| damaged())?;
+    let data = segment.mapped();
+    let end = start + HEADER + len as usize;
+    if end > data.len() {
+        return Err(damaged());
+    }
+    let (stored_len, sum, seq, time_ns) =
+        parse_header(data[start..start + HEADER].try_into().expect("a header"));
+    if stored_len != len as usize || crc(seq, time_ns, &data[start + HEADER..end]) != sum {
+        return Err(damaged());
     }
     Ok(Record {
         seq,
         time_ns,
-        payload,
+        payload: segment.slice(start + HEADER, end),
     })
 }
 
@@ -87,24 +96,37 @@ fn parse_header(header: &[u8; HEADER]) -> (usize, u32, u64, u64) {
     )
 }
 
+/// Maps a segment's file as it is now; returns the mapping and the file's length.
+pub fn map_file(path: &Path, first: u64) -> io::Result<(Arc<SegmentId>, u64)> {
+    let file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let capacity = usize::try_from(size).map_err(io::Error::other)?;
+    Ok((Arc::new(SegmentId::map(first, &file, capacity)?), size))
+}
+
 /// Reads a segment's records in order, stopping at the first that is cut short or fails
-/// its CRC.
+/// its CRC. The segment is mapped; payloads are slices of the mapping.
 pub struct SegmentReader {
-    reader: io::BufReader<File>,
+    segment: Arc<SegmentId>,
     size: u64,
     /// Bytes of intact records read so far.
     pub intact: u64,
 }
 
 impl SegmentReader {
-    pub fn open(path: &Path) -> io::Result<SegmentReader> {
-        let file = File::open(path)?;
-        let size = file.metadata()?.len();
-        Ok(SegmentReader {
-            reader: io::BufReader::with_capacity(1 << 20, file),
+    /// Maps the segment at `path`, named by its first sequence number `first`.
+    pub fn open(path: &Path, first: u64) -> io::Result<SegmentReader> {
+        let (segment, size) = map_file(path, first)?;
+        Ok(SegmentReader::new(segment, size))
+    }
+
+    /// Reads the first `size` bytes of a mapped segment.
+    pub fn new(segment: Arc<SegmentId>, size: u64) -> SegmentReader {
+        SegmentReader {
+            segment,
             size,
             intact: 0,
-        })
+        }
     }
 
     /// The next intact record, or `None` at the end or at a torn or damaged record.
@@ -113,22 +135,22 @@ impl SegmentReader {
         if left < HEADER as u64 {
             return Ok(None);
         }
-        let mut header = [0u8; HEADER];
-        self.reader.read_exact(&mut header)?;
-        let (len, sum, seq, time_ns) = parse_header(&header);
+        let at = self.intact as usize;
+        let data = self.segment.mapped();
+        let (len, sum, seq, time_ns) =
+            parse_header(data[at..at + HEADER].try_into().expect("a header"));
         if len > MAX_PAYLOAD || left - (HEADER as u64) < len as u64 {
             return Ok(None);
         }
-        let mut payload = vec![0u8; len];
-        self.reader.read_exact(&mut payload)?;
-        if crc(seq, time_ns, &payload) != sum {
+        let payload = at + HEADER..at + HEADER + len;
+        if crc(seq, time_ns, &data[payload.clone()]) != sum {
             return Ok(None);
         }
         self.intact += (HEADER + len) as u64;
         Ok(Some(Record {
             seq,
             time_ns,
-            payload,
+            payload: self.segment.slice(payload.start, payload.end),
         }))
     }
 
@@ -159,17 +181,17 @@ mod tests {
             .unwrap()
             .write_all(&data[..whole - 2])
             .unwrap();
-        let mut r = SegmentReader::open(&path).unwrap();
+        let mut r = SegmentReader::open(&path, 7).unwrap();
         let a = r.next_record().unwrap().unwrap();
         assert_eq!((a.seq, a.time_ns, &a.payload[..]), (7, 70, &b"first"[..]));
-        assert_eq!(r.next_record().unwrap().unwrap().payload, b"second");
+        assert_eq!(&r.next_record().unwrap().unwrap().payload[..], b"second");
         assert!(r.next_record().unwrap().is_none());
         assert!(r.torn());
         assert_eq!(r.intact as usize, whole - (HEADER + 5));
         // Damaged: one bit of the second payload flipped.
         data[HEADER + 5 + HEADER] ^= 1;
         File::create(&path).unwrap().write_all(&data).unwrap();
-        let mut r = SegmentReader::open(&path).unwrap();
+        let mut r = SegmentReader::open(&path, 7).unwrap();
         assert!(r.next_record().unwrap().is_some());
         assert!(r.next_record().unwrap().is_none());
         assert!(r.torn());

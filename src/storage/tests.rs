@@ -36,7 +36,7 @@ fn replayed(replay: Replay) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
     replay.run(|rec, pin, _| {
         assert_eq!(pin.seq(), rec.seq);
-        out.push((rec.seq, rec.payload));
+        out.push((rec.seq, rec.payload.to_vec()));
     });
     out
 }
@@ -76,7 +76,7 @@ async fn held_records_survive_a_restart_with_the_marks_beside_them() {
     let d = log.append(Bytes::from_static(b"fourth")).await.unwrap();
     assert_eq!(d.seq(), 3);
     // A record reads back by its pin.
-    assert_eq!(log.read(&d).unwrap().payload, b"fourth");
+    assert_eq!(&log.read(&d).unwrap().payload[..], b"fourth");
     drop((a, c));
 }
 
@@ -197,4 +197,33 @@ fn the_bound_is_the_smaller_of_the_setting_and_the_free_space_less_a_margin() {
         bound(Some(8 * mib), 0, (8 * mib, 8 * mib)),
         8 * mib - 8 * mib / 20
     );
+}
+
+#[tokio::test]
+async fn a_records_payload_is_a_slice_of_the_mapped_segment_that_keeps_it_until_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 64 << 10, None);
+    let (log, _) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
+    let first = Bytes::from(vec![3u8; 50_000]);
+    let pin = log.append(first.clone()).await.unwrap();
+    let payload = pin.payload();
+    assert_eq!(payload, first);
+    // Not the request's buffer: the log's copy.
+    assert_ne!(payload.as_ptr(), first.as_ptr());
+    // A second record goes past the first segment's 64 KiB: a segment of its own, and the
+    // first segment's bytes stay as they were.
+    let second = Bytes::from(vec![4u8; 50_000]);
+    let pin2 = log.append(second.clone()).await.unwrap();
+    assert!(!pin.same_segment(&pin2));
+    assert_eq!(pin2.payload(), second);
+    // A record larger than a segment gets one of its size.
+    let large = Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>());
+    let pin3 = log.append(large.clone()).await.unwrap();
+    assert_eq!(pin3.payload(), large);
+    // The slice alone keeps the first segment: dropping the pin deletes nothing.
+    drop((pin, pin2, pin3));
+    wait_until(|| segments(dir.path()) == 1);
+    assert_eq!(payload, first);
+    drop(payload);
+    wait_until(|| segments(dir.path()) == 0);
 }

@@ -63,6 +63,8 @@ struct Current {
     first: u64,
     file: File,
     len: u64,
+    /// Bytes mapped: a group that would pass it goes to a new segment.
+    capacity: u64,
 }
 
 /// What the writer starts with.
@@ -100,7 +102,7 @@ impl Writer {
         segments: Vec<Segment>,
         (marks_file, marks_len): (File, u64),
     ) -> Writer {
-        let segments = segments.into_iter().map(|s| (s.id.0, s)).collect();
+        let segments = segments.into_iter().map(|s| (s.id.first, s)).collect();
         Writer {
             setup,
             segments,
@@ -207,16 +209,16 @@ impl Writer {
     /// error, what the write may have left is cut off, so later records follow the last
     /// intact one.
     fn write_records(&mut self, group: &[Pending]) -> std::io::Result<(Arc<SegmentId>, u64, u64)> {
+        let size: usize = group.iter().map(|(p, _, _)| record::HEADER + p.len()).sum();
         if self
             .current
             .as_ref()
-            .is_none_or(|c| c.len >= self.setup.segment_bytes)
+            .is_none_or(|c| c.len + size as u64 > c.capacity)
         {
-            self.rotate()?;
+            self.rotate(size as u64)?;
         }
         let first_seq = self.setup.next_seq;
         let now = super::unix_nanos(SystemTime::now());
-        let size: usize = group.iter().map(|(p, _, _)| record::HEADER + p.len()).sum();
         let mut buf = Vec::with_capacity(size);
         for (i, (payload, _, _)) in group.iter().enumerate() {
             record::put_header(&mut buf, first_seq + i as u64, now, payload);
@@ -250,9 +252,10 @@ impl Writer {
         Ok((segment.id.clone(), first_seq, offset))
     }
 
-    /// Starts a new segment at the next sequence number; the one before is synced first, so
-    /// a segment no longer written to is whole on disk.
-    fn rotate(&mut self) -> std::io::Result<()> {
+    /// Starts a new segment at the next sequence number, mapped for `segment_bytes` (or
+    /// `need`, for a group larger than that); the one before is synced first, so a segment
+    /// no longer written to is whole on disk.
+    fn rotate(&mut self, need: u64) -> std::io::Result<()> {
         if let Some(old) = &self.current {
             old.file.sync_data()?;
         }
@@ -261,14 +264,21 @@ impl Writer {
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
+            .read(true)
             .write(true)
             .open(&path)?;
         // The new name must survive a crash as well as what is written under it.
         File::open(&self.setup.dir)?.sync_all()?;
+        let capacity = self.setup.segment_bytes.max(need);
+        let id = SegmentId::map(
+            first,
+            &file,
+            usize::try_from(capacity).map_err(std::io::Error::other)?,
+        )?;
         self.segments.insert(
             first,
             Segment {
-                id: Arc::new(SegmentId(first)),
+                id: Arc::new(id),
                 path,
                 bytes: 0,
             },
@@ -277,6 +287,7 @@ impl Writer {
             first,
             file,
             len: 0,
+            capacity,
         });
         Ok(())
     }

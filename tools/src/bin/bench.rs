@@ -279,10 +279,15 @@ fn scrape(port: u16) -> String {
 }
 
 fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// A size line of `/proc/<pid>/status` (`VmRSS:`, `RssAnon:`, `RssFile:`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0)
@@ -826,6 +831,7 @@ async fn memory(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = p.child.id();
     let before = rss(pid);
+    let anon_before = status_bytes(pid, "RssAnon:");
     let load = drive(
         p.grpc,
         args,
@@ -839,6 +845,8 @@ async fn memory(
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = rss(pid);
+    let anon_after = status_bytes(pid, "RssAnon:");
+    let file_after = status_bytes(pid, "RssFile:");
     // What llmtail's memory budget counts, beside what the kernel says.
     let metrics = p.admin.map(scrape).unwrap_or_default();
     let part = |name: &str| {
@@ -872,6 +880,17 @@ async fn memory(
         after as f64 / 1e6,
         growth / load.bytes as f64,
         (growth - load.bytes as f64) / traces as f64
+    );
+    // With the trace log, held span bytes are mapped pages of its segments (RssFile: the
+    // page cache, which the kernel may evict); the process's own memory is RssAnon.
+    let anon_growth = anon_after.saturating_sub(anon_before) as f64;
+    println!(
+        "anonymous memory (RssAnon) {:.1} → {:.1} MB; growth = {:.2} × wire bytes, {:.0} bytes per span; mapped file pages (RssFile) {:.1} MB",
+        anon_before as f64 / 1e6,
+        anon_after as f64 / 1e6,
+        anon_growth / load.bytes as f64,
+        anon_growth / load.spans as f64,
+        file_after as f64 / 1e6,
     );
     println!(
         "memory budget: buffers {:.1} MB, bookkeeping {:.1} MB (estimated per trace, span and LLM span), reserved {:.1} MB; RSS beyond the budget {:.1} MB",
