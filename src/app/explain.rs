@@ -66,6 +66,7 @@ pub fn explain(cfg: &Config, requests: Vec<Vec<u8>>) -> anyhow::Result<Vec<Expla
         metrics.clone(),
         s.boost.clone().map(Boost::new),
         base.clone(),
+        pricing.clone(),
     ));
     let budget = Budget::new();
     let pipeline = Pipeline {

@@ -217,6 +217,7 @@ pub async fn run(
         metrics.clone(),
         s.boost.clone().map(Boost::new),
         base.clone(),
+        pricing.clone(),
     ));
     let (redecided, to_read_back) = tokio::sync::mpsc::unbounded_channel();
     let pipeline = Arc::new(Pipeline {

@@ -37,7 +37,7 @@ use crate::sampling::{Decision, Sampler, TraceSummary};
 
 /// Bookkeeping memory per held LLM span beyond [`SPAN_OVERHEAD`]: its facts until the
 /// trace is decided (strings are shared per request, so mostly the struct itself).
-pub const CALL_OVERHEAD: usize = std::mem::size_of::<CallSpan>() + 32;
+pub const CALL_OVERHEAD: usize = std::mem::size_of::<u32>();
 
 /// Memory per dropped trace in the regret window: its summary, its entry in the map and
 /// the queue, and its records' pins (two, typically).
@@ -55,14 +55,13 @@ pub type Link = ([u8; 8], [u8; 8]);
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SpanStats {
     pub trace_id: TraceId,
-    /// The span's id and its parent's (zero for none): the trace's shape, which LLM
-    /// accounting needs to tell layers of one call apart.
-    pub link: Link,
     pub is_root: bool,
     pub start_ns: u64,
     pub end_ns: u64,
     pub error: bool,
-    /// Boxed: most spans are not LLM calls, and a request's spans wait in one vector.
+    /// Boxed: most spans are not LLM calls, and a request's spans wait in one vector. A
+    /// held trace keeps only which of its spans are calls (read again at its decision); a
+    /// late span's call is counted at once.
     pub call: Option<Box<CallSpan>>,
     pub user: Option<Arc<str>>,
     pub session: Option<Arc<str>>,
@@ -103,7 +102,11 @@ pub struct NoLlm;
 
 #[cfg(test)]
 impl Settle for NoLlm {
-    fn settle(&self, _: &mut TraceSummary, _: Vec<CallSpan>, _: &[Link], _: Instant) {}
+    fn settle(&self, _: &mut TraceSummary, _: &[HeldSpan], _: &[u32], _: Instant) {}
+
+    fn recall(&self, _: &HeldSpan) -> Option<CallSpan> {
+        None
+    }
 }
 
 /// Number of shards; a power of two well above the core count so that receivers and the
@@ -246,10 +249,9 @@ struct TraceEntry {
     root_due: bool,
     summary: TraceSummary,
     spans: Vec<HeldSpan>,
-    /// Its LLM spans, counted when it is decided.
-    calls: Vec<CallSpan>,
-    /// Every span's id and parent's.
-    links: Vec<Link>,
+    /// Which of its spans are LLM calls (indexes into `spans`): their facts are read
+    /// again from the spans' bytes when it is decided, not held meanwhile.
+    calls: Vec<u32>,
     bytes: usize,
     /// Its spans own their bytes (see [`COMPACT_AFTER`]); later spans are copied too.
     detached: bool,
@@ -566,7 +568,6 @@ impl TraceBuffer {
                 summary: TraceSummary::default(),
                 spans: Vec::new(),
                 calls: Vec::new(),
-                links: Vec::new(),
                 bytes: 0,
                 detached: false,
             }
@@ -579,9 +580,8 @@ impl TraceBuffer {
                 .max((now + idle_timeout).min(entry.first_seen + max_duration));
         }
         absorb(&mut entry.summary, &mut s);
-        entry.links.push(s.link);
-        if let Some(call) = s.call {
-            entry.calls.push(*call);
+        if s.call.is_some() {
+            entry.calls.push(entry.spans.len() as u32);
             shard_calls_added = 1;
         }
         let mut span = span;
@@ -706,7 +706,7 @@ impl TraceBuffer {
         shard.calls -= llm_spans;
         shard.bytes -= entry.bytes;
         self.settle
-            .settle(&mut entry.summary, entry.calls, &entry.links, now);
+            .settle(&mut entry.summary, &entry.spans, &entry.calls, now);
         let sampler = self.sampler.load();
         let tests = sampler.span_tests();
         if entry.summary.tests_generation != tests.generation() {
@@ -855,7 +855,8 @@ impl TraceBuffer {
                 shard.calls -= e.calls.len();
                 shard.bytes -= e.bytes;
                 shard.decided.insert(*id, *d);
-                follow.push((*d, e.spans, e.calls));
+                let calls = crate::llm::trace::recall_all(&*self.settle, &e.spans, &e.calls);
+                follow.push((*d, e.spans, calls));
                 continue;
             }
             match shard.decided.get(id) {
@@ -1390,5 +1391,17 @@ mod tests {
         assert_eq!(ev[0].trace_id, TraceId([first; 16]));
         assert_eq!(ev[0].reason, DecideReason::Pressure);
         assert_eq!(b.held().traces, 1);
+    }
+}
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!("HeldSpan {}", std::mem::size_of::<crate::otlp::reframe::HeldSpan>());
+        eprintln!("CallSpan {}", std::mem::size_of::<crate::llm::CallSpan>());
+        eprintln!("TraceSummary {}", std::mem::size_of::<crate::sampling::TraceSummary>());
+        eprintln!("TraceEntry {}", std::mem::size_of::<super::TraceEntry>());
+        eprintln!("SpanStats {}", std::mem::size_of::<super::SpanStats>());
+        eprintln!("TSField {}", std::mem::size_of::<crate::otlp::scan::TraceStateField>());
     }
 }

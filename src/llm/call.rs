@@ -182,6 +182,42 @@ pub struct SpanOrigin<'a> {
 
 /// The LLM span this span is, if it is one: a marker says it is a call (or an aggregate
 /// or record carrying usage), or, unmarked, it names a model or carries token counts.
+/// The name of an instrumentation scope, as the LLM quirks table is keyed.
+pub fn scope_label(scope: &[u8]) -> Arc<str> {
+    match crate::otlp::scan::scope_name(scope) {
+        Ok(Some(name)) => Arc::from(String::from_utf8_lossy(name).as_ref()),
+        _ => Arc::from(""),
+    }
+}
+
+/// Whether a span with LLM attributes (`has_attrs`) or none, of a scope, is an LLM span: a
+/// span without them is one only in a scope whose every span is a call.
+pub fn may_be_call(has_attrs: bool, scope: &str) -> bool {
+    has_attrs || quirks::lookup(scope, None).every_span_is_a_call
+}
+
+/// The LLM call a held span is, read again from its bytes, its scope and its service as
+/// ingest read it (at the prices of now): held traces keep which spans are calls, not
+/// their facts.
+pub fn recall(
+    span: &[u8],
+    scope: &[u8],
+    service: &Arc<str>,
+    pricing: &Pricing,
+    strings: &mut Strings,
+) -> Option<CallSpan> {
+    let facts = crate::otlp::scan::scan_span(span, &super::Conventions).ok()?;
+    let scope = scope_label(scope);
+    if !may_be_call(!facts.attrs.is_empty(), &scope) {
+        return None;
+    }
+    let from = SpanOrigin {
+        scope: &scope,
+        service,
+    };
+    call_from_span(span, &facts, &from, pricing, strings)
+}
+
 pub fn call_from_span(
     span: &[u8],
     facts: &SpanFacts,

@@ -12,6 +12,7 @@ use super::config::LlmConfig;
 use super::labels::{FirstSeen, TopK};
 use super::trace::{Counted, Settle, resolve};
 use super::{CallSpan, LlmCall, Role};
+use crate::otlp::reframe::HeldSpan;
 use crate::sampling::adaptive::{BaseRate, Boost};
 use crate::sampling::{CallStats, TraceSummary};
 use crate::telemetry::Metrics;
@@ -63,6 +64,8 @@ pub struct LlmObserver {
     /// once cannot both take the last place under a bound (misses only: rare).
     admit: parking_lot::Mutex<()>,
     other: Arc<str>,
+    /// Prices, for calls read again from held spans at their trace's decision.
+    pricing: Arc<super::Pricing>,
 }
 
 impl LlmObserver {
@@ -71,6 +74,7 @@ impl LlmObserver {
         metrics: Arc<Metrics>,
         boost: Option<Boost>,
         base: Arc<BaseRate>,
+        pricing: Arc<super::Pricing>,
     ) -> Self {
         let folded = |label: &str| metrics.labels_folded.with_label_values(&[label]);
         LlmObserver {
@@ -88,6 +92,7 @@ impl LlmObserver {
             max_genai: cfg.labels.max_genai_label_sets,
             admit: parking_lot::Mutex::new(()),
             other: Arc::from(super::labels::OTHER),
+            pricing,
             metrics,
         }
     }
@@ -349,17 +354,12 @@ impl LlmObserver {
 }
 
 impl Settle for LlmObserver {
-    fn settle(
-        &self,
-        summary: &mut TraceSummary,
-        calls: Vec<CallSpan>,
-        links: &[([u8; 8], [u8; 8])],
-        now: Instant,
-    ) {
+    fn settle(&self, summary: &mut TraceSummary, spans: &[HeldSpan], calls: &[u32], now: Instant) {
         if calls.is_empty() {
             return;
         }
-        for counted in resolve(calls, links) {
+        let calls = super::trace::recall_all(self, spans, calls);
+        for counted in resolve(calls, &super::trace::links(spans)) {
             match counted {
                 Counted::Call(call, service) => {
                     summary.count(&self.observe(&service, &call, now), true);
@@ -369,5 +369,16 @@ impl Settle for LlmObserver {
                 }
             }
         }
+    }
+
+    fn recall(&self, span: &HeldSpan) -> Option<CallSpan> {
+        let mut strings = super::Strings::default();
+        super::call::recall(
+            &span.bytes,
+            &span.origin.scope,
+            &span.origin.service,
+            &self.pricing,
+            &mut strings,
+        )
     }
 }

@@ -26,20 +26,37 @@ use std::time::Instant;
 
 use super::call::{CallSpan, Role};
 use super::{LlmCall, UNKNOWN_MODEL};
+use crate::otlp::reframe::HeldSpan;
 use crate::sampling::TraceSummary;
 
 /// Counts a trace's LLM calls when it is decided, before the sampler sees its summary:
 /// resolves its LLM spans into calls counted once ([`resolve`]), records them (metrics,
 /// anomalies, boost) and completes the summary's LLM figures.
-/// `links` are the trace's (span id, parent span id) pairs, every span's.
+/// A held trace keeps which of its spans are LLM calls (`calls`, indexes into `spans`), not
+/// their facts: they are read again from the spans' bytes here, with every span's id and
+/// parent id.
 pub trait Settle: Send + Sync {
-    fn settle(
-        &self,
-        summary: &mut TraceSummary,
-        calls: Vec<CallSpan>,
-        links: &[([u8; 8], [u8; 8])],
-        now: Instant,
-    );
+    fn settle(&self, summary: &mut TraceSummary, spans: &[HeldSpan], calls: &[u32], now: Instant);
+
+    /// The LLM call a held span is, read again from its bytes.
+    fn recall(&self, span: &HeldSpan) -> Option<CallSpan>;
+}
+
+/// The calls `calls` names among `spans`, read again from their bytes.
+pub fn recall_all(settle: &dyn Settle, spans: &[HeldSpan], calls: &[u32]) -> Vec<CallSpan> {
+    calls
+        .iter()
+        .filter_map(|&i| spans.get(i as usize))
+        .filter_map(|s| settle.recall(s))
+        .collect()
+}
+
+/// Every span's (span id, parent span id), read from its bytes.
+pub fn links(spans: &[HeldSpan]) -> Vec<([u8; 8], [u8; 8])> {
+    spans
+        .iter()
+        .filter_map(|s| crate::otlp::scan::span_link(&s.bytes))
+        .collect()
 }
 
 /// What a trace's LLM spans come to.

@@ -462,6 +462,23 @@ pub fn trace_id(span: &[u8]) -> Option<TraceId> {
     id.map(TraceId)
 }
 
+/// A span's id and its parent's (zeros for none), read without scanning anything else:
+/// the trace's shape, read again from held spans when their LLM calls are resolved.
+pub fn span_link(span: &[u8]) -> Option<([u8; 8], [u8; 8])> {
+    let mut r = Reader::new(span);
+    let (mut id, mut parent) = ([0; 8], [0; 8]);
+    while !r.is_empty() {
+        match r.tag().ok()? {
+            (SPAN_SPAN_ID, WireType::Len) => id = r.len_delimited().ok()?.1.try_into().ok()?,
+            (SPAN_PARENT_SPAN_ID, WireType::Len) => {
+                parent = r.len_delimited().ok()?.1.try_into().unwrap_or([0; 8]);
+            }
+            (_, wire) => r.skip(wire).ok()?,
+        }
+    }
+    Some((id, parent))
+}
+
 /// Where a span's `trace_state` field is, read without scanning anything else (for spans
 /// whose bytes were rewritten after the scan).
 pub fn trace_state_field(span: &[u8]) -> Result<Option<TraceStateField>, Malformed> {

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::cluster::{Mode, Route};
+use crate::llm::call::{may_be_call, scope_label};
 use crate::llm::{SpanOrigin, call_from_span, text};
 use crate::otlp::TraceId;
 use crate::otlp::tracestate::randomness_value;
@@ -385,11 +386,9 @@ impl Pipeline {
                     }
                     let (scope, all_calls) = scope_name.get_or_insert_with(|| {
                         let name = scope_label(&ss.scope);
-                        let all = crate::llm::quirks::lookup(&name, None).every_span_is_a_call;
+                        let all = may_be_call(false, &name);
                         (name, all)
                     });
-                    // A span without LLM attributes is an LLM call only in a scope whose
-                    // every span is one.
                     let call = if facts.attrs.is_empty() && !*all_calls {
                         None
                     } else {
@@ -424,7 +423,6 @@ impl Pipeline {
                     };
                     let stats = SpanStats {
                         trace_id: facts.trace_id,
-                        link: (facts.span_id, facts.parent_id),
                         is_root: facts.is_root,
                         start_ns: facts.start_ns,
                         end_ns: facts.end_ns,
@@ -572,14 +570,6 @@ impl Pipeline {
 
 /// Where a request's forwarded spans go: a peer, and how it is to take them.
 type Forward = (Arc<str>, Mode);
-
-/// The name of an instrumentation scope, as the LLM quirks table is keyed.
-fn scope_label(scope: &[u8]) -> Arc<str> {
-    match scan::scope_name(scope) {
-        Ok(Some(name)) => Arc::from(String::from_utf8_lossy(name).as_ref()),
-        _ => Arc::from(""),
-    }
-}
 
 /// The service label of a resource: its `service.name`, as the SDKs default it when absent.
 pub(super) fn service_label(resource: &[u8]) -> Arc<str> {
