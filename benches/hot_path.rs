@@ -111,6 +111,7 @@ fn benches(c: &mut Criterion) {
     });
 
     let origin = Arc::new(Origin {
+        data: req.clone(),
         resource: decoded.resource_spans[0].resource.clone(),
         resource_schema_url: decoded.resource_spans[0].schema_url.clone(),
         scope: decoded.resource_spans[0].scope_spans[0].scope.clone(),
@@ -120,15 +121,16 @@ fn benches(c: &mut Criterion) {
     });
     let kept: Vec<KeptSpan> = spans
         .iter()
-        .map(|s| KeptSpan {
-            span: HeldSpan {
-                origin: origin.clone(),
-                bytes: s.clone(),
-                trace_state: scan_span(s, &Conventions).unwrap().trace_state,
-                is_root: false,
-                extra: None,
-            },
-            threshold: Threshold::from_probability(0.1),
+        .map(|s| {
+            KeptSpan::new(
+                HeldSpan::new(
+                    origin.clone(),
+                    s,
+                    scan_span(s, &Conventions).unwrap().trace_state,
+                    false,
+                ),
+                Threshold::from_probability(0.1),
+            )
         })
         .collect();
     g.bench_function("reframe/400_spans", |b| {
@@ -147,6 +149,7 @@ fn benches(c: &mut Criterion) {
         Metrics::new(),
         None,
         Arc::new(BaseRate::new(0.1)),
+        Arc::new(llmtail::llm::Pricing::new(&cfg.llm.pricing)),
     ));
     g.bench_function("buffer_add_and_decide/400_spans", |b| {
         b.iter_batched(
@@ -280,16 +283,28 @@ fn mix(c: &mut Criterion) {
         Metrics::new(),
         None,
         Arc::new(BaseRate::new(0.1)),
+        Arc::new(llmtail::llm::Pricing::new(&cfg.llm.pricing)),
     ));
-    let origin = Arc::new(Origin {
-        resource: Bytes::new(),
-        resource_schema_url: Bytes::new(),
-        scope: Bytes::new(),
-        scope_schema_url: Bytes::new(),
-        service: service.clone(),
-        pin: None,
-    });
-    let read_all: Vec<_> = requests.iter().flat_map(read).collect();
+    // One origin per request, its buffer the request's, as ingest makes them.
+    let origins: Vec<Arc<Origin>> = requests
+        .iter()
+        .map(|r| {
+            Arc::new(Origin {
+                data: r.clone(),
+                resource: Bytes::new(),
+                resource_schema_url: Bytes::new(),
+                scope: Bytes::new(),
+                scope_schema_url: Bytes::new(),
+                service: service.clone(),
+                pin: None,
+            })
+        })
+        .collect();
+    let read_all: Vec<_> = requests
+        .iter()
+        .zip(&origins)
+        .flat_map(|(r, o)| read(r).into_iter().map(move |x| (o.clone(), x)))
+        .collect();
     g.bench_function("hold_decide_account/512_span_requests", |b| {
         b.iter_batched(
             || {
@@ -313,10 +328,9 @@ fn mix(c: &mut Criterion) {
             |(buffer, spans)| {
                 let now = Instant::now();
                 let mut evicted = Vec::new();
-                for (f, call, user, bytes) in spans {
+                for (origin, (f, call, user, bytes)) in spans {
                     let stats = SpanStats {
                         trace_id: f.trace_id,
-                        link: (f.span_id, f.parent_id),
                         is_root: f.is_root,
                         start_ns: f.start_ns,
                         end_ns: f.end_ns,
@@ -325,13 +339,7 @@ fn mix(c: &mut Criterion) {
                         user,
                         ..Default::default()
                     };
-                    let held = HeldSpan {
-                        origin: origin.clone(),
-                        bytes,
-                        trace_state: f.trace_state,
-                        is_root: f.is_root,
-                        extra: None,
-                    };
+                    let held = HeldSpan::new(origin, &bytes, f.trace_state, f.is_root);
                     buffer.add(stats, held, now, &mut evicted);
                 }
                 let mut out = Vec::new();

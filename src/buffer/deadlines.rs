@@ -21,7 +21,6 @@ impl TraceBuffer {
         out: &mut Vec<DecidedTrace>,
     ) -> Held {
         let mut held = Held::default();
-        let mut copies = Copies::default();
         for shard in self.shards.iter().skip(part).step_by(parts.max(1)) {
             let mut shard = shard.lock();
             while let Some(Reverse((deadline, id))) = shard.deadlines.peek().copied() {
@@ -53,7 +52,7 @@ impl TraceBuffer {
                 shard.regrets.expire(cutoff);
             }
             if let Some(cutoff) = now.checked_sub(COMPACT_AFTER) {
-                shard.detach_old(cutoff, &mut copies, &self.budget);
+                shard.detach_old(cutoff, &self.budget);
             }
             held.add(&shard);
         }

@@ -436,22 +436,34 @@ impl Shard {
         self.detached_upto = self.detached_upto.saturating_sub(1);
     }
 
-    /// Detaches traces that arrived before `cutoff` and are still held.
-    fn detach_old(&mut self, cutoff: Instant, copies: &mut Copies, budget: &Arc<Budget>) {
+    /// Detaches traces that arrived before `cutoff` and are still held: the spans of each
+    /// request are copied together, into one buffer.
+    fn detach_old(&mut self, cutoff: Instant, budget: &Arc<Budget>) {
+        let mut due = Vec::new();
         while let Some(&(first_seen, id)) = self.arrivals.get(self.detached_upto) {
             if first_seen > cutoff {
                 break;
             }
-            if let Some(e) = self.traces.get_mut(&id)
+            if let Some(e) = self.traces.get(&id)
                 && e.first_seen == first_seen
                 && !e.detached
             {
-                for span in &mut e.spans {
-                    detach(span, copies, budget);
-                }
-                e.detached = true;
+                due.push(id);
             }
             self.detached_upto += 1;
+        }
+        if due.is_empty() {
+            return;
+        }
+        let mut copies = Copies::default();
+        for id in &due {
+            self.traces[id].spans.iter().for_each(|s| copies.gather(s));
+        }
+        copies.copy(budget);
+        for id in &due {
+            let e = self.traces.get_mut(id).expect("listed above");
+            e.spans.iter_mut().for_each(|s| copies.place(s));
+            e.detached = true;
         }
     }
 }
@@ -545,7 +557,7 @@ impl TraceBuffer {
             }
             return Added::Late(d, span, s.call);
         }
-        let len = span.bytes.len();
+        let len = span.len();
         let idle_timeout = self.limits.idle_timeout();
         let max_duration = self.limits.max_trace_duration();
         let root_grace = self.limits.root_grace();
@@ -586,7 +598,7 @@ impl TraceBuffer {
         }
         let mut span = span;
         if entry.detached {
-            detach(&mut span, &mut Copies::default(), &self.budget);
+            detach(&mut span, &self.budget);
         }
         entry.spans.push(span);
         entry.bytes += len;
@@ -934,7 +946,6 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use crate::otlp::reframe::Origin;
     use crate::otlp::tracestate::Threshold;
 
     fn buffer(max_traces: usize, cache: usize) -> TraceBuffer {
@@ -961,20 +972,7 @@ mod tests {
     }
 
     fn span() -> HeldSpan {
-        HeldSpan {
-            origin: Arc::new(Origin {
-                resource: Bytes::new(),
-                resource_schema_url: Bytes::new(),
-                scope: Bytes::new(),
-                scope_schema_url: Bytes::new(),
-                service: Arc::from("svc"),
-                pin: None,
-            }),
-            bytes: Bytes::from_static(b"0123456789"),
-            trace_state: None,
-            is_root: false,
-            extra: None,
-        }
+        HeldSpan::lone(Bytes::from_static(b"0123456789"), None, false)
     }
 
     fn summary(id: u8, is_root: bool) -> SpanStats {
@@ -1084,16 +1082,11 @@ mod tests {
             Arc::new(NoLlm),
         );
         let logged = |seq: u64| {
-            let mut s = span();
-            s.origin = Arc::new(Origin {
-                resource: Bytes::new(),
-                resource_schema_url: Bytes::new(),
-                scope: Bytes::new(),
-                scope_schema_url: Bytes::new(),
-                service: Arc::from("svc"),
-                pin: Some(crate::storage::LogPin::detached(seq)),
-            });
-            s
+            HeldSpan::lone(
+                Bytes::from_static(b"0123456789"),
+                Some(crate::storage::LogPin::detached(seq)),
+                false,
+            )
         };
         let t0 = Instant::now();
         let (mut ev, mut out) = (Vec::new(), Vec::new());
@@ -1278,17 +1271,21 @@ mod tests {
     #[test]
     fn traces_held_long_stop_pinning_their_request_buffer() {
         let b = buffer(1000, 1000);
-        let request = Bytes::from(vec![7u8; 4096]);
+        let request = Bytes::from((0..4096u32).map(|i| i as u8).collect::<Vec<_>>());
         let range = request.as_ptr() as usize..request.as_ptr() as usize + request.len();
-        let in_request = |s: &HeldSpan| range.contains(&(s.bytes.as_ptr() as usize));
+        let in_request = |s: &HeldSpan| range.contains(&(s.bytes().as_ptr() as usize));
+        let origin = span().origin.with_data(request.clone());
+        let of_request = |r: std::ops::Range<usize>| {
+            HeldSpan::new(origin.clone(), &request.slice(r), None, false)
+        };
         let t0 = Instant::now();
         let mut ev = Vec::new();
-        let mut held_span = span();
-        held_span.bytes = request.slice(100..200);
-        b.add(summary(1, false), held_span.clone(), t0, &mut ev);
+        b.add(summary(1, false), of_request(100..200), t0, &mut ev);
+        b.add(summary(1, false), of_request(300..350), t0, &mut ev);
+        b.add(summary(3, false), of_request(500..520), t0, &mut ev);
         b.add(
             summary(2, false),
-            held_span,
+            of_request(100..200),
             t0 + Duration::from_secs(2),
             &mut ev,
         );
@@ -1298,35 +1295,73 @@ mod tests {
             let shard = b.shard(&TraceId([1; 16])).lock();
             assert!(in_request(&shard.traces[&TraceId([1; 16])].spans[0]));
         }
-        // Past it, trace 1 owns its bytes (same content); trace 2 is still young.
+        // Past it, traces 1 and 3 own their bytes (same content); trace 2 is still young.
         b.decide_due(t0 + Duration::from_millis(2500), &mut ev);
         assert!(ev.is_empty());
-        {
+        let copied_origin = {
             let shard = b.shard(&TraceId([1; 16])).lock();
-            let s = &shard.traces[&TraceId([1; 16])].spans[0];
+            let spans = &shard.traces[&TraceId([1; 16])].spans;
+            assert!(spans.iter().all(|s| !in_request(s)));
+            assert_eq!(spans[0].bytes(), &request[100..200]);
+            assert_eq!(spans[1].bytes(), &request[300..350]);
+            // The spans of one request copied in one pass share one copy.
+            assert!(Arc::ptr_eq(&spans[0].origin, &spans[1].origin));
+            spans[0].origin.clone()
+        };
+        {
+            let shard = b.shard(&TraceId([3; 16])).lock();
+            let s = &shard.traces[&TraceId([3; 16])].spans[0];
+            assert_eq!(s.bytes(), &request[500..520]);
             assert!(!in_request(s));
-            assert_eq!(&s.bytes[..], &request[100..200]);
+            // One copy per request and shard: trace 3's span is in it when it is in
+            // trace 1's shard.
+            let with_3 = if Arc::ptr_eq(&s.origin, &copied_origin) {
+                20
+            } else {
+                0
+            };
+            assert_eq!(copied_origin.data.len(), 100 + 50 + with_3);
         }
         {
             let shard = b.shard(&TraceId([2; 16])).lock();
             assert!(in_request(&shard.traces[&TraceId([2; 16])].spans[0]));
         }
         // A later span of a detached trace is copied on arrival.
-        let mut late = span();
-        late.bytes = request.slice(0..50);
         b.add(
             summary(1, false),
-            late,
+            of_request(0..50),
             t0 + Duration::from_secs(3),
             &mut ev,
         );
         let shard = b.shard(&TraceId([1; 16])).lock();
-        assert!(
-            shard.traces[&TraceId([1; 16])]
-                .spans
-                .iter()
-                .all(|s| !in_request(s))
+        let spans = &shard.traces[&TraceId([1; 16])].spans;
+        assert!(spans.iter().all(|s| !in_request(s)));
+        assert_eq!(spans[2].bytes(), &request[0..50]);
+    }
+
+    #[test]
+    fn spans_in_the_trace_log_are_never_copied_out() {
+        let b = buffer(1000, 1000);
+        let request = Bytes::from(vec![9u8; 1024]);
+        let logged = HeldSpan::lone(
+            request.clone(),
+            Some(crate::storage::LogPin::detached(1)),
+            false,
         );
+        let t0 = Instant::now();
+        let mut ev = Vec::new();
+        b.add(summary(1, false), logged, t0, &mut ev);
+        b.decide_due(t0 + Duration::from_secs(3), &mut ev);
+        let shard = b.shard(&TraceId([1; 16])).lock();
+        assert_eq!(
+            shard.traces[&TraceId([1; 16])].spans[0].bytes().as_ptr(),
+            request.as_ptr()
+        );
+    }
+
+    #[test]
+    fn a_held_span_takes_32_bytes() {
+        assert_eq!(std::mem::size_of::<HeldSpan>(), 32);
     }
 
     #[test]
@@ -1391,17 +1426,5 @@ mod tests {
         assert_eq!(ev[0].trace_id, TraceId([first; 16]));
         assert_eq!(ev[0].reason, DecideReason::Pressure);
         assert_eq!(b.held().traces, 1);
-    }
-}
-#[cfg(test)]
-mod size_probe {
-    #[test]
-    fn sizes() {
-        eprintln!("HeldSpan {}", std::mem::size_of::<crate::otlp::reframe::HeldSpan>());
-        eprintln!("CallSpan {}", std::mem::size_of::<crate::llm::CallSpan>());
-        eprintln!("TraceSummary {}", std::mem::size_of::<crate::sampling::TraceSummary>());
-        eprintln!("TraceEntry {}", std::mem::size_of::<super::TraceEntry>());
-        eprintln!("SpanStats {}", std::mem::size_of::<super::SpanStats>());
-        eprintln!("TSField {}", std::mem::size_of::<crate::otlp::scan::TraceStateField>());
     }
 }

@@ -171,7 +171,7 @@ fn wire_bytes(spans: &[HeldSpan]) -> usize {
 }
 
 pub(super) fn span_wire_bytes(s: &HeldSpan) -> usize {
-    s.bytes.len() + s.origin.resource.len() + s.origin.scope.len() + 32
+    s.len() + s.origin.resource.len() + s.origin.scope.len() + 32
 }
 
 /// How many of the first spans make one batch within the span and byte bounds (at least

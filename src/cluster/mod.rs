@@ -405,7 +405,7 @@ impl Cluster {
     pub fn count_split(&self, spans: &[HeldSpan], reason: &str, peer: &str) {
         let traces: HashSet<TraceId> = spans
             .iter()
-            .filter_map(|s| crate::otlp::scan::trace_id(&s.bytes))
+            .filter_map(|s| crate::otlp::scan::trace_id(s.bytes()))
             .collect();
         if let Some(example) = traces.iter().next() {
             self.metrics
@@ -704,20 +704,7 @@ mod tests {
 
     /// A span of `n` bytes, as held and forwarded.
     pub(super) fn held_span(n: usize) -> HeldSpan {
-        HeldSpan {
-            origin: Arc::new(crate::otlp::reframe::Origin {
-                resource: Bytes::new(),
-                resource_schema_url: Bytes::new(),
-                scope: Bytes::new(),
-                scope_schema_url: Bytes::new(),
-                service: Arc::from("s"),
-                pin: None,
-            }),
-            bytes: Bytes::from(vec![0u8; n]),
-            trace_state: None,
-            is_root: false,
-            extra: None,
-        }
+        HeldSpan::lone(Bytes::from(vec![0u8; n]), None, false)
     }
 
     /// A peer that hangs: it accepts connections and never answers (a frozen node).

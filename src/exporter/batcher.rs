@@ -49,7 +49,7 @@ impl Logged {
                 .origin
                 .pin
                 .as_ref()
-                .and_then(|pin| Some((pin, scan::trace_id(&k.span.bytes)?)))
+                .and_then(|pin| Some((pin, scan::trace_id(k.span.bytes())?)))
             else {
                 out.unlogged += 1;
                 continue;
@@ -178,8 +178,7 @@ impl Batcher {
         );
         let mut closed = false;
         for k in spans {
-            let own =
-                k.span.bytes.len() + k.span.extra.as_ref().map_or(0, |e| e.len()) + SPAN_FRAMING;
+            let own = k.span.len() + k.extra.as_ref().map_or(0, |e| e.len()) + SPAN_FRAMING;
             let key = Arc::as_ptr(&k.span.origin) as usize;
             let origin = &k.span.origin;
             let origin_bytes = origin.resource.len()

@@ -214,12 +214,12 @@ impl ExportQueue {
             Appended::Full => {
                 let mut lost = 0;
                 let by_trace = |a: &KeptSpan, b: &KeptSpan| {
-                    scan::trace_id(&a.span.bytes) == scan::trace_id(&b.span.bytes)
+                    scan::trace_id(a.span.bytes()) == scan::trace_id(b.span.bytes())
                 };
                 for trace in spans.chunk_by(by_trace) {
                     // Its spans' bytes alone are a lower bound of its request: no need to
                     // encode what cannot fit.
-                    let least: usize = trace.iter().map(|k| k.span.bytes.len()).sum();
+                    let least: usize = trace.iter().map(|k| k.span.len()).sum();
                     if least + wal::RECORD_HEADER > self.disk_room().unwrap_or(0) {
                         lost += trace.len();
                         continue;
@@ -467,7 +467,11 @@ mod tests {
     /// `n` kept spans of `size` bytes each (a valid span: trace id, then padding in the
     /// name field), under one resource.
     fn kept(n: usize, size: usize) -> Vec<KeptSpan> {
+        let mut span = b"\x0a\x10aaaaaaaaaaaaaaaa".to_vec();
+        crate::otlp::wire::put_len_field(&mut span, 5, &vec![b'x'; size.saturating_sub(24)]);
+        let span = Bytes::from(span);
         let origin = Arc::new(Origin {
+            data: span.clone(),
             resource: Bytes::from_static(b"\x0a\x00"),
             resource_schema_url: Bytes::new(),
             scope: Bytes::new(),
@@ -475,19 +479,12 @@ mod tests {
             service: Arc::from("svc"),
             pin: None,
         });
-        let mut span = b"\x0a\x10aaaaaaaaaaaaaaaa".to_vec();
-        crate::otlp::wire::put_len_field(&mut span, 5, &vec![b'x'; size.saturating_sub(24)]);
-        let span = Bytes::from(span);
         (0..n)
-            .map(|_| KeptSpan {
-                span: HeldSpan {
-                    origin: origin.clone(),
-                    bytes: span.clone(),
-                    trace_state: None,
-                    is_root: false,
-                    extra: None,
-                },
-                threshold: Threshold::ALWAYS,
+            .map(|_| {
+                KeptSpan::new(
+                    HeldSpan::new(origin.clone(), &span, None, false),
+                    Threshold::ALWAYS,
+                )
             })
             .collect()
     }
@@ -534,9 +531,9 @@ mod tests {
         (0..traces)
             .flat_map(|t| {
                 kept(spans, size).into_iter().map(move |mut k| {
-                    let mut bytes = k.span.bytes.to_vec();
+                    let mut bytes = k.span.bytes().to_vec();
                     bytes[2] = t;
-                    k.span.bytes = Bytes::from(bytes);
+                    k.span = k.span.with_bytes(Bytes::from(bytes), None);
                     k
                 })
             })

@@ -374,7 +374,7 @@ impl Settle for LlmObserver {
     fn recall(&self, span: &HeldSpan) -> Option<CallSpan> {
         let mut strings = super::Strings::default();
         super::call::recall(
-            &span.bytes,
+            span.bytes(),
             &span.origin.scope,
             &span.origin.service,
             &self.pricing,

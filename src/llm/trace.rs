@@ -55,7 +55,7 @@ pub fn recall_all(settle: &dyn Settle, spans: &[HeldSpan], calls: &[u32]) -> Vec
 pub fn links(spans: &[HeldSpan]) -> Vec<([u8; 8], [u8; 8])> {
     spans
         .iter()
-        .filter_map(|s| crate::otlp::scan::span_link(&s.bytes))
+        .filter_map(|s| crate::otlp::scan::span_link(s.bytes()))
         .collect()
 }
 

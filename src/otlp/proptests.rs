@@ -189,6 +189,7 @@ fn origin(n: u8) -> Arc<Origin> {
         ..Default::default()
     };
     Arc::new(Origin {
+        data: Bytes::new(),
         resource: Bytes::from(resource.encode_to_vec()),
         resource_schema_url: Bytes::from(if n.is_multiple_of(2) {
             ""
@@ -350,10 +351,9 @@ proptest! {
             let r = crate::otlp::TraceId([7; 16]).randomness();
             span.trace_state = String::from_utf8(with_threshold(span.trace_state.as_bytes(), threshold, || r)).unwrap();
             expected.push((o, span));
-            kept.push(KeptSpan {
-                span: HeldSpan { origin: origins[o as usize].clone(), bytes, trace_state: facts.trace_state, is_root: false, extra: None },
-                threshold,
-            });
+            // Not a slice of its origin's buffer: each span gets an origin of its own,
+            // with the same resource and scope, and is still grouped under them.
+            kept.push(KeptSpan::new(HeldSpan::new(origins[o as usize].clone(), &bytes, facts.trace_state, false), threshold));
         }
         let out = ExportTraceServiceRequest::decode(encode_request(&kept)).unwrap();
         let mut got: Vec<(u8, Span)> = Vec::new();

@@ -25,6 +25,9 @@ const SPAN_TRACE_STATE: u32 = 3;
 /// span of one `ScopeSpans`; the bytes are slices of the original request.
 #[derive(Debug)]
 pub struct Origin {
+    /// The buffer its spans' bytes are in: the request (the trace log's copy of it, with a
+    /// log) or, for spans copied or rewritten apart from their request, their copies.
+    pub data: Bytes,
     pub resource: Bytes,
     pub resource_schema_url: Bytes,
     pub scope: Bytes,
@@ -37,24 +40,123 @@ pub struct Origin {
     pub pin: Option<crate::storage::LogPin>,
 }
 
-/// A span held for a decision: its raw bytes and where its tracestate sits.
+impl Origin {
+    /// The same resource and scope, its spans' bytes in `data`.
+    pub fn with_data(&self, data: Bytes) -> Arc<Origin> {
+        Arc::new(Origin {
+            data,
+            resource: self.resource.clone(),
+            resource_schema_url: self.resource_schema_url.clone(),
+            scope: self.scope.clone(),
+            scope_schema_url: self.scope_schema_url.clone(),
+            service: self.service.clone(),
+            pin: self.pin.clone(),
+        })
+    }
+
+    /// What spans exported together are grouped by: the same resource and scope (the
+    /// same bytes, not equal ones) share one `ResourceSpans`/`ScopeSpans`.
+    fn group_key(&self) -> [(usize, usize); 4] {
+        let at = |b: &Bytes| (b.as_ptr() as usize, b.len());
+        [
+            at(&self.resource),
+            at(&self.resource_schema_url),
+            at(&self.scope),
+            at(&self.scope_schema_url),
+        ]
+    }
+}
+
+/// A span held for a decision: where its bytes are in its origin's buffer, and where its
+/// tracestate sits. 32 bytes: a million held spans cost 32 MB beside their bytes (which,
+/// with the trace log, are the page cache's).
 #[derive(Debug, Clone)]
 pub struct HeldSpan {
     pub origin: Arc<Origin>,
-    pub bytes: Bytes,
+    at: u32,
+    len: u32,
     pub trace_state: Option<TraceStateField>,
     /// The trace's root (empty parent span id): where roll-ups go.
     pub is_root: bool,
-    /// Encoded fields appended to the span on export (roll-up attributes; roots only, so
-    /// boxed to keep every other held span small).
-    pub extra: Option<Box<Bytes>>,
 }
 
 impl HeldSpan {
+    /// A span of `origin`: `span` is a slice of `origin.data` (a span that is not is given
+    /// an origin of its own, with the same resource and scope).
+    pub fn new(
+        origin: Arc<Origin>,
+        span: &Bytes,
+        trace_state: Option<TraceStateField>,
+        is_root: bool,
+    ) -> HeldSpan {
+        let at = (span.as_ptr() as usize).wrapping_sub(origin.data.as_ptr() as usize);
+        let inside = at
+            .checked_add(span.len())
+            .is_some_and(|end| end <= origin.data.len() && end <= u32::MAX as usize);
+        let (origin, at) = if inside {
+            (origin, at)
+        } else {
+            (origin.with_data(span.clone()), 0)
+        };
+        HeldSpan {
+            origin,
+            at: at as u32,
+            len: span.len() as u32,
+            trace_state,
+            is_root,
+        }
+    }
+
+    /// The span as it arrived.
+    pub fn bytes(&self) -> &[u8] {
+        &self.origin.data[self.at as usize..][..self.len as usize]
+    }
+
+    /// The span as it arrived, sharing its origin's buffer.
+    pub fn shared_bytes(&self) -> Bytes {
+        let at = self.at as usize;
+        self.origin.data.slice(at..at + self.len as usize)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The same span with other bytes (rewritten or copied), in an origin of their own.
+    pub fn with_bytes(&self, bytes: Bytes, trace_state: Option<TraceStateField>) -> HeldSpan {
+        HeldSpan {
+            origin: self.origin.with_data(bytes.clone()),
+            at: 0,
+            len: bytes.len() as u32,
+            trace_state,
+            is_root: self.is_root,
+        }
+    }
+
+    /// A span under an empty resource and scope of service `svc`, its origin's buffer its
+    /// bytes alone (unit tests).
+    #[cfg(test)]
+    pub fn lone(bytes: Bytes, pin: Option<crate::storage::LogPin>, is_root: bool) -> HeldSpan {
+        let origin = Arc::new(Origin {
+            data: bytes.clone(),
+            resource: Bytes::new(),
+            resource_schema_url: Bytes::new(),
+            scope: Bytes::new(),
+            scope_schema_url: Bytes::new(),
+            service: Arc::from("svc"),
+            pin,
+        });
+        HeldSpan::new(origin, &bytes, None, is_root)
+    }
+
     fn trace_state_value(&self) -> &[u8] {
         self.trace_state
             .as_ref()
-            .map_or(&[][..], |ts| &self.bytes[ts.value()])
+            .map_or(&[][..], |ts| &self.bytes()[ts.value()])
     }
 }
 
@@ -63,6 +165,19 @@ impl HeldSpan {
 pub struct KeptSpan {
     pub span: HeldSpan,
     pub threshold: Threshold,
+    /// Encoded fields appended to the span on export (the root's roll-up attributes and
+    /// sampling reason; boxed to keep every other span small).
+    pub extra: Option<Box<Bytes>>,
+}
+
+impl KeptSpan {
+    pub fn new(span: HeldSpan, threshold: Threshold) -> KeptSpan {
+        KeptSpan {
+            span,
+            threshold,
+            extra: None,
+        }
+    }
 }
 
 fn len_field_size(field: u32, len: usize) -> usize {
@@ -123,7 +238,7 @@ impl FreshTraceStates {
 }
 
 fn plan<'a>(kept: &'a KeptSpan, fresh: &'a FreshTraceStates) -> SpanPlan<'a> {
-    let bytes = &kept.span.bytes[..];
+    let bytes = kept.span.bytes();
     let trace_state = match (&kept.span.trace_state, fresh.get(kept.threshold)) {
         (None, Some(ts)) => Cow::Borrowed(ts),
         _ => Cow::Owned(with_threshold(
@@ -133,7 +248,7 @@ fn plan<'a>(kept: &'a KeptSpan, fresh: &'a FreshTraceStates) -> SpanPlan<'a> {
             || super::scan::trace_id(bytes).map_or(0, |id| id.randomness()),
         )),
     };
-    let extra = kept.span.extra.as_deref().map_or(&[][..], |b| &b[..]);
+    let extra = kept.extra.as_deref().map_or(&[][..], |b| &b[..]);
     match &kept.span.trace_state {
         Some(ts) => SpanPlan {
             before: &bytes[..ts.field().start],
@@ -165,7 +280,7 @@ pub fn encode_verbatim(spans: &[HeldSpan]) -> Bytes {
         (
             &s.origin,
             SpanPlan {
-                before: &s.bytes[..],
+                before: s.bytes(),
                 after: &[],
                 trace_state: Cow::Borrowed(&[][..]),
                 extra: &[],
@@ -184,6 +299,7 @@ pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
     for rs in decoded.resource_spans {
         for ss in rs.scope_spans {
             let origin = Arc::new(Origin {
+                data: request.clone(),
                 resource: rs.resource.clone(),
                 resource_schema_url: rs.schema_url.clone(),
                 scope: ss.scope,
@@ -191,13 +307,11 @@ pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
                 service: Arc::from(""),
                 pin: None,
             });
-            spans.extend(ss.spans.into_iter().map(|bytes| HeldSpan {
-                origin: origin.clone(),
-                bytes,
-                trace_state: None,
-                is_root: false,
-                extra: None,
-            }));
+            spans.extend(
+                ss.spans
+                    .iter()
+                    .map(|bytes| HeldSpan::new(origin.clone(), bytes, None, false)),
+            );
         }
     }
     if spans.len() < 2 {
@@ -213,10 +327,11 @@ pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
 fn encode_plans<'a>(items: impl Iterator<Item = (&'a Arc<Origin>, SpanPlan<'a>)>) -> Bytes {
     // Group by origin in first-seen order; a map keeps this linear when a batch gathers
     // spans from thousands of small requests.
-    let mut index: HashMap<*const Origin, usize, foldhash::fast::RandomState> = HashMap::default();
+    let mut index: HashMap<[(usize, usize); 4], usize, foldhash::fast::RandomState> =
+        HashMap::default();
     let mut groups: Vec<(&Arc<Origin>, Vec<SpanPlan<'_>>)> = Vec::new();
     for (origin, plan) in items {
-        let i = *index.entry(Arc::as_ptr(origin)).or_insert_with(|| {
+        let i = *index.entry(origin.group_key()).or_insert_with(|| {
             groups.push((origin, Vec::new()));
             groups.len() - 1
         });

@@ -175,7 +175,9 @@ pub struct SpanFacts {
 pub struct TraceStateField {
     field_start: u32,
     value_start: u32,
-    end: u32,
+    /// Never zero (the field's key comes before it): `Option<TraceStateField>` takes no
+    /// more room than the field, and so every held span stays at 32 bytes.
+    end: std::num::NonZeroU32,
 }
 
 impl TraceStateField {
@@ -183,17 +185,17 @@ impl TraceStateField {
         TraceStateField {
             field_start: field_start as u32,
             value_start: value_start as u32,
-            end: end as u32,
+            end: std::num::NonZeroU32::new(end as u32).unwrap_or(std::num::NonZeroU32::MIN),
         }
     }
 
     /// The whole field: key, length and value.
     pub fn field(&self) -> Range<usize> {
-        self.field_start as usize..self.end as usize
+        self.field_start as usize..self.end.get() as usize
     }
 
     pub fn value(&self) -> Range<usize> {
-        self.value_start as usize..self.end as usize
+        self.value_start as usize..self.end.get() as usize
     }
 }
 

@@ -18,7 +18,7 @@ impl Pipeline {
         let Some(redactor) = &self.redactor else {
             return Some(span);
         };
-        let rewritten = match redactor.rewrite(&span.bytes) {
+        let rewritten = match redactor.rewrite(span.bytes()) {
             Ok(None) => return Some(span),
             Ok(Some(bytes)) => scan::trace_state_field(&bytes)
                 .map(|trace_state| (bytes, trace_state))
@@ -26,11 +26,9 @@ impl Pipeline {
             Err(_) => Err(Reject::Malformed),
         };
         match rewritten {
-            Ok((bytes, trace_state)) => Some(HeldSpan {
-                bytes: self.budget.charge(Bytes::from(bytes)),
-                trace_state,
-                ..span
-            }),
+            Ok((bytes, trace_state)) => {
+                Some(span.with_bytes(self.budget.charge(Bytes::from(bytes)), trace_state))
+            }
             Err(_) => {
                 self.count_lost_everywhere(Loss::RedactionFailed, 1);
                 None
@@ -91,7 +89,7 @@ impl Pipeline {
                 dropped_spans += trace.spans.len() as u64;
                 continue;
             }
-            let mut spans = trace.spans;
+            let spans = trace.spans;
             if self.recent_kept.is_some() {
                 listed.push(kept_trace(
                     &trace.trace_id,
@@ -101,7 +99,14 @@ impl Pipeline {
                     &spans,
                 ));
             }
-            if let Some(root) = spans.iter_mut().find(|s| s.is_root) {
+            let from = kept.len();
+            kept.extend(
+                spans
+                    .into_iter()
+                    .filter_map(|span| self.redacted(span))
+                    .map(|span| KeptSpan::new(span, decision.export_threshold())),
+            );
+            if let Some(root) = kept[from..].iter_mut().find(|k| k.span.is_root) {
                 let mut extra = Vec::with_capacity(256);
                 explain(&mut extra, &decision, trace.reason);
                 if self.rollup {
@@ -109,15 +114,6 @@ impl Pipeline {
                 }
                 root.extra = Some(Box::new(Bytes::from(extra)));
             }
-            kept.extend(
-                spans
-                    .into_iter()
-                    .filter_map(|span| self.redacted(span))
-                    .map(|span| KeptSpan {
-                        span,
-                        threshold: decision.export_threshold(),
-                    }),
-            );
             if kept.len() >= SUBMIT_SPANS {
                 self.submit(std::mem::take(&mut kept));
             }

@@ -327,6 +327,7 @@ impl Pipeline {
                                 .get_or_insert_with(|| service_label(&rs.resource))
                                 .clone();
                             Arc::new(Origin {
+                                data: request.clone(),
                                 resource: rs.resource.clone(),
                                 resource_schema_url: rs.schema_url.clone(),
                                 scope: ss.scope.clone(),
@@ -363,13 +364,8 @@ impl Pipeline {
                         }
                     });
                     if let Some(key) = to {
-                        let held = HeldSpan {
-                            origin: origin.clone(),
-                            bytes: span,
-                            trace_state: facts.trace_state,
-                            is_root: facts.is_root,
-                            extra: None,
-                        };
+                        let held =
+                            HeldSpan::new(origin.clone(), &span, facts.trace_state, facts.is_root);
                         match forwards.iter_mut().find(|(k, _)| *k == key) {
                             Some((_, spans)) => spans.push(held),
                             None => forwards.push((key, vec![held])),
@@ -440,13 +436,8 @@ impl Pipeline {
                         handed: peer.and_then(|p| p.handoff.get(&facts.trace_id).copied()),
                     };
                     let handed = stats.handed.is_some();
-                    let held = HeldSpan {
-                        origin: origin.clone(),
-                        bytes: span,
-                        trace_state: facts.trace_state,
-                        is_root: facts.is_root,
-                        extra: None,
-                    };
+                    let held =
+                        HeldSpan::new(origin.clone(), &span, facts.trace_state, facts.is_root);
                     match self.buffer.add(stats, held, now, &mut evicted) {
                         Added::Late(decision, span, _) if replaying => {
                             let replay = replay.as_ref().expect("replaying");
@@ -541,10 +532,7 @@ impl Pipeline {
             .with_label_values(&[disposition])
             .inc();
         if send && let Some(span) = self.redacted(span) {
-            self.submit(vec![KeptSpan {
-                span,
-                threshold: decision.export_threshold(),
-            }]);
+            self.submit(vec![KeptSpan::new(span, decision.export_threshold())]);
         }
     }
 
@@ -554,10 +542,7 @@ impl Pipeline {
         self.metrics.late_spans.with_label_values(&[label]).inc();
         if decision.exports() {
             if let Some(span) = self.redacted(span) {
-                self.submit(vec![KeptSpan {
-                    span,
-                    threshold: decision.export_threshold(),
-                }]);
+                self.submit(vec![KeptSpan::new(span, decision.export_threshold())]);
             }
         } else {
             self.metrics

@@ -45,7 +45,7 @@ impl Pipeline {
                     continue;
                 }
             };
-            let request = Bytes::from(record.payload);
+            let request = record.payload;
             for rs in request::resource_spans(&request) {
                 for ss in rs.scope_spans() {
                     let mut origin: Option<Arc<Origin>> = None;
@@ -59,6 +59,7 @@ impl Pipeline {
                         let origin = origin
                             .get_or_insert_with(|| {
                                 Arc::new(Origin {
+                                    data: request.clone(),
                                     resource: rs.resource.clone(),
                                     resource_schema_url: rs.schema_url.clone(),
                                     scope: ss.scope.clone(),
@@ -68,18 +69,23 @@ impl Pipeline {
                                 })
                             })
                             .clone();
-                        spans.push(HeldSpan {
+                        spans.push(HeldSpan::new(
                             origin,
-                            bytes: span,
-                            trace_state: facts.trace_state,
-                            is_root: facts.is_root,
-                            extra: None,
-                        });
+                            &span,
+                            facts.trace_state,
+                            facts.is_root,
+                        ));
                     }
                 }
             }
         }
-        if let Some(root) = spans.iter_mut().find(|s| s.is_root) {
+        let threshold = r.decision.export_threshold();
+        let mut kept: Vec<KeptSpan> = spans
+            .into_iter()
+            .filter_map(|span| self.redacted(span))
+            .map(|span| KeptSpan::new(span, threshold))
+            .collect();
+        if let Some(root) = kept.iter_mut().find(|k| k.span.is_root) {
             let mut extra = Vec::with_capacity(256);
             dispatch::explain(&mut extra, &r.decision, DecideReason::Regret);
             if self.rollup {
@@ -87,12 +93,6 @@ impl Pipeline {
             }
             root.extra = Some(Box::new(Bytes::from(extra)));
         }
-        let threshold = r.decision.export_threshold();
-        let kept: Vec<KeptSpan> = spans
-            .into_iter()
-            .filter_map(|span| self.redacted(span))
-            .map(|span| KeptSpan { span, threshold })
-            .collect();
         self.submit(kept);
     }
 }

@@ -357,12 +357,12 @@ impl SpanTests {
     ) -> u64 {
         let mut bits = 0;
         for held in spans {
-            let Ok(facts) = scan_span(&held.bytes, &self.keys(base)) else {
+            let Ok(facts) = scan_span(held.bytes(), &self.keys(base)) else {
                 continue;
             };
             let origin = self.origin_bits(&held.origin.resource, &held.origin.scope);
-            let model = model(&held.bytes, &facts);
-            bits |= self.span_bits(&held.bytes, &facts, origin, model.as_deref());
+            let model = model(held.bytes(), &facts);
+            bits |= self.span_bits(held.bytes(), &facts, origin, model.as_deref());
         }
         bits
     }
@@ -1032,20 +1032,7 @@ mod tests {
             SpanKind::Internal,
             0,
         );
-        let held = crate::otlp::reframe::HeldSpan {
-            origin: Arc::new(crate::otlp::reframe::Origin {
-                resource: bytes::Bytes::new(),
-                resource_schema_url: bytes::Bytes::new(),
-                scope: bytes::Bytes::new(),
-                scope_schema_url: bytes::Bytes::new(),
-                service: Arc::from("s"),
-                pin: None,
-            }),
-            bytes: bytes::Bytes::from(span),
-            trace_state: None,
-            is_root: true,
-            extra: None,
-        };
+        let held = crate::otlp::reframe::HeldSpan::lone(bytes::Bytes::from(span), None, true);
         let no_model = |_: &[u8], _: &SpanFacts| None;
         let conventions = crate::llm::Conventions;
         let old_bits = old

@@ -62,7 +62,11 @@ pub fn segment_first_seq(path: &Path) -> Option<u64> {
 /// The record at `offset` of a mapped segment whose payload is `len` bytes, its CRC checked;
 /// the payload is a slice of the mapping.
 pub fn read_at(segment: &Arc<SegmentId>, offset: u64, len: u32) -> io::Result<Record> {
-    let damaged = || io::Error::other(format!("the trace log's record at offset {offset} is damaged"));
+    let damaged = || {
+        io::Error::other(format!(
+            "the trace log's record at offset {offset} is damaged"
+        ))
+    };
     let start = usize::try_from(offset).map_err(|_| damaged())?;
     let data = segment.mapped();
     let end = start + HEADER + len as usize;

@@ -46,7 +46,8 @@ pub fn scan_span(data: &[u8]) {
 /// that splits into exactly the spans kept, each carrying the threshold it was kept with,
 /// and it decodes wherever the input did.
 pub fn split_and_reframe(data: &[u8]) {
-    let Ok(request) = view::ExportTraceServiceRequest::decode(Bytes::copy_from_slice(data)) else {
+    let data = Bytes::copy_from_slice(data);
+    let Ok(request) = view::ExportTraceServiceRequest::decode(data.clone()) else {
         return;
     };
     let threshold = Threshold::from_probability(0.25);
@@ -54,6 +55,7 @@ pub fn split_and_reframe(data: &[u8]) {
     for rs in request.resource_spans {
         for ss in rs.scope_spans {
             let origin = Arc::new(Origin {
+                data: data.clone(),
                 resource: rs.resource.clone(),
                 resource_schema_url: rs.schema_url.clone(),
                 scope: ss.scope,
@@ -65,16 +67,10 @@ pub fn split_and_reframe(data: &[u8]) {
                 let Ok(facts) = scan::scan_span(&span, &Conventions) else {
                     continue;
                 };
-                kept.push(KeptSpan {
-                    span: HeldSpan {
-                        origin: origin.clone(),
-                        bytes: span,
-                        trace_state: facts.trace_state,
-                        is_root: facts.is_root,
-                        extra: None,
-                    },
+                kept.push(KeptSpan::new(
+                    HeldSpan::new(origin.clone(), &span, facts.trace_state, facts.is_root),
                     threshold,
-                });
+                ));
             }
         }
     }
@@ -90,7 +86,7 @@ pub fn split_and_reframe(data: &[u8]) {
     assert_eq!(spans.len(), kept.len());
     for (span, k) in spans.iter().zip(&kept) {
         let facts = scan::scan_span(span, &Conventions).expect("a re-framed span scans");
-        let original = scan::scan_span(&k.span.bytes, &Conventions).expect("scanned before");
+        let original = scan::scan_span(k.span.bytes(), &Conventions).expect("scanned before");
         assert_eq!(facts.trace_id, original.trace_id);
         let ts = String::from_utf8_lossy(facts.trace_state(span)).into_owned();
         assert!(ts.contains("ot=th:"), "threshold written: {ts:?}");
