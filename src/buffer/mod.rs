@@ -258,7 +258,9 @@ struct TraceEntry {
 }
 
 struct Shard {
-    traces: HashMap<TraceId, TraceEntry>,
+    /// Entries boxed: a map's slots are sized for its capacity, not its traces, and a
+    /// pointer wastes less there than a whole entry.
+    traces: HashMap<TraceId, Box<TraceEntry>>,
     /// Deadlines; an entry whose time no longer equals its trace's deadline is stale.
     deadlines: BinaryHeap<Reverse<(Instant, TraceId)>>,
     /// Traces in arrival order, for deciding the oldest first under pressure; entries of
@@ -569,7 +571,7 @@ impl TraceBuffer {
         let first_seen = s.handed.and_then(|h| now.checked_sub(h.age)).unwrap_or(now);
         let entry = shard.traces.entry(s.trace_id).or_insert_with(|| {
             is_new = true;
-            TraceEntry {
+            Box::new(TraceEntry {
                 first_seen,
                 deadline: if s.handed.is_some() {
                     now + idle_timeout
@@ -582,7 +584,7 @@ impl TraceBuffer {
                 calls: Vec::new(),
                 bytes: 0,
                 detached: false,
-            }
+            })
         });
         // Busy: the idle deadline moves on with every span until the root ends it (a
         // handed-off trace waits for the deadline it was handed with).
