@@ -122,8 +122,8 @@ pub async fn run(
 
     // The trace log, opened (and the directory locked) before anything is taken; what it
     // holds from before is replayed once the pipeline stands.
-    let (log, replay) = match cfg.storage.directory.clone() {
-        Some(dir) => {
+    let (log, replay) = match cfg.storage.enabled() {
+        true => {
             let storage = cfg.storage.clone();
             let m = crate::storage::StorageMetrics {
                 bytes: metrics.storage_bytes.clone(),
@@ -137,11 +137,14 @@ pub async fn run(
             };
             let (log, replay) = tokio::task::spawn_blocking(move || TraceLog::open(&storage, m))
                 .await?
-                .with_context(|| format!("storage.directory {}", dir.display()))?;
+                .with_context(|| match &cfg.storage.directory {
+                    Some(dir) => format!("storage.directory {}", dir.display()),
+                    None => "storage.memory".to_owned(),
+                })?;
             let _ = storage_failing.set(log.failing_flag());
             (Some(Arc::new(log)), Some(replay))
         }
-        None => (None, None),
+        false => (None, None),
     };
     let budget = Budget::new();
     let control = ExporterControl::default();
@@ -488,9 +491,10 @@ pub(crate) fn buffer_limits(cfg: &Config, decision_cache_size: usize) -> BufferL
         decision_cache_size,
         max_spans_per_trace: cfg.limits.max_spans_per_trace,
         // Only spans in the log can be read back.
-        regret_window: match cfg.storage.directory {
-            Some(_) => cfg.storage.regret_window.0,
-            None => Duration::ZERO,
+        regret_window: if cfg.storage.enabled() {
+            cfg.storage.regret_window.0
+        } else {
+            Duration::ZERO
         },
         max_regret_traces: cfg.storage.max_regret_traces,
     }

@@ -230,8 +230,8 @@ impl Config {
                 ],
                 None => vec!["exporter".into(), "queue".into(), "directory".into()],
             };
-            if cfg.storage.directory.is_some() {
-                report(path, "storage.directory holds every accepted span until it is delivered, kept traces included: remove this separate write-ahead log".into(), &mut problems);
+            if cfg.storage.enabled() {
+                report(path, "the trace log (storage.directory or storage.memory) holds every accepted span until it is delivered, kept traces included: remove this separate write-ahead log".into(), &mut problems);
             } else {
                 cfg.warnings.push(Problem {
                     line: locator.line(&path),

@@ -346,3 +346,34 @@ receiver:
         "{errs:#?}"
     );
 }
+
+#[test]
+fn storage_in_memory_needs_a_bound_and_excludes_a_directory_and_the_old_queue() {
+    let ok = Config::parse(
+        "exporter:\n  file: {path: x}\nstorage:\n  memory: true\n  max_disk_bytes: 256MiB\n",
+    )
+    .unwrap();
+    assert!(ok.storage.enabled() && ok.storage.directory.is_none());
+    let errs = Config::parse("exporter:\n  file: {path: x}\nstorage:\n  memory: true\n")
+        .unwrap_err()
+        .0;
+    assert!(
+        errs.iter()
+            .any(|p| p.path == "storage.memory" && p.message.contains("max_disk_bytes")),
+        "{errs:?}"
+    );
+    let errs = Config::parse(
+        "exporter:\n  file: {path: x}\n  queue: {directory: /tmp/q}\nstorage:\n  memory: true\n  directory: /tmp/l\n  max_disk_bytes: 1GiB\n",
+    )
+    .unwrap_err()
+    .0;
+    assert!(
+        errs.iter()
+            .any(|p| p.path == "storage.memory" && p.message.contains("not both")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|p| p.path == "exporter.queue.directory"),
+        "{errs:?}"
+    );
+}

@@ -359,7 +359,13 @@ impl Settle for LlmObserver {
             return;
         }
         let calls = super::trace::recall_all(self, spans, calls);
-        for counted in resolve(calls, &super::trace::links(spans)) {
+        // The trace's shape matters only to tell layers of several LLM spans apart.
+        let links = if calls.len() > 1 {
+            super::trace::links(spans)
+        } else {
+            Vec::new()
+        };
+        for counted in resolve(calls, &links) {
             match counted {
                 Counted::Call(call, service) => {
                     summary.count(&self.observe(&service, &call, now), true);

@@ -54,6 +54,10 @@ pub struct StorageConfig {
     /// The log's segment files. Without it, nothing is written: what is held is lost
     /// with the process.
     pub directory: Option<PathBuf>,
+    /// The log's segments in anonymous memory instead (memfd), through the same code:
+    /// spans are held as slices of it, the export queue waits on it; nothing survives
+    /// the process. Bounded by `max_disk_bytes`, which it requires.
+    pub memory: bool,
     pub sync: SyncPolicy,
     /// The most the log may take on disk, bookkeeping included. Default: 80% of the
     /// filesystem's size; never more than its free space allows (less a margin).
@@ -73,6 +77,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             directory: None,
+            memory: false,
             sync: SyncPolicy::Every(DEFAULT_SYNC_INTERVAL),
             max_disk_bytes: None,
             segment_bytes: ByteSize(DEFAULT_SEGMENT_BYTES),
@@ -84,8 +89,26 @@ impl Default for StorageConfig {
 }
 
 impl StorageConfig {
+    /// Whether there is a trace log (on disk or in memory).
+    pub fn enabled(&self) -> bool {
+        self.directory.is_some() || self.memory
+    }
+
     pub fn validate(&self) -> Vec<(String, String)> {
         let mut p = Vec::new();
+        if self.memory && self.directory.is_some() {
+            p.push((
+                "memory".into(),
+                "set either storage.directory (the log on disk) or storage.memory, not both"
+                    .into(),
+            ));
+        }
+        if self.memory && self.max_disk_bytes.is_none() {
+            p.push((
+                "memory".into(),
+                "needs storage.max_disk_bytes: the memory the log's segments may take (count it in the container's limit beside limits.max_buffer_bytes)".into(),
+            ));
+        }
         if let SyncPolicy::Every(d) = self.sync
             && d.is_zero()
         {

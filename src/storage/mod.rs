@@ -158,12 +158,23 @@ impl Shared {
 }
 
 pub struct TraceLog {
-    dir: PathBuf,
+    /// None: in memory.
+    dir: Option<PathBuf>,
     commands: std::sync::mpsc::Sender<Command>,
     shared: Arc<Shared>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Held while the process runs: a second process on the directory is refused.
-    _lock: File,
+    _lock: Option<File>,
+}
+
+/// What `open` found: segments on disk, the marks file (open, and its length), the bytes
+/// the log takes, its bound, and the next sequence number.
+struct Found {
+    segments: Vec<writer::Segment>,
+    marks: (File, u64),
+    used: u64,
+    limit: u64,
+    next_seq: u64,
 }
 
 /// What a start finds in the log: the segments to replay, oldest first, and the marks.
@@ -240,17 +251,32 @@ fn bound(max_disk: Option<u64>, used: u64, (size, free): (u64, u64)) -> u64 {
 }
 
 impl TraceLog {
-    /// Opens the log in `cfg.directory` (creating it), taking its lock; returns it and what
-    /// it holds from before.
+    /// Opens the log in `cfg.directory` (creating it), taking its lock, or in memory
+    /// (`cfg.memory`: empty, nothing to replay); returns it and what it holds from before.
     pub fn open(
         cfg: &StorageConfig,
         metrics: StorageMetrics,
     ) -> anyhow::Result<(TraceLog, Replay)> {
         use anyhow::Context;
-        let dir = cfg
-            .directory
-            .clone()
-            .context("storage.directory is not set")?;
+        let Some(dir) = cfg.directory.clone() else {
+            anyhow::ensure!(cfg.memory, "storage.directory is not set");
+            let max = cfg
+                .max_disk_bytes
+                .context("storage.memory needs storage.max_disk_bytes")?
+                .0 as u64;
+            let found = Found {
+                segments: Vec::new(),
+                marks: (writer::memory_file()?, 0),
+                used: 0,
+                limit: max,
+                next_seq: 0,
+            };
+            let replay = Replay {
+                segments: Vec::new(),
+                marks: ReplayMarks::new(&[]),
+            };
+            return TraceLog::start(cfg, metrics, None, None, found, replay);
+        };
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create storage.directory {}", dir.display()))?;
         let lock = File::create(dir.join("lock"))
@@ -297,7 +323,11 @@ impl TraceLog {
             used += bytes;
             let (id, _) = record::map_file(&path, first)
                 .with_context(|| format!("cannot map {}", path.display()))?;
-            segments.push(writer::Segment { id, path, bytes });
+            segments.push(writer::Segment {
+                id,
+                path: Some(path),
+                bytes,
+            });
         }
         let oldest = segments.first().map_or(u64::MAX, |s| s.id.first);
         let live = marks::live(found, oldest);
@@ -306,6 +336,39 @@ impl TraceLog {
         used += marks_len;
         let max_disk = cfg.max_disk_bytes.map(|b| b.0 as u64);
         let limit = bound(max_disk, used, filesystem(&dir)?);
+        let replay = Replay {
+            segments: segments
+                .iter()
+                .filter_map(|s| Some((s.path.clone()?, s.id.clone(), s.bytes)))
+                .collect(),
+            marks: replay_marks,
+        };
+        let found = Found {
+            segments,
+            marks: (marks_file, marks_len),
+            used,
+            limit,
+            next_seq,
+        };
+        TraceLog::start(cfg, metrics, Some(dir), Some(lock), found, replay)
+    }
+
+    /// Starts the writer over what `open` found.
+    fn start(
+        cfg: &StorageConfig,
+        metrics: StorageMetrics,
+        dir: Option<PathBuf>,
+        lock: Option<File>,
+        found: Found,
+        replay: Replay,
+    ) -> anyhow::Result<(TraceLog, Replay)> {
+        let Found {
+            segments,
+            marks,
+            used,
+            limit,
+            next_seq,
+        } = found;
         metrics.limit_bytes.set(limit as i64);
         metrics.bytes.set(used as i64);
         let shared = Arc::new(Shared {
@@ -315,13 +378,6 @@ impl TraceLog {
             retry_at: Mutex::new(std::time::Instant::now()),
             metrics,
         });
-        let replay = Replay {
-            segments: segments
-                .iter()
-                .map(|s| (s.path.clone(), s.id.clone(), s.bytes))
-                .collect(),
-            marks: replay_marks,
-        };
         let (tx, rx) = std::sync::mpsc::channel();
         let writer = Writer::new(
             writer::Setup {
@@ -329,12 +385,12 @@ impl TraceLog {
                 shared: shared.clone(),
                 sync: cfg.sync,
                 segment_bytes: cfg.segment_bytes.0 as u64,
-                max_disk,
+                max_disk: cfg.max_disk_bytes.map(|b| b.0 as u64),
                 retry_interval: cfg.retry_interval.0,
                 next_seq,
             },
             segments,
-            (marks_file, marks_len),
+            marks,
         );
         let handle = std::thread::Builder::new()
             .name("llmtail-log".into())
@@ -351,8 +407,9 @@ impl TraceLog {
         ))
     }
 
-    pub fn directory(&self) -> &Path {
-        &self.dir
+    /// Whether the log is in memory (nothing survives the process; no marks are kept).
+    pub fn in_memory(&self) -> bool {
+        self.dir.is_none()
     }
 
     /// Appends one request (an encoded `ExportTraceServiceRequest`) and returns its pin once
@@ -427,7 +484,8 @@ impl TraceLog {
     /// Records marks (decisions, deliveries); written and synced with the records, never
     /// waited for.
     pub fn mark(&self, marks: &[Mark]) {
-        if marks.is_empty() {
+        // A log in memory is never replayed: nothing to remember.
+        if marks.is_empty() || self.in_memory() {
             return;
         }
         let mut raw = Vec::with_capacity(marks.len() * marks::MARK_BYTES);
@@ -447,11 +505,9 @@ impl TraceLog {
     pub fn read(&self, pin: &LogPin) -> std::io::Result<Record> {
         let record = record::read_at(&pin.segment, pin.offset, pin.len)?;
         if record.seq != pin.seq {
-            let path = record::segment_path(&self.dir, pin.segment.first);
             return Err(std::io::Error::other(format!(
-                "record {} in {} is not where it was written",
-                pin.seq,
-                path.display()
+                "record {} of segment {} is not where it was written",
+                pin.seq, pin.segment.first
             )));
         }
         Ok(record)

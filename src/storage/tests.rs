@@ -227,3 +227,42 @@ async fn a_records_payload_is_a_slice_of_the_mapped_segment_that_keeps_it_until_
     drop(payload);
     wait_until(|| segments(dir.path()) == 0);
 }
+
+#[tokio::test]
+async fn a_log_in_memory_takes_the_same_path_bounded_by_max_disk_bytes_and_frees_what_is_done() {
+    let cfg = StorageConfig {
+        memory: true,
+        segment_bytes: ByteSize(64 << 10),
+        max_disk_bytes: Some(ByteSize(200 << 10)),
+        ..StorageConfig::default()
+    };
+    let metrics = StorageMetrics::unregistered();
+    let (log, replay) = TraceLog::open(&cfg, metrics.clone()).unwrap();
+    assert!(log.in_memory());
+    assert!(replay.is_empty());
+    assert_eq!(log.usage(), (0, 200 << 10));
+    let payload = Bytes::from((0..70_000u32).map(|i| i as u8).collect::<Vec<_>>());
+    let a = log.append(payload.clone()).await.unwrap();
+    let b = log.append(payload.clone()).await.unwrap();
+    // Read back from the mapped memory, as from a file.
+    assert_eq!(a.payload(), payload);
+    assert_eq!(&log.read(&b).unwrap().payload[..], &payload[..]);
+    assert!(!a.same_segment(&b));
+    // The third does not fit in 200 KiB less the marks' share: refused before writing.
+    assert!(matches!(
+        log.append(payload.clone()).await,
+        Err(StorageError::Full)
+    ));
+    // Marks are not kept in memory (nothing replays them).
+    log.mark(&[Mark::Decided {
+        trace: [1; 16],
+        seq: a.seq(),
+        bits: 0,
+        reason: 0,
+    }]);
+    drop((a, b));
+    wait_until(|| log.usage().0 == 0);
+    wait_until(|| metrics.segments.get() == 0);
+    assert_eq!(metrics.decided_marks.get(), 0);
+    assert!(log.append(payload).await.is_ok());
+}

@@ -32,6 +32,12 @@ const GROUP_REQUESTS: usize = 512;
 /// last compaction.
 const MARKS_SLACK: u64 = 1 << 20;
 
+/// An anonymous in-memory file (memfd) for a segment of a log in memory.
+pub(super) fn memory_file() -> std::io::Result<File> {
+    let fd = rustix::fs::memfd_create("llmtail-segment", rustix::fs::MemfdFlags::CLOEXEC)?;
+    Ok(File::from(fd))
+}
+
 /// Where a request's append is answered: its pin, or why it was not written.
 pub(super) type Reply = oneshot::Sender<Result<LogPin, StorageError>>;
 
@@ -54,7 +60,8 @@ pub(super) enum Command {
 /// A segment file on disk.
 pub(super) struct Segment {
     pub(super) id: Arc<SegmentId>,
-    pub(super) path: PathBuf,
+    /// None for a segment in memory.
+    pub(super) path: Option<PathBuf>,
     pub(super) bytes: u64,
 }
 
@@ -69,13 +76,23 @@ struct Current {
 
 /// What the writer starts with.
 pub(super) struct Setup {
-    pub(super) dir: PathBuf,
+    /// None: the segments are in memory (memfd), and there are no marks.
+    pub(super) dir: Option<PathBuf>,
     pub(super) shared: Arc<Shared>,
     pub(super) sync: SyncPolicy,
     pub(super) segment_bytes: u64,
     pub(super) max_disk: Option<u64>,
     pub(super) retry_interval: Duration,
     pub(super) next_seq: u64,
+}
+
+impl Setup {
+    /// Where the log is, for messages.
+    fn place(&self) -> String {
+        self.dir
+            .as_ref()
+            .map_or_else(|| "memory".into(), |d| d.display().to_string())
+    }
 }
 
 pub(super) struct Writer {
@@ -194,7 +211,7 @@ impl Writer {
                 *shared.retry_at.lock() = Instant::now() + self.setup.retry_interval;
                 shared.failing.store(true, Ordering::Release);
                 if self.may_log_error() {
-                    tracing::error!(directory = %self.setup.dir.display(), error = %e, "cannot write the trace log; receivers refuse retryably until it can be written again (llmtail_storage_write_errors_total)");
+                    tracing::error!(directory = %self.setup.place(), error = %e, "cannot write the trace log; receivers refuse retryably until it can be written again (llmtail_storage_write_errors_total)");
                 }
                 let why = StorageError::Io(e.to_string());
                 for (_, _, reply) in group {
@@ -260,15 +277,21 @@ impl Writer {
             old.file.sync_data()?;
         }
         let first = self.setup.next_seq;
-        let path = record::segment_path(&self.setup.dir, first);
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)?;
-        // The new name must survive a crash as well as what is written under it.
-        File::open(&self.setup.dir)?.sync_all()?;
+        let (file, path) = match &self.setup.dir {
+            Some(dir) => {
+                let path = record::segment_path(dir, first);
+                let file = OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .read(true)
+                    .write(true)
+                    .open(&path)?;
+                // The new name must survive a crash as well as what is written under it.
+                File::open(dir)?.sync_all()?;
+                (file, Some(path))
+            }
+            None => (memory_file()?, None),
+        };
         let capacity = self.setup.segment_bytes.max(need);
         let id = SegmentId::map(
             first,
@@ -305,7 +328,7 @@ impl Writer {
             self.compact_marks(true);
             if !fits(&self.setup.shared) {
                 if self.may_log_error() {
-                    tracing::warn!(directory = %self.setup.dir.display(), "the trace log is at its bound: marks of decisions and deliveries are not written (llmtail_storage_marks_total{{kind=\"dropped\"}}); after a restart, what they were about may be decided or sent again");
+                    tracing::warn!(directory = %self.setup.place(), "the trace log is at its bound: marks of decisions and deliveries are not written (llmtail_storage_marks_total{{kind=\"dropped\"}}); after a restart, what they were about may be decided or sent again");
                 }
                 return false;
             }
@@ -334,7 +357,7 @@ impl Writer {
                 let _ = self.marks_file.set_len(self.marks_len);
                 self.setup.shared.metrics.write_errors.inc();
                 if self.may_log_error() {
-                    tracing::error!(directory = %self.setup.dir.display(), error = %e, "cannot write the trace log's marks; after a restart, what they said may be decided or sent again");
+                    tracing::error!(directory = %self.setup.place(), error = %e, "cannot write the trace log's marks; after a restart, what they said may be decided or sent again");
                 }
                 false
             }
@@ -366,7 +389,7 @@ impl Writer {
             shared.metrics.write_errors.inc();
             *shared.retry_at.lock() = Instant::now() + self.setup.retry_interval;
             shared.failing.store(true, Ordering::Release);
-            tracing::error!(directory = %self.setup.dir.display(), error = %e, "cannot sync the trace log to disk");
+            tracing::error!(directory = %self.setup.place(), error = %e, "cannot sync the trace log to disk");
         }
     }
 
@@ -406,10 +429,11 @@ impl Writer {
             .collect();
         for first in done {
             let seg = &self.segments[&first];
-            if let Err(e) = std::fs::remove_file(&seg.path)
+            if let Some(path) = &seg.path
+                && let Err(e) = std::fs::remove_file(path)
                 && e.kind() != std::io::ErrorKind::NotFound
             {
-                tracing::error!(segment = %seg.path.display(), error = %e, "cannot delete a segment of the trace log");
+                tracing::error!(segment = %path.display(), error = %e, "cannot delete a segment of the trace log");
                 continue;
             }
             if Some(first) == current {
@@ -423,7 +447,11 @@ impl Writer {
     /// Reads the filesystem's free space and sets the bound from it.
     fn refresh_bound(&mut self) {
         let shared = &self.setup.shared;
-        match super::filesystem(&self.setup.dir) {
+        // In memory, the bound is `max_disk_bytes` alone.
+        let Some(dir) = &self.setup.dir else {
+            return;
+        };
+        match super::filesystem(dir) {
             Ok(fs) => {
                 let limit =
                     super::bound(self.setup.max_disk, shared.used.load(Ordering::Acquire), fs);
@@ -431,7 +459,7 @@ impl Writer {
                 shared.metrics.limit_bytes.set(limit as i64);
             }
             Err(e) => {
-                tracing::warn!(directory = %self.setup.dir.display(), error = %e, "cannot read the free space of storage.directory");
+                tracing::warn!(directory = %self.setup.place(), error = %e, "cannot read the free space of storage.directory");
             }
         }
     }
@@ -440,14 +468,17 @@ impl Writer {
     /// (or at once when no segment is left: then no mark is about anything).
     /// `now`: whatever the file's size (the log is at its bound).
     fn compact_marks(&mut self, now: bool) {
+        let Some(dir) = self.setup.dir.clone() else {
+            return;
+        };
         let grown = self.marks_len >= MARKS_SLACK + 2 * self.marks_compacted;
         let obsolete = self.segments.is_empty() && self.marks_len > 0;
         if !grown && !obsolete && !now {
             return;
         }
         let oldest = self.segments.keys().next().copied().unwrap_or(u64::MAX);
-        let rewritten = marks::read_marks(&self.setup.dir.join(marks::MARKS_FILE))
-            .and_then(|all| marks::rewrite(&self.setup.dir, &marks::live(all, oldest)));
+        let rewritten = marks::read_marks(&dir.join(marks::MARKS_FILE))
+            .and_then(|all| marks::rewrite(&dir, &marks::live(all, oldest)));
         match rewritten {
             Ok((file, len)) => {
                 self.setup
@@ -458,7 +489,7 @@ impl Writer {
                 self.marks_compacted = len;
             }
             Err(e) => {
-                tracing::warn!(directory = %self.setup.dir.display(), error = %e, "cannot compact the trace log's marks");
+                tracing::warn!(directory = %self.setup.place(), error = %e, "cannot compact the trace log's marks");
             }
         }
     }

@@ -492,10 +492,32 @@ storage:
 /// and once all is delivered the log takes no room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_upstream_keeps_the_log_within_its_bound_and_frees_it_after() {
+    let storage = tempfile::tempdir().unwrap();
+    let place = format!("directory: {}", storage.path().display());
+    flapping_upstream(&place, Duration::from_secs(60)).await;
+    let files: Vec<_> = std::fs::read_dir(storage.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("seg-"))
+        .collect();
+    assert!(files.is_empty(), "{files:?}");
+}
+
+/// The same with the log in memory (`storage.memory`): the same bound, backpressure and
+/// nothing lost; its segments freed once all is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_in_memory_under_a_flapping_upstream_is_bounded_and_loses_nothing() {
+    flapping_upstream("memory: true", Duration::from_secs(30)).await;
+}
+
+/// Sends the realistic mix for `run` while the upstream flaps (down and up for 1–3 s each)
+/// to a log (`place`: its `storage` key) of 2 MiB in 64 KiB segments: the log never passes
+/// its bound, receivers refuse when it is full, every acknowledged span arrives once the
+/// upstream stays up, and the log ends empty.
+async fn flapping_upstream(place: &str, run: Duration) {
     use rand::{Rng, SeedableRng};
     const MAX_DISK: f64 = (2 << 20) as f64;
     let sink = Sink::start_counting(0).await;
-    let storage = tempfile::tempdir().unwrap();
     let d = Daemon::start(&format!(
         "sampling:
   root_grace: 200ms
@@ -509,12 +531,11 @@ exporter:
     initial_interval: 100ms
     max_interval: 500ms
 storage:
-  directory: {}
+  {place}
   segment_bytes: 64KiB
   max_disk_bytes: 2MiB
 ",
         sink.endpoint(),
-        storage.path().display()
     ));
     let mix = llmtail_tools::mix::Mix::default();
     let mut rng = rand::rngs::StdRng::seed_from_u64(2627);
@@ -524,7 +545,7 @@ storage:
     let started = std::time::Instant::now();
     let mut flip_at = started;
     let mut down = false;
-    while started.elapsed() < Duration::from_secs(60) {
+    while started.elapsed() < run {
         if std::time::Instant::now() >= flip_at {
             down = !down;
             sink.set_mode(if down { SINK_UNAVAILABLE } else { SINK_OK });
@@ -574,10 +595,10 @@ storage:
         "all delivered: the log is empty"
     );
     assert_eq!(m.sum("llmtail_spans_lost_total", &[]), 0.0);
-    let files: Vec<_> = std::fs::read_dir(storage.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("seg-"))
-        .collect();
-    assert!(files.is_empty(), "{files:?}");
+    let m = d
+        .wait_metrics(Duration::from_secs(5), |m| {
+            m.sum("llmtail_storage_segments", &[]) == 0.0
+        })
+        .await;
+    assert_eq!(m.sum("llmtail_storage_segments", &[]), 0.0);
 }
