@@ -99,8 +99,7 @@ impl StorageConfig {
         if self.memory && self.directory.is_some() {
             p.push((
                 "memory".into(),
-                "set either storage.directory (the log on disk) or storage.memory, not both"
-                    .into(),
+                "set either storage.directory (the log on disk) or storage.memory, not both".into(),
             ));
         }
         if self.memory && self.max_disk_bytes.is_none() {

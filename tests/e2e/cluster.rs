@@ -17,11 +17,13 @@ pub(crate) const BASE_RATE: f64 = 0.3;
 /// A replica of `ports` (itself at `me`), with `/debug/traces` on (a failed test asks every
 /// replica where its wrong traces are). The tests send the rest of a trace seconds after
 /// its first spans and a ring change, on a loaded box: `overlap` covers that (its default,
-/// `decision_wait` + two refreshes, is 3.4 s here).
+/// `decision_wait` + two refreshes, is 3.4 s here). Every replica holds its spans in a
+/// trace log (in memory: a replica started again on the same port starts empty, as a new
+/// pod would), so forwarding, hand-off and take-over run on spans mapped from the log.
 pub(crate) fn config(sink: &Sink, ports: &[u16], me: u16) -> String {
     let peers: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     format!(
-        "  debug_traces: true\nsampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\ncluster:\n  peers: [{}]\n  self: 127.0.0.1:{me}\n  refresh_interval: 200ms\n  peer_retry_interval: 60s\n  overlap: 30s\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\nshutdown_timeout: 5s\n",
+        "  debug_traces: true\nsampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\ncluster:\n  peers: [{}]\n  self: 127.0.0.1:{me}\n  refresh_interval: 200ms\n  peer_retry_interval: 60s\n  overlap: 30s\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    timeout: 50ms\nstorage:\n  memory: true\n  max_disk_bytes: 256MiB\nshutdown_timeout: 5s\n",
         peers.join(", "),
         sink.endpoint()
     )
@@ -170,7 +172,10 @@ async fn three_replicas_decide_every_trace_whole_and_survive_losing_one() {
     assert!((600.0..1000.0).contains(&forwarded), "{forwarded}");
     assert_eq!(forwarded, received);
     for d in &replicas {
-        assert_eq!(d.metrics().sum("llmtail_cluster_peers", &[]), 3.0);
+        let m = d.metrics();
+        assert_eq!(m.sum("llmtail_cluster_peers", &[]), 3.0);
+        // What it took went through its trace log (in memory).
+        assert!(m.sum("llmtail_storage_appended_bytes_total", &[]) > 0.0);
     }
     // Each trace was decided once, by its owner.
     let decided: f64 = replicas
