@@ -220,8 +220,18 @@ impl Pipeline {
         }
         if excess > 0 {
             let mut decided = Vec::new();
-            let target = held.memory().saturating_sub(excess);
-            held = self.buffer.relieve(held, target, now, &mut decided);
+            // With the trace log, held spans' bytes are its pages, not the budget's:
+            // deciding a trace early frees only its bookkeeping.
+            let wire = held.bytes;
+            let mut counted = held;
+            if self.log.is_some() {
+                counted.bytes = 0;
+            }
+            let target = counted.memory().saturating_sub(excess);
+            held = self.buffer.relieve(counted, target, now, &mut decided);
+            if self.log.is_some() {
+                held.bytes = wire.saturating_sub(decided.iter().map(|t| t.bytes).sum());
+            }
             self.dispatch(decided);
         }
         // Counted before the decided traces move to the queues; the next tick sees them.
