@@ -334,9 +334,13 @@ impl ExportQueue {
     }
 
     /// True when the queue is nearly full: receivers then push back on senders. A durable
-    /// queue is bounded by its disk instead (see [`ExportQueue::disk_room`]).
+    /// queue is bounded by its disk instead (see [`ExportQueue::disk_room`]); with the trace
+    /// log, queued spans are its pages (a 48-byte entry each in memory): they wait in it,
+    /// bounded by the log's bound and the memory budget, not by `queue.max_spans`.
     pub fn is_high(&self) -> bool {
-        self.wal.is_none() && self.queued() as f64 >= self.max_spans as f64 * HIGH_WATER
+        self.wal.is_none()
+            && self.log.is_none()
+            && self.queued() as f64 >= self.max_spans as f64 * HIGH_WATER
     }
 }
 

@@ -602,3 +602,84 @@ storage:
         .await;
     assert_eq!(m.sum("llmtail_storage_segments", &[]), 0.0);
 }
+
+/// With the trace log, kept spans waiting out an outage are the log's pages: the export
+/// queue holds past `queue.max_spans` (1,000 here) without making receivers refuse, and
+/// everything arrives once the upstream is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_spans_wait_out_an_outage_in_the_log_past_the_queues_span_bound() {
+    use rand::SeedableRng;
+    let sink = Sink::start_counting(0).await;
+    sink.set_mode(SINK_UNAVAILABLE);
+    let storage = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "sampling:
+  root_grace: 100ms
+  base_rate: 1.0
+exporter:
+  otlp:
+    endpoint: {}
+  batch:
+    timeout: 50ms
+    max_spans: 500
+  queue:
+    max_spans: 1000
+  retry:
+    initial_interval: 100ms
+    max_interval: 300ms
+storage:
+  directory: {}
+  max_disk_bytes: 256MiB
+",
+        sink.endpoint(),
+        storage.path().display()
+    ));
+    let mix = llmtail_tools::mix::Mix::default();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let mut c = client(&d.endpoint()).await;
+    let mut acked: HashSet<[u8; 24]> = HashSet::new();
+    send_mix(&mut c, &mix, &mut rng, &mut acked, 10).await;
+    // Decided and queued, past the queue's span bound (refusal would start at 900).
+    let m = d
+        .wait_metrics(Duration::from_secs(20), |m| {
+            m.sum("llmtail_export_queue_spans", &[]) >= 2000.0
+        })
+        .await;
+    assert!(
+        m.sum("llmtail_export_queue_spans", &[]) >= 2000.0,
+        "{}",
+        d.log()
+    );
+    send_mix(&mut c, &mix, &mut rng, &mut acked, 30).await;
+    sink.set_mode(SINK_OK);
+    d.wait_metrics(Duration::from_secs(60), |m| {
+        m.sum("llmtail_export_queue_spans", &[]) == 0.0
+            && m.sum("llmtail_storage_bytes", &[]) == 0.0
+    })
+    .await;
+    let ids = sink.ids();
+    let missing = acked.iter().filter(|id| !ids.contains_key(*id)).count();
+    assert_eq!(missing, 0, "of {} acknowledged\n{}", acked.len(), d.log());
+    assert_eq!(d.metrics().sum("llmtail_spans_lost_total", &[]), 0.0);
+}
+
+/// Sends `n` requests of 256 spans of the realistic mix, each of which must be acknowledged;
+/// adds their spans' ids to `acked`.
+async fn send_mix(
+    c: &mut opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient<
+        tonic::transport::Channel,
+    >,
+    mix: &llmtail_tools::mix::Mix,
+    rng: &mut rand::rngs::StdRng,
+    acked: &mut HashSet<[u8; 24]>,
+    n: usize,
+) {
+    for _ in 0..n {
+        let (request, _) = mix.request(rng, 256, now_ns());
+        let ids = span_ids(&request);
+        if let Err(status) = c.export(request).await {
+            panic!("refused with the queue in the log: {status:?}");
+        }
+        acked.extend(ids);
+    }
+}
