@@ -22,7 +22,6 @@ use std::sync::atomic::Ordering as AtomicOrdering;
 
 use crate::buffer::{BufferLimits, TraceBuffer};
 use crate::config::Config;
-use crate::exporter::wal::Wal;
 use crate::storage::TraceLog;
 
 /// The policy label of decisions remembered from the trace log's marks (their policy is
@@ -150,7 +149,6 @@ pub async fn run(
     let control = ExporterControl::default();
     let mut exporters = Vec::new();
     let mut export_tasks = Vec::new();
-    let mut wal_syncs = Vec::new();
     for ec in &cfg.exporters {
         let sink = Sink::from_config(ec)
             .await
@@ -163,24 +161,6 @@ pub async fn run(
                 retry: ec.retry.clone(),
                 max_spans: ec.queue.max_spans,
                 concurrency: ec.queue.concurrency,
-                wal: match &ec.queue.directory {
-                    Some(dir) => {
-                        let dir = dir.join(&ec.name);
-                        let sync_each = ec.queue.fsync_interval.0.is_zero();
-                        let (wal, replay) =
-                            Wal::open(&dir, ec.queue.max_disk_bytes.0 as u64, sync_each)
-                                .with_context(|| {
-                                    format!("cannot open the write-ahead log in {}", dir.display())
-                                })?;
-                        let wal = Arc::new(wal);
-                        if !sync_each {
-                            wal_syncs.push((wal.clone(), ec.queue.fsync_interval.0));
-                        }
-                        Some((wal, replay))
-                    }
-                    None => None,
-                },
-                max_disk_bytes: ec.queue.max_disk_bytes.0,
                 budget: budget.clone(),
                 log: log.clone(),
             },
@@ -297,8 +277,14 @@ pub async fn run(
         )));
     }
 
-    for (wal, every) in wal_syncs {
-        background.push(tokio::spawn(sync_wal(wal, every, stop_background.clone())));
+    if let Some(log) = &log {
+        // Upgrading from the separate write-ahead log: its kept spans move into the trace
+        // log, once.
+        for (ec, queue) in cfg.exporters.iter().zip(&exporters) {
+            if let Some(dir) = &ec.queue.directory {
+                tokio::spawn(import_queue(dir.join(&ec.name), log.clone(), queue.clone()));
+            }
+        }
     }
     if let Some(path) = config_path {
         background.push(tokio::spawn(reload_on_sighup(
@@ -585,23 +571,24 @@ async fn take_fallback(
     }
 }
 
-/// Flushes a write-ahead log to disk every `every` (`queue.fsync_interval`), and once more
-/// when stopped.
-async fn sync_wal(wal: Arc<Wal>, every: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(every);
-    loop {
-        let stopped = tokio::select! {
-            () = stop.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        let w = wal.clone();
-        match tokio::task::spawn_blocking(move || w.sync()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot flush the write-ahead log to disk"),
-            Err(e) => tracing::error!(error = %e, "write-ahead log flush task failed"),
+/// Moves what an older release's write-ahead log in `dir` holds into the trace log, as
+/// kept traces for `queue`'s exporter, and says what it did.
+async fn import_queue(
+    dir: std::path::PathBuf,
+    log: Arc<TraceLog>,
+    queue: Arc<exporter::ExportQueue>,
+) {
+    let decided = (
+        crate::buffer::CachedDecision::kept_bits(crate::otlp::tracestate::Threshold::ALWAYS),
+        crate::buffer::DecideReason::Shutdown as u8,
+    );
+    match exporter::legacy::import(&dir, &log, &queue, decided).await {
+        Ok(0) => {}
+        Ok(spans) => {
+            tracing::info!(exporter = queue.name(), spans, directory = %dir.display(), "moved the old write-ahead log's kept spans into the trace log; they are being sent")
         }
-        if stopped {
-            return;
+        Err(e) => {
+            tracing::error!(exporter = queue.name(), directory = %dir.display(), error = %format!("{e:#}"), "cannot move the old write-ahead log into the trace log; it is left as it is, for the next start")
         }
     }
 }

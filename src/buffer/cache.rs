@@ -61,6 +61,11 @@ impl CachedDecision {
         }
     }
 
+    /// The bits of a decision to keep at `threshold` (as the trace log's marks keep them).
+    pub fn kept_bits(threshold: Threshold) -> u64 {
+        threshold.value() | KEPT_BIT
+    }
+
     /// Its threshold, kept and dry-run bits (as the trace log's marks keep them).
     pub fn bits(self) -> u64 {
         self.bits

@@ -230,15 +230,24 @@ impl Config {
                 ],
                 None => vec!["exporter".into(), "queue".into(), "directory".into()],
             };
-            if cfg.storage.enabled() {
-                report(path, "the trace log (storage.directory or storage.memory) holds every accepted span until it is delivered, kept traces included: remove this separate write-ahead log".into(), &mut problems);
+            let message = if cfg.storage.memory {
+                report(path, "the old write-ahead log's kept spans cannot move into a trace log in memory (storage.memory): set storage.directory, or remove this key once that log is empty".into(), &mut problems);
+                continue;
+            } else if cfg.storage.directory.is_none() {
+                // Upgrading: the old log's directory holds the trace log from now on.
+                cfg.storage.directory = e.queue.directory.clone();
+                if e.queue.fsync_interval.0.is_zero() {
+                    cfg.storage.sync = crate::storage::SyncPolicy::Always;
+                }
+                "deprecated: the trace log (storage.directory) now lives in this directory, and what the old write-ahead log holds is moved into it at start; set storage.directory instead"
             } else {
-                cfg.warnings.push(Problem {
-                    line: locator.line(&path),
-                    path: render(&path),
-                    message: "deprecated: set storage.directory instead, a log of every accepted span (held, kept or being exported) that a restart replays; this one covers only kept traces".into(),
-                });
-            }
+                "deprecated: what the old write-ahead log here holds is moved into the trace log (storage.directory) at start; remove this key after that"
+            };
+            cfg.warnings.push(Problem {
+                line: locator.line(&path),
+                path: render(&path),
+                message: message.into(),
+            });
         }
         for (key, message) in cfg.sampling.deprecations() {
             let path = vec!["sampling".to_owned(), key];

@@ -1,14 +1,8 @@
-//! Batching: kept spans gather into requests bounded in spans and bytes; with a durable
-//! queue each request is written to the log as it is made.
+//! Batching: kept spans gather into batches bounded in spans and (by an estimate that is
+//! never below the encoding) in bytes. A batch waits as its spans; it is encoded when a slot
+//! to send it is free.
 
 use super::*;
-
-/// What travels from the queue's handle to the batcher: kept spans to batch (memory-only
-/// queue), or requests already in the log (durable queue).
-pub(super) enum Queued {
-    Spans(Vec<KeptSpan>),
-    Encoded(Encoded),
-}
 
 /// Spans gathering into the next request, with the estimated size of their encoding.
 #[derive(Default)]
@@ -19,39 +13,39 @@ pub(super) struct Pending {
     pub(super) origins: HashSet<usize>,
 }
 
-/// One export request: encoded, with its spans, and its record in the log if durable.
-pub(super) struct Encoded {
-    pub(super) spans: usize,
-    pub(super) payload: Payload,
-    pub(super) record: Option<u64>,
-    /// Its spans' place in the trace log.
+/// One export request's spans, waiting for a slot to be sent in, with what they hold of
+/// the trace log.
+pub(super) struct Batch {
+    pub(super) spans: Vec<KeptSpan>,
     pub(super) logged: Logged,
 }
 
-/// What an export request's spans hold of the trace log: their segments (kept on disk
+/// What an export request's spans hold of the trace log on disk: their segments (kept
 /// until the upstream answers), the marks to write then, and how many of its spans are in
-/// no log (lost if a shutdown cuts them short).
+/// no such log (lost if a shutdown cuts them short).
 #[derive(Default)]
 pub(super) struct Logged {
     pins: Vec<crate::storage::LogPin>,
     pub(super) marks: Vec<crate::storage::Mark>,
-    pub(super) unlogged: usize,
+    pub(super) perishable: usize,
 }
 
 impl Logged {
-    pub(super) fn of(spans: &[KeptSpan]) -> Logged {
+    /// What `spans` hold of the log, if it is on disk (`durable`): a log in memory is not
+    /// replayed, so its spans perish with the process like any other.
+    pub(super) fn of(spans: &[KeptSpan], durable: bool) -> Logged {
         use crate::storage::Mark;
         let mut out = Logged::default();
         for k in spans {
-            // (Without a log no span has a pin: nothing is scanned.)
             let Some((pin, trace)) = k
                 .span
                 .origin
                 .pin
                 .as_ref()
+                .filter(|_| durable)
                 .and_then(|pin| Some((pin, scan::trace_id(k.span.bytes())?)))
             else {
-                out.unlogged += 1;
+                out.perishable += 1;
                 continue;
             };
             if !out.pins.iter().any(|p| p.same_segment(pin)) {
@@ -74,28 +68,21 @@ impl Logged {
     }
 }
 
-pub(super) enum Payload {
-    Memory(Bytes),
-    /// In the log only; read back when it is sent.
-    Disk(wal::Location),
-}
-
-/// Gathers kept spans into requests bounded by `batch.max_spans` and `batch.max_bytes`,
-/// encodes them (and writes them to the log), and starts at most `queue.concurrency`
-/// exports at a time, oldest first.
+/// Gathers kept spans into batches bounded by `batch.max_spans` and `batch.max_bytes`, and
+/// starts at most `queue.concurrency` exports at a time, oldest first.
 pub(super) struct Batcher {
     pub(super) settings: ExporterSettings,
     pub(super) worker: Worker,
     pub(super) in_flight: Arc<Semaphore>,
     pub(super) pending: Pending,
-    /// Encoded requests waiting for a free slot.
-    pub(super) ready: VecDeque<Encoded>,
+    /// Batches waiting for a free slot.
+    pub(super) ready: VecDeque<Batch>,
 }
 
 impl Batcher {
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::UnboundedReceiver<Queued>,
+        mut rx: mpsc::UnboundedReceiver<Vec<KeptSpan>>,
         control: ExporterControl,
     ) {
         let timeout = self.settings.batch.timeout.0;
@@ -118,8 +105,7 @@ impl Batcher {
                 Some(permit) = slot => self.start_one(permit),
                 item = rx.recv() => match item {
                     None => break,
-                    Some(Queued::Encoded(encoded)) => self.ready.push_back(encoded),
-                    Some(Queued::Spans(spans)) => {
+                    Some(spans) => {
                         if self.pending.spans.is_empty() {
                             deadline = tokio::time::Instant::now() + timeout;
                         }
@@ -134,13 +120,8 @@ impl Batcher {
             }
         }
         // Flush: everything submitted before the flush signal is in the channel by now.
-        while let Ok(item) = rx.try_recv() {
-            match item {
-                Queued::Encoded(encoded) => self.ready.push_back(encoded),
-                Queued::Spans(spans) => {
-                    self.add(spans);
-                }
-            }
+        while let Ok(spans) = rx.try_recv() {
+            self.add(spans);
         }
         self.close();
         while !self.ready.is_empty() {
@@ -153,14 +134,12 @@ impl Batcher {
                 },
             }
         }
-        // The shutdown timeout ran out with requests still waiting: with a log they are
-        // sent after the next start; without one they are lost.
+        // The shutdown timeout ran out with batches still waiting: what the log on disk
+        // holds is sent after the next start; the rest is lost.
         let queue = &self.worker.queue;
         for left in self.ready.drain(..) {
-            if left.record.is_none() {
-                queue.count_lost(Loss::Shutdown, left.logged.unlogged);
-            }
-            queue.answered(left.spans);
+            queue.count_lost(Loss::Shutdown, left.logged.perishable);
+            queue.answered(left.spans.len());
         }
         // Wait for every request in flight to finish (each honours `abort`).
         let _all = self
@@ -206,45 +185,20 @@ impl Batcher {
         closed
     }
 
-    /// Encodes the pending spans into requests of at most `max_bytes` (a single span may
-    /// be larger: the upstream decides), writes them to the log when durable, and queues
-    /// them.
+    /// Closes the pending batch: it waits for a slot as it is (encoded only then).
     pub(super) fn close(&mut self) {
         let pending = std::mem::take(&mut self.pending);
         if pending.spans.is_empty() {
             return;
         }
-        let mut requests = Vec::new();
-        encode_within(
-            &pending.spans,
-            self.settings.batch.max_bytes.0,
-            &mut requests,
-        );
-        let queue = self.worker.queue.clone();
-        queue
-            .unencoded
-            .fetch_sub(pending.spans.len(), Ordering::AcqRel);
-        let mut written = Vec::new();
-        let mut start = 0;
-        for (request, spans) in requests {
-            match &queue.wal {
-                None => self.ready.push_back(Encoded {
-                    spans,
-                    payload: Payload::Memory(self.settings.budget.charge(request)),
-                    record: None,
-                    logged: Logged::of(&pending.spans[start..start + spans]),
-                }),
-                Some(_) => {
-                    queue.write_ahead(&pending.spans[start..start + spans], &request, &mut written);
-                    self.ready.extend(written.drain(..));
-                }
-            }
-            start += spans;
-        }
-        drop(pending);
+        let logged = Logged::of(&pending.spans, self.worker.queue.is_durable());
+        self.ready.push_back(Batch {
+            spans: pending.spans,
+            logged,
+        });
     }
 
-    /// Sends the oldest waiting request on its own task, holding `permit` until it is
+    /// Sends the oldest waiting batch on its own task, holding `permit` until it is
     /// answered for.
     pub(super) fn start_one(&mut self, permit: OwnedSemaphorePermit) {
         let Some(next) = self.ready.pop_front() else {

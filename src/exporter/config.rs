@@ -282,19 +282,19 @@ impl Default for BatchConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// Kept spans waiting for (or retrying) export past which receivers refuse new data
-    /// (retryably) until the queue drains (memory-only queues; a durable queue is bounded
-    /// by `max_disk_bytes`). Decided traces always enter the queue: nothing
-    /// accepted is dropped for want of room; the memory budget bounds what it holds.
+    /// (retryably) until the queue drains. Without a trace log only: with one, queued
+    /// spans wait in it, bounded by `storage.max_disk_bytes` and the memory budget.
     pub max_spans: usize,
     /// Export requests in flight at once.
     pub concurrency: usize,
-    /// Where the write-ahead log of kept spans lives; off (memory only) when unset.
+    /// Deprecated (the separate write-ahead log of kept spans is gone): what an older
+    /// release left here is moved into the trace log at start, and, with no
+    /// `storage.directory`, the trace log lives here.
     pub directory: Option<PathBuf>,
-    /// Largest size of the write-ahead log. Receivers refuse new data before the log and
-    /// the traces held for it would pass it; kept spans that still do not fit are lost
-    /// (`wal_full`).
+    /// Deprecated, not read (the trace log's bound is `storage.max_disk_bytes`).
     pub max_disk_bytes: ByteSize,
-    /// How often the log is flushed to disk; `0s` flushes every write.
+    /// Deprecated: `0s` makes the trace log that takes this queue's directory sync
+    /// every write (`storage.sync: always`).
     pub fsync_interval: Dur,
 }
 

@@ -12,6 +12,8 @@ const MAX_SPLIT_SENDS: u32 = 64;
 pub(super) struct Worker {
     pub(super) sink: Arc<Sink>,
     pub(super) retry: RetryConfig,
+    /// `batch.max_bytes`: a batch whose encoding passes it goes as several requests.
+    pub(super) max_bytes: usize,
     pub(super) queue: Arc<ExportQueue>,
     pub(super) abort: CancellationToken,
     /// `llmtail_export_retries_total{exporter}`.
@@ -45,117 +47,83 @@ pub(super) enum Split {
 }
 
 impl Worker {
-    /// Sends one queued request and accounts for every span of it; acknowledges its
-    /// record once the upstream answered for all.
-    pub(super) async fn export(&self, item: Encoded) {
-        let Encoded {
-            spans,
-            payload,
-            record,
-            logged,
-        } = item;
+    /// Sends one batch, now that a slot is free, and accounts for every span of it; marks
+    /// what the upstream answered for in the trace log. The batch is encoded for each
+    /// attempt and the encoding dropped before waiting to retry: a batch waiting out an
+    /// outage, in the queue or in flight, holds no encoded copy.
+    pub(super) async fn export(&self, batch: Batch) {
+        let Batch { spans, logged } = batch;
+        let mut parts = Vec::new();
+        encode_within(&spans, self.max_bytes, &mut parts);
         let mut tally = Tally::default();
-        self.deliver(payload, spans, &mut tally).await;
+        let mut at = 0;
+        for (request, n) in parts {
+            let part = &spans[at..at + n];
+            at += n;
+            self.deliver(part, Some(self.budget.charge(request)), &mut tally)
+                .await;
+        }
         self.queue.exported.inc_by(tally.exported as u64);
         for (reason, n) in &tally.lost {
             self.queue.count_lost(*reason, *n);
         }
-        if tally.interrupted > 0 && record.is_none() {
-            // What the trace log holds is sent after the next start.
-            let unlogged = tally.interrupted.min(logged.unlogged);
-            self.queue.count_lost(Loss::Shutdown, unlogged);
+        if tally.interrupted > 0 {
+            // What the trace log on disk holds is sent after the next start.
+            self.queue
+                .count_lost(Loss::Shutdown, tally.interrupted.min(logged.perishable));
         }
-        self.queue.answered(spans);
-        // Answered for: a restart must not send it again. (Its pins go with `logged`.)
+        self.queue.answered(spans.len());
+        // Answered for: a restart must not send it again. (Its pins go with `logged`.) A
+        // request cut short stays in the log, to be sent after the next start.
         if let Some(log) = &self.queue.log
             && tally.interrupted == 0
         {
             log.mark(&logged.marks);
         }
-        // Answered for (accepted, or refused for good): the log need not keep it. A
-        // request cut short stays in the log, to be sent after the next start.
-        if let (Some(id), Some(wal)) = (record, &self.queue.wal)
-            && tally.interrupted == 0
-        {
-            if let Err(e) = wal.ack(&[id]) {
-                tracing::error!(exporter = self.queue.name(), error = %e, "cannot update the write-ahead log; records may be sent again after a restart");
-            }
-            self.queue.wal_bytes.set(wal.bytes() as i64);
-        }
     }
 
-    /// The request's bytes: in memory, or read back from the log (charged while held).
-    pub(super) async fn load(&self, payload: &Payload) -> Result<Bytes, Failed> {
-        match payload {
-            Payload::Memory(b) => Ok(b.clone()),
-            Payload::Disk(at) => {
-                let wal = self.queue.wal.clone().expect("records on disk have a log");
-                let at = *at;
-                let read = tokio::task::spawn_blocking(move || wal.read(&at))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|read| read);
-                read.map(|b| self.budget.charge(b)).map_err(|e| {
-                    self.queue.log_wal_problem(&format!(
-                        "cannot read a record back from the write-ahead log: {e}; its spans are lost"
-                    ));
-                    Failed::Lost(Loss::WalError)
-                })
-            }
-        }
-    }
-
-    /// Sends a request with retries; when the upstream says it is too large, sends its
-    /// halves instead (down to single spans, which are lost if still too large).
+    /// Sends spans as one request with retries (`encoded`: its encoding, when at hand);
+    /// when the upstream says it is too large, or refuses its content, sends its halves
+    /// instead (down to single spans, which are lost if still refused).
     pub(super) fn deliver<'a>(
         &'a self,
-        payload: Payload,
-        spans: usize,
+        spans: &'a [KeptSpan],
+        encoded: Option<Bytes>,
         tally: &'a mut Tally,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
         Box::pin(async move {
-            let (why, msg) = match self.send_with_retries(&payload, spans).await {
+            let n = spans.len();
+            let (why, msg) = match self.send_with_retries(spans, encoded).await {
                 Ok(rejected) => {
-                    let refused = (rejected.spans as usize).min(spans);
-                    tally.exported += spans - refused;
+                    let refused = (rejected.spans as usize).min(n);
+                    tally.exported += n - refused;
                     if refused > 0 || !rejected.message.is_empty() {
-                        tracing::warn!(exporter = self.queue.name(), spans, rejected = refused, message = %rejected.message, "upstream accepted an export request in part");
+                        tracing::warn!(exporter = self.queue.name(), spans = n, rejected = refused, message = %rejected.message, "upstream accepted an export request in part");
                     }
                     if refused > 0 {
                         tally.lost.push((Loss::Partial, refused));
                     }
                     return;
                 }
-                Err(Failed::Lost(reason)) => return tally.lost.push((reason, spans)),
-                Err(Failed::Interrupted) => return tally.interrupted += spans,
+                Err(Failed::Lost(reason)) => return tally.lost.push((reason, n)),
+                Err(Failed::Interrupted) => return tally.interrupted += n,
                 Err(Failed::Split(why, msg)) => (why, msg),
             };
-            let single = spans <= 1;
             let out_of_sends =
                 matches!(why, Split::BadData) && tally.split_sends + 2 > MAX_SPLIT_SENDS;
-            if single || out_of_sends {
-                return self.refused_for_good(why, &msg, spans, tally);
+            if n <= 1 || out_of_sends {
+                return self.refused_for_good(why, &msg, n, tally);
             }
-            let request = match self.load(&payload).await {
-                Ok(request) => request,
-                Err(_) => return tally.lost.push((Loss::WalError, spans)),
-            };
-            drop(payload);
-            let Some([(a, na), (b, nb)]) = split_request(&request) else {
-                return self.refused_for_good(why, &msg, spans, tally);
-            };
             tracing::debug!(
                 exporter = self.queue.name(),
-                spans,
-                bytes = request.len(),
+                spans = n,
                 error = %msg,
                 "upstream refused the request; sending it in halves"
             );
-            drop(request);
             tally.split_sends += 2;
-            let (a, b) = (self.budget.charge(a), self.budget.charge(b));
-            self.deliver(Payload::Memory(a), na, tally).await;
-            self.deliver(Payload::Memory(b), nb, tally).await;
+            let (a, b) = spans.split_at(n / 2);
+            self.deliver(a, None, tally).await;
+            self.deliver(b, None, tally).await;
         })
     }
 
@@ -180,22 +148,26 @@ impl Worker {
         }
     }
 
-    /// Sends one request until the upstream answers for it. Without a log, retryable
-    /// failures give up at `retry.max_elapsed`; with one, they never do (the log holds the
-    /// spans until the upstream is back, however long that takes), and the request is
-    /// read back from it for each attempt, so waiting holds no memory.
+    /// Sends one request until the upstream answers for it. Without a trace log,
+    /// retryable failures give up at `retry.max_elapsed`; with one, they never do: the log
+    /// holds the spans until the upstream is back, however long that takes, and receivers
+    /// refuse once it is full.
     pub(super) async fn send_with_retries(
         &self,
-        payload: &Payload,
-        spans: usize,
+        kept: &[KeptSpan],
+        mut encoded: Option<Bytes>,
     ) -> Result<Rejected, Failed> {
-        let durable = self.queue.is_durable();
+        let spans = kept.len();
+        let waits = self.queue.log.is_some();
         let started = Instant::now();
         let mut backoff = self.retry.initial_interval.0;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let request = self.load(payload).await?;
+            let request = encoded
+                .take()
+                .unwrap_or_else(|| self.budget.charge(encode_request(kept)));
+            // The encoding goes with the attempt.
             let sent = tokio::select! {
                 biased;
                 () = self.abort.cancelled() => return Err(Failed::Interrupted),
@@ -214,8 +186,8 @@ impl Worker {
             self.retries.inc();
             // The upstream's own delay (RetryInfo, Retry-After) is the least wait.
             let wait = jittered(backoff).max(hint.unwrap_or_default());
-            if !durable && started.elapsed() + wait > self.retry.max_elapsed.0 {
-                tracing::warn!(exporter = self.queue.name(), spans, attempts = attempt, error = %msg, "export retries exhausted; spans lost (set exporter.queue.directory for a durable queue)");
+            if !waits && started.elapsed() + wait > self.retry.max_elapsed.0 {
+                tracing::warn!(exporter = self.queue.name(), spans, attempts = attempt, error = %msg, "export retries exhausted; spans lost (set storage.directory: kept spans then wait in the trace log until the upstream is back)");
                 return Err(Failed::Lost(Loss::RetriesExhausted));
             }
             if attempt == 1 {

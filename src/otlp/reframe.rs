@@ -289,13 +289,15 @@ pub fn encode_verbatim(spans: &[HeldSpan]) -> Bytes {
     }))
 }
 
-/// Splits an encoded request into two requests of about half its spans each, every span
-/// still under its own resource and scope; returns each half with its span count. `None`
-/// when it holds fewer than two spans or does not decode.
-pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
+/// The spans of an encoded request, taken in place (slices of it), each under its own
+/// resource and scope, with its tracestate found; `pin`, if any, is their origins' (the
+/// request is a record of the trace log). `None` when it does not decode.
+pub fn spans_in(request: &Bytes, pin: Option<crate::storage::LogPin>) -> Option<Vec<HeldSpan>> {
     use prost::Message;
     let decoded = super::view::ExportTraceServiceRequest::decode(request.clone()).ok()?;
     let mut spans = Vec::new();
+    // (Only the decision reads the service label.)
+    let service: Arc<str> = Arc::from("");
     for rs in decoded.resource_spans {
         for ss in rs.scope_spans {
             let origin = Arc::new(Origin {
@@ -304,24 +306,16 @@ pub fn split_request(request: &Bytes) -> Option<[(Bytes, usize); 2]> {
                 resource_schema_url: rs.schema_url.clone(),
                 scope: ss.scope,
                 scope_schema_url: ss.schema_url,
-                service: Arc::from(""),
-                pin: None,
+                service: service.clone(),
+                pin: pin.clone(),
             });
-            spans.extend(
-                ss.spans
-                    .iter()
-                    .map(|bytes| HeldSpan::new(origin.clone(), bytes, None, false)),
-            );
+            spans.extend(ss.spans.iter().map(|bytes| {
+                let trace_state = super::scan::trace_state_field(bytes).ok().flatten();
+                HeldSpan::new(origin.clone(), bytes, trace_state, false)
+            }));
         }
     }
-    if spans.len() < 2 {
-        return None;
-    }
-    let (first, second) = spans.split_at(spans.len() / 2);
-    Some([
-        (encode_verbatim(first), first.len()),
-        (encode_verbatim(second), second.len()),
-    ])
+    Some(spans)
 }
 
 fn encode_plans<'a>(items: impl Iterator<Item = (&'a Arc<Origin>, SpanPlan<'a>)>) -> Bytes {
@@ -403,16 +397,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_request_splits_into_halves_that_keep_their_resources() {
+    fn a_requests_spans_are_taken_in_place_and_keep_their_resources_and_thresholds() {
         use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
         use opentelemetry_proto::tonic::common::v1::InstrumentationScope;
         use opentelemetry_proto::tonic::resource::v1::Resource;
         use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
         use prost::Message;
+        // Span 5 was kept at p = 1/2 by whoever encoded the request (its trace's
+        // randomness, 0x85…, is above that threshold: consistent).
         let span = |i: u8| Span {
-            trace_id: vec![i; 16],
+            trace_id: vec![0x80 | i; 16],
             span_id: vec![i; 8],
             name: format!("span {i}"),
+            trace_state: if i == 5 {
+                "ot=th:8".into()
+            } else {
+                String::new()
+            },
             ..Default::default()
         };
         let resource_spans = |service: &str, ids: std::ops::Range<u8>| ResourceSpans {
@@ -444,8 +445,22 @@ mod tests {
             resource_spans: vec![resource_spans("a", 0..3), resource_spans("b", 3..7)],
         };
         let encoded = Bytes::from(request.encode_to_vec());
-        let [(first, n1), (second, n2)] = split_request(&encoded).unwrap();
-        assert_eq!((n1, n2), (3, 4));
+        let spans = spans_in(&encoded, None).unwrap();
+        assert_eq!(spans.len(), 7);
+        assert!(
+            spans
+                .iter()
+                .all(|s| s.origin.data.as_ptr() == encoded.as_ptr())
+        );
+        assert_eq!(
+            spans
+                .iter()
+                .map(|s| s.trace_state.is_some())
+                .collect::<Vec<_>>(),
+            [false, false, false, false, false, true, false]
+        );
+        let (a, b) = spans.split_at(3);
+        let (first, second) = (encode_verbatim(a), encode_verbatim(b));
         let spans_by_service = |bytes: &Bytes| {
             ExportTraceServiceRequest::decode(bytes.clone())
                 .unwrap()
@@ -470,11 +485,18 @@ mod tests {
         let mut halves = spans_by_service(&first);
         halves.extend(spans_by_service(&second));
         assert_eq!(halves, spans_by_service(&encoded));
-        // One span cannot be split.
-        let single = ExportTraceServiceRequest {
-            resource_spans: vec![resource_spans("c", 9..10)],
-        };
-        assert!(split_request(&Bytes::from(single.encode_to_vec())).is_none());
+        // Kept again at p = 1, a span keeps the stricter threshold it carries.
+        let kept: Vec<KeptSpan> = spans
+            .into_iter()
+            .map(|s| KeptSpan::new(s, Threshold::ALWAYS))
+            .collect();
+        let states: Vec<String> = spans_by_service(&encode_request(&kept))
+            .into_iter()
+            .map(|(_, _, _, s)| s.trace_state)
+            .collect();
+        assert_eq!(states[5], "ot=th:8");
+        assert_eq!(states[0], "ot=th:0");
+        assert!(spans_in(&Bytes::from_static(b"\x0a\x05junk"), None).is_none());
     }
 
     #[test]

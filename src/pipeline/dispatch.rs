@@ -242,9 +242,6 @@ impl Pipeline {
             .held_bookkeeping
             .store(held.bookkeeping() + regret_bytes, Ordering::Relaxed);
         self.limits.ingested_bookkeeping.store(0, Ordering::Relaxed);
-        self.limits
-            .held_wire_bytes
-            .store(held.bytes, Ordering::Relaxed);
         self.metrics.buffer_traces.set(held.traces as i64);
         self.metrics.buffer_spans.set(held.spans as i64);
         self.metrics.buffer_bytes.set(held.bytes as i64);

@@ -269,6 +269,8 @@ impl Pipeline {
         // here already: each is counted once as split.
         let mut split: std::collections::HashSet<(TraceId, &'static str)> = Default::default();
         let mut forwards: Vec<(Forward, Vec<HeldSpan>)> = Vec::new();
+        // A replayed record's spans of kept traces not yet delivered, queued together.
+        let mut replayed_kept: Vec<KeptSpan> = Vec::new();
         let mut refuse =
             |outcome: &mut IngestOutcome, reject: Reject, place: &dyn Fn() -> String| {
                 outcome.rejected += 1;
@@ -441,7 +443,12 @@ impl Pipeline {
                     match self.buffer.add(stats, held, now, &mut evicted) {
                         Added::Late(decision, span, _) if replaying => {
                             let replay = replay.as_ref().expect("replaying");
-                            self.replayed_late(decision, span, facts.trace_id, replay);
+                            replayed_kept.extend(self.replayed_late(
+                                decision,
+                                span,
+                                facts.trace_id,
+                                replay,
+                            ));
                         }
                         Added::Late(decision, span, call) => {
                             if handed {
@@ -462,6 +469,9 @@ impl Pipeline {
                     }
                 }
             }
+        }
+        if !replayed_kept.is_empty() {
+            self.submit(replayed_kept);
         }
         if !replaying {
             self.metrics
@@ -513,7 +523,7 @@ struct Admitted {
 }
 
 impl Pipeline {
-    /// A replayed span of a trace decided before the restart: sent when kept and the
+    /// A replayed span of a trace decided before the restart: to be sent when kept and the
     /// upstream had not answered for all of the trace's spans in its record, else skipped.
     fn replayed_late(
         &self,
@@ -521,7 +531,7 @@ impl Pipeline {
         span: HeldSpan,
         trace: TraceId,
         replay: &Replaying<'_>,
-    ) {
+    ) -> Option<KeptSpan> {
         let seq = span.origin.pin.as_ref().map_or(0, LogPin::seq);
         let delivered = replay.marks.delivered(&trace.0, seq);
         let in_record = replay.counts.get(&trace).copied().unwrap_or(u32::MAX);
@@ -531,9 +541,11 @@ impl Pipeline {
             .storage_replayed_spans
             .with_label_values(&[disposition])
             .inc();
-        if send && let Some(span) = self.redacted(span) {
-            self.submit(vec![KeptSpan::new(span, decision.export_threshold())]);
+        if !send {
+            return None;
         }
+        let span = self.redacted(span)?;
+        Some(KeptSpan::new(span, decision.export_threshold()))
     }
 
     /// A span of a trace decided already follows the decision.

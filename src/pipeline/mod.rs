@@ -137,9 +137,6 @@ pub struct LiveLimits {
     /// Bookkeeping of the traces held at the last decision tick (their buffers are
     /// charged to the budget).
     pub held_bookkeeping: AtomicUsize,
-    /// Wire bytes of the spans held at the last decision tick: what deciding them would
-    /// write to a durable queue.
-    pub held_wire_bytes: AtomicUsize,
     /// Bookkeeping charged for requests taken since the last decision tick (estimated
     /// from their span counts; the tick replaces it with what is really held).
     pub ingested_bookkeeping: AtomicUsize,
@@ -165,8 +162,6 @@ pub enum Overload {
     ExportQueue,
     /// The memory budget reached `limits.max_buffer_bytes`.
     Memory,
-    /// A durable queue's log, with the traces held for it, would pass `max_disk_bytes`.
-    DurableQueue,
     /// A queue of spans for a peer is nearly full (`cluster.forward_queue_spans`).
     Forwarding,
     /// The trace log is at its bound, or cannot be written.
@@ -178,7 +173,6 @@ impl Overload {
         match self {
             Overload::ExportQueue => "overloaded",
             Overload::Memory => "memory",
-            Overload::DurableQueue => "durable_queue",
             Overload::Forwarding => "forwarding",
             Overload::Storage => "storage",
         }
@@ -189,9 +183,6 @@ impl Overload {
             Overload::ExportQueue => "llmtail is overloaded (export queue full); retry later",
             Overload::Memory => {
                 "llmtail is holding as much as limits.max_buffer_bytes allows; retry later"
-            }
-            Overload::DurableQueue => {
-                "llmtail's durable queue is full (exporter.queue.max_disk_bytes); retry later"
             }
             Overload::Forwarding => {
                 "llmtail cannot forward to a peer fast enough (cluster.forward_queue_spans); retry later"
@@ -205,8 +196,8 @@ impl Overload {
 
 impl Pipeline {
     /// Why receivers should refuse new data now, if they should: the memory budget is at
-    /// its hard mark, a durable queue has no room for what is held, or every export queue
-    /// is nearly full. Decided traces always enter the queues, so refusing here is what
+    /// its hard mark, the trace log is full or failing, a peer's forward queue is nearly
+    /// full, or (without a trace log) every export queue is. Decided traces always enter the queues, so refusing here is what
     /// keeps accepted data from ever being dropped: it waits, and senders retry.
     pub fn overloaded(&self) -> Option<Overload> {
         if self.memory() >= self.limits.max_buffer_bytes.load(Ordering::Relaxed) {
@@ -214,14 +205,6 @@ impl Pipeline {
         }
         if self.log.as_ref().is_some_and(|log| log.refusal().is_some()) {
             return Some(Overload::Storage);
-        }
-        let held = self.limits.held_wire_bytes.load(Ordering::Relaxed);
-        if self
-            .exporters
-            .iter()
-            .any(|q| q.disk_room().is_some_and(|room| room <= held))
-        {
-            return Some(Overload::DurableQueue);
         }
         if self.cluster.as_ref().is_some_and(|c| c.is_high()) {
             return Some(Overload::Forwarding);

@@ -500,6 +500,16 @@ impl TraceLog {
         let _ = self.commands.send(Command::Marks(raw, decided, delivered));
     }
 
+    /// Waits until every record and mark sent to the log before this call is written and
+    /// synced to disk; false when some could not be (the error is in the log).
+    pub async fn sync(&self) -> bool {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::Sync(reply)).is_err() {
+            return false;
+        }
+        answer.await.unwrap_or(false)
+    }
+
     /// Reads a record back, its CRC checked, from the mapped segment (pages the kernel
     /// evicted are read from disk: call it off the async workers).
     pub fn read(&self, pin: &LogPin) -> std::io::Result<Record> {

@@ -53,6 +53,9 @@ pub(super) enum Command {
     },
     /// Marks' bytes, and how many of each kind they are.
     Marks(Vec<u8>, u64, u64),
+    /// Sync everything written so far; answered with whether it all was written and
+    /// synced (no mark dropped since the last such command).
+    Sync(oneshot::Sender<bool>),
     /// Sync everything and stop.
     Stop(std::sync::mpsc::SyncSender<()>),
 }
@@ -110,6 +113,8 @@ pub(super) struct Writer {
     last_space: Instant,
     /// When a write error was last said (at most every [`ERRORS_LOGGED_EVERY`]).
     error_logged: Option<Instant>,
+    /// Marks were dropped since the last [`Command::Sync`].
+    dropped_marks: bool,
 }
 
 impl Writer {
@@ -131,6 +136,7 @@ impl Writer {
             last_sync: Instant::now(),
             last_space: Instant::now(),
             error_logged: None,
+            dropped_marks: false,
         }
     }
 
@@ -145,6 +151,7 @@ impl Writer {
             let mut marks = Vec::new();
             let mut counts = (0, 0);
             let mut stop = None;
+            let mut syncs = Vec::new();
             let mut next = first;
             while let Some(cmd) = next.take() {
                 match cmd {
@@ -158,6 +165,7 @@ impl Writer {
                         counts.0 += decided;
                         counts.1 += delivered;
                     }
+                    Command::Sync(reply) => syncs.push(reply),
                     Command::Stop(reply) => stop = Some(reply),
                 }
                 if appends.len() < GROUP_REQUESTS && stop.is_none() {
@@ -174,6 +182,13 @@ impl Writer {
                     metrics.delivered_marks.inc_by(counts.1);
                 } else {
                     metrics.dropped_marks.inc_by(counts.0 + counts.1);
+                    self.dropped_marks = true;
+                }
+            }
+            if !syncs.is_empty() {
+                let synced = self.sync() && !std::mem::take(&mut self.dropped_marks);
+                for reply in syncs {
+                    let _ = reply.send(synced);
                 }
             }
             if let Some(reply) = stop {
@@ -376,8 +391,8 @@ impl Writer {
         may
     }
 
-    /// Flushes what was written to the disk.
-    fn sync(&mut self) {
+    /// Flushes what was written to the disk; false when that failed.
+    fn sync(&mut self) -> bool {
         let mut result = self.marks_file.sync_data();
         if let Some(c) = &self.current {
             result = result.and(c.file.sync_data());
@@ -390,7 +405,9 @@ impl Writer {
             *shared.retry_at.lock() = Instant::now() + self.setup.retry_interval;
             shared.failing.store(true, Ordering::Release);
             tracing::error!(directory = %self.setup.place(), error = %e, "cannot sync the trace log to disk");
+            return false;
         }
+        true
     }
 
     /// Syncs on the interval, deletes what no pin holds, reads the free space, compacts the

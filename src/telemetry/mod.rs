@@ -45,7 +45,6 @@ pub struct Metrics {
     pub early_decisions: IntCounterVec,
     pub export_queue_spans: IntGaugeVec,
     pub export_retries: IntCounterVec,
-    pub export_wal_bytes: IntGaugeVec,
     pub storage_bytes: IntGauge,
     pub storage_limit_bytes: IntGauge,
     pub storage_segments: IntGauge,
@@ -121,10 +120,6 @@ pub enum Loss {
     RetriesExhausted,
     /// Still queued when `shutdown_timeout` ran out (memory-only queue).
     Shutdown,
-    /// The write-ahead log was at `queue.max_disk_bytes`.
-    WalFull,
-    /// The write-ahead log could not be written or read back (disk error).
-    WalError,
     /// One span alone is larger than the upstream accepts in a request.
     SpanTooLarge,
     /// Privacy rewriting could not parse the span; it is not exported unredacted.
@@ -138,8 +133,6 @@ impl Loss {
             Loss::Partial => "upstream_partial_rejection",
             Loss::RetriesExhausted => "retries_exhausted",
             Loss::Shutdown => "shutdown",
-            Loss::WalFull => "wal_full",
-            Loss::WalError => "wal_error",
             Loss::SpanTooLarge => "span_too_large",
             Loss::RedactionFailed => "redaction_failed",
         }
@@ -299,13 +292,6 @@ impl Metrics {
             buffer_oldest_trace_seconds: reg!(prometheus::Gauge::new(
                 "llmtail_buffer_oldest_trace_seconds",
                 "Age of the oldest trace held (since its first span), as of the last decision tick."
-            )),
-            export_wal_bytes: reg!(IntGaugeVec::new(
-                Opts::new(
-                    "llmtail_export_wal_bytes",
-                    "Bytes of the exporter's write-ahead log on disk (queue.directory)."
-                ),
-                &["exporter"]
             )),
             auth_failures: reg!(IntCounterVec::new(
                 Opts::new(

@@ -27,4 +27,4 @@ mod sdk_clients;
 mod security;
 mod status_page;
 mod storage;
-mod wal;
+mod upgrade;

@@ -229,6 +229,18 @@ impl Daemon {
             .map_or(0, |kb| kb * 1024)
     }
 
+    /// The process's anonymous resident memory now (`RssAnon`: its heap and stacks, not
+    /// the trace log's mapped pages, which are page cache), in bytes.
+    pub fn anon_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("llmtail.log")).unwrap_or_default()
     }
