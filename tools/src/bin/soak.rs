@@ -114,8 +114,8 @@ struct Daemon {
 
 fn start_daemon(binary: &Path, dir: &Path, grpc: u16, admin: u16, sink: u16) -> Daemon {
     let config = format!(
-        "receiver:\n  grpc:\n    endpoint: 127.0.0.1:{grpc}\n  http:\n    enabled: false\nadmin:\n  endpoint: 127.0.0.1:{admin}\nsampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\nlimits:\n  max_buffer_bytes: 64MiB\nexporter:\n  otlp:\n    endpoint: http://127.0.0.1:{sink}\n    timeout: 2s\n    compression: none\n  batch:\n    timeout: 100ms\n  queue:\n    max_spans: 1000000\n    directory: {}\n  retry:\n    initial_interval: 100ms\n    max_interval: 1s\n    max_elapsed: 30m\nshutdown_timeout: 5s\n",
-        dir.join("wal").display()
+        "receiver:\n  grpc:\n    endpoint: 127.0.0.1:{grpc}\n  http:\n    enabled: false\nadmin:\n  endpoint: 127.0.0.1:{admin}\nsampling:\n  decision_wait: 3s\n  root_grace: 500ms\n  base_rate: {BASE_RATE}\n  policies:\n    - {{name: errors, type: error}}\n    - {{name: slow, type: latency, threshold_ms: 5000}}\n    - {{name: expensive, type: cost, threshold_usd: 0.10}}\nlimits:\n  max_buffer_bytes: 64MiB\nexporter:\n  otlp:\n    endpoint: http://127.0.0.1:{sink}\n    timeout: 2s\n    compression: none\n  batch:\n    timeout: 100ms\n  retry:\n    initial_interval: 100ms\n    max_interval: 1s\n    max_elapsed: 30m\nstorage:\n  directory: {}\nshutdown_timeout: 5s\n",
+        dir.join("log").display()
     );
     let path = dir.join("config.yaml");
     std::fs::write(&path, config).expect("config written");
