@@ -54,7 +54,7 @@ impl Worker {
     pub(super) async fn export(&self, batch: Batch) {
         let Batch { spans, logged } = batch;
         let mut parts = Vec::new();
-        encode_within(&spans, self.max_bytes, &mut parts);
+        self.off_the_workers(|| encode_within(&spans, self.max_bytes, &mut parts));
         let mut tally = Tally::default();
         let mut at = 0;
         for (request, n) in parts {
@@ -127,6 +127,20 @@ impl Worker {
         })
     }
 
+    /// Runs `encode` (reading kept spans' bytes) where a page fault may block: with the
+    /// trace log on disk, pages the kernel evicted during a long wait are read back from
+    /// the disk, so the async worker hands its other tasks on first.
+    fn off_the_workers<T>(&self, encode: impl FnOnce() -> T) -> T {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        if self.queue.is_durable()
+            && Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+        {
+            tokio::task::block_in_place(encode)
+        } else {
+            encode()
+        }
+    }
+
     /// Counts spans the upstream will not take however they are sent, and says so once.
     pub(super) fn refused_for_good(&self, why: Split, msg: &str, spans: usize, tally: &mut Tally) {
         match why {
@@ -164,9 +178,10 @@ impl Worker {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let request = encoded
-                .take()
-                .unwrap_or_else(|| self.budget.charge(encode_request(kept)));
+            let request = encoded.take().unwrap_or_else(|| {
+                self.budget
+                    .charge(self.off_the_workers(|| encode_request(kept)))
+            });
             // The encoding goes with the attempt.
             let sent = tokio::select! {
                 biased;

@@ -112,7 +112,8 @@ impl Pipeline {
                 if self.rollup {
                     rollup(&mut extra, &trace.summary);
                 }
-                root.extra = Some(Box::new(Bytes::from(extra)));
+                // Charged: a kept trace waiting out an outage holds it.
+                root.extra = Some(Box::new(self.budget.charge(Bytes::from(extra))));
             }
             if kept.len() >= SUBMIT_SPANS {
                 self.submit(std::mem::take(&mut kept));

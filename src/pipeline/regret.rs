@@ -91,7 +91,8 @@ impl Pipeline {
             if self.rollup {
                 dispatch::rollup(&mut extra, &r.summary);
             }
-            root.extra = Some(Box::new(Bytes::from(extra)));
+            // Charged: a kept trace waiting out an outage holds it.
+            root.extra = Some(Box::new(self.budget.charge(Bytes::from(extra))));
         }
         self.submit(kept);
     }
