@@ -344,6 +344,10 @@ pub async fn run(
 
     shutdown.await;
     tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: deciding pending traces and flushing");
+    if let Some(log) = &log {
+        // What is not delivered by the end is dropped with its pins: its segments stay.
+        log.keep_all();
+    }
     let started = tokio::time::Instant::now();
     let deadline = started + cfg.shutdown_timeout;
     ready.store(false, Ordering::SeqCst);

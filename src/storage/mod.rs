@@ -142,6 +142,9 @@ struct Shared {
     /// The last write failed: requests are refused until `retry_at`, then one is tried.
     failing: Arc<AtomicBool>,
     retry_at: Mutex<std::time::Instant>,
+    /// Shutting down: no segment is deleted any more, whatever its pins say (see
+    /// [`TraceLog::keep_all`]).
+    keep_all: AtomicBool,
     metrics: StorageMetrics,
 }
 
@@ -376,6 +379,7 @@ impl TraceLog {
             limit: AtomicU64::new(limit),
             failing: Arc::new(AtomicBool::new(false)),
             retry_at: Mutex::new(std::time::Instant::now()),
+            keep_all: AtomicBool::new(false),
             metrics,
         });
         let (tx, rx) = std::sync::mpsc::channel();
@@ -521,6 +525,14 @@ impl TraceLog {
             )));
         }
         Ok(record)
+    }
+
+    /// From now on no segment is deleted. Called when shutting down: what is still queued
+    /// or held is then dropped without being delivered, its pins with it, and must stay
+    /// for the next start (segments delivered meanwhile are skipped by the replay and
+    /// deleted after it).
+    pub fn keep_all(&self) {
+        self.shared.keep_all.store(true, Ordering::Release);
     }
 
     /// Syncs everything written and stops the writer (shutdown; blocks: call it off the

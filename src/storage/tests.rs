@@ -107,6 +107,31 @@ async fn segments_are_deleted_in_any_order_once_no_pin_holds_them_and_disk_retur
 }
 
 #[tokio::test]
+async fn after_keep_all_a_segment_stays_when_its_last_pin_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 64 << 10, None);
+    let (log, _) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
+    let payload = Bytes::from(vec![7u8; 70_000]);
+    let delivered = log.append(payload.clone()).await.unwrap();
+    let abandoned = log.append(payload.clone()).await.unwrap();
+    drop(delivered);
+    wait_until(|| segments(dir.path()) == 1);
+    // Shutting down: a queued span is dropped undelivered; its record stays for the next
+    // start.
+    log.keep_all();
+    drop(abandoned);
+    // The writer looks for segments to delete after each round of commands: two syncs
+    // answered mean one such look at least came between them.
+    log.sync().await;
+    log.sync().await;
+    assert_eq!(segments(dir.path()), 1);
+    log.close();
+    drop(log);
+    let (_, replay) = TraceLog::open(&cfg, StorageMetrics::unregistered()).unwrap();
+    assert_eq!(replay.segments(), 1);
+}
+
+#[tokio::test]
 async fn a_full_log_refuses_before_writing_and_takes_again_once_room_returns() {
     let dir = tempfile::tempdir().unwrap();
     // Records of 70 KB in segments of 64 KiB (one each), at most 160 KiB: two fit.

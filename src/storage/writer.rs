@@ -437,6 +437,9 @@ impl Writer {
     /// Deletes every segment no pin holds; the current one too (the next request starts
     /// a new one), so a log whose every span is done takes no room.
     fn delete_unpinned(&mut self) {
+        if self.setup.shared.keep_all.load(Ordering::Acquire) {
+            return;
+        }
         let current = self.current.as_ref().map(|c| c.first);
         let done: Vec<u64> = self
             .segments

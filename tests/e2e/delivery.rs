@@ -509,7 +509,15 @@ async fn a_restart_with_a_log_larger_than_the_memory_budget_replays_it_all() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(queued(&m) >= accepted.len() * 9 / 10, "{}", second.log());
+    assert!(
+        queued(&m) >= accepted.len() * 9 / 10,
+        "{} of {} accepted queued, replayed {:?}, held {}: {}",
+        queued(&m),
+        accepted.len(),
+        m.sum("llmtail_storage_replayed_spans_total", &[]),
+        m.sum("llmtail_buffer_spans", &[]),
+        second.log()
+    );
     assert_eq!(
         m.sum("llmtail_requests_refused_total", &[]),
         0.0,
