@@ -220,23 +220,22 @@ impl Daemon {
 
     /// The most resident memory the process has had (`VmHWM`), in bytes.
     pub fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
+        self.status_bytes("VmHWM:")
     }
 
     /// The process's anonymous resident memory now (`RssAnon`: its heap and stacks, not
     /// the trace log's mapped pages, which are page cache), in bytes.
     pub fn anon_rss(&self) -> u64 {
+        self.status_bytes("RssAnon:")
+    }
+
+    /// A `kB` field of `/proc/<pid>/status`, in bytes (0 once the process is gone).
+    fn status_bytes(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map_or(0, |kb| kb * 1024)
     }
