@@ -160,9 +160,9 @@ impl ExportQueue {
         }
         self.queued.fetch_add(n, Ordering::AcqRel);
         self.queue_gauge.add(n as i64);
-        let perishable = spans.iter().filter(|k| !self.survives(k)).count();
-        if self.tx.send(spans).is_err() {
+        if let Err(mpsc::error::SendError(spans)) = self.tx.send(spans) {
             // What the trace log on disk holds is sent after the next start.
+            let perishable = spans.iter().filter(|k| !self.survives(k)).count();
             self.count_lost(Loss::Shutdown, perishable);
             self.answered(n);
         }
