@@ -377,3 +377,39 @@ fn storage_in_memory_needs_a_bound_and_excludes_a_directory_and_the_old_queue() 
         "{errs:?}"
     );
 }
+
+#[test]
+fn the_old_queue_directory_becomes_the_trace_logs_or_is_moved_into_it() {
+    // Alone: the trace log lives there, synced as the old log was.
+    let cfg = Config::parse(
+        "exporter:\n  file: {path: x}\n  queue: {directory: /tmp/q, fsync_interval: 0s}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.storage.directory.as_deref(),
+        Some(std::path::Path::new("/tmp/q"))
+    );
+    assert_eq!(cfg.storage.sync, crate::storage::SyncPolicy::Always);
+    assert!(
+        cfg.warnings
+            .iter()
+            .any(|w| w.path == "exporter.queue.directory" && w.message.contains("deprecated")),
+        "{:?}",
+        cfg.warnings
+    );
+    // Beside storage.directory: the trace log stays where it is; a warning, no error.
+    let cfg = Config::parse(
+        "exporter:\n  file: {path: x}\n  queue: {directory: /tmp/q}\nstorage:\n  directory: /tmp/l\n",
+    )
+    .unwrap();
+    assert_eq!(
+        cfg.storage.directory.as_deref(),
+        Some(std::path::Path::new("/tmp/l"))
+    );
+    assert_ne!(cfg.storage.sync, crate::storage::SyncPolicy::Always);
+    assert!(
+        cfg.warnings
+            .iter()
+            .any(|w| w.message.contains("moved into the trace log"))
+    );
+}
