@@ -156,15 +156,12 @@ impl OtlpGrpcSink {
                 } else {
                     Delivery::Unknown
                 };
-                (classify(&tonic::Status::from_error(Box::new(e))), delivery)
+                (no_answer(&e), delivery)
             })?;
             let (parts, body) = response.into_parts();
-            let collected = http_body_util::BodyExt::collect(body).await.map_err(|e| {
-                (
-                    classify(&tonic::Status::from_error(Box::new(e))),
-                    Delivery::Unknown,
-                )
-            })?;
+            let collected = http_body_util::BodyExt::collect(body)
+                .await
+                .map_err(|e| (no_answer(&e), Delivery::Unknown))?;
             let status = collected
                 .trailers()
                 .and_then(tonic::Status::from_header_map)
@@ -338,6 +335,21 @@ fn never_connected(e: &(dyn std::error::Error + 'static)) -> bool {
         source = err.source();
     }
     false
+}
+
+/// A request that got no answer: the connection could not be made, broke, or the stream
+/// was reset before the upstream's status. Always retryable: only an answer from the
+/// upstream can be permanent, and a backend restarting mid-request (a rollout) must not
+/// lose what it had not taken.
+fn no_answer(e: &(dyn std::error::Error + 'static)) -> SendError {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    SendError::Retryable(format!("no answer from the upstream: {message}"), None)
 }
 
 pub(crate) fn classify(status: &tonic::Status) -> SendError {

@@ -114,6 +114,58 @@ async fn prompt_carrying_spans_reach_a_stock_grpc_upstream_with_its_4_mib_limit(
     assert_eq!(m.sum("llmtail_spans_exported_total", &[]), expected as f64);
 }
 
+/// A backend pod restarted in a rollout: the upstream (a grpcio server taking 1.5 s per
+/// request) is killed with SIGKILL while requests are in progress and comes back on its
+/// port 3 s later. A connection that breaks mid-request is no answer from the upstream:
+/// those requests are retried, and nothing is lost (before: counted `upstream_rejected`,
+/// "Unknown: transport error").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_killed_mid_request_and_restarted_on_its_port_loses_nothing() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut sink = PySink::start_slow("grpc", None, Duration::from_millis(1500));
+    let daemon = Daemon::start(&format!(
+        "sampling:\n  root_grace: 200ms\n  base_rate: 1.0\nexporter:\n  otlp:\n    endpoint: {}\n  batch:\n    max_spans: 60\n    timeout: 50ms\n  retry:\n    initial_interval: 200ms\n    max_interval: 1s\n",
+        sink.endpoint()
+    ));
+    let traces = python_sdk(&daemon.endpoint(), "grpc", 400, 2000).await;
+    let expected = traces.len() * SDK_SPANS_PER_TRACE;
+    // Requests of 60 spans, 4 in flight, 1.5 s each: once the first is taken, others are
+    // in progress.
+    sink.wait_for_spans(1, Duration::from_secs(30)).await;
+    sink.kill();
+    let taken_before = sink.log().spans.len();
+    assert!(taken_before < expected, "all taken before the kill");
+    // The pod's restart.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sink.restart();
+    let distinct = |sink: &PySink| sink.log().spans.into_iter().collect::<HashSet<_>>().len();
+    // Until everything arrived, or something was counted lost (what the fix prevents).
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    while distinct(&sink) < expected
+        && lost(&daemon.metrics()) == 0.0
+        && std::time::Instant::now() < until
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = daemon.metrics();
+    assert_eq!(lost(&m), 0.0, "{}", daemon.log());
+    assert!(
+        m.sum("llmtail_export_retries_total", &[]) > 0.0,
+        "no request was in progress at the kill"
+    );
+    assert_eq!(distinct(&sink), expected, "{}", daemon.log());
+    let mut per_trace: HashMap<String, HashSet<String>> = HashMap::new();
+    for (t, span) in sink.log().spans {
+        per_trace.entry(t).or_default().insert(span);
+    }
+    for t in &traces {
+        assert_eq!(
+            per_trace.get(t).map(HashSet::len),
+            Some(SDK_SPANS_PER_TRACE)
+        );
+    }
+}
+
 /// A span of about `bytes` (two attributes of half that each), in a trace of its own.
 fn huge_span(bytes: usize) -> Span {
     let mut rng = StdRng::seed_from_u64(99);

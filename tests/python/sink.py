@@ -2,6 +2,9 @@
 
 Usage: sink.py grpc|http PORT OUT [LIMIT_BYTES]
 
+SINK_DELAY_SECONDS (grpc): each export waits this long before it is taken, as a slow backend
+does: a sink killed meanwhile has taken nothing of the requests in progress.
+
 grpc: a plain grpcio server with opentelemetry-proto's TraceService and grpcio's default
 options, so it refuses messages over 4 MiB (after decompression) with RESOURCE_EXHAUSTED
 "Received message larger than max" — the default of grpcio, grpc-go, the OpenTelemetry
@@ -16,7 +19,9 @@ request as `# request <bytes> <spans>`; every refusal as `# refused <bytes>`. Th
 """
 
 import gzip
+import os
 import sys
+import time
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -43,6 +48,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self.out = out
 
     def Export(self, request, context):
+        time.sleep(float(os.environ.get("SINK_DELAY_SECONDS", "0")))
         record(self.out, request, request.ByteSize())
         return trace_service_pb2.ExportTraceServiceResponse()
 

@@ -424,6 +424,9 @@ impl Drop for HttpSink {
 /// tests/python/sink.py: a stock grpcio OTLP server (4 MiB limit) or an OTLP/HTTP one
 /// that answers 413 past a body limit.
 pub struct PySink {
+    kind: String,
+    limit: Option<usize>,
+    delay: Duration,
     pub port: u16,
     out: PathBuf,
     child: Child,
@@ -444,16 +447,41 @@ pub struct PySinkLog {
 impl PySink {
     /// `kind` is `grpc` or `http`; `limit` the HTTP body limit.
     pub fn start(kind: &str, limit: Option<usize>) -> PySink {
+        PySink::start_slow(kind, limit, Duration::ZERO)
+    }
+
+    /// A sink that takes `delay` to answer each export (gRPC only).
+    pub fn start_slow(kind: &str, limit: Option<usize>, delay: Duration) -> PySink {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("received.txt");
         std::fs::write(&out, "").unwrap();
         let port = free_port();
+        let child = PySink::spawn(kind, port, &out, limit, delay);
+        PySink {
+            kind: kind.to_owned(),
+            limit,
+            delay,
+            port,
+            out,
+            child,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(
+        kind: &str,
+        port: u16,
+        out: &std::path::Path,
+        limit: Option<usize>,
+        delay: Duration,
+    ) -> std::process::Child {
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/sink.py");
         let mut cmd = Command::new(python());
-        cmd.arg(script).arg(kind).arg(port.to_string()).arg(&out);
+        cmd.arg(script).arg(kind).arg(port.to_string()).arg(out);
         if let Some(limit) = limit {
             cmd.arg(limit.to_string());
         }
+        cmd.env("SINK_DELAY_SECONDS", delay.as_secs_f64().to_string());
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -466,12 +494,19 @@ impl PySink {
         )
         .unwrap();
         assert_eq!(line.trim(), "listening", "sink.py did not start");
-        PySink {
-            port,
-            out,
-            child,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// Kills the sink with SIGKILL, requests in progress and all (what it took stays
+    /// recorded).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the sink again on its port, recording on.
+    pub fn restart(&mut self) {
+        self.child = PySink::spawn(&self.kind, self.port, &self.out, self.limit, self.delay);
     }
 
     pub fn endpoint(&self) -> String {
