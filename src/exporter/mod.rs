@@ -75,7 +75,7 @@ pub struct SinkError(pub String);
 
 /// Where kept spans go.
 pub enum Sink {
-    OtlpGrpc(otlp::OtlpGrpcSink),
+    OtlpGrpc(Box<otlp::OtlpGrpcSink>),
     OtlpHttp(Box<otlp_http::OtlpHttpSink>),
     File(file::FileSink),
 }
@@ -85,7 +85,9 @@ impl Sink {
     pub async fn from_config(cfg: &ExporterConfig) -> Result<Sink, SinkError> {
         match (&cfg.otlp, &cfg.file) {
             (Some(otlp), _) => match otlp.protocol {
-                ExportProtocol::Grpc => otlp::OtlpGrpcSink::new(otlp).map(Sink::OtlpGrpc),
+                ExportProtocol::Grpc => {
+                    otlp::OtlpGrpcSink::new(otlp).map(|s| Sink::OtlpGrpc(Box::new(s)))
+                }
                 ExportProtocol::HttpProtobuf => {
                     otlp_http::OtlpHttpSink::new(otlp).map(|s| Sink::OtlpHttp(Box::new(s)))
                 }

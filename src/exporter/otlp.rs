@@ -19,8 +19,16 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest response accepted from the upstream (responses are tiny).
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
 
+/// HTTP/2 PING while a request waits this long with nothing read from the connection…
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// …and the connection is closed (and made again) when no answer comes within this.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct OtlpGrpcSink {
-    channel: Channel,
+    /// The connection; made anew after a request got no answer in time (see
+    /// [`OtlpGrpcSink::send_with`]).
+    channel: parking_lot::Mutex<Channel>,
+    endpoint: Endpoint,
     /// gzip level of requests, when compressing.
     gzip: Option<u32>,
     /// Configured headers, sent as metadata with every request.
@@ -52,6 +60,11 @@ impl OtlpGrpcSink {
             })?
             .timeout(cfg.timeout.0)
             .connect_timeout(CONNECT_TIMEOUT)
+            // Only while a request is open: grpc-go servers (the Collector, Tempo) answer
+            // pings on idle connections with GOAWAY too_many_pings.
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(false)
             .local_address(local);
         if cfg.uses_tls() {
             let mut tls = ClientTlsConfig::new();
@@ -81,7 +94,8 @@ impl OtlpGrpcSink {
             metadata.insert(key, value);
         }
         Ok(OtlpGrpcSink {
-            channel,
+            channel: parking_lot::Mutex::new(channel),
+            endpoint,
             gzip: (cfg.compression == Compression::Gzip).then_some(cfg.compression_level),
             metadata,
             timeout: cfg.timeout.0,
@@ -142,7 +156,7 @@ impl OtlpGrpcSink {
         http.headers_mut()
             .extend(self.metadata.clone().into_headers());
         http.headers_mut().extend(extra);
-        let mut channel = self.channel.clone();
+        let mut channel = self.channel.lock().clone();
         let call = async {
             let channel = tower::ServiceExt::ready(&mut channel).await.map_err(|e| {
                 (
@@ -181,12 +195,17 @@ impl OtlpGrpcSink {
         };
         match tokio::time::timeout(self.timeout, call).await {
             Ok(result) => result,
-            Err(_) => Err((
-                classify(&tonic::Status::deadline_exceeded(
-                    "timed out: no answer within the export timeout",
-                )),
-                Delivery::Unknown,
-            )),
+            Err(_) => {
+                // The connection may be hung while new ones would work (a load balancer
+                // with a dead pod behind it): the next request goes on a new one.
+                *self.channel.lock() = self.endpoint.connect_lazy();
+                Err((
+                    classify(&tonic::Status::deadline_exceeded(
+                        "timed out: no answer within the export timeout",
+                    )),
+                    Delivery::Unknown,
+                ))
+            }
         }
     }
 }

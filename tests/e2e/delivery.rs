@@ -166,6 +166,42 @@ async fn an_upstream_killed_mid_request_and_restarted_on_its_port_loses_nothing(
     }
 }
 
+/// A backend whose open connection hangs while new connections work (a load balancer with
+/// a dead pod behind it): after a request gets no answer within the export timeout, the
+/// next goes on a new connection, and exports resume (before: every retry waited on the
+/// dead connection, and nothing arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_leave_a_hung_connection_for_a_new_one() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let sink = Sink::start_counting(0).await;
+    let proxy = FreezingProxy::start(sink.port).await;
+    let daemon = Daemon::start(&format!(
+        "sampling:\n  root_grace: 100ms\n  base_rate: 1.0\nexporter:\n  otlp:\n    endpoint: {}\n    timeout: 2s\n  batch:\n    timeout: 50ms\n  retry:\n    initial_interval: 200ms\n    max_interval: 1s\n    max_elapsed: 120s\n",
+        proxy.endpoint()
+    ));
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut sent = 0;
+    let mut first = send_until(&daemon, &mut rng, |_| {
+        sent += 1;
+        sent > 3
+    })
+    .await;
+    // Delivered through the proxy: the connection is open.
+    assert_delivered_once(&sink, &first, &daemon).await;
+    assert_eq!(proxy.connections(), 1);
+    proxy.freeze();
+    let mut sent = 0;
+    let second = send_until(&daemon, &mut rng, |_| {
+        sent += 1;
+        sent > 3
+    })
+    .await;
+    first.extend(second);
+    assert_delivered_once(&sink, &first, &daemon).await;
+    assert!(proxy.connections() >= 2, "{}", daemon.log());
+    assert_eq!(lost(&daemon.metrics()), 0.0);
+}
+
 /// A span of about `bytes` (two attributes of half that each), in a trace of its own.
 fn huge_span(bytes: usize) -> Span {
     let mut rng = StdRng::seed_from_u64(99);

@@ -6,11 +6,13 @@
 mod daemon;
 mod metrics;
 mod pki;
+mod proxy;
 mod sink;
 
 pub use daemon::*;
 pub use metrics::*;
 pub use pki::*;
+pub use proxy::*;
 pub use sink::*;
 
 use std::collections::HashMap;
