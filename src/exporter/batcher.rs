@@ -120,6 +120,9 @@ impl Batcher {
             }
         }
         // Flush: everything submitted before the flush signal is in the channel by now.
+        // Closed first, so that what is submitted from now on (a receiver that outlived the
+        // shutdown timeout) is refused and counted at once, not left in the channel.
+        rx.close();
         while let Ok(spans) = rx.try_recv() {
             self.add(spans);
         }

@@ -419,6 +419,68 @@ mod tests {
         assert!(queue.bookkeeping() >= 500 * QUEUED_SPAN_BYTES);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_submitted_after_the_final_drain_are_counted() {
+        // An upstream that refuses connections: a request stays in flight (retrying) after
+        // the flush signal, so the exporter is still running, its queue drained.
+        let cfg: ExporterConfig =
+            serde_yaml_ng::from_str("otlp: {endpoint: 'http://127.0.0.1:1'}").unwrap();
+        let sink = Sink::from_config(&cfg).await.unwrap();
+        let metrics = Metrics::new();
+        let control = ExporterControl::default();
+        let (queue, task) = start(
+            "test",
+            sink,
+            ExporterSettings {
+                batch: BatchConfig {
+                    max_spans: 4096,
+                    max_bytes: ByteSize(100_000),
+                    timeout: Dur(Duration::from_millis(10)),
+                },
+                retry: RetryConfig::default(),
+                max_spans: 100_000,
+                concurrency: 1,
+                budget: Budget::new(),
+                log: None,
+            },
+            metrics.clone(),
+            control.clone(),
+        );
+        queue.submit(kept(10, 1_000));
+        let retried = || metrics.export_retries.with_label_values(&["test"]).get();
+        for _ in 0..200 {
+            if retried() >= 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(retried() >= 1, "the upstream was never tried");
+        control.flush.cancel();
+        // A receiver still taking spans: each submit is either drained before the flush
+        // takes effect or refused after it, and then counted lost; never left behind.
+        let shutdown = || {
+            metrics
+                .spans_lost
+                .with_label_values(&["test", Loss::Shutdown.label()])
+                .get()
+        };
+        for _ in 0..250 {
+            if shutdown() > 0 {
+                break;
+            }
+            queue.submit(kept(1, 1_000));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            shutdown() > 0,
+            "spans submitted after the drain were not counted"
+        );
+        control.abort.cancel();
+        task.await.unwrap();
+        // Everything submitted is answered for: exported, or counted lost.
+        assert_eq!(queue.queued(), 0);
+    }
+
     #[test]
     fn requests_are_encoded_within_max_bytes() {
         let spans = kept(100, 10_000);
