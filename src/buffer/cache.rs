@@ -125,7 +125,8 @@ impl DecisionCache {
         DecisionCache {
             current: HashMap::default(),
             previous: HashMap::default(),
-            generation_capacity: capacity / 2,
+            // A shard's share of a small cache is one or two: it still holds the newest.
+            generation_capacity: capacity.div_ceil(2),
         }
     }
 
@@ -180,6 +181,25 @@ mod tests {
         assert!(c.current.len() + c.previous.len() <= 4);
         assert!(c.get(&TraceId([9; 16])).is_some());
         assert!(c.get(&TraceId([0; 16])).is_none());
+    }
+
+    #[test]
+    fn a_shard_of_a_small_cache_still_remembers_its_newest_decision() {
+        // `decision_cache_size: 100` over 64 shards is 2 a shard; 50 is 1.
+        for capacity in [1, 2] {
+            let mut c = DecisionCache::new(capacity);
+            let d = CachedDecision {
+                bits: 1,
+                by: 0,
+                reason: 0,
+                at: 0,
+            };
+            c.insert(TraceId([1; 16]), d);
+            assert_eq!(c.get(&TraceId([1; 16])), Some(d), "capacity {capacity}");
+            c.insert(TraceId([2; 16]), d);
+            assert!(c.get(&TraceId([2; 16])).is_some());
+            assert!(c.current.len() + c.previous.len() <= 2);
+        }
     }
 
     #[test]
