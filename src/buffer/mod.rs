@@ -1392,6 +1392,19 @@ mod tests {
         assert!(after.memory() <= target, "{after:?}");
         assert_eq!(after, b.held());
         assert!(ev.iter().all(|t| t.reason == DecideReason::Memory));
+        // The decision cache says so too (what a late span, /debug/traces and the trace
+        // log's mark see).
+        let evicted = ev[0].trace_id.0[0];
+        let mut late = Vec::new();
+        match b.add(
+            summary(evicted, false),
+            span(),
+            t0 + Duration::from_secs(2),
+            &mut late,
+        ) {
+            Added::Late(d, ..) => assert_eq!(d.reason(), DecideReason::Memory),
+            _ => panic!("trace {evicted} was decided"),
+        }
         // Each shard gave up its oldest: the survivors are younger than what each of
         // their shards gave up.
         assert!(ev.len() >= 100 && ev.len() < 200, "{}", ev.len());

@@ -5,15 +5,16 @@ use super::*;
 
 impl TraceBuffer {
     pub(super) fn evict_oldest(&self, shard: &mut Shard, now: Instant) -> Option<DecidedTrace> {
-        self.evict_oldest_before(shard, now, now)
+        self.evict_oldest_before(shard, now, now, DecideReason::Pressure)
     }
 
-    /// Decides the shard's oldest held trace if it arrived before `cutoff`.
+    /// Decides the shard's oldest held trace, for `reason`, if it arrived before `cutoff`.
     fn evict_oldest_before(
         &self,
         shard: &mut Shard,
         cutoff: Instant,
         now: Instant,
+        reason: DecideReason,
     ) -> Option<DecidedTrace> {
         while let Some((first_seen, id)) = shard.arrivals.front().copied() {
             let held = shard
@@ -29,7 +30,7 @@ impl TraceBuffer {
                 return None;
             }
             shard.pop_arrival();
-            return Some(self.decide(shard, id, now, DecideReason::Pressure));
+            return Some(self.decide(shard, id, now, reason));
         }
         None
     }
@@ -51,17 +52,16 @@ impl TraceBuffer {
             let before = held;
             for shard in self.shards.iter() {
                 let mut shard = shard.lock();
-                if let Some(t) = self.evict_oldest_before(&mut shard, cutoff, now) {
+                if let Some(t) =
+                    self.evict_oldest_before(&mut shard, cutoff, now, DecideReason::Memory)
+                {
                     // `held` is a snapshot from before this pass; the trace may have grown
                     // since (spans keep arriving), so its current size can exceed it.
                     held.traces = held.traces.saturating_sub(1);
                     held.spans = held.spans.saturating_sub(t.spans.len());
                     held.calls = held.calls.saturating_sub(t.llm_spans);
                     held.bytes = held.bytes.saturating_sub(t.bytes);
-                    out.push(DecidedTrace {
-                        reason: DecideReason::Memory,
-                        ..t
-                    });
+                    out.push(t);
                 }
                 if held.memory() <= target {
                     break;
