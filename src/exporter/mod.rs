@@ -370,59 +370,18 @@ mod tests {
         (queue, task, control, metrics)
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn queued_spans_wait_unencoded_while_the_upstream_is_down() {
-        // An upstream that refuses connections, one request in flight, requests of at most
-        // 100 KB.
-        let cfg: ExporterConfig =
-            serde_yaml_ng::from_str("otlp: {endpoint: 'http://127.0.0.1:1'}").unwrap();
-        let sink = Sink::from_config(&cfg).await.unwrap();
-        let metrics = Metrics::new();
-        let budget = Budget::new();
-        let (queue, _task) = start(
-            "test",
-            sink,
-            ExporterSettings {
-                batch: BatchConfig {
-                    max_spans: 4096,
-                    max_bytes: ByteSize(100_000),
-                    timeout: Dur(Duration::from_millis(10)),
-                },
-                retry: RetryConfig::default(),
-                max_spans: 100_000,
-                concurrency: 1,
-                budget: budget.clone(),
-                log: None,
-            },
-            metrics.clone(),
-            ExporterControl::default(),
-        );
-        // 3 MB of kept spans: 30 requests' worth.
-        for _ in 0..60 {
-            queue.submit(kept(10, 5_000));
-        }
-        let retried = || metrics.export_retries.with_label_values(&["test"]).get();
-        for _ in 0..200 {
-            if retried() >= 2 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert!(retried() >= 2, "the upstream was never tried");
-        // Only the request in flight is encoded: the rest wait as spans, a small entry each.
-        assert!(
-            budget.charged() <= 100_000,
-            "encoded and waiting: {} bytes",
-            budget.charged()
-        );
-        assert_eq!(queue.queued(), 600);
-        assert!(queue.bookkeeping() >= 500 * QUEUED_SPAN_BYTES);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn spans_submitted_after_the_final_drain_are_counted() {
-        // An upstream that refuses connections: a request stays in flight (retrying) after
-        // the flush signal, so the exporter is still running, its queue drained.
+    /// An exporter to an upstream that refuses connections: one request in flight at a
+    /// time, requests of at most 100 KB. Returns once the upstream has been tried (a
+    /// retry counted) for the first of `spans`.
+    async fn down_exporter(
+        budget: Arc<Budget>,
+        spans: Vec<KeptSpan>,
+    ) -> (
+        Arc<ExportQueue>,
+        tokio::task::JoinHandle<()>,
+        ExporterControl,
+        Arc<Metrics>,
+    ) {
         let cfg: ExporterConfig =
             serde_yaml_ng::from_str("otlp: {endpoint: 'http://127.0.0.1:1'}").unwrap();
         let sink = Sink::from_config(&cfg).await.unwrap();
@@ -440,13 +399,13 @@ mod tests {
                 retry: RetryConfig::default(),
                 max_spans: 100_000,
                 concurrency: 1,
-                budget: Budget::new(),
+                budget,
                 log: None,
             },
             metrics.clone(),
             control.clone(),
         );
-        queue.submit(kept(10, 1_000));
+        queue.submit(spans);
         let retried = || metrics.export_retries.with_label_values(&["test"]).get();
         for _ in 0..200 {
             if retried() >= 1 {
@@ -455,6 +414,42 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(retried() >= 1, "the upstream was never tried");
+        (queue, task, control, metrics)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_spans_wait_unencoded_while_the_upstream_is_down() {
+        let budget = Budget::new();
+        // 3 MB of kept spans: 30 requests' worth.
+        let (queue, _task, _control, metrics) =
+            down_exporter(budget.clone(), kept(10, 5_000)).await;
+        for _ in 1..60 {
+            queue.submit(kept(10, 5_000));
+        }
+        // Another attempt since: every batch has long been closed (10 ms).
+        let retried = || metrics.export_retries.with_label_values(&["test"]).get();
+        for _ in 0..200 {
+            if retried() >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(retried() >= 2, "the upstream was not tried again");
+        // Only the request in flight is encoded: the rest wait as spans, a small entry each.
+        assert!(
+            budget.charged() <= 100_000,
+            "encoded and waiting: {} bytes",
+            budget.charged()
+        );
+        assert_eq!(queue.queued(), 600);
+        assert!(queue.bookkeeping() >= 500 * QUEUED_SPAN_BYTES);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_submitted_after_the_final_drain_are_counted() {
+        // A request stays in flight (retrying) after the flush signal, so the exporter is
+        // still running, its queue drained.
+        let (queue, task, control, metrics) = down_exporter(Budget::new(), kept(10, 1_000)).await;
         control.flush.cancel();
         // A receiver still taking spans: each submit is either drained before the flush
         // takes effect or refused after it, and then counted lost; never left behind.
